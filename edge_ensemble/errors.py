@@ -1,0 +1,35 @@
+"""Errors a user can act on.
+
+Every error raised for bad input derives from :class:`EdgeEnsembleError`; its message is one line that says
+what is wrong and what to do. The CLI prints that line and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class EdgeEnsembleError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+    exit_code = 1
+
+
+class UsageError(EdgeEnsembleError):
+    """Invalid options or arguments (exit code 2, like click's own usage errors)."""
+
+    exit_code = 2
+
+
+class ModelSourceError(EdgeEnsembleError):
+    """A model could not be found, fetched, assembled or verified."""
+
+
+class ModelLoadError(EdgeEnsembleError):
+    """A file exists but llama.cpp cannot use it (not GGUF, truncated, unsupported memory, too large)."""
+
+
+class IncompatibleMembersError(EdgeEnsembleError):
+    """Members that cannot be combined into one ensemble (the message says why)."""
+
+
+class ContextOverflowError(EdgeEnsembleError):
+    """A prompt does not fit in a member's context window."""
