@@ -1,0 +1,52 @@
+"""Regenerate the evaluation table (Markdown) and the accuracy-vs-speed plot (PNG) from raw JSONL records.
+
+    python benchmarks/make_eval_report.py                      # results/*.jsonl → results/eval_report.{md,png}
+    python benchmarks/make_eval_report.py --results runs/0612 --no-plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from edge_ensemble.errors import EdgeEnsembleError
+from edge_ensemble.eval.report import load_records, plot_accuracy_vs_speed, summarize, summary_markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=Path, default=Path("results"), help="directory of <task>.jsonl files")
+    parser.add_argument("--md", type=Path, help="Markdown output (default: RESULTS/eval_report.md)")
+    parser.add_argument("--png", type=Path, help="plot output (default: RESULTS/eval_report.png)")
+    parser.add_argument("--no-plot", action="store_true", help="write only the Markdown table")
+    args = parser.parse_args(argv)
+
+    try:
+        paths = sorted(args.results.glob("*.jsonl"))
+        if not paths:
+            raise EdgeEnsembleError(f"no *.jsonl files in {args.results}; run `edge-ensemble eval` first")
+        summaries = summarize(load_records(paths))
+        table = summary_markdown(summaries)
+        md = args.md or args.results / "eval_report.md"
+        sources = ", ".join(p.name for p in paths)
+        md.write_text(
+            "# Evaluation\n\n"
+            f"From {sources}. Accuracy with a 95% Wilson interval; tok/s = total generated tokens / total "
+            "generation seconds; E/T = share of generated tokens that were ensembled (token-weighted).\n\n"
+            + table,
+            encoding="utf-8",
+        )
+        print(table, end="")
+        print(f"wrote {md}", file=sys.stderr)
+        if not args.no_plot:
+            png = plot_accuracy_vs_speed(summaries, args.png or args.results / "eval_report.png")
+            print(f"wrote {png}", file=sys.stderr)
+    except EdgeEnsembleError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Summaries of evaluation records: accuracy with a Wilson interval, speed and ensembled share per config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_ensemble.errors import EdgeEnsembleError
+from edge_ensemble.eval.runner import read_records
+from edge_ensemble.eval.scoring import wilson_interval
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One (task, config) row of the report."""
+
+    task: str
+    config: str
+    n: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    tokens_per_second: float | None  # total tokens / total seconds
+    ensembled_fraction: float | None  # token-weighted mean of the per-answer E/T
+
+
+def load_records(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Records from JSONL files; a later record for the same (task, item, config) replaces an earlier one."""
+    latest: dict[tuple[Any, Any, Any], dict[str, Any]] = {}
+    for path in paths:
+        for record in read_records(Path(path)):
+            latest[(record.get("task"), record.get("item"), record.get("config"))] = record
+    return list(latest.values())
+
+
+def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
+    """One :class:`Summary` per (task, config), in order of first appearance."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["task"], record["config"]), []).append(record)
+    summaries = []
+    for (task, config), rows in groups.items():
+        n = len(rows)
+        k = sum(bool(r["correct"]) for r in rows)
+        low, high = wilson_interval(k, n)
+        tokens = sum(int(r.get("tokens") or 0) for r in rows)
+        seconds = sum(float(r.get("seconds") or 0.0) for r in rows)
+        weighted = [(r["ensembled_fraction"], int(r.get("tokens") or 0)) for r in rows
+                    if r.get("ensembled_fraction") is not None]
+        weight = sum(t for _, t in weighted)
+        summaries.append(Summary(
+            task=task,
+            config=config,
+            n=n,
+            correct=k,
+            accuracy=k / n,
+            ci_low=low,
+            ci_high=high,
+            tokens_per_second=tokens / seconds if seconds > 0 else None,
+            ensembled_fraction=sum(f * t for f, t in weighted) / weight if weight > 0 else None,
+        ))
+    return summaries
+
+
+def summary_markdown(summaries: Sequence[Summary]) -> str:
+    """A Markdown table: task, config, n, accuracy [95% Wilson interval], tokens/s, E/T."""
+    lines = [
+        "| task | config | n | accuracy | 95% CI | tok/s | E/T |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
+        share = f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
+        lines.append(
+            f"| {s.task} | {s.config} | {s.n} | {100 * s.accuracy:.1f}% ({s.correct}/{s.n}) | "
+            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {share} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.PathLike[str]) -> Path:
+    """One panel per task: accuracy (with its 95% interval) against tokens/s, a labelled point per config."""
+    try:
+        # The object-oriented API with the Agg canvas: no pyplot, no global backend switch.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise EdgeEnsembleError(
+            "the accuracy plot needs matplotlib: pip install 'edge-ensemble[eval]'"
+        ) from None
+    tasks = list(dict.fromkeys(s.task for s in summaries))
+    configs = list(dict.fromkeys(s.config for s in summaries))  # one colour per config across panels
+    if not tasks:
+        raise EdgeEnsembleError("no evaluation records to plot")
+    fig = Figure(figsize=(4.5 * len(tasks), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        for s in (s for s in summaries if s.task == task):
+            x = s.tokens_per_second or 0.0
+            ax.errorbar(
+                [x], [100 * s.accuracy],
+                yerr=[[100 * (s.accuracy - s.ci_low)], [100 * (s.ci_high - s.accuracy)]],
+                fmt="o", capsize=3, color=f"C{configs.index(s.config) % 10}",
+            )
+            ax.annotate(s.config, (x, 100 * s.accuracy), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.set_title(task)
+        ax.set_xlabel("tokens / s")
+        ax.set_ylabel("accuracy (%) with 95% CI")
+        ax.grid(True, alpha=0.3)
+    path = Path(png_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[str],
+                 png_path: str | os.PathLike[str] | None = None) -> list[Summary]:
+    """Write the Markdown table (and the plot when ``png_path`` is given); return the summaries."""
+    summaries = summarize(records)
+    md = Path(md_path)
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(summary_markdown(summaries), encoding="utf-8")
+    if png_path is not None:
+        plot_accuracy_vs_speed(summaries, png_path)
+    return summaries
+

