@@ -1,0 +1,148 @@
+"""Shared pytest fixtures: tiny random GGUF models, the real small models, and a clean environment.
+
+Tiny models (session-scoped, written once per test session under pytest's tmp directory, ~0.1 s each):
+
+* ``tiny_spm``       SentencePiece-style vocabulary (byte fallback, ``<s>``/``</s>``), seed 0, no chat template
+* ``tiny_spm_chat``  same vocabulary, seed 1, Gemma-style template (``<start_of_turn>``/``<end_of_turn>``)
+* ``tiny_bpe``       byte-level BPE vocabulary, seed 0, ChatML template (``<|im_start|>``/``<|im_end|>``)
+* ``tiny_bpe_b``     same vocabulary and template as ``tiny_bpe``, seed 1: same tokenizer, different weights
+* ``tiny_bpe_close``  (a, b): two BPE models with 99%-correlated weights (greedy agreement ~50%)
+* ``tiny_smollm2``   random weights with SmolLM2's real tokenizer (needs the real model, see below)
+
+Real models: ``real_models`` is a callable ``real_model(key) -> Path`` resolving a catalog key
+("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "gemma-3-270m") through
+``edge_ensemble.sources.resolve_model``.  A model that cannot be resolved FAILS the test (CI installs them).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import tiny_gguf  # noqa: E402
+
+_KEEP_ALIVE: list[object] = []
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment
+
+
+@pytest.fixture(scope="session")
+def _no_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("no-config") / "does-not-exist" / "config.toml"
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch, _no_config_path: Path) -> None:
+    """No colours, and never the user's own config file.  EDGE_ENSEMBLE_CACHE is left alone on purpose:
+    the real models are assembled there once and reused between runs."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("EDGE_ENSEMBLE_CONFIG", str(_no_config_path))
+
+
+@pytest.fixture(scope="session")
+def llama_quiet() -> None:
+    """Silence llama.cpp's C-side logging for the rest of the session (``verbose=False`` covers most of it;
+    this also silences contexts and vocab-only loads made through the low-level API)."""
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _discard(level, text, user_data):  # noqa: ANN001
+        pass
+
+    llama_cpp.llama_log_set(_discard, None)
+    _KEEP_ALIVE.append(_discard)  # llama.cpp keeps calling it: the ctypes object must not be collected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny models
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("tiny-gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_spm(tiny_dir: Path) -> Path:
+    return tiny_gguf.write_tiny_llama(tiny_dir / "tiny-spm.gguf", vocab="spm", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_spm_chat(tiny_dir: Path) -> Path:
+    return tiny_gguf.write_tiny_llama(
+        tiny_dir / "tiny-spm-chat.gguf", vocab="spm", seed=1, chat_template=tiny_gguf.GEMMA_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe(tiny_dir: Path) -> Path:
+    return tiny_gguf.write_tiny_llama(
+        tiny_dir / "tiny-bpe.gguf", vocab="bpe", seed=0, chat_template=tiny_gguf.CHATML_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_b(tiny_dir: Path) -> Path:
+    return tiny_gguf.write_tiny_llama(
+        tiny_dir / "tiny-bpe-b.gguf", vocab="bpe", seed=1, chat_template=tiny_gguf.CHATML_TEMPLATE
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_close(tiny_dir: Path) -> tuple[Path, Path]:
+    """Two BPE models (same vocabulary and template) whose weights are 99% correlated: they agree on the greedy
+    next token roughly half the time (tiny_bpe / tiny_bpe_b almost never do)."""
+    return tuple(  # type: ignore[return-value]
+        tiny_gguf.write_tiny_llama(
+            tiny_dir / f"tiny-bpe-close-{seed}.gguf",
+            vocab="bpe",
+            seed=seed,
+            share=0.99,
+            chat_template=tiny_gguf.CHATML_TEMPLATE,
+        )
+        for seed in (0, 1)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real models
+
+
+@pytest.fixture(scope="session")
+def real_models() -> Callable[[str], Path]:
+    """``real_model(key) -> Path``: a real catalog model, assembled into the cache if needed.
+
+    Fails the test (never skips) when the model cannot be resolved: CI installs the model packages.
+    """
+    resolved: dict[str, Path] = {}
+
+    def real_model(key: str) -> Path:
+        if key not in resolved:
+            from edge_ensemble.errors import ModelSourceError
+            from edge_ensemble.sources import resolve_model
+
+            try:
+                resolved[key] = Path(resolve_model(key, progress=False))
+            except ModelSourceError as exc:
+                pytest.fail(f"real model {key!r} is not available: {exc}", pytrace=False)
+        return resolved[key]
+
+    return real_model
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2(tiny_dir: Path, real_models: Callable[[str], Path]) -> Path:
+    """Random tiny weights with SmolLM2-135M-Instruct's exact tokenizer (49,152 tokens, F16 embeddings, ~6 MB)."""
+    return tiny_gguf.write_tiny_llama(
+        tiny_dir / "tiny-smollm2-tokenizer.gguf",
+        seed=2,
+        borrow_tokenizer_from=real_models("smollm2-135m-instruct"),
+    )
