@@ -1,0 +1,95 @@
+"""Cross-tokenizer bookkeeping: one shared text (bytes), one token list per member.
+
+Facts this rests on (../shared/research/alignment.md): every token id maps to exact bytes; appending text
+rewrites only the last few tokens of a canonical tokenization; a suffix is *usually*, not always, tokenized
+like the same bytes inside the whole text. So a member re-tokenizes a short tail window from a stable point,
+checks the window starts the way its old tokens did (else widens the window), and never re-tokenizes the
+whole text per step.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Callable, Sequence
+
+Tokenizer = Callable[[bytes], list[int]]
+
+
+class TokenTrack:
+    """A member's canonical tokenization of the generated text, maintained incrementally.
+
+    ``tokens[i]`` covers bytes ``ends[i-1]:ends[i]`` of ``text``; ``ends`` are the member's token
+    boundaries (byte offsets), which SAFE's boundary check looks up.
+    """
+
+    def __init__(self, tokenize: Tokenizer, token_bytes: Sequence[bytes], *, window: int = 4) -> None:
+        self._tokenize = tokenize
+        self._bytes = token_bytes
+        self.window = window  # tokens re-tokenized behind the end before widening
+        self.text = b""
+        self.tokens: list[int] = []
+        self.ends: list[int] = []
+
+    def _retokenize_tail(self, text: bytes) -> tuple[int, list[int], list[int]]:
+        """Re-tokenize ``text`` (which extends self.text) from a stable point.
+
+        Returns (index of first replaced token, new tail tokens, their end offsets)."""
+        back = self.window
+        while True:
+            i = max(0, len(self.tokens) - back)
+            start = self.ends[i - 1] if i > 0 else 0
+            tail = self._tokenize(text[start:])
+            ends, pos = [], start
+            for t in tail:
+                pos += len(self._bytes[t])
+                ends.append(pos)
+            if pos != len(text):
+                raise ValueError("tokenizer pieces do not concatenate back to the text (dummy-prefix tokenizer?)")
+            # Stable when the window's first token is unchanged (or the window reaches the start).
+            if i == 0 or (tail and tail[0] == self.tokens[i]):
+                return i, tail, ends
+            back *= 2
+
+    def preview(self, extra: bytes) -> tuple[list[int], list[int]]:
+        """Tokens and ends of ``text + extra`` without committing (for scoring a draft)."""
+        if not extra:
+            return list(self.tokens), list(self.ends)
+        i, tail, ends = self._retokenize_tail(self.text + extra)
+        return self.tokens[:i] + tail, self.ends[:i] + ends
+
+    def extend(self, extra: bytes) -> None:
+        """Append ``extra`` to the text and update the tokenization."""
+        if not extra:
+            return
+        new_text = self.text + extra
+        i, tail, ends = self._retokenize_tail(new_text)
+        self.text = new_text
+        del self.tokens[i:]
+        del self.ends[i:]
+        self.tokens.extend(tail)
+        self.ends.extend(ends)
+
+    def set_text(self, text: bytes) -> None:
+        """Replace the whole text (used on reset)."""
+        self.text = b""
+        self.tokens = []
+        self.ends = []
+        self.extend(text)
+
+
+def is_boundary(ends: Sequence[int], offset: int) -> bool:
+    """True when ``offset`` (bytes into the text) falls between two tokens of a member."""
+    if offset == 0:
+        return True
+    j = bisect_left(ends, offset)
+    return j < len(ends) and ends[j] == offset
+
+
+def token_ending_at(ends: Sequence[int], offset: int) -> int:
+    """Index of the token that ends exactly at ``offset`` (-1 for offset 0 = before the first token)."""
+    if offset == 0:
+        return -1
+    j = bisect_left(ends, offset)
+    if j < len(ends) and ends[j] == offset:
+        return j
+    raise ValueError(f"offset {offset} is not a token boundary")

@@ -1,0 +1,300 @@
+"""The small Python API: :class:`Ensemble`.
+
+>>> from edge_ensemble import Ensemble
+>>> with Ensemble.from_preset("tiny") as ens:                       # doctest: +SKIP
+...     result = ens.generate("Why is the sky blue?", max_tokens=200)
+...     print(result.text, result.stats.tokens_per_second, result.stats.ensembled_fraction)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from .decisions import Gate, Sampling
+from .engine import Event, GenerationOptions, GenerationResult, generate_events
+from .errors import IncompatibleMembersError, ModelLoadError, UsageError
+from .member import Member
+from .policies import POLICIES, PolicyConfig
+from .runtime import LoadOptions, Model, available_memory_bytes
+
+SHARPEN_CHOICES = ("prefix", "geometric", "none")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Everything that shapes an ensemble, validated once by :meth:`validate`."""
+
+    policy: str = "safe"
+    draft_len: int = 5
+    gate: float | None = 0.5  # drafter top-1 probability below which a chunk is verified; None = faithful SAFE
+    gate_entropy: float | None = None  # optionally also verify when the drafter's entropy (nats) exceeds this
+    top_k: int = 10
+    sharpen: str = "prefix"
+    weights: tuple[float, ...] | None = None
+    n_ctx: int = 4096
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    flash_attn: bool = False
+    check_memory: bool = True
+
+    def validate(self, n_members: int) -> "EnsembleConfig":
+        """Raise :class:`UsageError` naming the allowed range and the value given."""
+        if self.policy not in POLICIES:
+            raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
+        _check_range("draft_len", self.draft_len, 1, 64)
+        if self.gate is not None:
+            _check_range("gate", self.gate, 0.0, 1.0)
+        if self.gate_entropy is not None:
+            _check_range("gate_entropy", self.gate_entropy, 0.0, 20.0)
+        _check_range("top_k", self.top_k, 1, 1000)
+        if self.sharpen not in SHARPEN_CHOICES:
+            raise UsageError(f"sharpen must be one of {', '.join(SHARPEN_CHOICES)}; got {self.sharpen!r}")
+        _check_range("n_ctx", self.n_ctx, 64, 1 << 20)
+        if self.n_threads is not None:
+            _check_range("n_threads", self.n_threads, 1, 1024)
+        _check_range("n_gpu_layers", self.n_gpu_layers, -1, 100000)
+        if self.weights is not None:
+            if len(self.weights) != n_members:
+                raise UsageError(f"weights: give one per member ({n_members}); got {len(self.weights)}")
+            if any(w <= 0 for w in self.weights):
+                raise UsageError(f"weights must be > 0; got {list(self.weights)}")
+        if self.policy != "single" and n_members < 1:
+            raise UsageError("an ensemble needs at least one member")
+        return self
+
+    def policy_config(self) -> PolicyConfig:
+        return PolicyConfig(
+            draft_len=self.draft_len,
+            gate=Gate(self.gate, self.gate_entropy),
+            top_k=self.top_k,
+            sharpen=self.sharpen,
+            weights=self.weights,
+        )
+
+
+def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
+        raise UsageError(f"{name} must be between {lo} and {hi}; got {value!r}")
+
+
+@dataclass
+class MemberInfo:
+    """What the ensemble knows about one member."""
+
+    name: str
+    path: Path
+    role: str  # "drafter" or "verifier"
+    architecture: str
+    n_vocab: int
+    chat_template: bool
+    size_bytes: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def estimate_memory_bytes(path: Path, n_ctx: int) -> int:
+    """Rough resident memory of one member: weights + f16 KV cache for n_ctx + logits buffers."""
+    probe = Model(path, LoadOptions(vocab_only=True))
+    try:
+        arch = probe.architecture
+
+        def meta_int(key: str, default: int) -> int:
+            v = probe.metadata(f"{arch}.{key}")
+            try:
+                return int(v) if v is not None else default
+            except ValueError:
+                return default
+
+        n_layer = meta_int("block_count", 0)
+        n_embd = meta_int("embedding_length", 0)
+        n_head = max(1, meta_int("attention.head_count", 1))
+        n_head_kv = meta_int("attention.head_count_kv", n_head)
+        head_dim = meta_int("attention.key_length", n_embd // n_head if n_head else 0)
+        kv = 2 * n_layer * n_ctx * n_head_kv * head_dim * 2  # K and V, f16
+        logits = 512 * probe.n_vocab * 4  # worst case: every position of a full batch flagged
+        return path.stat().st_size + kv + logits
+    finally:
+        probe.close()
+
+
+class Ensemble:
+    """Several GGUF models that write one answer together.
+
+    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]`` or catalog names; the
+    first member drafts (and is the model of the ``single`` policy). The ensemble owns its models: use it as
+    a context manager or call :meth:`close`. One ensemble must be used from one thread at a time.
+    """
+
+    def __init__(self, members: Sequence[str | os.PathLike[str]], *, config: EnsembleConfig | None = None,
+                 download: bool = True, progress: bool = False, **options: object) -> None:
+        if not members:
+            raise UsageError("give at least one model (a path, hf:org/repo/file or a catalog name)")
+        cfg = config or EnsembleConfig()
+        if options:
+            known = set(EnsembleConfig.__dataclass_fields__)
+            unknown = sorted(set(options) - known)
+            if unknown:
+                raise UsageError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            from dataclasses import replace
+
+            cfg = replace(cfg, **options)  # type: ignore[arg-type]
+        self.config = cfg.validate(len(members))
+        self._members: list[Member] = []
+        paths, names = self._resolve(members, download=download, progress=progress)
+        if cfg.check_memory:
+            self._check_memory(paths, names)
+        try:
+            for i, (path, name) in enumerate(zip(paths, names)):
+                model = Model(path, LoadOptions(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
+                                                n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn))
+                self._members.append(Member(model, name=_unique(name, [m.name for m in self._members]), top_k=cfg.top_k))
+                _check_combinable(self._members[-1])
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_preset(cls, name: str | None = None, **kwargs: object) -> "Ensemble":
+        """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None)."""
+        from .sources import Catalog
+
+        catalog = Catalog.load()
+        preset = catalog.preset(name or catalog.default_preset)
+        return cls(list(preset.members), **kwargs)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _resolve(specs: Sequence[str | os.PathLike[str]], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:
+        from .sources import Catalog, resolve_model
+
+        catalog = Catalog.load()
+        paths, names = [], []
+        for spec in specs:
+            spec_s = os.fspath(spec)
+            paths.append(resolve_model(spec_s, catalog=catalog, download=download, progress=progress))
+            entry = _catalog_entry(catalog, spec_s)
+            names.append(entry.name if entry is not None else Path(spec_s.split("@")[0]).stem)
+        return paths, names
+
+    def _check_memory(self, paths: Sequence[Path], names: Sequence[str]) -> None:
+        available = available_memory_bytes()
+        if available is None:
+            return
+        need = sum(estimate_memory_bytes(p, self.config.n_ctx) for p in paths)
+        if need > available:
+            raise ModelLoadError(
+                f"not enough memory: the {len(paths)} model(s) need about {need / 2**30:.1f} GiB "
+                f"(weights + KV cache at n_ctx {self.config.n_ctx}) but {available / 2**30:.1f} GiB is available; "
+                "use smaller models or a smaller --n-ctx"
+            )
+
+    # -- use -----------------------------------------------------------------------------------------------
+
+    @property
+    def members(self) -> list[MemberInfo]:
+        """Name, path, role and tokenizer facts of each member (first = drafter)."""
+        return [
+            MemberInfo(m.name, m.model.path, "drafter" if i == 0 else "verifier", m.model.architecture,
+                       m.model.n_vocab, bool(m.model.chat_template), m.model.path.stat().st_size)
+            for i, m in enumerate(self._members)
+        ]
+
+    def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
+               system: str | None = None, max_tokens: int = 256, stop: Sequence[str] = (),
+               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               policy: str | None = None) -> Iterator[Event]:
+        """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
+
+        Give either ``prompt`` (one user turn, optional ``system``) or a full ``messages`` list.
+        """
+        if not self._members:
+            raise UsageError("this ensemble is closed")
+        msgs = _messages(prompt, messages, system)
+        opts = GenerationOptions(max_tokens=_int_in("max_tokens", max_tokens, 1, 1 << 20), stop=tuple(stop),
+                                 sampling=_sampling(temperature, top_p, top_k, seed))
+        pol = policy or self.config.policy
+        if pol not in POLICIES:
+            raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {pol!r}")
+        return generate_events(self._members, msgs, policy=pol, policy_config=self.config.policy_config(), options=opts)
+
+    def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:
+        """Generate a whole answer (same arguments as :meth:`stream`)."""
+        result = None
+        for event in self.stream(prompt, **kwargs):  # type: ignore[arg-type]
+            if event.result is not None:
+                result = event.result
+        assert result is not None
+        return result
+
+    def close(self) -> None:
+        """Free every model. The ensemble cannot be used afterwards."""
+        for m in self._members:
+            m.model.close()
+        self._members = []
+
+    def __enter__(self) -> "Ensemble":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _catalog_entry(catalog, spec: str):
+    try:
+        if Path(spec).exists() or spec.startswith("hf:"):
+            return None
+        return catalog.model(spec)
+    except Exception:
+        return None
+
+
+def _unique(name: str, taken: list[str]) -> str:
+    if name not in taken:
+        return name
+    i = 2
+    while f"{name}#{i}" in taken:
+        i += 1
+    return f"{name}#{i}"
+
+
+def _check_combinable(member: Member) -> None:
+    """Refuse a member whose tokenizer cannot share text with others (with the reason)."""
+    model = member.model
+    probe = "Hello world, 12 + 30 = 42."
+    toks = model.tokenize(probe, add_bos=False, special=False)
+    if model.detokenize(toks) != probe.encode():
+        raise IncompatibleMembersError(
+            f"{member.name}: its tokenizer does not reproduce text byte for byte (a SentencePiece dummy space "
+            "prefix?), so it cannot share one text with other members"
+        )
+
+
+def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, system: str | None) -> list[dict[str, str]]:
+    if (prompt is None) == (messages is None):
+        raise UsageError("give either a prompt or messages, not both and not neither")
+    if messages is not None:
+        msgs = [dict(m) for m in messages]
+    else:
+        msgs = [{"role": "user", "content": prompt}]  # type: ignore[dict-item]
+    if system:
+        msgs = [{"role": "system", "content": system}] + [m for m in msgs if m.get("role") != "system"]
+    return msgs
+
+
+def _int_in(name: str, value: int, lo: int, hi: int) -> int:
+    _check_range(name, value, lo, hi)
+    return int(value)
+
+
+def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampling:
+    _check_range("temperature", temperature, 0.0, 5.0)
+    _check_range("top_p", top_p, 0.0, 1.0)
+    if top_p == 0.0:
+        raise UsageError("top_p must be greater than 0; got 0")
+    _check_range("top_k", top_k, 0, 1 << 20)
+    if seed is not None:
+        _check_range("seed", seed, 0, 2**63 - 1)
+    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

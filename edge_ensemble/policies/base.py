@@ -1,0 +1,104 @@
+"""What every policy shares: the accepted-piece type, the context a policy runs in, the policy protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, sharpen_prefix_mass, union_distribution
+from ..member import Dist, Member
+
+
+class ContextFull(Exception):
+    """Raised by a policy when a member has no room left: the engine ends with finish_reason 'length'."""
+
+
+@dataclass
+class Piece:
+    """One accepted token of the shared text."""
+
+    data: bytes  # the text it adds (b"" for end-of-generation)
+    kind: str  # "draft" (drafter's token accepted), "ensemble" (chosen from the union), "single"
+    winner: str | None = None  # member whose candidate won an ensembled token
+    end: bool = False  # end of generation
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Knobs of the ensemble policies (validated at the edge)."""
+
+    draft_len: int = 5  # SAFE: tokens the drafter proposes per cycle
+    gate: Gate = field(default_factory=Gate)  # entropy gating; Gate(None) = faithful SAFE
+    top_k: int = 10  # UniTE candidate union
+    sharpen: str = "prefix"  # "prefix" (paper's heuristic), "geometric" (geometric mean), "none"
+    sharpen_lambda: float = 0.1
+    weights: tuple[float, ...] | None = None  # per member; None = equal
+
+
+@dataclass
+class PolicyStats:
+    """Counts a policy keeps as it runs."""
+
+    drafted: int = 0
+    accepted_drafts: int = 0
+    ensembled: int = 0
+    verification_calls: int = 0
+    verified_positions: int = 0
+
+
+class Policy(Protocol):
+    """A decoding strategy. ``start`` runs after the prompts are in the caches; ``step`` returns the next
+    accepted pieces (at most ``budget`` of them, at least one)."""
+
+    stats: PolicyStats
+
+    def start(self) -> None: ...
+
+    def step(self, budget: int) -> list[Piece]: ...
+
+
+class PolicyBase:
+    """Helpers for policies: the ensemble decision at one position and drafter token choice."""
+
+    def __init__(self, members: Sequence[Member], config: PolicyConfig, sampling: Sampling, rng: np.random.Generator) -> None:
+        self.members = list(members)
+        self.config = config
+        self.sampling = sampling
+        self.rng = rng
+        self.stats = PolicyStats()
+        w = config.weights or tuple(1.0 for _ in members)
+        for m, wi in zip(self.members, w):
+            m.weight = wi
+
+    def union(self, dists: Sequence[Dist]) -> tuple[list[Key], np.ndarray, np.ndarray]:
+        """Union distribution of the members' candidates, sharpened as configured."""
+        views = [
+            MemberView(top=m.top_keys(d), prob_of=(lambda key, m=m, d=d: m.prob_of(d, key)), weight=m.weight)
+            for m, d in zip(self.members, dists)
+        ]
+        keys, p, q = union_distribution(views, geometric=self.config.sharpen == "geometric")
+        if self.config.sharpen == "prefix":
+            p = sharpen_prefix_mass(keys, p, views[0].top, self.config.sharpen_lambda)
+        return keys, p, q
+
+    def ensemble_choice(self, dists: Sequence[Dist]) -> tuple[Key, str]:
+        """Pick the ensembled candidate and the member whose candidate it was (highest own probability)."""
+        keys, p, q = self.union(dists)
+        if not keys:  # every member proposed only empty control tokens: end the answer
+            return EOG, self.members[0].name
+        i = choose(keys, p, None if self.sampling.greedy else self.rng)
+        winner = self.members[int(np.argmax(q[:, i]))].name
+        return keys[i], winner
+
+    def pick(self, member: Member, logits: np.ndarray) -> tuple[int, Dist]:
+        """The drafter's own choice at one position (greedy or sampled) and its distribution."""
+        s = self.sampling
+        dist = member.dist(logits, s.temperature if not s.greedy else 1.0)
+        if s.greedy:
+            return dist.argmax, dist
+        from ..decisions import filter_probs
+
+        probs = filter_probs(dist.probs, s.top_k, s.top_p)
+        return int(self.rng.choice(probs.size, p=probs)), dist

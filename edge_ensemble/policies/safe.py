@@ -1,0 +1,199 @@
+"""`safe`: SAFE's generate -> verify -> ensemble cycle, with optional entropy gating.
+
+1. The drafter (first member) proposes up to ``draft_len`` tokens.
+2. Positions to check: all of them (faithful SAFE) or, with the gate on, only those where the drafter was
+   unsure. A position is checkable only if its byte offset is a token boundary for every verifier
+   (SAFE's "OOV-like" test). No checkable position -> the chunk is accepted and the verifiers stay behind.
+3. Otherwise each verifier brings its cache up to the accepted text plus the draft in ONE decode call,
+   with logits only at the checked positions (catch-up of lagging verifiers happens in that same call).
+4. Walk the checked positions; at the first one that fails consensus, ensemble: the union of top-k
+   candidates decides the token. A different token ends the cycle: the rest of the draft is dropped and
+   the drafter's cache trimmed back to the accepted text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..alignment import is_boundary, token_ending_at
+from ..decisions import EOG, consensus, entropy, speculative_accept_probability
+from .base import ContextFull, Piece, PolicyBase
+
+
+@dataclass
+class Verdict:
+    """Outcome of verifying one draft: how many drafted tokens stand, what replaces the next one (the
+    ensembled key and the member whose candidate won), and drafted tokens the ensemble confirmed."""
+
+    accepted: int
+    replacement: tuple | None = None
+    confirmed: dict[int, str] = field(default_factory=dict)
+
+
+class SafePolicy(PolicyBase):
+    """SAFE with UniTE's union; gated when ``config.gate`` is enabled."""
+
+    def start(self) -> None:
+        self.d_tokens: list[int] = []  # the drafter's accepted tokens (after its prompt)
+        self.pending = None  # drafter's next-token logits for prompt + d_tokens, when known
+        self.text_len = 0  # bytes of accepted text
+        self._sync_drafter()
+        for v in self.verifiers:
+            v.feed(v.prompt)
+
+    def _sync_drafter(self) -> None:
+        """Bring the drafter's cache to prompt + accepted tokens (dropping rejected drafts, feeding an
+        ensembled string's tokens) and get its next-token logits."""
+        d = self.drafter
+        target = d.prompt + self.d_tokens
+        if len(target) >= d.model.n_ctx:
+            raise ContextFull
+        last = len(target) - 1
+        self.pending = d.feed(target, rows=[last])[last].copy()
+
+    @property
+    def drafter(self):
+        return self.members[0]
+
+    @property
+    def verifiers(self):
+        return self.members[1:]
+
+    # -- the cycle -----------------------------------------------------------------------------------------
+
+    def step(self, budget: int) -> list[Piece]:
+        d = self.drafter
+        if self.pending is None:
+            self._sync_drafter()
+        n = min(self.config.draft_len, budget, d.room)
+        if n < 1:
+            raise ContextFull
+        drafts, dists = self._draft(n)
+        pieces = [d.key_of(t) for t in drafts]
+        data = [b"" if k == EOG else k for k in pieces]
+        offsets = np.cumsum([0] + [len(b) for b in data])  # offsets[j] = bytes before draft token j
+        self.stats.drafted += len(drafts)
+
+        check = self._positions_to_check(dists)
+        verdict = Verdict(len(drafts))
+        if check and self.verifiers:
+            verdict = self._verify(drafts, dists, data, offsets, check)
+        return self._commit(drafts, data, verdict)
+
+    def _draft(self, n: int) -> tuple[list[int], list]:
+        """Up to n drafted tokens. With the gate on, drafting stops at the first unsure token *before*
+        decoding it: only it will be checked, so nothing after it is drafted in vain."""
+        d = self.drafter
+        gate = self.config.gate
+        drafts, dists = [], []
+        logits = self.pending
+        self.pending = None
+        for _ in range(n):
+            tok, dist = self.pick(d, logits)
+            drafts.append(tok)
+            dists.append(dist)
+            if d.model.is_eog(tok) or (gate.enabled and not self._confident(dist)):
+                return drafts, dists
+            logits = d.decode_one(tok)
+        self._after_draft = logits.copy()  # valid if the whole draft is accepted
+        self.pending = self._after_draft
+        return drafts, dists
+
+    def _confident(self, dist) -> bool:
+        gate = self.config.gate
+        return gate.confident(dist.top1, entropy(dist.probs) if gate.max_entropy is not None else 0.0)
+
+    def _positions_to_check(self, dists) -> list[int]:
+        gate = self.config.gate
+        if not gate.enabled:
+            return list(range(len(dists)))
+        return [j for j, dist in enumerate(dists) if not self._confident(dist)]
+
+    def _verify(self, drafts, dists, data, offsets, check) -> "Verdict":
+        """Score the draft with every verifier and walk the checked positions."""
+        verdict = Verdict(len(drafts))
+        extra = b"".join(data)
+        previews = [v.track.preview(extra) for v in self.verifiers]
+        base = self.text_len
+        # OOV-like check: only offsets that are a boundary for every verifier can be ensembled.
+        checkable = [j for j in check if all(is_boundary(ends, base + int(offsets[j])) for _, ends in previews)]
+        if not checkable:
+            return verdict
+        vdists: list[dict[int, object]] = []
+        for v, (toks, ends) in zip(self.verifiers, previews):
+            rows = {j: len(v.prompt) + token_ending_at(ends, base + int(offsets[j])) for j in checkable}
+            last_needed = max(rows.values())
+            target = v.prompt + toks[: last_needed + 1 - len(v.prompt)]
+            if len(target) >= v.model.n_ctx:
+                raise ContextFull
+            logits = v.feed(target, rows=sorted(set(rows.values())))
+            vdists.append({j: v.dist(logits[r]) for j, r in rows.items()})
+            self.stats.verification_calls += 1
+        self.stats.verified_positions += len(checkable)
+
+        d = self.drafter
+        weights = [m.weight for m in self.members]
+        for j in checkable:
+            key = d.key_of(drafts[j])
+            all_dists = [dists[j]] + [vd[j] for vd in vdists]
+            p_draft = d.prob_of(dists[j], EOG) if key == EOG else float(dists[j].probs[drafts[j]])
+            ps = [p_draft] + [v.prob_of(vd[j], key) for v, vd in zip(self.verifiers, vdists)]
+            if self.sampling.greedy:
+                agree = [True] + [v.argmax_key(vd[j]) == key or v.first_token(key) == vd[j].argmax if key != EOG
+                                  else v.argmax_key(vd[j]) == EOG for v, vd in zip(self.verifiers, vdists)]
+                if consensus(ps, agree, weights):
+                    continue
+                chosen, winner = self.ensemble_choice(all_dists)
+            else:
+                chosen, winner = self._speculative(key, all_dists)
+                if chosen is None:
+                    continue
+            self.stats.ensembled += 1
+            if chosen == key:
+                verdict.confirmed[j] = winner
+                continue  # the ensemble confirms the drafted token: keep walking
+            verdict.accepted, verdict.replacement = j, (chosen, winner)
+            return verdict
+        return verdict
+
+    def _speculative(self, key, all_dists):
+        """Sampling form: accept the drafted key with prob min(1, P_ens/P_draft), else sample the residual."""
+        keys, p, q = self.union(all_dists)
+        if key not in keys:
+            keys, p, q = keys + [key], np.append(p, 0.0), np.hstack([q, np.zeros((q.shape[0], 1))])
+        i = keys.index(key)
+        if self.rng.random() < speculative_accept_probability(float(p[i]), float(q[0, i])):
+            return None, None
+        residual = np.maximum(p - q[0], 0.0)
+        r = residual / residual.sum() if residual.sum() > 0 else p / p.sum()
+        c = int(self.rng.choice(len(keys), p=r))
+        return keys[c], self.members[int(np.argmax(q[:, c]))].name
+
+    def _commit(self, drafts, data, verdict: "Verdict") -> list[Piece]:
+        d = self.drafter
+        accepted, replacement = verdict.accepted, verdict.replacement
+        pieces: list[Piece] = []
+        for j in range(accepted):
+            end = d.model.is_eog(drafts[j])
+            winner = verdict.confirmed.get(j)
+            pieces.append(Piece(data[j], "draft" if winner is None else "ensemble", winner, end=end))
+        self.stats.accepted_drafts += accepted
+        self.d_tokens.extend(drafts[:accepted])
+        new_text = b"".join(data[:accepted])
+        if accepted < len(drafts) or self.pending is None:
+            self.pending = None  # the drafter re-syncs (trim + feed) at the next step
+        if replacement is not None:
+            chosen, winner = replacement
+            if chosen == EOG:
+                pieces.append(Piece(b"", "ensemble", winner, end=True))
+            else:
+                # The chosen string is fed to the drafter as its own tokens (maybe several).
+                self.d_tokens.extend(d.model.tokenize(chosen, add_bos=False, special=False))
+                pieces.append(Piece(chosen, "ensemble", winner))
+                new_text += chosen
+        self.text_len += len(new_text)
+        for v in self.verifiers:
+            v.track.extend(new_text)  # cheap tail re-tokenization; the cache catches up lazily
+        return pieces

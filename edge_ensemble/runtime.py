@@ -1,0 +1,474 @@
+"""One GGUF model over the llama.cpp C API (through llama-cpp-python's ctypes bindings).
+
+Why not ``llama_cpp.Llama``: its ``eval`` path either gives logits for the last position only or, with
+``logits_all``, keeps an ``n_ctx x n_vocab`` float array (4 GiB for Gemma 3). An ensemble needs logits at a
+few chosen positions of a multi-token batch, explicit cache rollback and several sequences per context, so
+this module drives ``llama_decode`` directly:
+
+* :meth:`Model.decode` feeds any number of tokens (chunked by ``n_batch``) and returns logits only for
+  the positions asked for, as NumPy views of llama.cpp's output buffer.
+* :meth:`Model.trim` rolls a sequence's KV cache back (``llama_memory_seq_rm``); :meth:`Model.fork`
+  copies a sequence (``llama_memory_seq_cp``) for branching.
+* Tokenization works in bytes: :meth:`Model.piece` gives a token's exact bytes (no 32-byte truncation),
+  :attr:`Model.token_bytes` caches the whole vocabulary.
+
+One ``Model`` must be used by one thread at a time (llama.cpp contexts are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import llama_cpp as L
+
+from .errors import ContextOverflowError, ModelLoadError
+
+# ----------------------------------------------------------------------------------------------------------
+# Logging: llama.cpp logs through one process-wide callback. We keep its recent error lines so that a failed
+# load can say *why* in one line, and stay silent unless EDGE_ENSEMBLE_VERBOSE is set.
+
+_LOG_LEVEL_ERROR = 4  # GGML_LOG_LEVEL_ERROR
+_LOG_LEVEL_WARN = 3
+_recent_errors: deque[str] = deque(maxlen=8)
+_log_lock = threading.Lock()
+
+
+@L.llama_log_callback
+def _log_callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", errors="replace") if text else ""
+    if level in (_LOG_LEVEL_ERROR, _LOG_LEVEL_WARN) and message.strip():
+        with _log_lock:
+            _recent_errors.append(message.strip())
+    if os.environ.get("EDGE_ENSEMBLE_VERBOSE"):
+        os.write(2, message.encode("utf-8", errors="replace"))
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        L.llama_backend_init()
+        L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        _backend_ready = True
+
+
+def _last_llama_error() -> str:
+    with _log_lock:
+        errors = [e for e in _recent_errors if e]
+        _recent_errors.clear()
+    return errors[-1] if errors else ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load one model. Validated once, at the edge (CLI / API)."""
+
+    n_ctx: int = 4096
+    n_threads: int | None = None  # single-token steps; None = all cores
+    n_threads_batch: int | None = None  # multi-token batches; None = n_threads
+    n_gpu_layers: int = 0  # -1 = offload everything (Metal / CUDA builds); 0 = CPU only
+    flash_attn: bool | None = False  # off = llama-cpp-python's default (exact same logits); None = auto
+    n_batch: int = 512
+    n_seq_max: int = 1  # > 1 for branching (EAGER); the KV cache is then unified
+    vocab_only: bool = False  # tokenizer only: loads in milliseconds, no decoding
+    seed: int = 0  # for samplers built on this model; llama.cpp decoding itself is deterministic
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: Path) -> None:
+    """Refuse, with one line, a path that is missing, not a file, or not a GGUF file."""
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file; give the path of a .gguf model file")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+
+
+class Model:
+    """One GGUF model: tokenizer, KV cache, batched decoding with chosen logit rows.
+
+    The model tracks, per sequence, the tokens that are in its KV cache (``tokens(seq)``); positions are
+    implicit: the next token of a sequence goes at ``len(tokens(seq))``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], options: LoadOptions = LoadOptions()) -> None:
+        _init_backend()
+        self.path = Path(path)
+        self.options = options
+        check_gguf_file(self.path)
+        self._model = None
+        self._ctx = None
+        self._batch = None
+        self._token_bytes: list[bytes] | None = None
+
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = options.n_gpu_layers
+        mparams.vocab_only = options.vocab_only
+        _last_llama_error()  # drop stale messages
+        self._model = L.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not self._model:
+            reason = _last_llama_error() or "llama.cpp could not read it"
+            raise ModelLoadError(f"cannot load {self.path}: {reason} (truncated or corrupt GGUF?)")
+        self._vocab = L.llama_model_get_vocab(self._model)
+        self.n_vocab: int = L.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train: int = L.llama_model_n_ctx_train(self._model)
+        self.name: str = self.metadata("general.name") or self.path.stem
+        self.architecture: str = self.metadata("general.architecture") or "unknown"
+        self.bos_id: int = L.llama_vocab_bos(self._vocab)
+        self.eos_id: int = L.llama_vocab_eos(self._vocab)
+        self.add_bos: bool = bool(L.llama_vocab_get_add_bos(self._vocab))
+        self.chat_template: str | None = self.metadata("tokenizer.chat_template")
+
+        if L.llama_model_is_recurrent(self._model) or L.llama_model_is_hybrid(self._model):
+            self.close()
+            raise ModelLoadError(
+                f"{self.path.name} ({self.architecture}) uses recurrent memory, which cannot be rolled back "
+                "token by token; edge-ensemble needs a transformer model"
+            )
+        self.n_ctx = 0
+        self._seq_tokens: list[list[int]] = []
+        if not options.vocab_only:
+            self._init_context()
+
+    # -- setup ---------------------------------------------------------------------------------------------
+
+    def _init_context(self) -> None:
+        o = self.options
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = o.n_ctx
+        cparams.n_batch = o.n_batch
+        cparams.n_ubatch = o.n_batch
+        cparams.n_seq_max = o.n_seq_max
+        cparams.kv_unified = o.n_seq_max > 1  # shared prefix cells after fork instead of copies
+        threads = o.n_threads or max(1, os.cpu_count() or 1)
+        cparams.n_threads = threads
+        cparams.n_threads_batch = o.n_threads_batch or threads
+        if o.flash_attn is not None:
+            cparams.flash_attn_type = 1 if o.flash_attn else 0
+        cparams.no_perf = True
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            reason = _last_llama_error() or "out of memory?"
+            self.close()
+            raise ModelLoadError(f"cannot create a context for {self.path.name} (n_ctx={o.n_ctx}): {reason}")
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self._memory = L.llama_get_memory(self._ctx)
+        self._seq_tokens = [[] for _ in range(o.n_seq_max)]
+
+        # One batch reused for every decode; NumPy views let us fill it without per-token ctypes calls.
+        self._n_batch = o.n_batch
+        self._batch = L.llama_batch_init(self._n_batch, 0, o.n_seq_max)
+        b = self._batch
+        self._b_token = np.ctypeslib.as_array(b.token, shape=(self._n_batch,))
+        self._b_pos = np.ctypeslib.as_array(b.pos, shape=(self._n_batch,))
+        self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(self._n_batch,))
+        self._b_logits = np.ctypeslib.as_array(b.logits, shape=(self._n_batch,))
+        self._b_nseq[:] = 1
+        self._b_seq_filled = -1  # which seq id every slot's seq_id[i][0] currently holds
+        self._fill_seq_ids(0)
+
+    def _fill_seq_ids(self, seq: int) -> None:
+        if self._b_seq_filled != seq:
+            for i in range(self._n_batch):  # only when the sequence changes, not per decode
+                self._batch.seq_id[i][0] = seq
+            self._b_seq_filled = seq
+
+    def close(self) -> None:
+        """Free the context, batch and model. Safe to call twice."""
+        if self._batch is not None:
+            L.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx:
+            L.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            L.llama_model_free(self._model)
+            self._model = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a safety net; explicit close() is the contract
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- metadata ------------------------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None when the key is absent."""
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = L.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+
+    @property
+    def size_bytes(self) -> int:
+        """Size of the model's weights in bytes."""
+        return int(L.llama_model_size(self._model))
+
+    # -- tokens and text -----------------------------------------------------------------------------------
+
+    def tokenize(self, text: bytes | str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        """Token ids of ``text``. ``add_bos=None`` follows the GGUF; ``special`` parses control tokens.
+
+        Generated text is tokenized with ``special=False`` so a model writing "<|im_end|>" as text cannot
+        inject a control token; rendered prompts use ``special=True``.
+        """
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        add = self.add_bos if add_bos is None else add_bos
+        capacity = len(data) + 8
+        while True:
+            out = (L.llama_token * capacity)()
+            n = L.llama_tokenize(self._vocab, data, len(data), out, capacity, add, special)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """Exact bytes of one token. Control tokens are empty unless ``special``."""
+        buf = ctypes.create_string_buffer(64)
+        n = L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:  # piece longer than the buffer: -n is the size needed
+            buf = ctypes.create_string_buffer(-n)
+            n = L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    @property
+    def token_bytes(self) -> list[bytes]:
+        """Bytes of every token id (text pieces; control tokens are b""), built once and cached."""
+        if self._token_bytes is None:
+            vocab, to_piece = self._vocab, L.llama_token_to_piece
+            buf = ctypes.create_string_buffer(256)
+            table: list[bytes] = []
+            for tid in range(self.n_vocab):
+                n = to_piece(vocab, tid, buf, 256, 0, False)
+                table.append(buf.raw[:n] if n >= 0 else self.piece(tid))
+            self._token_bytes = table
+        return self._token_bytes
+
+    def detokenize(self, tokens: Iterable[int]) -> bytes:
+        """Bytes of a token sequence (concatenated pieces; control tokens omitted)."""
+        table = self.token_bytes
+        return b"".join(table[t] for t in tokens)
+
+    def llama_detokenize(self, tokens: Sequence[int], *, special: bool = False) -> bytes:
+        """llama.cpp's own detokenizer (reference for tests)."""
+        arr = (L.llama_token * len(tokens))(*tokens)
+        capacity = max(64, 8 * len(tokens))
+        while True:
+            buf = ctypes.create_string_buffer(capacity)
+            n = L.llama_detokenize(self._vocab, arr, len(tokens), buf, capacity, False, special)
+            if n >= 0:
+                return buf.raw[:n]
+            capacity = -n
+
+    def is_eog(self, token: int) -> bool:
+        """True for any end-of-generation token (EOS, EOT, <|im_end|>, <end_of_turn>, ...)."""
+        return bool(L.llama_vocab_is_eog(self._vocab, token))
+
+    def is_control(self, token: int) -> bool:
+        """True for control tokens (chat markers, BOS/EOS) that carry no text."""
+        return bool(L.llama_vocab_get_attr(self._vocab, token) & L.LLAMA_TOKEN_ATTR_CONTROL)
+
+    @property
+    def eog_ids(self) -> np.ndarray:
+        """All end-of-generation token ids (scanned once over control tokens)."""
+        if not hasattr(self, "_eog_ids"):
+            attrs = L.llama_vocab_get_attr
+            special = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
+            ids = [t for t in range(self.n_vocab) if attrs(self._vocab, t) & special and self.is_eog(t)]
+            for t in (self.eos_id,):
+                if t >= 0 and self.is_eog(t) and t not in ids:
+                    ids.append(t)
+            self._eog_ids = np.array(sorted(ids), dtype=np.int64)
+        return self._eog_ids
+
+    # -- chat ----------------------------------------------------------------------------------------------
+
+    def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The conversation in this model's own chat template, or a plain rendering for base models."""
+        from .chat import render_messages  # deferred: jinja2 import cost only when chatting
+
+        return render_messages(self, messages, add_generation_prompt=add_generation_prompt)
+
+    def prompt_tokens(self, rendered: str) -> list[int]:
+        """Tokens of a rendered prompt: special markers parsed, BOS added once as the GGUF asks."""
+        bos_text = self.piece(self.bos_id, special=True) if self.bos_id >= 0 else b""
+        data = rendered.encode("utf-8")
+        add_bos = self.add_bos and not (bos_text and data.startswith(bos_text))
+        return self.tokenize(data, add_bos=add_bos, special=True)
+
+    # -- decoding ------------------------------------------------------------------------------------------
+
+    def tokens(self, seq: int = 0) -> list[int]:
+        """The tokens currently in the KV cache of ``seq`` (do not mutate)."""
+        return self._seq_tokens[seq]
+
+    def n_past(self, seq: int = 0) -> int:
+        """Number of tokens in ``seq``'s cache = position of its next token."""
+        return len(self._seq_tokens[seq])
+
+    def decode(self, tokens: Sequence[int], *, want: str | Sequence[int] | None = "last", seq: int = 0) -> np.ndarray:
+        """Append ``tokens`` to sequence ``seq`` and return logits only where asked.
+
+        ``want``: "last" (one row), "all", None (no logits), or indices into ``tokens`` (negative allowed).
+        Returns a float32 array of shape (len(rows), n_vocab), rows in ascending position order. When all
+        rows come from the final llama_decode call the result is a *view* of llama.cpp's buffer, valid until
+        the next decode on this model: ``.copy()`` what you keep.
+        """
+        n = len(tokens)
+        if self._ctx is None:
+            raise ModelLoadError(f"{self.path.name} was loaded vocab_only (or closed); it cannot decode")
+        if n == 0:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        start = len(self._seq_tokens[seq])
+        if start + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"{self.name}: context full ({start} + {n} tokens > n_ctx {self.n_ctx}); raise --n-ctx or shorten"
+            )
+        rows = self._wanted_rows(want, n)
+        flags = np.zeros(n, dtype=np.int8)
+        flags[rows] = 1
+        tok = np.asarray(tokens, dtype=np.int32)
+        self._fill_seq_ids(seq)
+
+        kept: list[np.ndarray] = []  # rows from earlier chunks, copied before the buffer is reused
+        last_view: np.ndarray | None = None
+        for lo in range(0, n, self._n_batch):
+            hi = min(n, lo + self._n_batch)
+            m = hi - lo
+            self._b_token[:m] = tok[lo:hi]
+            self._b_pos[:m] = np.arange(start + lo, start + hi, dtype=np.int32)
+            self._b_logits[:m] = flags[lo:hi]
+            self._batch.n_tokens = m
+            rc = L.llama_decode(self._ctx, self._batch)
+            if rc != 0:
+                self._rollback_failed_decode(seq, start + lo)
+                if rc == 1:
+                    raise ContextOverflowError(f"{self.name}: no KV cache slot for {m} tokens (context full)")
+                raise ModelLoadError(f"{self.name}: llama_decode failed with code {rc}")
+            self._seq_tokens[seq].extend(tokens[lo:hi])
+            n_out = int(flags[lo:hi].sum())
+            if n_out:
+                ptr = L.llama_get_logits(self._ctx)
+                view = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+                if hi < n:
+                    kept.append(view.copy())
+                else:
+                    last_view = view
+        if not kept:
+            return last_view if last_view is not None else np.empty((0, self.n_vocab), dtype=np.float32)
+        if last_view is not None:
+            kept.append(last_view)
+        return np.concatenate(kept, axis=0)
+
+    @staticmethod
+    def _wanted_rows(want: str | Sequence[int] | None, n: int) -> np.ndarray:
+        if want is None:
+            return np.empty(0, dtype=np.int64)
+        if isinstance(want, str):
+            if want == "last":
+                return np.array([n - 1])
+            if want == "all":
+                return np.arange(n)
+            raise ValueError(f"want must be 'last', 'all', None or indices, not {want!r}")
+        rows = np.unique(np.asarray(want, dtype=np.int64) % n) if len(want) else np.empty(0, dtype=np.int64)
+        return rows
+
+    def _rollback_failed_decode(self, seq: int, keep: int) -> None:
+        # A failed llama_decode may have written some cells; drop them so the cache matches _seq_tokens.
+        L.llama_memory_seq_rm(self._memory, seq, keep, -1)
+
+    def trim(self, n: int, seq: int = 0) -> None:
+        """Keep only the first ``n`` tokens of ``seq`` in the cache (roll back the rest)."""
+        have = len(self._seq_tokens[seq])
+        if n >= have:
+            return
+        if n < 0:
+            raise ValueError(f"trim length must be >= 0, got {n}")
+        if not L.llama_memory_seq_rm(self._memory, seq, n, -1):
+            raise ModelLoadError(f"{self.name}: llama.cpp refused to roll back the KV cache to {n} tokens")
+        del self._seq_tokens[seq][n:]
+
+    def fork(self, src: int, dst: int) -> None:
+        """Make sequence ``dst`` a copy of ``src`` (shared cells in the unified cache)."""
+        if not (0 <= dst < len(self._seq_tokens)):
+            raise ValueError(f"sequence {dst} out of range: the context has n_seq_max={len(self._seq_tokens)}")
+        L.llama_memory_seq_rm(self._memory, dst, -1, -1)
+        L.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+        self._seq_tokens[dst] = list(self._seq_tokens[src])
+
+    def reset(self, seq: int | None = None) -> None:
+        """Empty one sequence's cache, or all of them."""
+        seqs = range(len(self._seq_tokens)) if seq is None else [seq]
+        for s in seqs:
+            L.llama_memory_seq_rm(self._memory, s, -1, -1)
+            self._seq_tokens[s] = []
+
+    def sync_to(self, target: Sequence[int], seq: int = 0, *, want: str | Sequence[int] | None = "last") -> np.ndarray:
+        """Make ``seq`` hold exactly ``target``: keep the common prefix, trim, feed the rest in one decode.
+
+        ``want`` indexes into the *fed* suffix. If nothing needs feeding but logits are wanted, the last
+        token is re-fed (trim by one) so its logits are fresh.
+        """
+        have = self._seq_tokens[seq]
+        common = _common_prefix_len(have, target)
+        if common == len(target) and want is not None and len(target) > 0:
+            common -= 1
+        self.trim(common, seq)
+        return self.decode(target[common:], want=want, seq=seq)
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    x = np.asarray(a[:n])
+    y = np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if diff.size else n
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    return _common_prefix_len(a, b)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
