@@ -33,10 +33,15 @@ class TokenTrack:
     def _retokenize_tail(self, text: bytes) -> tuple[int, list[int], list[int]]:
         """Re-tokenize ``text`` (which extends self.text) from a stable point.
 
-        Returns (index of first replaced token, new tail tokens, their end offsets)."""
+        Returns (index of first replaced token, new tail tokens, their end offsets). A trailing incomplete
+        UTF-8 character is left untokenized (tokenizers would replace it): it joins once it is whole."""
+        text = text[: complete_utf8_len(text)]
         back = self.window
         while True:
             i = max(0, len(self.tokens) - back)
+            # Never start inside a UTF-8 character (byte-level BPE tokens may split one).
+            while i > 0 and self.ends[i - 1] < len(text) and text[self.ends[i - 1]] & 0xC0 == 0x80:
+                i -= 1
             start = self.ends[i - 1] if i > 0 else 0
             tail = self._tokenize(text[start:])
             ends, pos = [], start
@@ -75,6 +80,18 @@ class TokenTrack:
         self.tokens = []
         self.ends = []
         self.extend(text)
+
+
+def complete_utf8_len(data: bytes) -> int:
+    """Length of ``data`` without a trailing, still incomplete UTF-8 character."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        b = data[n - back]
+        if b & 0xC0 == 0x80:  # continuation byte: keep looking for the lead byte
+            continue
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return n - back if need > back else n
+    return n
 
 
 def is_boundary(ends: Sequence[int], offset: int) -> bool:

@@ -164,6 +164,9 @@ class Model:
         if o.flash_attn is not None:
             cparams.flash_attn_type = 1 if o.flash_attn else 0
         cparams.no_perf = True
+        # Sliding-window models (Gemma 3) otherwise evict cells older than the window; after a rollback the
+        # re-decoded positions would then miss keys they need. A full-size SWA cache keeps trim exact.
+        cparams.swa_full = True
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             reason = _last_llama_error() or "out of memory?"
@@ -174,7 +177,8 @@ class Model:
         self._seq_tokens = [[] for _ in range(o.n_seq_max)]
 
         # One batch reused for every decode; NumPy views let us fill it without per-token ctypes calls.
-        self._n_batch = o.n_batch
+        # llama.cpp may clamp n_batch (e.g. to a small n_ctx): chunk by what the context really accepts.
+        self._n_batch = min(o.n_batch, int(L.llama_n_batch(self._ctx)), int(L.llama_n_ubatch(self._ctx)))
         self._batch = L.llama_batch_init(self._n_batch, 0, o.n_seq_max)
         b = self._batch
         self._b_token = np.ctypeslib.as_array(b.token, shape=(self._n_batch,))

@@ -1,0 +1,107 @@
+"""Incremental tokenization of a growing text and the boundary checks, on real tokenizers (vocab-only loads)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from edge_ensemble.alignment import TokenTrack, complete_utf8_len, is_boundary, token_ending_at
+from edge_ensemble.runtime import LoadOptions, Model
+
+TEXTS = [
+    "Hello world! Let's count: 1, 22, 333, 4444, 55555.\n\n  Double  spaces and\ttabs.",
+    "Café crème brûlée — naïve façade. 日本語のテキスト 🚀🚀 emoji 👩‍💻 done.",
+    "def f(x):\n    return x ** 2  # square\n\nprint(f(12345))\n",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(real_models, tiny_spm, tiny_bpe):
+    paths = {
+        "smollm2": real_models("smollm2-135m-instruct"),
+        "qwen": real_models("qwen2.5-coder-0.5b-instruct"),
+        "gemma": real_models("gemma-3-270m"),
+        "tiny_spm": tiny_spm,
+        "tiny_bpe": tiny_bpe,
+    }
+    models = {k: Model(p, LoadOptions(vocab_only=True)) for k, p in paths.items()}
+    yield models
+    for m in models.values():
+        m.close()
+
+
+def _track(model: Model) -> TokenTrack:
+    return TokenTrack(lambda b: model.tokenize(b, add_bos=False, special=False), model.token_bytes)
+
+
+def _chunks(text: bytes, rng: random.Random):
+    i = 0
+    while i < len(text):
+        n = rng.choice([1, 1, 2, 3, 5, 8])
+        yield text[i : i + n]
+        i += n
+
+
+@pytest.mark.parametrize("name", ["smollm2", "qwen", "gemma", "tiny_spm", "tiny_bpe"])
+def test_incremental_tokens_equal_whole_text_tokenization(tokenizers, name):
+    """Property: growing the text in random byte chunks (splitting UTF-8 characters too) gives the same
+    tokens as tokenizing the whole text, and the pieces always concatenate to the text."""
+    model = tokenizers[name]
+    rng = random.Random(1234)
+    alphabet = list("abc xyz 0123456789 \n\t  éü日本🚀,.()") + [" the", " 42", "  ", "\n\n", "ing"]
+    texts = [t.encode() for t in TEXTS]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(20, 120))).encode() for _ in range(30)]
+    mismatches = 0
+    for text in texts:
+        track = _track(model)
+        for chunk in _chunks(text, rng):
+            track.extend(chunk)
+            assert b"".join(model.token_bytes[t] for t in track.tokens) == track.text[: complete_utf8_len(track.text)]
+        whole = model.tokenize(text, add_bos=False, special=False)
+        mismatches += track.tokens != whole
+    assert mismatches == 0, f"{mismatches} of {len(texts)} texts differ from whole-text tokenization"
+
+
+def test_preview_does_not_commit(tokenizers):
+    model = tokenizers["qwen"]
+    track = _track(model)
+    track.extend(b"The answer is")
+    before = list(track.tokens)
+    toks, ends = track.preview(b" 42.")
+    assert track.tokens == before and track.text == b"The answer is"
+    assert ends[-1] == len(b"The answer is 42.")
+    assert b"".join(model.token_bytes[t] for t in toks) == b"The answer is 42."
+
+
+def test_boundaries():
+    ends = [3, 7, 8, 12]
+    assert is_boundary(ends, 0) and is_boundary(ends, 7) and not is_boundary(ends, 5)
+    assert token_ending_at(ends, 0) == -1 and token_ending_at(ends, 8) == 2
+    with pytest.raises(ValueError):
+        token_ending_at(ends, 9)
+
+
+def test_drafter_boundary_inside_verifier_token_is_detected(tokenizers):
+    """SAFE's OOV-like check: a boundary of one tokenizer that falls inside another's token."""
+    q, s, g = tokenizers["qwen"], tokenizers["smollm2"], tokenizers["gemma"]
+    text = "Incorrectly, the 日本 tokenization differs".encode()
+    ends = {}
+    for name, m in (("q", q), ("s", s), ("g", g)):
+        t = _track(m)
+        t.extend(text)
+        ends[name] = t.ends
+    # some boundary of one tokenizer is not a boundary of another (else the test text is too easy)
+    assert any(not is_boundary(ends["g"], e) for e in ends["q"]) or any(not is_boundary(ends["s"], e) for e in ends["q"])
+    # the multi-byte characters: no tokenizer boundary splits a character *and* is shared with all
+    shared = [e for e in ends["q"] if is_boundary(ends["s"], e) and is_boundary(ends["g"], e)]
+    for e in shared:
+        text[:e].decode("utf-8")  # a shared boundary never falls inside a UTF-8 character here
+
+
+def test_complete_utf8_len():
+    s = "a日🚀".encode()
+    assert complete_utf8_len(s) == len(s)
+    assert complete_utf8_len(s[:-1]) == len("a日".encode())
+    assert complete_utf8_len(s[:2]) == 1
+    assert complete_utf8_len(b"") == 0
