@@ -45,6 +45,7 @@ class GenerationStats:
     draft_acceptance_rate: float | None = None
     ensembled_tokens: int = 0
     ensembled_fraction: float = 0.0  # E/T
+    overridden_tokens: int = 0  # ensembled tokens that differ from the drafter's own choice
     verification_calls: int = 0
     member_decode_seconds: dict[str, float] = field(default_factory=dict)
     member_decoded_tokens: dict[str, int] = field(default_factory=dict)
@@ -205,6 +206,7 @@ def generate_events(
     stats.draft_acceptance_rate = (ps.accepted_drafts / ps.drafted) if ps.drafted else None
     stats.ensembled_tokens = ps.ensembled
     stats.ensembled_fraction = ps.ensembled / tokens if tokens else 0.0
+    stats.overridden_tokens = ps.overrides
     stats.verification_calls = ps.verification_calls
     stats.member_decode_seconds = {m.name: round(m.decode_seconds - prefill_seconds[m.name], 4) for m in active}
     stats.member_decoded_tokens = {m.name: m.decoded_tokens - prefill_tokens[m.name] for m in active}

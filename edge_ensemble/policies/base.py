@@ -35,6 +35,9 @@ class PolicyConfig:
     sharpen: str = "prefix"  # "prefix" (paper's heuristic), "geometric" (geometric mean), "none"
     sharpen_lambda: float = 0.1
     weights: tuple[float, ...] | None = None  # per member; None = equal
+    # A verifier "agrees" with a drafted token within this relative margin of its own top probability:
+    # batched verification and one-token drafting differ numerically, so exact near-ties can flip.
+    tie_tolerance: float = 0.2
 
 
 @dataclass
@@ -44,6 +47,7 @@ class PolicyStats:
     drafted: int = 0
     accepted_drafts: int = 0
     ensembled: int = 0
+    overrides: int = 0  # ensembled tokens that differ from what the drafter / primary would have chosen
     verification_calls: int = 0
     verified_positions: int = 0
 
@@ -72,30 +76,31 @@ class PolicyBase:
         for m, wi in zip(self.members, w):
             m.weight = wi
 
-    def union(self, dists: Sequence[Dist]) -> tuple[list[Key], np.ndarray, np.ndarray]:
-        """Union distribution of the members' candidates, sharpened as configured."""
+    def union(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[list[Key], np.ndarray, np.ndarray]:
+        """Union distribution of the members' candidates, sharpened as configured (SAFE) or not (UniTE)."""
         views = [
             MemberView(top=m.top_keys(d), prob_of=(lambda key, m=m, d=d: m.prob_of(d, key)), weight=m.weight)
             for m, d in zip(self.members, dists)
         ]
-        keys, p, q = union_distribution(views, geometric=self.config.sharpen == "geometric")
-        if self.config.sharpen == "prefix":
+        keys, p, q = union_distribution(views, geometric=sharpen and self.config.sharpen == "geometric")
+        if sharpen and self.config.sharpen == "prefix":
             p = sharpen_prefix_mass(keys, p, views[0].top, self.config.sharpen_lambda)
         return keys, p, q
 
-    def ensemble_choice(self, dists: Sequence[Dist]) -> tuple[Key, str]:
+    def ensemble_choice(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[Key, str]:
         """Pick the ensembled candidate and the member whose candidate it was (highest own probability)."""
-        keys, p, q = self.union(dists)
+        keys, p, q = self.union(dists, sharpen)
         if not keys:  # every member proposed only empty control tokens: end the answer
             return EOG, self.members[0].name
         i = choose(keys, p, None if self.sampling.greedy else self.rng)
         winner = self.members[int(np.argmax(q[:, i]))].name
         return keys[i], winner
 
-    def pick(self, member: Member, logits: np.ndarray) -> tuple[int, Dist]:
+    def pick(self, member: Member, logits: np.ndarray | None, dist: Dist | None = None) -> tuple[int, Dist]:
         """The drafter's own choice at one position (greedy or sampled) and its distribution."""
         s = self.sampling
-        dist = member.dist(logits, s.temperature if not s.greedy else 1.0)
+        if dist is None:
+            dist = member.dist(logits, s.temperature if not s.greedy else 1.0)
         if s.greedy:
             return dist.argmax, dist
         from ..decisions import filter_probs

@@ -141,8 +141,7 @@ class SafePolicy(PolicyBase):
             p_draft = d.prob_of(dists[j], EOG) if key == EOG else float(dists[j].probs[drafts[j]])
             ps = [p_draft] + [v.prob_of(vd[j], key) for v, vd in zip(self.verifiers, vdists)]
             if self.sampling.greedy:
-                agree = [True] + [v.argmax_key(vd[j]) == key or v.first_token(key) == vd[j].argmax if key != EOG
-                                  else v.argmax_key(vd[j]) == EOG for v, vd in zip(self.verifiers, vdists)]
+                agree = [True] + [self._agrees(v, vd[j], key, p) for v, vd, p in zip(self.verifiers, vdists, ps[1:])]
                 if consensus(ps, agree, weights):
                     continue
                 chosen, winner = self.ensemble_choice(all_dists)
@@ -155,8 +154,15 @@ class SafePolicy(PolicyBase):
                 verdict.confirmed[j] = winner
                 continue  # the ensemble confirms the drafted token: keep walking
             verdict.accepted, verdict.replacement = j, (chosen, winner)
+            self.stats.overrides += 1
             return verdict
         return verdict
+
+    def _agrees(self, verifier, dist, key, p_key: float) -> bool:
+        """Unanimity test for one verifier: the drafted key is its argmax, or within the tie tolerance."""
+        if verifier.argmax_key(dist) == key or (key != EOG and verifier.first_token(key) == dist.argmax):
+            return True
+        return p_key >= (1.0 - self.config.tie_tolerance) * dist.top1
 
     def _speculative(self, key, all_dists):
         """Sampling form: accept the drafted key with prob min(1, P_ens/P_draft), else sample the residual."""

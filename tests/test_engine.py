@@ -1,0 +1,154 @@
+"""The ensemble engine end to end: parity with plain greedy decoding, cache consistency under many trims,
+cross-tokenizer runs on real models, sampling, stopping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_ensemble.api import Ensemble, EnsembleConfig
+from edge_ensemble.decisions import Gate
+from edge_ensemble.engine import GenerationOptions, generate_events
+from edge_ensemble.member import Member
+from edge_ensemble.policies import PolicyConfig
+from edge_ensemble.runtime import LoadOptions, Model
+
+QUESTION = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
+MATH = [{"role": "user", "content": "Natalia sold 48 clips in April and half as many in May. How many in total?"}]
+
+
+def greedy_text(path, messages, max_tokens: int, n_ctx: int = 1024) -> bytes:
+    """Reference: plain greedy decoding with the runtime layer (itself checked against llama-cpp-python)."""
+    m = Model(path, LoadOptions(n_ctx=n_ctx, n_threads=2))
+    logits = m.decode(m.prompt_tokens(m.render_chat(messages)))
+    out = []
+    for _ in range(max_tokens):
+        tok = int(np.argmax(logits[0]))
+        if m.is_eog(tok):
+            break
+        out.append(tok)
+        logits = m.decode([tok])
+    text = m.detokenize(out)
+    m.close()
+    return text
+
+
+def _cfg(**kw) -> EnsembleConfig:
+    return EnsembleConfig(n_ctx=1024, n_threads=2, check_memory=False, **kw)
+
+
+@pytest.mark.parametrize("policy", ["single", "safe", "every-token"])
+def test_one_member_ensemble_reproduces_greedy(real_models, policy):
+    path = real_models("smollm2-135m-instruct")
+    want = greedy_text(path, QUESTION, 48)
+    with Ensemble([path], config=_cfg(policy=policy)) as ens:
+        result = ens.generate(messages=QUESTION, max_tokens=48)
+    assert result.text.encode() == want
+    assert result.stats.ensembled_tokens == (result.stats.tokens if policy == "every-token" else 0)
+
+
+@pytest.mark.parametrize("gate", [0.5, None], ids=["gated-safe", "faithful-safe"])
+@pytest.mark.parametrize("key", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_same_model_twice_reproduces_greedy_with_nothing_ensembled(real_models, key, gate):
+    path = real_models(key)
+    n = 40 if key.startswith("qwen") else 64
+    want = greedy_text(path, MATH, n)
+    with Ensemble([path, path], config=_cfg(policy="safe", gate=gate)) as ens:
+        result = ens.generate(messages=MATH, max_tokens=n)
+    assert result.text.encode() == want
+    assert result.stats.ensembled_tokens == 0
+    assert result.stats.overridden_tokens == 0
+    if gate is None:
+        assert result.stats.verification_calls > 0
+
+
+def test_same_model_twice_every_token_never_overrides(real_models):
+    path = real_models("smollm2-135m-instruct")
+    want = greedy_text(path, MATH, 48)
+    with Ensemble([path, path], config=_cfg(policy="every-token")) as ens:
+        result = ens.generate(messages=MATH, max_tokens=48)
+    assert result.text.encode() == want
+    assert result.stats.overridden_tokens == 0
+    assert result.stats.ensembled_fraction == 1.0  # every token went through the union
+
+
+def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny_bpe, tiny_spm, monkeypatch):
+    """Faithful SAFE over two tiny models with different tokenizers that disagree often: many rollbacks.
+    At the end every member's cache must give the logits a fresh decode of its tokens gives."""
+    trims = {"n": 0}
+    real_trim = Model.trim
+
+    def counting_trim(self, n, seq=0):  # a spy: counts rollbacks, then does the real thing
+        if n < self.n_past(seq):
+            trims["n"] += 1
+        return real_trim(self, n, seq)
+
+    monkeypatch.setattr(Model, "trim", counting_trim)
+    members = [Member(Model(p, LoadOptions(n_ctx=3072, n_threads=2)), name=n) for p, n in ((tiny_bpe, "bpe"), (tiny_spm, "spm"))]
+    events = list(generate_events(members, [{"role": "user", "content": "Tell me a long story."}], policy="safe",
+                                  policy_config=PolicyConfig(gate=Gate(None)), options=GenerationOptions(max_tokens=2000)))
+    result = events[-1].result
+    assert result.stats.tokens >= 1500, f"stopped early: {result.finish_reason} after {result.stats.tokens}"
+    assert trims["n"] >= 200
+    assert result.stats.ensembled_tokens > 100
+    for m in members:
+        tokens = list(m.model.tokens())
+        m.model.trim(len(tokens) - 1)
+        cached = m.model.decode(tokens[-1:]).copy()[0]
+        fresh = Model(m.model.path, LoadOptions(n_ctx=3072, n_threads=2))
+        reference = fresh.decode(tokens).copy()[0]
+        fresh.close()
+        np.testing.assert_allclose(cached, reference, atol=1e-3)
+        assert int(np.argmax(cached)) == int(np.argmax(reference))
+    # the verifier's cache holds (a prefix of: it lags until consulted) its tokenization of the text
+    spm = members[1]
+    cached = list(spm.model.tokens()[len(spm.prompt):])
+    assert cached == spm.track.tokens[: len(cached)]
+    assert result.text.encode().startswith(spm.model.detokenize(cached))
+    for m in members:
+        m.model.close()
+
+
+@pytest.mark.parametrize("pair", [("qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"),
+                                  ("qwen2.5-coder-0.5b-instruct", "gemma-3-270m")])
+def test_cross_tokenizer_generation_on_real_models(real_models, pair):
+    paths = [real_models(k) for k in pair]
+    with Ensemble(paths, config=_cfg(policy="safe")) as ens:
+        result = ens.generate(messages=MATH, max_tokens=96)
+        names = {m.name for m in ens.members}
+    s = result.stats
+    assert result.finish_reason in ("stop", "length") and s.tokens > 10
+    assert 0 < s.ensembled_fraction < 0.5, s
+    assert any(sp.kind == "ensemble" for sp in result.provenance)
+    assert "".join(sp.text for sp in result.provenance) == result.text
+    winners = {sp.winner for sp in result.provenance if sp.kind == "ensemble"}
+    assert winners <= names
+
+
+def test_stream_events_concatenate_to_the_result(tiny_bpe, tiny_bpe_b):
+    with Ensemble([tiny_bpe, tiny_bpe_b], config=_cfg()) as ens:
+        events = list(ens.stream("Hello there", max_tokens=40))
+    assert events[-1].result is not None
+    assert "".join(e.text for e in events) == events[-1].result.text
+
+
+def test_sampling_is_deterministic_for_a_seed(tiny_bpe, tiny_spm):
+    with Ensemble([tiny_bpe, tiny_spm], config=_cfg()) as ens:
+        a = ens.generate("Once upon a time", max_tokens=40, temperature=0.9, top_p=0.95, seed=11).text
+        b = ens.generate("Once upon a time", max_tokens=40, temperature=0.9, top_p=0.95, seed=11).text
+        c = ens.generate("Once upon a time", max_tokens=40, temperature=0.9, top_p=0.95, seed=12).text
+    assert a == b
+    assert a != c
+
+
+def test_max_tokens_stop_strings_and_context_exhaustion(tiny_bpe, tiny_spm):
+    with Ensemble([tiny_bpe, tiny_spm], config=_cfg()) as ens:
+        r = ens.generate("Count", max_tokens=7)
+        assert r.finish_reason == "length" and r.stats.tokens == 7
+        full = ens.generate("Count", max_tokens=60).text
+        stop = full[10:13]
+        r = ens.generate("Count", max_tokens=60, stop=[stop])
+        assert r.finish_reason == "stop" and r.text == full[: full.index(stop)]
+    with Ensemble([tiny_bpe, tiny_spm], config=EnsembleConfig(n_ctx=256, check_memory=False)) as ens:
+        r = ens.generate("Count", max_tokens=5000)
+        assert r.finish_reason == "length" and 100 < r.stats.tokens < 256
