@@ -11,7 +11,8 @@ long command-line options with underscores (``--draft-len`` -> ``draft_len``), s
     max_tokens = 400
 
 Precedence: a command-line flag > the config file > the built-in default. A flag that names the ensemble
-(``--preset`` or ``--model``) replaces both ``preset`` and ``members`` of the file. Everything is validated
+(``--preset`` or ``--model``) replaces both ``preset`` and ``members`` of the file. In ``members``, ``~``
+is expanded; other relative paths are relative to the working directory. Everything is validated
 once, by :func:`resolve_settings`, with the API's own range checks; an error names the option (the flag, or
 the key and the file), the allowed values and the value given.
 """
@@ -20,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
@@ -82,7 +84,10 @@ def parse_weights(value: Any) -> tuple[float, ...]:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, list | tuple) or not items:
             raise ValueError
-        return tuple(float(v) if isinstance(v, str) else _float(v) for v in items)
+        weights = tuple(float(v) if isinstance(v, str) else _float(v) for v in items)
+        if not all(math.isfinite(w) for w in weights):
+            raise ValueError
+        return weights
     except ValueError:
         raise ValueError('one number per member, e.g. "2,1" or [2, 1]') from None
 
@@ -160,6 +165,9 @@ class Generation:
         return self
 
 
+_GENERATION_KEYS = tuple(f.name for f in fields(Generation))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything ``chat`` and ``run`` need: which models, how they combine, how each answer is made."""
@@ -231,11 +239,10 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
         k.ensemble_field: (None if values[k.name] == OFF else values[k.name])
         for k in KEYS.values() if k.ensemble_field and k.name in values
     })
-    generation = Generation(**{k: values[k] for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")
-                               if k in values})
+    generation = Generation(**{k: values[k] for k in _GENERATION_KEYS if k in values})
     with _named(origin, _ENSEMBLE_KEY_OF_FIELD, values):
         ensemble.validate(len(members))
-    with _named(origin, {k: k for k in ("max_tokens", "temperature", "top_p", "top_k", "seed")}, values):
+    with _named(origin, {k: k for k in _GENERATION_KEYS}, values):
         generation.validate()
     return Settings(members, preset, values.get("system"), ensemble, generation)
 

