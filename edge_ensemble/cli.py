@@ -686,3 +686,56 @@ def _print_presets(catalog: Any) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- eval -------------------------------------------------------------------------------------------------
+
+
+@cli.command("eval")
+@click.argument("task", type=click.Choice(["gsm8k", "arc-challenge", "math-500", "humaneval"]))
+@click.option("-p", "--preset", help="Ensemble preset whose members are compared [default: the catalog's default].")
+@click.option("-m", "--model", "members", multiple=True, metavar="MODEL", help="Explicit members (first drafts).")
+@click.option("--configs", default=None, metavar="LIST",
+              help="Comma-separated configurations: single (each member alone), single:<member>, every-token, "
+                   "safe (faithful), safe-gated [default: all].")
+@click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset order).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Number of items [default: the development slice].")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Token budget per answer [default: per task].")
+@click.option("--n-ctx", type=click.IntRange(min=256), default=2048, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per model [default: all cores].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Results directory [default: results/<preset or members>].")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG plot (no matplotlib needed).")
+def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, start: int,
+                 limit: int | None, max_tokens: int | None, n_ctx: int, threads: int | None, out_dir: str | None,
+                 no_plot: bool) -> None:
+    """Score each member alone and the ensemble policies on TASK; resumable.
+
+    Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
+    then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, E/T) and OUT/summary.png.
+    """
+    from .eval.configs import build_configs
+    from .eval.report import write_report
+    from .eval.runner import read_records, results_path, run_eval
+    from .eval.tasks import get_task
+
+    task_obj = get_task(task)
+    task_obj.items(start, limit)  # fail on missing data before any model loads
+    catalog = _catalog()
+    specs = list(members) or list(catalog.preset(preset or catalog.default_preset.name).members)
+    label = preset or ("-".join(Path(m).stem for m in members) if members else catalog.default_preset.name)
+    out = Path(out_dir or Path("results") / label)
+    base = EnsembleConfig(n_ctx=n_ctx, n_threads=threads).validate(len(specs))
+    names = [c.strip() for c in configs.split(",")] if configs else None
+    engine_configs, ensembles = build_configs(specs, names, base)
+    if not engine_configs:
+        raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated")
+    try:
+        run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens)
+    finally:
+        for e in ensembles:
+            e.close()
+    records = [r for p in sorted(out.glob("*.jsonl")) for r in read_records(p)]
+    write_report(records, out / "summary.md", None if no_plot else out / "summary.png")
+    click.echo((out / "summary.md").read_text())
+    click.echo(f"records: {results_path(out, task)}", err=True)

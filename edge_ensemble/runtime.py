@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,7 @@ class Model:
                 "token by token; edge-ensemble needs a transformer model"
             )
         self.n_ctx = 0
+        self.llama_decode_seconds = 0.0  # time spent inside llama_decode itself (for profiling)
         self._seq_tokens: list[list[int]] = []
         if not options.vocab_only:
             self._init_context()
@@ -373,7 +375,9 @@ class Model:
             self._b_pos[:m] = np.arange(start + lo, start + hi, dtype=np.int32)
             self._b_logits[:m] = flags[lo:hi]
             self._batch.n_tokens = m
+            t0 = time.perf_counter()
             rc = L.llama_decode(self._ctx, self._batch)
+            self.llama_decode_seconds += time.perf_counter() - t0
             if rc != 0:
                 self._rollback_failed_decode(seq, start + lo)
                 if rc == 1:
