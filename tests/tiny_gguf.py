@@ -17,6 +17,9 @@ Token ids: spm - 0 ``<unk>``, 1 ``<s>``, 2 ``</s>``, 3+b the byte token ``<0xbb>
 ``<end_of_turn>``, then single characters and merged pieces (656 tokens).  bpe - id b is the byte symbol of byte b
 (0..255), then merged tokens, then ``<|endoftext|>``, ``<|im_start|>``, ``<|im_end|>`` (559 tokens).
 
+``write_tiny_mamba`` writes a tiny Mamba (architecture ``mamba``, a recurrent model: llama.cpp's
+``llama_model_is_recurrent`` is true) with the same two built-in vocabularies, for refusal tests.
+
 Everything is deterministic: the same arguments give a byte-identical file.
 """
 
@@ -43,6 +46,7 @@ __all__ = [
     "TOKEN_BYTE",
     "bytes_to_unicode",
     "write_tiny_llama",
+    "write_tiny_mamba",
     "write_not_gguf",
     "write_truncated_gguf",
 ]
@@ -216,6 +220,38 @@ def _spm_vocab(n_merges: int = 300) -> tuple[list[str], list[float], list[int]]:
             scores.append(-float(rank + 1))
             types.append(TOKEN_NORMAL)
     return tokens, scores, types
+
+
+def _add_builtin_vocab(w: Any, vocab: str, chat_template: str | None) -> None:
+    """Write the ``tokenizer.*`` keys of the built-in "spm" or "bpe" vocabulary (and a chat template)."""
+    if vocab == "spm":
+        spm_tokens, spm_scores, token_types = _spm_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(spm_tokens)
+        w.add_token_scores(spm_scores)
+        w.add_token_types(token_types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_add_bos_token(True)
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(False)
+    else:
+        bpe_tokens, token_types, bpe_merges = _bpe_vocab()
+        eot = bpe_tokens.index("<|endoftext|>")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(bpe_tokens)
+        w.add_token_types(token_types)
+        w.add_token_merges(bpe_merges)
+        w.add_bos_token_id(eot)
+        w.add_eos_token_id(eot)
+        w.add_pad_token_id(eot)
+        w.add_add_bos_token(False)
+        w.add_add_eos_token(False)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -440,11 +476,11 @@ def write_tiny_llama(
             token_types = [TOKEN_NORMAL] * n_vocab
         kind = f"borrowed from {Path(borrow_tokenizer_from).name}"
     elif vocab == "spm":
-        spm_tokens, spm_scores, token_types = _spm_vocab()
+        spm_tokens, _scores, token_types = _spm_vocab()
         n_vocab = len(spm_tokens)
         kind = "spm"
     else:
-        bpe_tokens, token_types, bpe_merges = _bpe_vocab()
+        bpe_tokens, token_types, _merges = _bpe_vocab()
         n_vocab = len(bpe_tokens)
         kind = "bpe"
 
@@ -470,34 +506,8 @@ def write_tiny_llama(
             w.add_key_value(key, raw, gguf.GGUFValueType(vtype))
         if chat_template is not None:
             w.add_chat_template(chat_template)
-    elif vocab == "spm":
-        w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
-        w.add_token_list(spm_tokens)
-        w.add_token_scores(spm_scores)
-        w.add_token_types(token_types)
-        w.add_unk_token_id(0)
-        w.add_bos_token_id(1)
-        w.add_eos_token_id(2)
-        w.add_add_bos_token(True)
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)
-        if chat_template is not None:
-            w.add_chat_template(chat_template)
     else:
-        eot = bpe_tokens.index("<|endoftext|>")
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        w.add_token_list(bpe_tokens)
-        w.add_token_types(token_types)
-        w.add_token_merges(bpe_merges)
-        w.add_bos_token_id(eot)
-        w.add_eos_token_id(eot)
-        w.add_pad_token_id(eot)
-        w.add_add_bos_token(False)
-        w.add_add_eos_token(False)
-        if chat_template is not None:
-            w.add_chat_template(chat_template)
+        _add_builtin_vocab(w, vocab, chat_template)
 
     if vocab == "bpe" and borrowed is None:
         low_bytes = [b for b in range(256) if b < 0x20 or b >= 0x7F]  # byte symbol b has id b
@@ -520,6 +530,96 @@ def write_tiny_llama(
     for tname, arr in tensors.items():
         if n_vocab > 4096 and tname in ("token_embd.weight", "output.weight"):
             arr = arr.astype(np.float16)
+        w.add_tensor(tname, arr)
+
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+    finally:
+        w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def write_tiny_mamba(
+    path: os.PathLike[str] | str,
+    *,
+    vocab: str = "spm",
+    seed: int = 0,
+    n_ctx_train: int = 512,
+    n_embd: int = 32,
+    n_layer: int = 2,
+    d_inner: int | None = None,
+    d_state: int = 8,
+    d_conv: int = 4,
+    dt_rank: int | None = None,
+    chat_template: str | None = None,
+    name: str | None = None,
+) -> Path:
+    """Write a random-weight Mamba (v1, architecture ``"mamba"``) GGUF model to ``path`` and return the path.
+
+    A recurrent model: llama.cpp gives it a fixed-size state per sequence instead of a KV cache, and
+    ``llama_model_is_recurrent`` is true for it - what edge-ensemble must refuse.  It loads and decodes (real,
+    meaningless logits).  Same tokenizers as :func:`write_tiny_llama` (``vocab="spm"`` or ``"bpe"``).
+
+    d_inner: width of the SSM (default ``2 * n_embd``, as in real Mamba); d_state: SSM state size per channel;
+    d_conv: causal convolution width; dt_rank: rank of the time-step projection (default ``ceil(n_embd / 16)``).
+    Same arguments -> byte-identical file.
+    """
+    import gguf
+
+    if vocab not in ("spm", "bpe"):
+        raise ValueError(f"vocab must be 'spm' or 'bpe', not {vocab!r}")
+    if chat_template is not None:
+        chat_template = _TEMPLATE_ALIASES.get(chat_template, chat_template)
+    d_inner = 2 * n_embd if d_inner is None else d_inner
+    dt_rank = -(-n_embd // 16) if dt_rank is None else dt_rank
+    path = Path(path)
+    token_types = _spm_vocab()[2] if vocab == "spm" else _bpe_vocab()[1]
+    n_vocab = len(token_types)
+
+    tmp = path.with_name(path.name + ".tmp")
+    w = gguf.GGUFWriter(str(tmp), "mamba")
+    w.add_name(name or f"tiny-mamba-{vocab}-seed{seed}")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    # the keys llama.cpp's convert_hf_to_gguf.py writes for Mamba (no attention: 0 heads, no FFN)
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(d_state)
+    w.add_ssm_time_step_rank(dt_rank)
+    w.add_vocab_size(n_vocab)
+    _add_builtin_vocab(w, vocab, chat_template)
+
+    rng = np.random.default_rng(seed)
+
+    def normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    # numpy shapes are GGUF's ne reversed (llama.cpp's create_tensor shapes, read right to left)
+    tensors: dict[str, np.ndarray] = {"token_embd.weight": normal((n_vocab, n_embd), 1.0)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        tensors[p + "attn_norm.weight"] = (1.0 + normal((n_embd,), 0.1)).astype(np.float32)
+        tensors[p + "ssm_in.weight"] = normal((2 * d_inner, n_embd), 1.0 / np.sqrt(n_embd))
+        tensors[p + "ssm_conv1d.weight"] = normal((d_inner, d_conv), 1.0 / np.sqrt(d_conv))
+        tensors[p + "ssm_conv1d.bias"] = normal((d_inner,), 0.1)
+        tensors[p + "ssm_x.weight"] = normal((dt_rank + 2 * d_state, d_inner), 1.0 / np.sqrt(d_inner))
+        tensors[p + "ssm_dt.weight"] = normal((d_inner, dt_rank), 1.0 / np.sqrt(dt_rank))
+        tensors[p + "ssm_dt.bias"] = normal((d_inner,), 0.5) - 2.0  # softplus(-2) ~ 0.13: a short memory
+        # A = -exp(A_log) as stored by the converter, with Mamba's S4D-real init A_log = log(1..d_state)
+        tensors[p + "ssm_a"] = np.tile(-np.arange(1, d_state + 1, dtype=np.float32), (d_inner, 1))
+        tensors[p + "ssm_d"] = np.ones((d_inner,), dtype=np.float32)
+        tensors[p + "ssm_out.weight"] = normal((n_embd, d_inner), 1.0 / np.sqrt(d_inner))
+    tensors["output_norm.weight"] = np.ones((n_embd,), dtype=np.float32)
+    tensors["output.weight"] = normal((n_vocab, n_embd), _OUT_SCALE / np.sqrt(n_embd))
+    for tname, arr in tensors.items():
         w.add_tensor(tname, arr)
 
     try:
