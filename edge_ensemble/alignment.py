@@ -12,6 +12,8 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable, Sequence
 
+from .errors import IncompatibleMembersError
+
 Tokenizer = Callable[[bytes], list[int]]
 
 
@@ -49,7 +51,9 @@ class TokenTrack:
                 pos += len(self._bytes[t])
                 ends.append(pos)
             if pos != len(text):
-                raise ValueError("tokenizer pieces do not concatenate back to the text (dummy-prefix tokenizer?)")
+                raise IncompatibleMembersError(
+                    "a member's tokenizer does not reproduce the text byte for byte (a SentencePiece dummy prefix?)"
+                )
             # Stable when the window's first token is unchanged (or the window reaches the start).
             if i == 0 or (tail and tail[0] == self.tokens[i]):
                 return i, tail, ends

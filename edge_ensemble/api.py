@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,23 +45,24 @@ class EnsembleConfig:
         """Raise :class:`UsageError` naming the allowed range and the value given."""
         if self.policy not in POLICIES:
             raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        _check_range("draft_len", self.draft_len, 1, 64)
+        _check_int("draft_len", self.draft_len, 1, 64)
         if self.gate is not None:
             _check_range("gate", self.gate, 0.0, 1.0)
         if self.gate_entropy is not None:
             _check_range("gate_entropy", self.gate_entropy, 0.0, 20.0)
-        _check_range("top_k", self.top_k, 1, 1000)
+        _check_int("top_k", self.top_k, 1, 1000)
         if self.sharpen not in SHARPEN_CHOICES:
             raise UsageError(f"sharpen must be one of {', '.join(SHARPEN_CHOICES)}; got {self.sharpen!r}")
-        _check_range("n_ctx", self.n_ctx, 64, 1 << 20)
+        _check_int("n_ctx", self.n_ctx, 64, 1 << 20)
         if self.n_threads is not None:
-            _check_range("n_threads", self.n_threads, 1, 1024)
-        _check_range("n_gpu_layers", self.n_gpu_layers, -1, 100000)
+            _check_int("n_threads", self.n_threads, 1, 1024)
+        _check_int("n_gpu_layers", self.n_gpu_layers, -1, 100000)
         if self.weights is not None:
             if len(self.weights) != n_members:
                 raise UsageError(f"weights: give one per member ({n_members}); got {len(self.weights)}")
-            if any(w <= 0 for w in self.weights):
-                raise UsageError(f"weights must be > 0; got {list(self.weights)}")
+            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0
+                   for w in self.weights):
+                raise UsageError(f"weights must be finite numbers > 0; got {list(self.weights)}")
         if self.policy != "single" and n_members < 1:
             raise UsageError("an ensemble needs at least one member")
         return self
@@ -78,6 +80,12 @@ class EnsembleConfig:
 def _check_range(name: str, value: float, lo: float, hi: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
         raise UsageError(f"{name} must be between {lo} and {hi}; got {value!r}")
+
+
+def _check_int(name: str, value: int, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be a whole number between {lo} and {hi}; got {value!r}")
+    _check_range(name, value, lo, hi)
 
 
 @dataclass
@@ -213,8 +221,8 @@ class Ensemble:
         if not self._members:
             raise UsageError("this ensemble is closed")
         msgs = _messages(prompt, messages, system)
-        opts = GenerationOptions(max_tokens=_int_in("max_tokens", max_tokens, 1, 1 << 20), stop=tuple(stop),
-                                 sampling=_sampling(temperature, top_p, top_k, seed))
+        opts = GenerationOptions(max_tokens=validate_int("max_tokens", max_tokens, 1, 1 << 20), stop=_stops(stop),
+                                 sampling=validate_sampling(temperature, top_p, top_k, seed))
         pol = policy or self.config.policy
         if pol not in POLICIES:
             raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {pol!r}")
@@ -272,11 +280,25 @@ def _check_combinable(member: Member) -> None:
         )
 
 
+def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = (stop,)
+    if not all(isinstance(s, str) for s in stop):
+        raise UsageError(f"stop must be a string or a list of strings; got {stop!r}")
+    return tuple(s for s in stop if s)
+
+
 def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, system: str | None) -> list[dict[str, str]]:
     if (prompt is None) == (messages is None):
         raise UsageError("give either a prompt or messages, not both and not neither")
+    if prompt is not None and not isinstance(prompt, str):
+        raise UsageError(f"prompt must be a string; got {type(prompt).__name__}")
     if messages is not None:
-        msgs = [dict(m) for m in messages]
+        from .chat import validate_messages
+
+        msgs = validate_messages(messages)
     else:
         msgs = [{"role": "user", "content": prompt}]  # type: ignore[dict-item]
     if system:
@@ -284,17 +306,19 @@ def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, sys
     return msgs
 
 
-def _int_in(name: str, value: int, lo: int, hi: int) -> int:
-    _check_range(name, value, lo, hi)
+def validate_int(name: str, value: int, lo: int, hi: int) -> int:
+    """Check a whole-number option; the error names the allowed range and the value given."""
+    _check_int(name, value, lo, hi)
     return int(value)
 
 
-def _sampling(temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampling:
+def validate_sampling(temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampling:
+    """Check the sampling options once and build the frozen :class:`Sampling`."""
     _check_range("temperature", temperature, 0.0, 5.0)
     _check_range("top_p", top_p, 0.0, 1.0)
     if top_p == 0.0:
         raise UsageError("top_p must be greater than 0; got 0")
-    _check_range("top_k", top_k, 0, 1 << 20)
+    _check_int("top_k", top_k, 0, 1 << 20)
     if seed is not None:
-        _check_range("seed", seed, 0, 2**63 - 1)
+        _check_int("seed", seed, 0, 2**63 - 1)
     return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

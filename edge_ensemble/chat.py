@@ -19,8 +19,8 @@ VALID_ROLES = ("system", "user", "assistant")
 def validate_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     """Check a conversation's shape once, with a one-line error for the user."""
     out: list[dict[str, str]] = []
-    if not messages:
-        raise UsageError("the conversation is empty: give at least one user message")
+    if isinstance(messages, (str, bytes)) or not messages:
+        raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise UsageError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")

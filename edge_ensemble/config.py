@@ -30,7 +30,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from . import paths
-from .api import SHARPEN_CHOICES, EnsembleConfig, _int_in, _sampling
+from .api import SHARPEN_CHOICES, EnsembleConfig, validate_int, validate_sampling
 from .errors import UsageError
 from .policies import POLICIES
 
@@ -160,8 +160,8 @@ class Generation:
 
     def validate(self) -> "Generation":
         """The API's own checks, run before any model is loaded."""
-        _int_in("max_tokens", self.max_tokens, 1, 1 << 20)
-        _sampling(self.temperature, self.top_p, self.top_k, self.seed)
+        validate_int("max_tokens", self.max_tokens, 1, 1 << 20)
+        validate_sampling(self.temperature, self.top_p, self.top_k, self.seed)
         return self
 
 

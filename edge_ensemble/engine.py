@@ -97,6 +97,7 @@ class GenerationOptions:
 def prepare_prompts(members: Sequence[Member], messages: Sequence[dict[str, str]]) -> None:
     """Render the conversation for each member in its own template and check it fits its context."""
     for m in members:
+        m.model.reconcile()  # a previous generation may have been interrupted mid-decode
         m.prompt = m.model.prompt_tokens(m.model.render_chat(messages))
         if len(m.prompt) + 1 >= m.model.n_ctx:
             raise ContextOverflowError(
@@ -212,6 +213,7 @@ def generate_events(
     stats.member_decoded_tokens = {m.name: m.decoded_tokens - prefill_tokens[m.name] for m in active}
     stats.peak_memory_mb = _peak_rss_mb()
     text = bytes(stream.data).decode("utf-8", errors="replace")
+    spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
     result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans))
     yield Event("", "done", finish_reason=finish, result=result)
 
@@ -222,6 +224,19 @@ def _add_span(spans: list[Span], kind: str, data: bytes, winner: str | None) -> 
         spans[-1].text += data  # type: ignore[operator]
     else:
         spans.append(Span(kind, data, winner))  # type: ignore[arg-type]
+
+
+def _cut_spans(spans: list[Span], length: int) -> list[Span]:
+    out, used = [], 0
+    for s in spans:
+        data = s.text if isinstance(s.text, bytes) else s.text.encode()
+        if used >= length and data:
+            break
+        if used + len(data) > length:
+            s.text = data[: length - used]
+        used += len(data)
+        out.append(s)
+    return out
 
 
 def _finish_spans(spans: list[Span]) -> list[Span]:

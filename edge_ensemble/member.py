@@ -3,28 +3,68 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from .alignment import TokenTrack
 from .decisions import EOG, Key, softmax, top_k
+from .errors import IncompatibleMembersError
 from .runtime import Model, common_prefix_len
 
 
-@dataclass
-class Dist:
-    """One member's next-token distribution at one position, summarised for the decisions."""
+def _exact_piece_ids(model: Model) -> dict[bytes, int]:
+    """bytes -> the token whose piece is exactly those bytes (the first such id), for text tokens."""
+    table: dict[bytes, int] = {}
+    for tid, piece in enumerate(model.token_bytes):
+        if piece and piece not in table:
+            table[piece] = tid
+    return table
 
-    probs: np.ndarray  # full-vocabulary probabilities (float64)
-    top_ids: np.ndarray
-    top_probs: np.ndarray
-    argmax: int
+
+class Dist:
+    """One member's next-token distribution at one position.
+
+    Cheap by default: the argmax and its probability come from one pass over the logits (float32); the full
+    probabilities and the top-k are computed only if a decision reads them (verified positions), because a
+    float64 softmax + top-k over 152k-262k entries per drafted token would be most of the Python time."""
+
+    def __init__(self, logits: np.ndarray, k: int, temperature: float = 1.0) -> None:
+        self.logits = np.array(logits, dtype=np.float32, copy=True)  # the caller's row is a reused buffer
+        if temperature > 0 and temperature != 1.0:
+            self.logits /= np.float32(temperature)
+        self.k = k
+        self.argmax = int(np.argmax(self.logits))
+        self._probs: np.ndarray | None = None
+        self._top: tuple[np.ndarray, np.ndarray] | None = None
+        self.proposal: np.ndarray | None = None  # filtered probabilities a sampled token was drawn from
 
     @property
     def top1(self) -> float:
-        return float(self.top_probs[0])
+        """Probability of the most likely token: 1 / sum(exp(l - max))."""
+        if self._probs is not None:
+            return float(self._probs[self.argmax])
+        m = self.logits[self.argmax]
+        return float(1.0 / np.exp(self.logits - m).sum(dtype=np.float64))
+
+    @property
+    def probs(self) -> np.ndarray:
+        if self._probs is None:
+            self._probs = softmax(self.logits)
+        return self._probs
+
+    @property
+    def top_ids(self) -> np.ndarray:
+        return self._topk()[0]
+
+    @property
+    def top_probs(self) -> np.ndarray:
+        return self._topk()[1]
+
+    def _topk(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._top is None:
+            self._top = top_k(self.probs, self.k)
+        return self._top
 
 
 class Member:
@@ -41,6 +81,7 @@ class Member:
         self.decode_calls = 0
         self.decoded_tokens = 0
         self._first_token_cache: dict[bytes, int] = {}
+        self._exact = _exact_piece_ids(model)
         self._eog = model.eog_ids
         self._eog_mask = np.zeros(model.n_vocab, dtype=bool)
         self._eog_mask[self._eog] = True
@@ -50,6 +91,24 @@ class Member:
     # -- text --------------------------------------------------------------------------------------------
 
     def _tokenize_text(self, data: bytes) -> list[int]:
+        return self.tokens_for(data)
+
+    def tokens_for(self, data: bytes) -> list[int]:
+        """This member's tokens for a piece of generated text, exact for any bytes.
+
+        llama.cpp's tokenizer turns invalid UTF-8 (a character split between tokens, a stray byte) into
+        U+FFFD; such bytes are mapped to the member's own single-byte tokens instead."""
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            head, bad, rest = data[: err.start], data[err.start : err.end], data[err.end :]
+            out = self.model.tokenize(head, add_bos=False, special=False) if head else []
+            for byte in bad:
+                tok = self._exact.get(bytes([byte]))
+                if tok is None:
+                    raise IncompatibleMembersError(f"{self.name} has no token for the byte {byte:#04x}") from None
+                out.append(tok)
+            return out + (self.tokens_for(rest) if rest else [])
         return self.model.tokenize(data, add_bos=False, special=False)
 
     def key_of(self, token: int) -> Key:
@@ -57,10 +116,14 @@ class Member:
         return EOG if self._eog_mask[token] else self._bytes[token]
 
     def first_token(self, data: bytes) -> int:
-        """First token of this member's tokenization of ``data`` (UniTE's rule for missing candidates)."""
+        """First token of this member's tokenization of ``data`` (UniTE's rule for missing candidates);
+        a piece that is exactly one of its tokens maps to that token."""
+        tok = self._exact.get(data)
+        if tok is not None:
+            return tok
         tok = self._first_token_cache.get(data)
         if tok is None:
-            toks = self._tokenize_text(data)
+            toks = self.tokens_for(data)
             tok = toks[0] if toks else -1
             self._first_token_cache[data] = tok
         return tok
@@ -76,10 +139,8 @@ class Member:
         return self.key_of(dist.argmax)
 
     def dist(self, logits: np.ndarray, temperature: float = 1.0) -> Dist:
-        """Summarise one row of logits (softmax over the vocabulary, vectorised; top-k by argpartition)."""
-        probs = softmax(logits, temperature if temperature > 0 else 1.0)
-        ids, p = top_k(probs, self.k)
-        return Dist(probs=probs, top_ids=ids, top_probs=p, argmax=int(ids[0]))
+        """Summarise one row of logits (copied: llama.cpp reuses the buffer)."""
+        return Dist(logits, self.k, temperature)
 
     def top_keys(self, dist: Dist) -> dict[Key, float]:
         """Top-k candidates as {key: probability}; EOG tokens pooled; empty control pieces dropped."""

@@ -417,14 +417,27 @@ class Model:
 
     def trim(self, n: int, seq: int = 0) -> None:
         """Keep only the first ``n`` tokens of ``seq`` in the cache (roll back the rest)."""
-        have = len(self._seq_tokens[seq])
-        if n >= have:
-            return
         if n < 0:
             raise ValueError(f"trim length must be >= 0, got {n}")
+        if n >= len(self._seq_tokens[seq]) and self.cached_len(seq) <= n:
+            return
+        # Always ask llama.cpp, even when the token list says there is nothing to drop: an interrupted
+        # decode (Ctrl-C) may have left cells the list does not know about.
         if not L.llama_memory_seq_rm(self._memory, seq, n, -1):
             raise ModelLoadError(f"{self.name}: llama.cpp refused to roll back the KV cache to {n} tokens")
         del self._seq_tokens[seq][n:]
+
+    def cached_len(self, seq: int = 0) -> int:
+        """Number of positions llama.cpp really holds for ``seq`` (max position + 1)."""
+        return int(L.llama_memory_seq_pos_max(self._memory, seq)) + 1
+
+    def reconcile(self, seq: int = 0) -> None:
+        """Make the token list and the KV cache agree again after an interrupted call (keep the shorter)."""
+        cached, listed = self.cached_len(seq), len(self._seq_tokens[seq])
+        if cached != listed:
+            keep = min(cached, listed)
+            L.llama_memory_seq_rm(self._memory, seq, keep, -1)
+            del self._seq_tokens[seq][keep:]
 
     def fork(self, src: int, dst: int) -> None:
         """Make sequence ``dst`` a copy of ``src`` (shared cells in the unified cache)."""

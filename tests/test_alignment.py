@@ -105,3 +105,26 @@ def test_complete_utf8_len():
     assert complete_utf8_len(s[:-1]) == len("a日".encode())
     assert complete_utf8_len(s[:2]) == 1
     assert complete_utf8_len(b"") == 0
+
+
+def test_partial_and_invalid_utf8_never_become_replacement_characters(tokenizers):
+    """llama.cpp tokenizes invalid UTF-8 as U+FFFD; members map such bytes to their own byte tokens."""
+    from edge_ensemble.member import Member
+
+    for name in ("qwen", "smollm2", "gemma"):
+        model = tokenizers[name]
+        member = Member.__new__(Member)  # only the text helpers are needed: no context, no decoding
+        member.model, member.name = model, name
+        from edge_ensemble.member import _exact_piece_ids
+
+        member._exact = _exact_piece_ids(model)
+        member._first_token_cache = {}
+        lead = "你".encode()[:1]
+        toks = member.tokens_for(lead)
+        assert b"".join(model.token_bytes[t] for t in toks) == lead
+        assert model.token_bytes[member.first_token(lead)] == lead
+        # a stray lead byte followed by ASCII: the text stays exact, no exception
+        track = TokenTrack(member.tokens_for, model.token_bytes)
+        track.extend("Answer: 你".encode()[:-1])
+        track.extend(b" the end")
+        assert b"".join(model.token_bytes[t] for t in track.tokens) == track.text

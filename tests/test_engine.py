@@ -152,3 +152,19 @@ def test_max_tokens_stop_strings_and_context_exhaustion(tiny_bpe, tiny_spm):
     with Ensemble([tiny_bpe, tiny_spm], config=EnsembleConfig(n_ctx=256, check_memory=False)) as ens:
         r = ens.generate("Count", max_tokens=5000)
         assert r.finish_reason == "length" and 100 < r.stats.tokens < 256
+
+
+def test_api_refuses_bad_values_with_one_line(tiny_bpe):
+    from edge_ensemble.errors import UsageError
+
+    for bad in ({"draft_len": 2.5}, {"top_k": 0}, {"n_ctx": 4096.0}, {"weights": (float("nan"),)}, {"gate": 1.5}):
+        with pytest.raises(UsageError):
+            Ensemble([tiny_bpe], config=_cfg(), **bad)
+    with Ensemble([tiny_bpe], config=_cfg()) as ens:
+        for kwargs in ({"messages": ["hi"]}, {"stop": [1]}, {"seed": 1.5}, {"max_tokens": 0}, {"temperature": -1}):
+            args = {} if "messages" in kwargs else {"prompt": "hi"}
+            with pytest.raises(UsageError) as err:
+                ens.generate(**args, **kwargs)
+            assert "\n" not in str(err.value)
+        r = ens.generate("hi", max_tokens=30, stop="###")  # a plain string is one stop string, not three
+        assert r.finish_reason in ("stop", "length")

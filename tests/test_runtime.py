@@ -183,3 +183,23 @@ def test_metadata_chat_template_and_eog(tiny_bpe, tiny_spm):
     assert spm.render_chat([{"role": "user", "content": "hi"}]).endswith("Assistant:\n")  # plain fallback
     bpe.close()
     spm.close()
+
+
+def test_reconcile_after_an_interrupted_decode(tiny_bpe):
+    """Ctrl-C can land between llama_decode and the token-list update: the next use must repair it."""
+    model = Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1))
+    tokens = list(range(60, 80))
+    model.decode(tokens)
+    del model._seq_tokens[0][-3:]  # the list lost the last 3 tokens the cache still holds
+    assert model.cached_len() == 20 and model.n_past() == 17
+    model.reconcile()
+    assert model.cached_len() == model.n_past() == 17
+    again = model.decode(tokens[17:]).copy()
+    fresh = Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1))
+    np.testing.assert_allclose(again, fresh.decode(tokens), atol=1e-4)
+    model.trim(10)
+    model._seq_tokens[0].extend([1, 2])  # the other way round: the list is longer than the cache
+    model.reconcile()
+    assert model.cached_len() == model.n_past() == 10
+    model.close()
+    fresh.close()

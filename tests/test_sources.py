@@ -418,8 +418,10 @@ def hub(monkeypatch: pytest.MonkeyPatch):
     pytest.importorskip("huggingface_hub")
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        pytest.skip("HF_HUB_OFFLINE is set")
+    # huggingface-hub freezes HF_HUB_OFFLINE at import time (another test may have imported it offline);
+    # these tests talk to a loopback server, never the real hub, so offline mode is lifted for them.
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     with FakeHub() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         yield server

@@ -7,7 +7,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, sharpen_prefix_mass, union_distribution
+from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
 from ..member import Dist, Member
 
 
@@ -37,7 +37,7 @@ class PolicyConfig:
     weights: tuple[float, ...] | None = None  # per member; None = equal
     # A verifier "agrees" with a drafted token within this relative margin of its own top probability:
     # batched verification and one-token drafting differ numerically, so exact near-ties can flip.
-    tie_tolerance: float = 0.2
+    tie_tolerance: float = 0.1
 
 
 @dataclass
@@ -88,22 +88,29 @@ class PolicyBase:
         return keys, p, q
 
     def ensemble_choice(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[Key, str]:
-        """Pick the ensembled candidate and the member whose candidate it was (highest own probability)."""
+        """Pick the ensembled candidate and the member whose candidate it was (highest own probability).
+        Sampling applies top-k / top-p to the union distribution."""
         keys, p, q = self.union(dists, sharpen)
         if not keys:  # every member proposed only empty control tokens: end the answer
             return EOG, self.members[0].name
+        if not self.sampling.greedy:
+            p = filter_probs(p, self.sampling.top_k, self.sampling.top_p)
         i = choose(keys, p, None if self.sampling.greedy else self.rng)
         winner = self.members[int(np.argmax(q[:, i]))].name
         return keys[i], winner
 
+    @property
+    def temperature(self) -> float:
+        """Temperature every member's distribution is taken at (1 when greedy)."""
+        return 1.0 if self.sampling.greedy else self.sampling.temperature
+
     def pick(self, member: Member, logits: np.ndarray | None, dist: Dist | None = None) -> tuple[int, Dist]:
-        """The drafter's own choice at one position (greedy or sampled) and its distribution."""
+        """A member's own choice at one position (greedy, or sampled after top-k / top-p) and its
+        distribution; when sampling, ``dist.proposal`` holds the probabilities the choice was drawn from."""
         s = self.sampling
         if dist is None:
-            dist = member.dist(logits, s.temperature if not s.greedy else 1.0)
+            dist = member.dist(logits, self.temperature)
         if s.greedy:
             return dist.argmax, dist
-        from ..decisions import filter_probs
-
-        probs = filter_probs(dist.probs, s.top_k, s.top_p)
-        return int(self.rng.choice(probs.size, p=probs)), dist
+        dist.proposal = filter_probs(dist.probs, s.top_k, s.top_p)
+        return int(self.rng.choice(dist.proposal.size, p=dist.proposal)), dist

@@ -4,6 +4,7 @@ measure that."""
 
 from __future__ import annotations
 
+from ..alignment import complete_utf8_len
 from ..decisions import EOG
 from .base import ContextFull, Piece, PolicyBase
 
@@ -24,11 +25,20 @@ class EveryTokenPolicy(PolicyBase):
             if len(target) >= m.model.n_ctx:
                 raise ContextFull
             row = len(target) - 1
-            dists.append(m.dist(m.feed(target, rows=[row])[row]))
-        self.stats.verification_calls += len(self.members) - 1
+            dists.append(m.dist(m.feed(target, rows=[row])[row], self.temperature))
         primary = self.members[0]
         own_tok, _ = self.pick(primary, None, dist=dists[0])
         own_key = primary.key_of(own_tok)
+        if any(len(m.track.text) != complete_utf8_len(m.track.text) for m in self.members[1:]):
+            # The text ends inside a UTF-8 character: the others cannot be asked mid-character (their
+            # tokenization stops before it), so the primary finishes the character alone.
+            if own_key == EOG:
+                return [Piece(b"", "draft", end=True)]
+            self.p_tokens.append(own_tok)
+            for m in self.members[1:]:
+                m.track.extend(own_key)  # type: ignore[arg-type]
+            return [Piece(own_key, "draft")]  # type: ignore[arg-type]
+        self.stats.verification_calls += len(self.members) - 1
         key, winner = self.ensemble_choice(dists, sharpen=False)  # plain UniTE: no SAFE sharpening
         self.stats.ensembled += 1
         if key != own_key:
@@ -38,7 +48,7 @@ class EveryTokenPolicy(PolicyBase):
         if key == own_key:
             self.p_tokens.append(own_tok)
         else:
-            self.p_tokens.extend(primary.model.tokenize(key, add_bos=False, special=False))  # type: ignore[arg-type]
+            self.p_tokens.extend(primary.tokens_for(key))  # type: ignore[arg-type]
         for m in self.members[1:]:
             m.track.extend(key)  # type: ignore[arg-type]
         return [Piece(key, "ensemble", winner)]  # type: ignore[arg-type]

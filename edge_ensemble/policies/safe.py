@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..alignment import is_boundary, token_ending_at
-from ..decisions import EOG, consensus, entropy, speculative_accept_probability
+from ..decisions import EOG, consensus, entropy, filter_probs, speculative_accept_probability
 from .base import ContextFull, Piece, PolicyBase
 
 
@@ -129,7 +129,7 @@ class SafePolicy(PolicyBase):
             if len(target) >= v.model.n_ctx:
                 raise ContextFull
             logits = v.feed(target, rows=sorted(set(rows.values())))
-            vdists.append({j: v.dist(logits[r]) for j, r in rows.items()})
+            vdists.append({j: v.dist(logits[r], self.temperature) for j, r in rows.items()})
             self.stats.verification_calls += 1
         self.stats.verified_positions += len(checkable)
 
@@ -146,7 +146,7 @@ class SafePolicy(PolicyBase):
                     continue
                 chosen, winner = self.ensemble_choice(all_dists)
             else:
-                chosen, winner = self._speculative(key, all_dists)
+                chosen, winner = self._speculative(key, drafts[j], all_dists)
                 if chosen is None:
                     continue
             self.stats.ensembled += 1
@@ -164,15 +164,22 @@ class SafePolicy(PolicyBase):
             return True
         return p_key >= (1.0 - self.config.tie_tolerance) * dist.top1
 
-    def _speculative(self, key, all_dists):
-        """Sampling form: accept the drafted key with prob min(1, P_ens/P_draft), else sample the residual."""
+    def _speculative(self, key, drafted: int, all_dists):
+        """Sampling form: accept the drafted key with probability min(1, P_ens / P_proposal), where
+        P_proposal is the probability the drafter really drew it with; otherwise sample from the residual
+        max(P_ens - P_proposal, 0) over the union, as speculative sampling does."""
+        d = self.drafter
         keys, p, q = self.union(all_dists)
+        p = filter_probs(p, self.sampling.top_k, self.sampling.top_p) if len(keys) else p
         if key not in keys:
             keys, p, q = keys + [key], np.append(p, 0.0), np.hstack([q, np.zeros((q.shape[0], 1))])
+        proposal = all_dists[0].proposal
+        prop = np.array([_proposal_of(d, proposal, k) for k in keys])
         i = keys.index(key)
-        if self.rng.random() < speculative_accept_probability(float(p[i]), float(q[0, i])):
+        p_prop = float(proposal[drafted]) if key != EOG else float(prop[i])
+        if self.rng.random() < speculative_accept_probability(float(p[i]), p_prop):
             return None, None
-        residual = np.maximum(p - q[0], 0.0)
+        residual = np.maximum(p - prop, 0.0)
         r = residual / residual.sum() if residual.sum() > 0 else p / p.sum()
         c = int(self.rng.choice(len(keys), p=r))
         return keys[c], self.members[int(np.argmax(q[:, c]))].name
@@ -196,10 +203,18 @@ class SafePolicy(PolicyBase):
                 pieces.append(Piece(b"", "ensemble", winner, end=True))
             else:
                 # The chosen string is fed to the drafter as its own tokens (maybe several).
-                self.d_tokens.extend(d.model.tokenize(chosen, add_bos=False, special=False))
+                self.d_tokens.extend(d.tokens_for(chosen))
                 pieces.append(Piece(chosen, "ensemble", winner))
                 new_text += chosen
         self.text_len += len(new_text)
         for v in self.verifiers:
             v.track.extend(new_text)  # cheap tail re-tokenization; the cache catches up lazily
         return pieces
+
+
+def _proposal_of(member, proposal: np.ndarray, key) -> float:
+    """The drafter's proposal probability of a union key (EOG pooled; bytes via its own first token)."""
+    if key == EOG:
+        return float(proposal[member.model.eog_ids].sum()) if member.model.eog_ids.size else 0.0
+    tok = member.first_token(key)
+    return float(proposal[tok]) if tok >= 0 else 0.0
