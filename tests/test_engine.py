@@ -168,3 +168,22 @@ def test_api_refuses_bad_values_with_one_line(tiny_bpe):
             assert "\n" not in str(err.value)
         r = ens.generate("hi", max_tokens=30, stop="###")  # a plain string is one stop string, not three
         assert r.finish_reason in ("stop", "length")
+
+
+def test_members_that_cannot_share_text_are_refused_with_the_reason(tmp_path, tiny_bpe):
+    """A SentencePiece tokenizer with a dummy space prefix turns "Hello" into " Hello": it cannot hold the
+    shared text byte for byte, so the ensemble refuses it (API and CLI), saying why."""
+    import tiny_gguf
+    from click.testing import CliRunner
+
+    from edge_ensemble.cli import cli
+    from edge_ensemble.errors import IncompatibleMembersError
+
+    prefixed = tiny_gguf.write_tiny_llama(tmp_path / "prefixed.gguf", vocab="spm", space_prefix=True)
+    with pytest.raises(IncompatibleMembersError, match="byte for byte"):
+        Ensemble([tiny_bpe, prefixed], config=_cfg())
+    result = CliRunner().invoke(cli, ["run", "-m", str(tiny_bpe), "-m", str(prefixed), "--threads", "1", "hi"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "byte for byte" in lines[0]
+    assert "Traceback" not in result.output

@@ -222,7 +222,7 @@ def _spm_vocab(n_merges: int = 300) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def _add_builtin_vocab(w: Any, vocab: str, chat_template: str | None) -> None:
+def _add_builtin_vocab(w: Any, vocab: str, chat_template: str | None, space_prefix: bool = False) -> None:
     """Write the ``tokenizer.*`` keys of the built-in "spm" or "bpe" vocabulary (and a chat template)."""
     if vocab == "spm":
         spm_tokens, spm_scores, token_types = _spm_vocab()
@@ -236,7 +236,7 @@ def _add_builtin_vocab(w: Any, vocab: str, chat_template: str | None) -> None:
         w.add_eos_token_id(2)
         w.add_add_bos_token(True)
         w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)
+        w.add_add_space_prefix(space_prefix)  # True: a llama-2-style "dummy prefix" tokenizer
     else:
         bpe_tokens, token_types, bpe_merges = _bpe_vocab()
         eot = bpe_tokens.index("<|endoftext|>")
@@ -433,6 +433,7 @@ def write_tiny_llama(
     borrow_tokenizer_from: os.PathLike[str] | str | None = None,
     share: float = 0.0,
     name: str | None = None,
+    space_prefix: bool = False,
 ) -> Path:
     """Write a random-weight llama-architecture GGUF model to ``path`` (atomically) and return the path.
 
@@ -507,7 +508,7 @@ def write_tiny_llama(
         if chat_template is not None:
             w.add_chat_template(chat_template)
     else:
-        _add_builtin_vocab(w, vocab, chat_template)
+        _add_builtin_vocab(w, vocab, chat_template, space_prefix)
 
     if vocab == "bpe" and borrowed is None:
         low_bytes = [b for b in range(256) if b < 0x20 or b >= 0x7F]  # byte symbol b has id b
