@@ -171,7 +171,7 @@ class Ensemble:
         from .sources import Catalog
 
         catalog = Catalog.load()
-        preset = catalog.preset(name or catalog.default_preset)
+        preset = catalog.preset(name) if name else catalog.default_preset
         return cls(list(preset.members), **kwargs)  # type: ignore[arg-type]
 
     @staticmethod
