@@ -128,3 +128,24 @@ def test_partial_and_invalid_utf8_never_become_replacement_characters(tokenizers
         track.extend("Answer: 你".encode()[:-1])
         track.extend(b" the end")
         assert b"".join(model.token_bytes[t] for t in track.tokens) == track.text
+
+
+@pytest.mark.parametrize("name", ["qwen", "gemma"])
+def test_incremental_tokenization_work_stays_flat_as_the_text_grows(tokenizers, name):
+    """No whole-text re-tokenization per step: the bytes handed to the tokenizer per extend() do not grow
+    with the length of the text (checked by counting, not timing)."""
+    model = tokenizers[name]
+    sizes: list[int] = []
+
+    def counting(data: bytes) -> list[int]:
+        sizes.append(len(data))
+        return model.tokenize(data, add_bos=False, special=False)
+
+    track = TokenTrack(counting, model.token_bytes)
+    rng = random.Random(7)
+    words = ["the", "answer", "is", "42", "because", "日本", "🚀", "x**2", "\n", "  ", "def", "f(x):"]
+    for _ in range(3000):
+        track.extend((" " + rng.choice(words)).encode())
+    assert len(track.text) > 12000
+    early, late = max(sizes[100:600]), max(sizes[-500:])
+    assert late <= max(2 * early, 64), (early, late)
