@@ -153,8 +153,10 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--profile", action="store_true", help="cProfile the gated SAFE runs")
-    p.add_argument("--out", default="benchmarks/results/speed-tiny")
-    run(p.parse_args())
+    p.add_argument("--out", default=None, help="output path without suffix [default: benchmarks/results/speed-<preset>]")
+    args = p.parse_args()
+    args.out = args.out or f"benchmarks/results/speed-{args.preset}"
+    run(args)
 
 
 if __name__ == "__main__":
