@@ -454,21 +454,9 @@ class Model:
             L.llama_memory_seq_rm(self._memory, s, -1, -1)
             self._seq_tokens[s] = []
 
-    def sync_to(self, target: Sequence[int], seq: int = 0, *, want: str | Sequence[int] | None = "last") -> np.ndarray:
-        """Make ``seq`` hold exactly ``target``: keep the common prefix, trim, feed the rest in one decode.
 
-        ``want`` indexes into the *fed* suffix. If nothing needs feeding but logits are wanted, the last
-        token is re-fed (trim by one) so its logits are fresh.
-        """
-        have = self._seq_tokens[seq]
-        common = _common_prefix_len(have, target)
-        if common == len(target) and want is not None and len(target) > 0:
-            common -= 1
-        self.trim(common, seq)
-        return self.decode(target[common:], want=want, seq=seq)
-
-
-def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
     if n == 0:
         return 0
@@ -476,11 +464,6 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     y = np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    return _common_prefix_len(a, b)
 
 
 def available_memory_bytes() -> int | None:

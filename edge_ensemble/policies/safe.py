@@ -97,8 +97,7 @@ class SafePolicy(PolicyBase):
             if d.model.is_eog(tok) or (gate.enabled and not self._confident(dist)):
                 return drafts, dists
             logits = d.decode_one(tok)
-        self._after_draft = logits.copy()  # valid if the whole draft is accepted
-        self.pending = self._after_draft
+        self.pending = logits.copy()  # the next position's logits, valid if the whole draft is accepted
         return drafts, dists
 
     def _confident(self, dist) -> bool:
