@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from edge_ensemble.errors import EdgeEnsembleError
-from edge_ensemble.eval.report import load_records, plot_accuracy_vs_speed, summarize, summary_markdown
+from edge_ensemble.eval.report import load_records, write_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,22 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         paths = sorted(args.results.glob("*.jsonl"))
         if not paths:
             raise EdgeEnsembleError(f"no *.jsonl files in {args.results}; run `edge-ensemble eval` first")
-        summaries = summarize(load_records(paths))
-        table = summary_markdown(summaries)
         md = args.md or args.results / "eval_report.md"
-        sources = ", ".join(p.name for p in paths)
-        md.write_text(
-            "# Evaluation\n\n"
-            f"From {sources}. Accuracy with a 95% Wilson interval; tok/s = total generated tokens / total "
-            "generation seconds; E/T = share of generated tokens that were ensembled (token-weighted).\n\n"
-            + table,
-            encoding="utf-8",
-        )
-        print(table, end="")
-        print(f"wrote {md}", file=sys.stderr)
-        if not args.no_plot:
-            png = plot_accuracy_vs_speed(summaries, args.png or args.results / "eval_report.png")
-            print(f"wrote {png}", file=sys.stderr)
+        png = None if args.no_plot else (args.png or args.results / "eval_report.png")
+        write_report(load_records(paths), md, png, sources=", ".join(p.name for p in paths))
+        print(md.read_text(encoding="utf-8"), end="")
+        print(f"wrote {md}" + (f" and {png}" if png else ""), file=sys.stderr)
     except EdgeEnsembleError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

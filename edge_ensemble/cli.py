@@ -715,8 +715,8 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, E/T) and OUT/summary.png.
     """
     from .eval.configs import build_configs
-    from .eval.report import write_report
-    from .eval.runner import read_records, results_path, run_eval
+    from .eval.report import load_records, write_report
+    from .eval.runner import results_path, run_eval
     from .eval.tasks import get_task
 
     task_obj = get_task(task)
@@ -735,7 +735,8 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     finally:
         for e in ensembles:
             e.close()
-    records = [r for p in sorted(out.glob("*.jsonl")) for r in read_records(p)]
-    write_report(records, out / "summary.md", None if no_plot else out / "summary.png")
+    paths = sorted(out.glob("*.jsonl"))
+    write_report(load_records(paths), out / "summary.md", None if no_plot else out / "summary.png",
+                 sources=", ".join(p.name for p in paths))
     click.echo((out / "summary.md").read_text())
     click.echo(f"records: {results_path(out, task)}", err=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -12,7 +13,14 @@ import pytest
 
 from edge_ensemble.errors import EdgeEnsembleError
 from edge_ensemble.eval import tasks
-from edge_ensemble.eval.report import load_records, plot_accuracy_vs_speed, summarize, summary_markdown
+from edge_ensemble.eval.report import (
+    load_records,
+    paired_comparisons,
+    plot_accuracy_vs_speed,
+    report_markdown,
+    summarize,
+    summary_markdown,
+)
 from edge_ensemble.eval.runner import read_records, run_eval
 from edge_ensemble.eval.sandbox import run_humaneval_sample
 
@@ -189,6 +197,18 @@ def test_resume_regenerates_only_missing_records(gsm8k_configs: list[CannedConfi
     assert sum(c.calls for c in gsm8k_configs) == 5
 
 
+def test_resume_refuses_another_protocol(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, max_tokens=64, progress=False)
+    before = path.read_text()
+    with pytest.raises(EdgeEnsembleError, match="--max-tokens 64; this run uses version 1 and 128"):
+        run_eval("gsm8k", gsm8k_configs, tmp_path, limit=3, max_tokens=128, progress=False)
+    # Another prompt version is refused as well (records without a version count as version 1).
+    newer = dataclasses.replace(tasks.get_task("gsm8k"), prompt_version=2)
+    with pytest.raises(EdgeEnsembleError, match="prompt version 1 .* uses version 2 and 64"):
+        run_eval(newer, gsm8k_configs, tmp_path, limit=3, max_tokens=64, progress=False)
+    assert path.read_text() == before
+
+
 def test_progress_bar_on_stderr(gsm8k_configs: list[CannedConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, progress=True)
     err = capsys.readouterr().err
@@ -228,8 +248,8 @@ def test_report_markdown_and_png(gsm8k_configs: list[CannedConfig], tmp_path: Pa
     assert summaries[0].tokens_per_second == pytest.approx(20.0)
 
     md = summary_markdown(summaries)
-    assert "| gsm8k | solo | 5 | 100.0% (5/5) | 56.6–100.0% | 20.0 | 0.00 |" in md
-    assert "| gsm8k | safe | 5 | 40.0% (2/5) | 11.8–76.9% | 20.0 | 0.25 |" in md
+    assert "| gsm8k | solo | 5 | 100.0% (5/5) | 56.6–100.0% | 20.0 | 0.00 | 0% |" in md
+    assert "| gsm8k | safe | 5 | 40.0% (2/5) | 11.8–76.9% | 20.0 | 0.25 | 0% |" in md
 
     png = plot_accuracy_vs_speed(summaries, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -248,3 +268,33 @@ def test_make_eval_report_script(gsm8k_configs: list[CannedConfig], tmp_path: Pa
     assert "100.0% (5/5)" in (tmp_path / "eval_report.md").read_text()
     assert (tmp_path / "eval_report.png").read_bytes()[:4] == b"\x89PNG"
     assert module.main(["--results", str(tmp_path / "empty")]) == 1
+
+
+def _record(config: str, item: int, correct: bool, tokens: int = 10, max_tokens: int = 10) -> dict[str, Any]:
+    return {"task": "gsm8k", "item": item, "config": config, "correct": correct, "tokens": tokens,
+            "seconds": 1.0, "ensembled_fraction": 0.0, "max_tokens": max_tokens}
+
+
+def test_token_limit_share_and_paired_comparison() -> None:
+    # The member alone is right on items 0-3, the ensemble on 2-9: 6 items only the ensemble got, 2 only the member.
+    records = [_record("single:a", i, i < 4, tokens=10 if i < 3 else 7) for i in range(10)]
+    records += [_record("safe", i, i >= 2, tokens=5) for i in range(10)]
+    member, ensemble = summarize(records)
+    assert member.at_limit == pytest.approx(0.3)
+    assert ensemble.at_limit == 0.0
+
+    [paired] = paired_comparisons(records)
+    assert (paired.config, paired.baseline, paired.n) == ("safe", "single:a", 10)
+    assert (paired.only_config, paired.only_baseline) == (6, 2)
+    assert paired.p_value == pytest.approx(2 * (1 + 8 + 28) / 256)
+
+    text = report_markdown(records, sources="gsm8k.jsonl")
+    assert "| gsm8k | single:a | 10 | 40.0% (4/10) |" in text
+    assert "| gsm8k | safe | a | 10 | 6 | 2 | 0.29 |" in text
+
+
+def test_paired_comparison_uses_only_shared_items() -> None:
+    # A resumed run can leave one configuration ahead of another: compare on the items both have.
+    records = [_record("single:a", i, True) for i in range(3)] + [_record("every-token", i, False) for i in range(5)]
+    [paired] = paired_comparisons(records)
+    assert (paired.n, paired.only_config, paired.only_baseline) == (3, 0, 3)

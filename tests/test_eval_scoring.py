@@ -15,6 +15,7 @@ from edge_ensemble.eval.scoring import (
     math_equal,
     normalize_math_answer,
     normalize_number,
+    mcnemar_exact,
     wilson_interval,
 )
 from edge_ensemble.eval.tasks import get_task
@@ -197,3 +198,13 @@ def test_wilson_interval_known_values() -> None:
     assert wilson_interval(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
+
+
+def test_mcnemar_exact_known_values() -> None:
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(10, 0) == pytest.approx(2 / 1024)  # ten discordant items, all one way
+    assert mcnemar_exact(6, 2) == pytest.approx(2 * (1 + 8 + 28) / 256)
+    assert mcnemar_exact(2, 6) == mcnemar_exact(6, 2)  # symmetric
+    assert mcnemar_exact(5, 5) == 1.0  # capped: an even split is no evidence either way
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 3)

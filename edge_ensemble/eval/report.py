@@ -10,7 +10,7 @@ from typing import Any
 
 from edge_ensemble.errors import EdgeEnsembleError
 from edge_ensemble.eval.runner import read_records
-from edge_ensemble.eval.scoring import wilson_interval
+from edge_ensemble.eval.scoring import mcnemar_exact, wilson_interval
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,20 @@ class Summary:
     ci_high: float
     tokens_per_second: float | None  # total tokens / total seconds
     ensembled_fraction: float | None  # token-weighted mean of the per-answer E/T
+    at_limit: float | None = None  # share of answers that used the whole token budget (likely cut off)
+
+
+@dataclass(frozen=True)
+class Paired:
+    """An ensemble configuration against one member alone on the items both answered."""
+
+    task: str
+    config: str
+    baseline: str
+    n: int
+    only_config: int  # items the ensemble got right and the member alone wrong
+    only_baseline: int  # the reverse
+    p_value: float  # exact McNemar, two-sided
 
 
 def load_records(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]]:
@@ -52,6 +66,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
         weighted = [(r["ensembled_fraction"], int(r.get("tokens") or 0)) for r in rows
                     if r.get("ensembled_fraction") is not None]
         weight = sum(t for _, t in weighted)
+        budgeted = [r for r in rows if r.get("max_tokens")]
         summaries.append(Summary(
             task=task,
             config=config,
@@ -62,22 +77,61 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
             ci_high=high,
             tokens_per_second=tokens / seconds if seconds > 0 else None,
             ensembled_fraction=sum(f * t for f, t in weighted) / weight if weight > 0 else None,
+            at_limit=(sum(int(r.get("tokens") or 0) >= int(r["max_tokens"]) for r in budgeted) / len(budgeted)
+                      if budgeted else None),
         ))
     return summaries
 
 
-def summary_markdown(summaries: Sequence[Summary]) -> str:
-    """A Markdown table: task, config, n, accuracy [95% Wilson interval], tokens/s, E/T."""
+def paired_comparisons(records: Iterable[dict[str, Any]]) -> list[Paired]:
+    """Each ensemble configuration against each ``single:`` configuration of the same task, item by item.
+
+    Overlapping confidence intervals of two accuracies say little when both ran on the same items; the paired
+    view counts the items where exactly one of the two was right and tests that split (exact McNemar).
+    """
+    outcome: dict[tuple[str, str], dict[Any, bool]] = {}
+    for record in records:
+        outcome.setdefault((record["task"], record["config"]), {})[record["item"]] = bool(record["correct"])
+    rows = []
+    for (task, config), results in outcome.items():
+        if config.startswith("single:"):
+            continue
+        for (other_task, baseline), base in outcome.items():
+            if other_task != task or not baseline.startswith("single:"):
+                continue
+            shared = results.keys() & base.keys()
+            only_config = sum(results[i] and not base[i] for i in shared)
+            only_baseline = sum(base[i] and not results[i] for i in shared)
+            rows.append(Paired(task, config, baseline, len(shared), only_config, only_baseline,
+                               mcnemar_exact(only_config, only_baseline)))
+    return rows
+
+
+def paired_markdown(rows: Sequence[Paired]) -> str:
+    """A Markdown table of :func:`paired_comparisons`."""
     lines = [
-        "| task | config | n | accuracy | 95% CI | tok/s | E/T |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| task | ensemble | vs member alone | items | only ensemble right | only member right | McNemar p |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.task} | {r.config} | {r.baseline.removeprefix('single:')} | {r.n} | "
+                     f"{r.only_config} | {r.only_baseline} | {r.p_value:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summaries: Sequence[Summary]) -> str:
+    """A Markdown table: task, config, n, accuracy [95% Wilson interval], tokens/s, E/T, share cut off."""
+    lines = [
+        "| task | config | n | accuracy | 95% CI | tok/s | E/T | at token limit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
         share = f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
+        limit = f"{100 * s.at_limit:.0f}%" if s.at_limit is not None else "–"
         lines.append(
             f"| {s.task} | {s.config} | {s.n} | {100 * s.accuracy:.1f}% ({s.correct}/{s.n}) | "
-            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {share} |"
+            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {share} | {limit} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -118,14 +172,35 @@ def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.Path
     return path
 
 
+def report_markdown(records: Iterable[dict[str, Any]], sources: str = "") -> str:
+    """The whole report: how to read it, the per-configuration table and the paired comparisons."""
+    records = list(records)
+    origin = f"From {sources}. " if sources else ""
+    text = (
+        "# Evaluation\n\n"
+        f"{origin}Accuracy with a 95% Wilson interval; tok/s = total generated tokens / total seconds "
+        "(prompt included); E/T = share of generated tokens that were ensembled (token-weighted); at token limit = "
+        "share of answers that used the whole token budget (probably cut off).\n\n"
+        + summary_markdown(summarize(records))
+    )
+    paired = paired_comparisons(records)
+    if paired:
+        text += (
+            "\nPaired, item by item (the intervals above overlap even when one configuration is consistently "
+            "better; this counts the items where exactly one of the two was right, exact McNemar test):\n\n"
+            + paired_markdown(paired)
+        )
+    return text
+
+
 def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[str],
-                 png_path: str | os.PathLike[str] | None = None) -> list[Summary]:
-    """Write the Markdown table (and the plot when ``png_path`` is given); return the summaries."""
-    summaries = summarize(records)
+                 png_path: str | os.PathLike[str] | None = None, sources: str = "") -> list[Summary]:
+    """Write :func:`report_markdown` (and the plot when ``png_path`` is given); return the summaries."""
+    records = list(records)
     md = Path(md_path)
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(summary_markdown(summaries), encoding="utf-8")
+    md.write_text(report_markdown(records, sources), encoding="utf-8")
+    summaries = summarize(records)
     if png_path is not None:
         plot_accuracy_vs_speed(summaries, png_path)
     return summaries
-

@@ -145,7 +145,9 @@ def run_eval(
     path = results_path(out_dir, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     _repair_tail(path)
-    done = {(r.get("item"), r.get("config")) for r in read_records(path) if r.get("task") == task.name}
+    earlier = [r for r in read_records(path) if r.get("task") == task.name]
+    _check_same_protocol(path, earlier, task, budget)
+    done = {(r.get("item"), r.get("config")) for r in earlier}
     todo = [(item, config) for item in items for config in configs if (item.id, config.name) not in done]
 
     bar = Progress(len(todo), task.name, enabled=progress)
@@ -162,6 +164,18 @@ def run_eval(
     finally:
         bar.close()
     return path
+
+
+def _check_same_protocol(path: Path, records: Sequence[dict[str, Any]], task: Task, budget: int) -> None:
+    """Refuse to resume a file made with another prompt or token budget: its numbers would not compare."""
+    for record in records:
+        version = record.get("prompt_version", 1)
+        if version != task.prompt_version or record.get("max_tokens", budget) != budget:
+            raise EdgeEnsembleError(
+                f"{path} holds {task.name} records made with prompt version {version} and --max-tokens "
+                f"{record.get('max_tokens')}; this run uses version {task.prompt_version} and {budget}: "
+                "pass another --out (or move the file away) so the two protocols are not mixed"
+            )
 
 
 def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) -> dict[str, Any]:
@@ -187,6 +201,7 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
         "ensembled_fraction": result.get("ensembled_fraction"),
         "max_tokens": max_tokens,
+        "prompt_version": task.prompt_version,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if detail:

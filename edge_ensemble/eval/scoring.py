@@ -355,3 +355,19 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     center = (p + z2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
     return max(0.0, center - half), min(1.0, center + half)
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value for paired right/wrong outcomes.
+
+    ``only_first`` counts items the first configuration got right and the second wrong, ``only_second`` the
+    reverse; items both got right (or both wrong) carry no information about which is better. Under the null
+    hypothesis the discordant items split like a fair coin, so this is a two-sided binomial test.
+    """
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"counts must be non-negative, got {only_first} and {only_second}")
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_first, only_second) + 1))
+    return min(1.0, 2 * tail / 2**n)

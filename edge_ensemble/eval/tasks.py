@@ -49,6 +49,8 @@ class Task:
     score: Callable[[Item, str | None], tuple[bool, str]]
     max_tokens: int
     dev_limit: int | None = None
+    # Bumped whenever the prompt or the scoring changes, so that a resumed run never mixes protocols.
+    prompt_version: int = 1
 
     def items(self, start: int = 0, limit: int | None = None) -> list[Item]:
         """Items ``start`` .. ``start + limit`` in dataset order; ``limit=None`` means the development slice size."""
@@ -142,8 +144,10 @@ def _arc_messages(item: Item) -> Messages:
     return [{
         "role": "user",
         "content": (
-            "Answer the following multiple-choice science question. Think it through briefly, then end "
-            "your response with \"The answer is (X)\", where X is the letter of the correct choice.\n\n"
+            # Answer first (the olmo-eval MC format also ends in "Answer:"): small models asked to reason
+            # first often ran out of budget before naming a letter, and reasoning made each item 5x dearer.
+            "Answer the following multiple-choice science question. Start your reply with \"The answer is "
+            "(X)\", where X is the letter of the correct choice, then give a one-sentence reason.\n\n"
             f"Question: {item.data['question']}\n{options}"
         ),
     }]
@@ -228,7 +232,8 @@ TASKS: dict[str, Task] = {
     for task in (
         Task("gsm8k", _gsm8k_items, _gsm8k_messages, lambda item, text: scoring.extract_gsm8k_answer(text),
              _gsm8k_score, max_tokens=512, dev_limit=200),
-        Task("arc-challenge", _arc_items, _arc_messages, _arc_extract, _arc_score, max_tokens=384, dev_limit=300),
+        Task("arc-challenge", _arc_items, _arc_messages, _arc_extract, _arc_score, max_tokens=32, dev_limit=300,
+             prompt_version=2),
         Task("math-500", _math_items, _math_messages, lambda item, text: scoring.extract_math_answer(text),
              _math_score, max_tokens=1024, dev_limit=100),
         Task("humaneval", _humaneval_items, _humaneval_messages, _humaneval_extract, _humaneval_score,
