@@ -237,6 +237,15 @@ class Ensemble:
         assert result is not None
         return result
 
+    def reset_cache(self) -> None:
+        """Forget every member's cached context, so the next answer pays for its whole prompt.
+
+        Answers normally reuse the cached prefix they share with the previous one (a chat's history, a
+        system prompt); benchmarks call this so that no configuration inherits another's prefill.
+        """
+        for m in self._members:
+            m.model.trim(0)
+
     def close(self) -> None:
         """Free every model. The ensemble cannot be used afterwards."""
         for m in self._members:

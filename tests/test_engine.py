@@ -187,3 +187,22 @@ def test_members_that_cannot_share_text_are_refused_with_the_reason(tmp_path, ti
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "byte for byte" in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_reset_cache_makes_the_next_answer_pay_its_whole_prompt(real_models):
+    path = real_models("smollm2-135m-instruct")
+    with Ensemble([path, path], config=_cfg(policy="safe", gate=0.5)) as ens:
+        first = ens.generate(messages=MATH, max_tokens=16)
+        drafter = ens._members[0]
+        prompt_len = len(drafter.prompt)
+
+        drafter.reset_timers()
+        again = ens.generate(messages=MATH, max_tokens=16)
+        assert drafter.decoded_tokens < prompt_len  # the cached prompt was reused
+
+        ens.reset_cache()
+        assert all(m.model.cached_len() == 0 for m in ens._members)
+        drafter.reset_timers()
+        fresh = ens.generate(messages=MATH, max_tokens=16)
+        assert drafter.decoded_tokens >= prompt_len  # prefilled from scratch
+    assert first.text == again.text == fresh.text

@@ -248,8 +248,8 @@ def test_report_markdown_and_png(gsm8k_configs: list[CannedConfig], tmp_path: Pa
     assert summaries[0].tokens_per_second == pytest.approx(20.0)
 
     md = summary_markdown(summaries)
-    assert "| gsm8k | solo | 5 | 100.0% (5/5) | 56.6–100.0% | 20.0 | 0.00 | 0% |" in md
-    assert "| gsm8k | safe | 5 | 40.0% (2/5) | 11.8–76.9% | 20.0 | 0.25 | 0% |" in md
+    assert "| gsm8k | solo | 5 | 100.0% (5/5) | 56.6–100.0% | 20.0 | 0.50 | 0.00 | 0% |" in md
+    assert "| gsm8k | safe | 5 | 40.0% (2/5) | 11.8–76.9% | 20.0 | 0.50 | 0.25 | 0% |" in md
 
     png = plot_accuracy_vs_speed(summaries, tmp_path / "plot.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -30,10 +30,14 @@ class EngineConfig:
 
     def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         self.ensemble.config = self.config
+        # The ensemble configurations share one loaded Ensemble: without this, the second and third
+        # would find the item's prompt already cached by the first and look faster than they are.
+        self.ensemble.reset_cache()
         result = self.ensemble.generate(messages=messages, max_tokens=max_tokens)
         s = result.stats
         return {"text": result.text, "tokens": s.tokens, "seconds": s.generation_seconds + s.prompt_seconds,
-                "ensembled_fraction": s.ensembled_fraction, "finish_reason": result.finish_reason}
+                "prompt_seconds": s.prompt_seconds, "ensembled_fraction": s.ensembled_fraction,
+                "finish_reason": result.finish_reason}
 
 
 def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig) -> tuple[list[EngineConfig], list[Ensemble]]:

@@ -26,6 +26,7 @@ class Summary:
     ci_high: float
     tokens_per_second: float | None  # total tokens / total seconds
     ensembled_fraction: float | None  # token-weighted mean of the per-answer E/T
+    seconds_per_answer: float | None = None  # mean seconds per answer, prompt included
     at_limit: float | None = None  # share of answers that used the whole token budget (likely cut off)
 
 
@@ -76,6 +77,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
             ci_low=low,
             ci_high=high,
             tokens_per_second=tokens / seconds if seconds > 0 else None,
+            seconds_per_answer=seconds / n,
             ensembled_fraction=sum(f * t for f, t in weighted) / weight if weight > 0 else None,
             at_limit=(sum(int(r.get("tokens") or 0) >= int(r["max_tokens"]) for r in budgeted) / len(budgeted)
                       if budgeted else None),
@@ -122,8 +124,8 @@ def paired_markdown(rows: Sequence[Paired]) -> str:
 def summary_markdown(summaries: Sequence[Summary]) -> str:
     """A Markdown table: task, config, n, accuracy [95% Wilson interval], tokens/s, E/T, share cut off."""
     lines = [
-        "| task | config | n | accuracy | 95% CI | tok/s | E/T | at token limit |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| task | config | n | accuracy | 95% CI | tok/s | s/answer | E/T | at token limit |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
@@ -131,7 +133,7 @@ def summary_markdown(summaries: Sequence[Summary]) -> str:
         limit = f"{100 * s.at_limit:.0f}%" if s.at_limit is not None else "–"
         lines.append(
             f"| {s.task} | {s.config} | {s.n} | {100 * s.accuracy:.1f}% ({s.correct}/{s.n}) | "
-            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {share} | {limit} |"
+            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {s.seconds_per_answer:.2f} | {share} | {limit} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -179,7 +181,7 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "") -> str
     text = (
         "# Evaluation\n\n"
         f"{origin}Accuracy with a 95% Wilson interval; tok/s = total generated tokens / total seconds "
-        "(prompt included); E/T = share of generated tokens that were ensembled (token-weighted); at token limit = "
+        "(prompt included); s/answer = mean seconds per answer (prompt included); E/T = share of generated tokens that were ensembled (token-weighted); at token limit = "
         "share of answers that used the whole token budget (probably cut off).\n\n"
         + summary_markdown(summarize(records))
     )

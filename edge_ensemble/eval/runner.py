@@ -197,13 +197,16 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "gold": item.gold,
         "correct": bool(correct),
         "tokens": tokens,
-        "seconds": round(seconds, 4),
+        "seconds": round(seconds, 4),  # prompt included
         "tokens_per_second": round(tokens / seconds, 3) if seconds > 0 else None,
         "ensembled_fraction": result.get("ensembled_fraction"),
         "max_tokens": max_tokens,
         "prompt_version": task.prompt_version,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    for optional in ("prompt_seconds", "finish_reason"):
+        if result.get(optional) is not None:
+            record[optional] = result[optional]
     if detail:
         record["detail"] = detail
     return record
