@@ -138,6 +138,28 @@ def summary_markdown(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def glance_markdown(summaries: Sequence[Summary]) -> str:
+    """One row per configuration, one column group per task: accuracy (k/n), tok/s, seconds per answer, E/T."""
+    tasks = list(dict.fromkeys(s.task for s in summaries))
+    configs = list(dict.fromkeys(s.config for s in summaries))
+    by_key = {(s.task, s.config): s for s in summaries}
+    header = "| config | " + " | ".join(f"{t} accuracy | tok/s | s/answer | E/T" for t in tasks) + " |"
+    lines = [header, "|---|" + "---:|---:|---:|---:|" * len(tasks)]
+    for config in configs:
+        cells = []
+        for task in tasks:
+            s = by_key.get((task, config))
+            if s is None:
+                cells += ["–"] * 4
+                continue
+            share = f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
+            speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
+            cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", speed, f"{s.seconds_per_answer:.2f}", share]
+        lines.append(f"| {config.removeprefix('single:')}{' alone' if config.startswith('single:') else ''} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.PathLike[str]) -> Path:
     """One panel per task: accuracy (with its 95% interval) against tokens/s, a labelled point per config."""
     try:
@@ -177,13 +199,14 @@ def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.Path
 def report_markdown(records: Iterable[dict[str, Any]], sources: str = "") -> str:
     """The whole report: how to read it, the per-configuration table and the paired comparisons."""
     records = list(records)
+    summaries = summarize(records)
     origin = f"From {sources}. " if sources else ""
     text = (
         "# Evaluation\n\n"
         f"{origin}Accuracy with a 95% Wilson interval; tok/s = total generated tokens / total seconds "
         "(prompt included); s/answer = mean seconds per answer (prompt included); E/T = share of generated tokens that were ensembled (token-weighted); at token limit = "
         "share of answers that used the whole token budget (probably cut off).\n\n"
-        + summary_markdown(summarize(records))
+        + glance_markdown(summaries) + "\n" + summary_markdown(summaries)
     )
     paired = paired_comparisons(records)
     if paired:
