@@ -290,7 +290,7 @@ def test_token_limit_share_and_paired_comparison() -> None:
 
     text = report_markdown(records, sources="gsm8k.jsonl")
     assert "| gsm8k | single:a | 10 | 40.0% (4/10) |" in text
-    assert "| a alone | 40.0% (4/10) | 9.0 | 1.00 | 0.00 |" in text  # the at-a-glance table
+    assert "| a alone | 40.0% (4/10) | 7.9 | 1.00 | 0.00 |" in text  # the at-a-glance table
     assert "| gsm8k | safe | a | 10 | 6 | 2 | 0.29 |" in text
 
 
