@@ -712,7 +712,8 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     """Score each member alone and the ensemble policies on TASK; resumable.
 
     Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
-    then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, E/T) and OUT/summary.png.
+    then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, seconds per answer, E/T, share of
+    answers stopped by the token budget, paired comparisons with each member alone) and OUT/summary.png.
     """
     from .eval.configs import build_configs
     from .eval.report import load_records, write_report

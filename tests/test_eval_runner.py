@@ -16,12 +16,13 @@ from edge_ensemble.eval import tasks
 from edge_ensemble.eval.report import (
     load_records,
     paired_comparisons,
+    paired_markdown,
     plot_accuracy_vs_speed,
     report_markdown,
     summarize,
     summary_markdown,
 )
-from edge_ensemble.eval.runner import read_records, run_eval
+from edge_ensemble.eval.runner import read_records, run_eval, share_records
 from edge_ensemble.eval.sandbox import run_humaneval_sample
 
 # ---------------------------------------------------------------- sandbox
@@ -200,13 +201,49 @@ def test_resume_regenerates_only_missing_records(gsm8k_configs: list[CannedConfi
 def test_resume_refuses_another_protocol(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
     path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, max_tokens=64, progress=False)
     before = path.read_text()
-    with pytest.raises(EdgeEnsembleError, match="--max-tokens 64; this run uses version 1 and 128"):
+    with pytest.raises(EdgeEnsembleError, match="--max-tokens 64; this run uses harness 2, prompt version 1, --max-tokens 128"):
         run_eval("gsm8k", gsm8k_configs, tmp_path, limit=3, max_tokens=128, progress=False)
-    # Another prompt version is refused as well (records without a version count as version 1).
     newer = dataclasses.replace(tasks.get_task("gsm8k"), prompt_version=2)
-    with pytest.raises(EdgeEnsembleError, match="prompt version 1 .* uses version 2 and 64"):
+    with pytest.raises(EdgeEnsembleError, match="prompt version 1, .* uses harness 2, prompt version 2,"):
         run_eval(newer, gsm8k_configs, tmp_path, limit=3, max_tokens=64, progress=False)
     assert path.read_text() == before
+    # Nothing left to do: a finished file is re-reported, not refused.
+    run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, max_tokens=128, progress=False)
+
+
+def test_records_from_before_the_versions_count_as_harness_1(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, max_tokens=64, progress=False)
+    old = [json.loads(line) for line in path.read_text().splitlines()]
+    for record in old:
+        del record["harness_version"], record["prompt_version"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    with pytest.raises(EdgeEnsembleError, match="made with harness 1, prompt version 1, --max-tokens 64"):
+        run_eval("gsm8k", gsm8k_configs, tmp_path, limit=3, max_tokens=64, progress=False)
+    for record in old:
+        del record["max_tokens"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    with pytest.raises(EdgeEnsembleError, match="--max-tokens unknown"):
+        run_eval("gsm8k", gsm8k_configs, tmp_path, limit=3, max_tokens=64, progress=False)
+
+
+def test_share_records_copies_one_config_once(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    source = run_eval("gsm8k", gsm8k_configs, tmp_path / "a", limit=4, progress=False)
+    dest = tmp_path / "b" / "gsm8k.jsonl"
+    assert share_records(source, dest, "gsm8k", "solo", limit=3) == 3
+    assert share_records(source, dest, "gsm8k", "solo", limit=4) == 1  # only what is missing
+    copied = read_records(dest)
+    assert [r["config"] for r in copied] == ["solo"] * 4
+    assert copied == [r for r in read_records(source) if r["config"] == "solo"]
+    # A half-written last line in the destination is dropped, not glued to the next record.
+    dest.write_text(dest.read_text() + '{"task": "gsm8k", "ite')
+    assert share_records(source, dest, "gsm8k", "solo") == 0
+    assert len(read_records(dest)) == 4 and dest.read_text().endswith("\n")
+
+    with pytest.raises(EdgeEnsembleError, match="no gsm8k records of nobody"):
+        share_records(source, dest, "gsm8k", "nobody")
+    other = run_eval("gsm8k", gsm8k_configs, tmp_path / "c", limit=2, max_tokens=99, progress=False)
+    with pytest.raises(EdgeEnsembleError, match="--max-tokens 99"):
+        share_records(source, other, "gsm8k", "solo")
 
 
 def test_progress_bar_on_stderr(gsm8k_configs: list[CannedConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -293,9 +330,37 @@ def test_token_limit_share_and_paired_comparison() -> None:
     assert "| a alone | 40.0% (4/10) | 7.9 | 1.00 | 0.00 |" in text  # the at-a-glance table
     assert "| gsm8k | safe | a | 10 | 6 | 2 | 0.29 |" in text
 
+    # finish_reason, when recorded, says whether the budget stopped the answer; p-values keep small digits.
+    stopped = [dict(r, finish_reason="stop") for r in records[:10]]
+    stopped += [_record("safe", i, i >= 0) for i in range(10)]
+    member, ensemble = summarize(stopped)
+    assert member.at_limit == 0.0
+    assert "| gsm8k | safe | a | 10 | 6 | 0 | 0.03 |" in report_markdown(stopped)
+
+    def split(n: int) -> str:  # n items only the ensemble got right
+        return paired_markdown(paired_comparisons(
+            [_record("single:a", i, False) for i in range(n)] + [_record("safe", i, True) for i in range(n)]))
+    assert "| 8 | 0 | 0.008 |" in split(8)
+    assert "| 12 | 0 | <0.001 |" in split(12)
+
 
 def test_paired_comparison_uses_only_shared_items() -> None:
     # A resumed run can leave one configuration ahead of another: compare on the items both have.
     records = [_record("single:a", i, True) for i in range(3)] + [_record("every-token", i, False) for i in range(5)]
     [paired] = paired_comparisons(records)
     assert (paired.n, paired.only_config, paired.only_baseline) == (3, 0, 3)
+
+
+def test_share_records_script(gsm8k_configs: list[CannedConfig], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    run_eval("gsm8k", gsm8k_configs, tmp_path / "a", limit=3, progress=False)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "share_records.py"
+    spec = importlib.util.spec_from_file_location("share_records", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    args = ["--task", "gsm8k", "--config", "safe", str(tmp_path / "a"), str(tmp_path / "b")]
+    assert module.main(args) == 0
+    assert "3 records of safe copied" in capsys.readouterr().out
+    assert module.main(args[:3] + ["nobody"] + args[4:]) == 1
+    assert capsys.readouterr().err.startswith("error: ")

@@ -27,7 +27,7 @@ class Summary:
     tokens_per_second: float | None  # total tokens / total seconds
     ensembled_fraction: float | None  # token-weighted mean of the per-answer E/T
     seconds_per_answer: float | None = None  # mean seconds per answer, prompt included
-    at_limit: float | None = None  # share of answers that used the whole token budget (likely cut off)
+    at_limit: float | None = None  # share of answers stopped by the token budget rather than by the model
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
         weighted = [(r["ensembled_fraction"], int(r.get("tokens") or 0)) for r in rows
                     if r.get("ensembled_fraction") is not None]
         weight = sum(t for _, t in weighted)
-        budgeted = [r for r in rows if r.get("max_tokens")]
+        budgeted = [r for r in rows if r.get("finish_reason") or r.get("max_tokens")]
         summaries.append(Summary(
             task=task,
             config=config,
@@ -79,10 +79,19 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
             tokens_per_second=tokens / seconds if seconds > 0 else None,
             seconds_per_answer=seconds / n,
             ensembled_fraction=sum(f * t for f, t in weighted) / weight if weight > 0 else None,
-            at_limit=(sum(int(r.get("tokens") or 0) >= int(r["max_tokens"]) for r in budgeted) / len(budgeted)
-                      if budgeted else None),
+            at_limit=sum(map(_stopped_by_budget, budgeted)) / len(budgeted) if budgeted else None,
         ))
     return summaries
+
+
+def _stopped_by_budget(record: dict[str, Any]) -> bool:
+    if record.get("finish_reason"):
+        return record["finish_reason"] == "length"
+    return int(record.get("tokens") or 0) >= int(record["max_tokens"])  # older records: used the whole budget
+
+
+def _p(value: float) -> str:
+    return "<0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
 
 
 def paired_comparisons(records: Iterable[dict[str, Any]]) -> list[Paired]:
@@ -117,7 +126,7 @@ def paired_markdown(rows: Sequence[Paired]) -> str:
     ]
     for r in rows:
         lines.append(f"| {r.task} | {r.config} | {r.baseline.removeprefix('single:')} | {r.n} | "
-                     f"{r.only_config} | {r.only_baseline} | {r.p_value:.2f} |")
+                     f"{r.only_config} | {r.only_baseline} | {_p(r.p_value)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -133,9 +142,13 @@ def summary_markdown(summaries: Sequence[Summary]) -> str:
         limit = f"{100 * s.at_limit:.0f}%" if s.at_limit is not None else "–"
         lines.append(
             f"| {s.task} | {s.config} | {s.n} | {100 * s.accuracy:.1f}% ({s.correct}/{s.n}) | "
-            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {s.seconds_per_answer:.2f} | {share} | {limit} |"
+            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {_seconds(s)} | {share} | {limit} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _seconds(s: Summary) -> str:
+    return f"{s.seconds_per_answer:.2f}" if s.seconds_per_answer is not None else "–"
 
 
 def glance_markdown(summaries: Sequence[Summary]) -> str:
@@ -154,7 +167,7 @@ def glance_markdown(summaries: Sequence[Summary]) -> str:
                 continue
             share = f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
             speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
-            cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", speed, f"{s.seconds_per_answer:.2f}", share]
+            cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", speed, _seconds(s), share]
         lines.append(f"| {config.removeprefix('single:')}{' alone' if config.startswith('single:') else ''} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -205,14 +218,15 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "") -> str
         "# Evaluation\n\n"
         f"{origin}Accuracy with a 95% Wilson interval; tok/s = total generated tokens / total seconds "
         "(prompt included); s/answer = mean seconds per answer (prompt included); E/T = share of generated tokens that were ensembled (token-weighted); at token limit = "
-        "share of answers that used the whole token budget (probably cut off).\n\n"
+        "share of answers stopped by the token budget rather than by the model (answers that state their "
+        "result early, as on ARC, can still be right).\n\n"
         + glance_markdown(summaries) + "\n" + summary_markdown(summaries)
     )
     paired = paired_comparisons(records)
     if paired:
         text += (
-            "\nPaired, item by item (the intervals above overlap even when one configuration is consistently "
-            "better; this counts the items where exactly one of the two was right, exact McNemar test):\n\n"
+            "\nPaired, item by item: the items where exactly one of the two was right, and an exact McNemar "
+            "test of that split. The p-values are nominal: one per row, not corrected for the number of rows.\n\n"
             + paired_markdown(paired)
         )
     return text

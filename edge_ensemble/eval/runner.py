@@ -29,6 +29,24 @@ class GenerationConfig(Protocol):
         ...
 
 
+# Bumped when how answers are produced or timed changes, so that a resumed run never mixes two ways:
+# 1 = answers could reuse a prompt another configuration had just prefilled; 2 = every answer prefills its
+# prompt from scratch (Ensemble.reset_cache), which is fair for timing and can change greedy output slightly.
+HARNESS_VERSION = 2
+
+Protocol = tuple[int, int, "int | None"]
+
+
+def protocol_of(record: dict[str, Any]) -> Protocol:
+    """(harness version, prompt version, token budget) a record was made with; old records lack the versions."""
+    return record.get("harness_version", 1), record.get("prompt_version", 1), record.get("max_tokens")
+
+
+def describe_protocol(protocol: Protocol) -> str:
+    harness, prompt, budget = protocol
+    return f"harness {harness}, prompt version {prompt}, --max-tokens {budget if budget is not None else 'unknown'}"
+
+
 def results_path(out_dir: str | os.PathLike[str], task_name: str) -> Path:
     """Where the records of ``task_name`` live: ``out_dir/<task>.jsonl``."""
     return Path(out_dir) / f"{task_name}.jsonl"
@@ -52,7 +70,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _repair_tail(path: Path) -> None:
+def repair_tail(path: Path) -> None:
     """Make the file end with a newline: drop a partial last record, or terminate a complete one."""
     if not path.exists() or path.stat().st_size == 0:
         return
@@ -144,11 +162,12 @@ def run_eval(
 
     path = results_path(out_dir, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(path)
+    repair_tail(path)
     earlier = [r for r in read_records(path) if r.get("task") == task.name]
-    _check_same_protocol(path, earlier, task, budget)
     done = {(r.get("item"), r.get("config")) for r in earlier}
     todo = [(item, config) for item in items for config in configs if (item.id, config.name) not in done]
+    if todo:  # a finished file is only re-reported, whatever made it
+        check_same_protocol(path, earlier, (HARNESS_VERSION, task.prompt_version, budget))
 
     bar = Progress(len(todo), task.name, enabled=progress)
     correct = 0
@@ -166,16 +185,41 @@ def run_eval(
     return path
 
 
-def _check_same_protocol(path: Path, records: Sequence[dict[str, Any]], task: Task, budget: int) -> None:
-    """Refuse to resume a file made with another prompt or token budget: its numbers would not compare."""
+def check_same_protocol(path: Path, records: Sequence[dict[str, Any]], protocol: Protocol) -> None:
+    """Refuse to add to a file made another way (harness, prompt, budget): its numbers would not compare."""
     for record in records:
-        version = record.get("prompt_version", 1)
-        if version != task.prompt_version or record.get("max_tokens", budget) != budget:
+        if protocol_of(record) != protocol:
             raise EdgeEnsembleError(
-                f"{path} holds {task.name} records made with prompt version {version} and --max-tokens "
-                f"{record.get('max_tokens')}; this run uses version {task.prompt_version} and {budget}: "
-                "pass another --out (or move the file away) so the two protocols are not mixed"
+                f"{path} holds {record.get('task')} records made with {describe_protocol(protocol_of(record))}; "
+                f"this run uses {describe_protocol(protocol)}: pass another --out (or move the file away) so "
+                "the two are not mixed"
             )
+
+
+def share_records(source: Path, dest: Path, task: Task | str, config: str, *, start: int = 0,
+                  limit: int | None = None) -> int:
+    """Append to ``dest`` the records of ``config`` in ``source`` for the items of the slice that ``dest``
+    lacks, and return how many. Both files must hold records made the same way (see :func:`protocol_of`).
+
+    For a member that two result sets share (same GGUF, same settings): its single-model answers do not
+    depend on which other models were loaded, so generating them twice only costs time.
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    wanted = {item.id for item in task.items(start, limit)}
+    ours = [r for r in read_records(source) if r.get("task") == task.name and r.get("config") == config]
+    if not ours:
+        raise EdgeEnsembleError(f"{source} has no {task.name} records of {config}")
+    protocol = protocol_of(ours[0])
+    check_same_protocol(source, ours, protocol)
+    repair_tail(dest)
+    theirs = [r for r in read_records(dest) if r.get("task") == task.name]
+    check_same_protocol(dest, theirs, protocol)
+    have = {r.get("item") for r in theirs if r.get("config") == config}
+    new = [r for r in ours if r["item"] in wanted and r["item"] not in have]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "a", encoding="utf-8") as out:
+        out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+    return len(new)
 
 
 def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) -> dict[str, Any]:
@@ -202,6 +246,7 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "ensembled_fraction": result.get("ensembled_fraction"),
         "max_tokens": max_tokens,
         "prompt_version": task.prompt_version,
+        "harness_version": HARNESS_VERSION,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for optional in ("prompt_seconds", "finish_reason"):
