@@ -219,6 +219,9 @@ def test_records_from_before_the_versions_count_as_harness_1(gsm8k_configs: list
     path.write_text("".join(json.dumps(r) + "\n" for r in old))
     with pytest.raises(EdgeEnsembleError, match="made with harness 1, prompt version 1, --max-tokens 64"):
         run_eval("gsm8k", gsm8k_configs, tmp_path, limit=3, max_tokens=64, progress=False)
+    # ... unless they carry prompt_seconds, which came with harness 2.
+    path.write_text("".join(json.dumps(dict(r, prompt_seconds=0.1)) + "\n" for r in old))
+    run_eval("gsm8k", gsm8k_configs, tmp_path, limit=3, max_tokens=64, progress=False)
     for record in old:
         del record["max_tokens"]
     path.write_text("".join(json.dumps(r) + "\n" for r in old))

@@ -39,7 +39,12 @@ Protocol = tuple[int, int, "int | None"]
 
 def protocol_of(record: dict[str, Any]) -> Protocol:
     """(harness version, prompt version, token budget) a record was made with; old records lack the versions."""
-    return record.get("harness_version", 1), record.get("prompt_version", 1), record.get("max_tokens")
+    harness = record.get("harness_version")
+    if harness is None:
+        # Records written before the field existed: "prompt_seconds" came in with the same change as the
+        # from-scratch prefill, so it tells the two apart.
+        harness = 2 if "prompt_seconds" in record else 1
+    return harness, record.get("prompt_version", 1), record.get("max_tokens")
 
 
 def describe_protocol(protocol: Protocol) -> str:
