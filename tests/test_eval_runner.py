@@ -317,9 +317,9 @@ def _record(config: str, item: int, correct: bool, tokens: int = 10, max_tokens:
 
 def test_token_limit_share_and_paired_comparison() -> None:
     # The member alone is right on items 0-3, the ensemble on 2-9: 6 items only the ensemble got, 2 only the member.
-    records = [_record("single:a", i, i < 4, tokens=10 if i < 3 else 7) for i in range(10)]
-    records += [_record("safe", i, i >= 2, tokens=5) for i in range(10)]
-    member, ensemble = summarize(records)
+    records = [_record("safe", i, i >= 2, tokens=5) for i in range(10)]
+    records += [_record("single:a", i, i < 4, tokens=10 if i < 3 else 7) for i in range(10)]
+    member, ensemble = summarize(records)  # members alone are listed first, whatever the record order
     assert member.at_limit == pytest.approx(0.3)
     assert ensemble.at_limit == 0.0
 
@@ -334,7 +334,7 @@ def test_token_limit_share_and_paired_comparison() -> None:
     assert "| gsm8k | safe | a | 10 | 6 | 2 | 0.29 |" in text
 
     # finish_reason, when recorded, says whether the budget stopped the answer; p-values keep small digits.
-    stopped = [dict(r, finish_reason="stop") for r in records[:10]]
+    stopped = [dict(r, finish_reason="stop") for r in records[10:]]
     stopped += [_record("safe", i, i >= 0) for i in range(10)]
     member, ensemble = summarize(stopped)
     assert member.at_limit == 0.0

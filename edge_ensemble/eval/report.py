@@ -53,12 +53,17 @@ def load_records(paths: Iterable[str | os.PathLike[str]]) -> list[dict[str, Any]
 
 
 def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
-    """One :class:`Summary` per (task, config), in order of first appearance."""
+    """One :class:`Summary` per (task, config): tasks in order of first appearance, each member alone
+    (``single:``) before the ensembles, otherwise in order of first appearance."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault((record["task"], record["config"]), []).append(record)
+    tasks = list(dict.fromkeys(task for task, _ in groups))
+    order = {key: i for i, key in enumerate(groups)}
+    keys = sorted(groups, key=lambda k: (tasks.index(k[0]), not k[1].startswith("single:"), order[k]))
     summaries = []
-    for (task, config), rows in groups.items():
+    for task, config in keys:
+        rows = groups[(task, config)]
         n = len(rows)
         k = sum(bool(r["correct"]) for r in rows)
         low, high = wilson_interval(k, n)
