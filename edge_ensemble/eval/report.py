@@ -142,18 +142,24 @@ def summary_markdown(summaries: Sequence[Summary]) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
-        speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
-        share = f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
         limit = f"{100 * s.at_limit:.0f}%" if s.at_limit is not None else "–"
         lines.append(
             f"| {s.task} | {s.config} | {s.n} | {100 * s.accuracy:.1f}% ({s.correct}/{s.n}) | "
-            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {speed} | {_seconds(s)} | {share} | {limit} |"
+            f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {_speed(s)} | {_seconds(s)} | {_share(s)} | {limit} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def _seconds(s: Summary) -> str:
     return f"{s.seconds_per_answer:.2f}" if s.seconds_per_answer is not None else "–"
+
+
+def _speed(s: Summary) -> str:
+    return f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
+
+
+def _share(s: Summary) -> str:
+    return f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
 
 
 def glance_markdown(summaries: Sequence[Summary]) -> str:
@@ -170,9 +176,7 @@ def glance_markdown(summaries: Sequence[Summary]) -> str:
             if s is None:
                 cells += ["–"] * 4
                 continue
-            share = f"{s.ensembled_fraction:.2f}" if s.ensembled_fraction is not None else "–"
-            speed = f"{s.tokens_per_second:.1f}" if s.tokens_per_second is not None else "–"
-            cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", speed, _seconds(s), share]
+            cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", _speed(s), _seconds(s), _share(s)]
         lines.append(f"| {config.removeprefix('single:')}{' alone' if config.startswith('single:') else ''} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -214,10 +218,13 @@ def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.Path
     return path
 
 
-def report_markdown(records: Iterable[dict[str, Any]], sources: str = "") -> str:
-    """The whole report: how to read it, the per-configuration table and the paired comparisons."""
+def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
+                    summaries: Sequence[Summary] | None = None) -> str:
+    """The whole report: how to read it, the per-configuration tables and the paired comparisons
+    (``summaries``: :func:`summarize` of ``records`` when the caller already has it)."""
     records = list(records)
-    summaries = summarize(records)
+    if summaries is None:
+        summaries = summarize(records)
     origin = f"From {sources}. " if sources else ""
     text = (
         "# Evaluation\n\n"
@@ -243,8 +250,8 @@ def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[s
     records = list(records)
     md = Path(md_path)
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(report_markdown(records, sources), encoding="utf-8")
     summaries = summarize(records)
+    md.write_text(report_markdown(records, sources, summaries), encoding="utf-8")
     if png_path is not None:
         plot_accuracy_vs_speed(summaries, png_path)
     return summaries
