@@ -16,3 +16,9 @@ $EE eval arc-challenge -p coder --limit 200 --max-tokens 32 --out results/coder 
 $PY benchmarks/share_records.py --task arc-challenge --config single:Qwen2.5-Coder-0.5B-Instruct --limit 200 \
     results/tiny results/coder
 $EE eval gsm8k -p coder --limit 100 --max-tokens 256 --out results/coder
+
+# Tables, plots and the README's at-a-glance tables, from the raw records.
+for preset in tiny coder; do
+    $PY benchmarks/make_eval_report.py --results results/$preset --md results/$preset/summary.md \
+        --png results/$preset/summary.png --readme README.md > /dev/null
+done

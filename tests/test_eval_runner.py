@@ -18,9 +18,11 @@ from edge_ensemble.eval.report import (
     paired_comparisons,
     paired_markdown,
     plot_accuracy_vs_speed,
+    replace_marked_block,
     report_markdown,
     summarize,
     summary_markdown,
+    update_document,
 )
 from edge_ensemble.eval.runner import read_records, run_eval, share_records
 from edge_ensemble.eval.sandbox import run_humaneval_sample
@@ -309,6 +311,13 @@ def test_make_eval_report_script(gsm8k_configs: list[CannedConfig], tmp_path: Pa
     assert (tmp_path / "eval_report.png").read_bytes()[:4] == b"\x89PNG"
     assert module.main(["--results", str(tmp_path / "empty")]) == 1
 
+    readme = tmp_path / "README.md"
+    readme.write_text("# Results\n<!-- results:demo -->\n<!-- /results:demo -->\n")
+    assert module.main(["--results", str(tmp_path), "--no-plot", "--readme", str(readme), "--block", "demo"]) == 0
+    assert "| solo alone | 100.0% (5/5) |" not in readme.read_text()  # "solo" is not a single: config
+    assert "| solo | 100.0% (5/5) | 20.0 | 0.50 | 0.00 |" in readme.read_text()
+    assert module.main(["--results", str(tmp_path), "--no-plot", "--readme", str(readme), "--block", "nope"]) == 1
+
 
 def _record(config: str, item: int, correct: bool, tokens: int = 10, max_tokens: int = 10) -> dict[str, Any]:
     return {"task": "gsm8k", "item": item, "config": config, "correct": correct, "tokens": tokens,
@@ -367,3 +376,24 @@ def test_share_records_script(gsm8k_configs: list[CannedConfig], tmp_path: Path,
     assert "3 records of safe copied" in capsys.readouterr().out
     assert module.main(args[:3] + ["nobody"] + args[4:]) == 1
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_replace_marked_block_rewrites_only_between_the_markers(tmp_path: Path) -> None:
+    text = "intro\n<!-- results:coder -->\n| old |\n<!-- /results:coder -->\nafter\n"
+    assert replace_marked_block(text, "coder", "| new |\n") == (
+        "intro\n<!-- results:coder -->\n| new |\n<!-- /results:coder -->\nafter\n")
+    with pytest.raises(EdgeEnsembleError, match="results:tiny"):
+        replace_marked_block(text, "tiny", "| new |")
+    with pytest.raises(EdgeEnsembleError, match="one"):
+        replace_marked_block(text + text, "coder", "| new |")
+    prose = "Regenerate between the `<!-- results:coder -->` markers.\n" + text  # a mention is not a marker
+    assert replace_marked_block(prose, "coder", "| new |").endswith("| new |\n<!-- /results:coder -->\nafter\n")
+
+    doc = tmp_path / "README.md"
+    doc.write_text(text)
+    assert update_document(doc, "coder", "| new |") is True
+    assert update_document(doc, "coder", "| new |") is False
+    assert "| old |" not in doc.read_text() and "after" in doc.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temporary file left behind
+    with pytest.raises(EdgeEnsembleError, match="no such document"):
+        update_document(tmp_path / "missing.md", "coder", "| new |")

@@ -255,3 +255,32 @@ def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[s
     if png_path is not None:
         plot_accuracy_vs_speed(summaries, png_path)
     return summaries
+
+
+def replace_marked_block(text: str, name: str, body: str) -> str:
+    """Return ``text`` with the lines between the marker lines ``<!-- results:NAME -->`` and
+    ``<!-- /results:NAME -->`` replaced by ``body``, so a document (the README) can quote a generated table
+    without anyone pasting it by hand. Markers count only as whole lines, so prose may mention them."""
+    start, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.strip() == start]
+    ends = [i for i, line in enumerate(lines) if line.strip() == end]
+    if len(starts) != 1 or len(ends) != 1 or starts[0] > ends[0]:
+        raise EdgeEnsembleError(f"expected one '{start}' line and one '{end}' line after it in the document; "
+                                "put the two marker lines around the table to regenerate")
+    return "".join(lines[: starts[0] + 1]) + body.rstrip("\n") + "\n" + "".join(lines[ends[0]:])
+
+
+def update_document(path: str | os.PathLike[str], name: str, body: str) -> bool:
+    """Rewrite the ``name`` block of the document at ``path`` with ``body`` (atomically); True when it changed."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeEnsembleError(f"{path}: no such document; pass the README's path")
+    old = path.read_text(encoding="utf-8")
+    new = replace_marked_block(old, name, body)
+    if new == old:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(new, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
