@@ -22,3 +22,6 @@ for preset in tiny coder; do
     $PY benchmarks/make_eval_report.py --results results/$preset --md results/$preset/summary.md \
         --png results/$preset/summary.png --readme README.md > /dev/null
 done
+
+# A 20-item HumanEval smoke run (README: "HumanEval, coder pair"); it writes its own summary.
+$EE eval humaneval -p coder --limit 20 --max-tokens 384 --out results/coder-humaneval-smoke
