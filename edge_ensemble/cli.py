@@ -17,7 +17,6 @@ import functools
 import importlib.metadata
 import json
 import os
-import secrets
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -483,7 +482,7 @@ class ChatSession:
         data = {"members": [_member_dict(m) for m in self.ensemble.members], "policy": self.ensemble.config.policy,
                 "preset": self.settings.preset, "system": self.system, "messages": self.messages()}
         try:
-            _write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+            paths.write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         except OSError as e:
             _error(f"cannot save to {path}: {e.strerror or e}")
             return
@@ -501,19 +500,6 @@ def _read_line() -> str | None:
         if isinstance(e.__context__, KeyboardInterrupt):
             raise KeyboardInterrupt from None
         return None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: never a half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- models and presets -------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_ensemble.errors import EdgeEnsembleError
+from edge_ensemble.paths import write_text_atomic
 from edge_ensemble.eval.runner import read_records
 from edge_ensemble.eval.scoring import mcnemar_exact, wilson_interval
 
@@ -58,9 +59,9 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records:
         groups.setdefault((record["task"], record["config"]), []).append(record)
-    tasks = list(dict.fromkeys(task for task, _ in groups))
+    task_rank = {task: i for i, task in enumerate(dict.fromkeys(task for task, _ in groups))}
     order = {key: i for i, key in enumerate(groups)}
-    keys = sorted(groups, key=lambda k: (tasks.index(k[0]), not k[1].startswith("single:"), order[k]))
+    keys = sorted(groups, key=lambda k: (task_rank[k[0]], not k[1].startswith("single:"), order[k]))
     summaries = []
     for task, config in keys:
         rows = groups[(task, config)]
@@ -280,7 +281,5 @@ def update_document(path: str | os.PathLike[str], name: str, body: str) -> bool:
     new = replace_marked_block(old, name, body)
     if new == old:
         return False
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, new)
     return True
