@@ -160,7 +160,7 @@ class Model:
         cparams.n_ubatch = o.n_batch
         cparams.n_seq_max = o.n_seq_max
         cparams.kv_unified = o.n_seq_max > 1  # shared prefix cells after fork instead of copies
-        threads = o.n_threads or max(1, os.cpu_count() or 1)
+        threads = o.n_threads or usable_cores()
         cparams.n_threads = threads
         cparams.n_threads_batch = o.n_threads_batch or threads
         if o.flash_attn is not None:
@@ -464,6 +464,15 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     y = np.asarray(b[:n])
     diff = np.flatnonzero(x != y)
     return int(diff[0]) if diff.size else n
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, so `taskset` and cgroup pinning are honoured;
+    llama.cpp's spinning threads oversubscribe a core badly)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def available_memory_bytes() -> int | None:
