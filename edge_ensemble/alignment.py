@@ -9,7 +9,7 @@ whole text per step.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from typing import Callable, Sequence
 
 from .errors import IncompatibleMembersError
@@ -142,6 +142,31 @@ def complete_utf8_len(data: bytes) -> int:
         need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
         return n - back if need > back else n
     return n
+
+
+def is_whole_text(data: bytes) -> bool:
+    """True when ``data`` neither starts nor ends inside a UTF-8 character."""
+    return bool(data) and data[0] & 0xC0 != 0x80 and complete_utf8_len(data) == len(data)
+
+
+def is_char_boundary(text: bytes, offset: int) -> bool:
+    """True when byte ``offset`` of ``text`` is not inside a UTF-8 character."""
+    return offset <= 0 or offset >= len(text) or text[offset] & 0xC0 != 0x80
+
+
+def reliable_view(ends: Sequence[int], text: bytes, offset: int, drafted_len: int) -> bool:
+    """Whether a re-tokenizing member can be asked about the drafted token at byte ``offset`` of ``text``.
+
+    Reliable when the drafted piece is whole text (it starts and ends at character boundaries), its start
+    is one of the member's token boundaries, and the member's own token starting there does not run past
+    the drafted piece: if it does (the drafter wrote " " + "hello" where the member writes " hello"), the
+    member would score the drafted piece by a tokenization it never produces itself, and its low
+    probability says nothing about the text."""
+    end = offset + drafted_len
+    if not (is_char_boundary(text, offset) and is_char_boundary(text, end) and is_boundary(ends, offset)):
+        return False
+    nxt = bisect_right(ends, offset)  # the member's token that starts at offset, if any
+    return nxt >= len(ends) or ends[nxt] <= end
 
 
 def is_boundary(ends: Sequence[int], offset: int) -> bool:

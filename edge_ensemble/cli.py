@@ -460,6 +460,8 @@ class ChatSession:
             ("E/T", f"{s.ensembled_fraction:.2f}"),
             ("drafts accepted", "-" if s.draft_acceptance_rate is None else f"{s.draft_acceptance_rate:.0%}"),
             ("verification calls", str(s.verification_calls)),
+            ("left to the drafter", f"{s.unreliable_positions} position(s) no verifier could judge reliably"),
+            ("tokenizers", _tokenizer_summary(s.shared_tokenizer)),
             ("speed", f"{s.tokens_per_second:.1f} tok/s ({s.generation_seconds:.2f} s)"),
             ("prompt", ", ".join(f"{k} {v} tokens" for k, v in s.prompt_tokens.items())
              + f" ({s.prompt_seconds:.2f} s)"),
@@ -615,15 +617,58 @@ def info(name: str) -> None:
     click.echo(_table([("  " + k, v) for k, v in rows + (_file_facts(st.path) if st.present else [])]))
 
 
-def _file_facts(path: Path) -> list[tuple[str, str]]:
-    """Facts read from the GGUF itself (tokenizer only: loads in milliseconds)."""
+def _tokenizer_summary(shared: dict[str, bool]) -> str:
+    """Which members use the drafter's token ids (same tokenizer) and which re-tokenize the text."""
+    same = [n for n, s in shared.items() if s]
+    other = [n for n, s in shared.items() if not s]
+    if not other:
+        return "one tokenizer shared by all (token ids, no re-tokenization)"
+    return f"drafter's ids: {', '.join(same)}; re-tokenized: {', '.join(other)}"
+
+
+def _fingerprint(path: Path) -> str | None:
+    """A GGUF's tokenizer fingerprint, remembered in the cache by path, size and mtime (computing it reads
+    the whole vocabulary: about a second for 262k tokens)."""
+    from .paths import cache_dir, write_text_atomic
     from .runtime import LoadOptions, Model
+
+    memo = cache_dir() / "tokenizers.json"
+    try:
+        st = path.stat()
+        known = json.loads(memo.read_text("utf-8")) if memo.exists() else {}
+    except (OSError, ValueError):
+        known = {}
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}" if path.exists() else ""
+    if stamp in known:
+        return known[stamp]
+    try:
+        with Model(path, LoadOptions(vocab_only=True)) as model:
+            fp = model.tokenizer_fingerprint
+    except ModelLoadError:
+        return None
+    known[stamp] = fp
+    with contextlib.suppress(OSError):  # only a memo: a read-only cache just recomputes next time
+        write_text_atomic(memo, json.dumps(known, indent=0))
+    return fp
+
+
+def _file_facts(path: Path) -> list[tuple[str, str]]:
+    """Facts read from the GGUF itself (tokenizer only: loads in milliseconds), and which catalog models on
+    disk share its tokenizer (members that share one follow the drafter's token ids)."""
+    from .runtime import LoadOptions, Model
+    from .sources import model_status
 
     try:
         with Model(path, LoadOptions(vocab_only=True)) as model:
+            mine = _fingerprint(path) or model.tokenizer_fingerprint
+            catalog = _catalog()
+            same = [e.key for e in catalog.models.values()
+                    if (st := model_status(e)).present and Path(st.path).resolve() != path.resolve()
+                    and _fingerprint(st.path) == mine]
             return [
                 ("architecture", model.architecture),
                 ("vocabulary", f"{model.n_vocab:,} tokens"),
+                ("tokenizer id", f"{mine[:16]} (same tokenizer on disk: {', '.join(same) or 'none'})"),
                 ("trained context", f"{model.metadata(f'{model.architecture}.context_length') or '?'} tokens"),
                 ("template in file", "yes" if model.chat_template else "no (plain rendering)"),
             ]
@@ -662,12 +707,26 @@ def _print_presets(catalog: Any) -> None:
     from .sources import model_status
 
     rows = []
+    prints: dict[str, str | None] = {}
     for p in catalog.presets.values():
-        on_disk = sum(model_status(catalog.models[m]).present for m in p.members)
+        status = [model_status(catalog.models[m]) for m in p.members]
+        on_disk = sum(st.present for st in status)
+        for m, st in zip(p.members, status):
+            if st.present and m not in prints:
+                prints[m] = _fingerprint(st.path)
         name = p.name + (" *" if p.name == catalog.default else "")
-        rows.append((name, ", ".join(p.members), f"{on_disk}/{len(p.members)}", p.description))
-    click.echo(_table(rows, ("PRESET", "MEMBERS (first drafts)", "ON DISK", "DESCRIPTION")))
-    click.echo("* default")
+        rows.append((name, ", ".join(p.members), f"{on_disk}/{len(p.members)}", _preset_tokenizers(p.members, prints),
+                     p.description))
+    click.echo(_table(rows, ("PRESET", "MEMBERS (first drafts)", "ON DISK", "TOKENIZERS", "DESCRIPTION")))
+    click.echo("* default; TOKENIZERS counts distinct tokenizers (shared ones use the drafter's token ids)")
+
+
+def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) -> str:
+    known = [prints.get(m) for m in members]
+    if any(f is None for f in known):
+        return "?"  # not all on disk: the GGUF files say, the catalog does not
+    n = len(set(known))
+    return "1 shared" if n == 1 else f"{n} different" if n == len(members) else f"{n} ({len(members) - n + 1} share one)"
 
 
 if __name__ == "__main__":  # pragma: no cover

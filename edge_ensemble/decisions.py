@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .alignment import complete_utf8_len
+
 EOG = "<end-of-generation>"  # a str, so it can never collide with a bytes candidate
 Key = bytes | str | int  # candidate text, EOG, or a token id when every member shares one tokenizer
 
@@ -149,6 +151,8 @@ def sharpen_prefix_mass(keys: Sequence[Key], p_ens: np.ndarray, drafter_top: Map
     out = p.copy()
     for i, (k, t) in enumerate(zip(keys, texts)):
         if not isinstance(t, bytes) or t in (b" ", b"") or p[i] <= lam or k not in drafter_top:
+            continue
+        if complete_utf8_len(t) != len(t):  # a byte fragment does not stand for its continuations
             continue
         for j, u in enumerate(texts):
             if j != i and isinstance(u, bytes) and len(u) > len(t) and u.startswith(t):

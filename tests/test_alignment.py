@@ -149,3 +149,41 @@ def test_incremental_tokenization_work_stays_flat_as_the_text_grows(tokenizers, 
     assert len(track.text) > 12000
     early, late = max(sizes[100:600]), max(sizes[-500:])
     assert late <= max(2 * early, 64), (early, late)
+
+
+def test_whole_text_and_char_boundaries():
+    from edge_ensemble.alignment import is_char_boundary, is_whole_text
+
+    text = "aé東".encode()  # 1 + 2 + 3 bytes
+    assert [is_char_boundary(text, i) for i in range(len(text) + 1)] == [True, True, False, True, False, False, True]
+    assert is_whole_text(b"abc") and is_whole_text("東".encode())
+    assert not is_whole_text("東".encode()[:2]) and not is_whole_text("東".encode()[1:]) and not is_whole_text(b"")
+
+
+def test_reliable_view_rules():
+    from edge_ensemble.alignment import reliable_view
+
+    text = b"say hello"
+    ends = [3, 9]  # the member: "say", " hello"
+    assert reliable_view(ends, text, 3, 6)  # drafted " hello": the member's own token, reliable
+    assert not reliable_view(ends, text, 3, 1)  # drafted " " while the member writes " hello": unreliable
+    assert not reliable_view(ends, text, 5, 4)  # not a boundary of the member
+    assert reliable_view([3], b"say", 3, 0)  # end of generation after the text
+    jp = "東京".encode()
+    assert not reliable_view([1, 3, 6], jp, 1, 2)  # inside a character
+    assert not reliable_view([3, 6], jp, 3, 1)  # the drafted piece stops inside a character
+    assert reliable_view([3, 6], jp, 3, 3)
+
+
+def test_shared_track_holds_the_drafter_ids():
+    from edge_ensemble.alignment import SharedTrack
+
+    table = [b"a", b"bc", b"\xe6", b"\x9d\xb1", b""]
+    t = SharedTrack(table)
+    toks, ends = t.preview(b"abc", [0, 1])
+    assert (toks, ends, t.tokens) == ([0, 1], [1, 3], [])  # a preview commits nothing
+    t.extend(b"abc\xe6", [0, 1, 2])
+    t.extend(b"\x9d\xb1", [3, 4])  # a mid-character id and an empty control token: kept as given
+    assert t.tokens == [0, 1, 2, 3, 4] and t.ends == [1, 3, 4, 6, 6] and t.text == b"abc\xe6\x9d\xb1"
+    with pytest.raises(ValueError):
+        t.extend(b"xyz", [0])  # ids that do not spell the text are a programming error

@@ -138,3 +138,26 @@ def test_sampling_is_deterministic_for_a_seed():
     b = [sample_token(logits, s, np.random.default_rng(7))[0] for _ in range(1)]
     assert a == b
     assert sample_token(logits, Sampling(), np.random.default_rng(0))[0] == 2  # greedy
+
+
+def test_choose_keeps_the_drafted_candidate_within_the_tie_tolerance():
+    from edge_ensemble.decisions import choose
+
+    keys = [b"a", b"b", b"c"]
+    p = np.array([0.38, 0.40, 0.22])
+    assert choose(keys, p) == 1  # plain argmax
+    assert choose(keys, p, prefer=b"a", tolerance=0.1) == 0  # 0.38 >= 0.9 * 0.40: the drafted one stands
+    assert choose(keys, p, prefer=b"c", tolerance=0.1) == 1  # 0.22 is far below: overridden
+    assert choose(keys, p, prefer=b"zzz", tolerance=0.1) == 1  # not a candidate at all
+    assert choose([1, 2], np.array([0.5, 0.5]), prefer=2, tolerance=0.0) == 1  # token-id keys, exact tie
+
+
+def test_sharpening_never_lets_a_byte_fragment_absorb_whole_characters():
+    frag, ka, ko = b" \xe0\xa4", b" \xe0\xa4\x95", b" \xe0\xa4\xb9"  # " " + half of a Devanagari letter
+    keys = [frag, ka, ko, b" the"]
+    p = np.array([0.2, 0.3, 0.25, 0.25])
+    out = sharpen_prefix_mass(keys, p, {frag: 0.2, ka: 0.3}, 0.1)
+    assert np.allclose(out, p)  # nothing moved: the fragment is not a prefix that stands for them
+    # token-id keys sharpen through their texts
+    out = sharpen_prefix_mass([7, 8], np.array([0.45, 0.4]), {7: 0.45}, 0.1, texts=[b" th", b" the"])
+    assert out[0] == pytest.approx(0.85 / 1.25)  # " th" gains the mass of " the", which keeps its own

@@ -19,7 +19,7 @@ MATH = [{"role": "user", "content": "Natalia sold 48 clips in April and half as 
 
 def greedy_text(path, messages, max_tokens: int, n_ctx: int = 1024) -> bytes:
     """Reference: plain greedy decoding with the runtime layer (itself checked against llama-cpp-python)."""
-    m = Model(path, LoadOptions(n_ctx=n_ctx, n_threads=2))
+    m = Model(path, LoadOptions(n_ctx=n_ctx))
     logits = m.decode(m.prompt_tokens(m.render_chat(messages)))
     out = []
     for _ in range(max_tokens):
@@ -34,7 +34,7 @@ def greedy_text(path, messages, max_tokens: int, n_ctx: int = 1024) -> bytes:
 
 
 def _cfg(**kw) -> EnsembleConfig:
-    return EnsembleConfig(n_ctx=1024, n_threads=2, check_memory=False, **kw)
+    return EnsembleConfig(n_ctx=1024, check_memory=False, **kw)
 
 
 @pytest.mark.parametrize("policy", ["single", "safe", "every-token"])
@@ -84,7 +84,7 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
         return real_trim(self, n, seq)
 
     monkeypatch.setattr(Model, "trim", counting_trim)
-    members = [Member(Model(p, LoadOptions(n_ctx=3072, n_threads=2)), name=n) for p, n in ((tiny_bpe, "bpe"), (tiny_spm, "spm"))]
+    members = [Member(Model(p, LoadOptions(n_ctx=3072)), name=n) for p, n in ((tiny_bpe, "bpe"), (tiny_spm, "spm"))]
     events = list(generate_events(members, [{"role": "user", "content": "Tell me a long story."}], policy="safe",
                                   policy_config=PolicyConfig(gate=Gate(None)), options=GenerationOptions(max_tokens=2000)))
     result = events[-1].result
@@ -95,7 +95,7 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
         tokens = list(m.model.tokens())
         m.model.trim(len(tokens) - 1)
         cached = m.model.decode(tokens[-1:]).copy()[0]
-        fresh = Model(m.model.path, LoadOptions(n_ctx=3072, n_threads=2))
+        fresh = Model(m.model.path, LoadOptions(n_ctx=3072))
         reference = fresh.decode(tokens).copy()[0]
         fresh.close()
         np.testing.assert_allclose(cached, reference, atol=1e-3)

@@ -4,13 +4,12 @@ members that share a tokenizer share token ids (no re-tokenization)."""
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
 import llama_cpp
 from edge_ensemble.api import Ensemble, EnsembleConfig
 from edge_ensemble.chat import render_plain
+from edge_ensemble.eval.languages import NON_ENGLISH, longest_run
 from edge_ensemble.member import Member
 from edge_ensemble.runtime import common_prefix_len
 
@@ -112,10 +111,9 @@ def test_same_tokenizer_is_recognised_and_different_is_not(real_models):
         assert m.tokenizer_fingerprint == fingerprints["qwen2.5-coder-0.5b-instruct"]  # stable across loads
 
 
-@pytest.mark.parametrize("policy,gate", [("safe", None), ("safe", 0.5), ("every-token", 0.5)])
-def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_bpe, tiny_bpe_b, monkeypatch, policy, gate):
-    """Two different models with one tokenizer (the `coder` pair's situation): the verifier never
-    re-tokenizes generated text and its cache holds exactly the drafter's tokens after its prompt."""
+@pytest.fixture
+def retokenizations(monkeypatch):
+    """Counts calls of Member.tokens_for, the one way a member re-tokenizes generated text."""
     calls = {"n": 0}
     real = Member.tokens_for
 
@@ -124,62 +122,49 @@ def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_b
         return real(self, data)
 
     monkeypatch.setattr(Member, "tokens_for", counting)
+    return calls
+
+
+@pytest.mark.parametrize("policy,gate", [("safe", None), ("safe", 0.5), ("every-token", 0.5)])
+def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_bpe, tiny_bpe_b, retokenizations, policy, gate):
+    """Two different models with one tokenizer (the `coder` pair's situation): the verifier never
+    re-tokenizes generated text and its cache holds exactly the drafter's tokens after its prompt."""
     with Ensemble([tiny_bpe, tiny_bpe_b], config=_cfg(policy=policy, gate=gate)) as ens:
         result = ens.generate("Hello there, how are you today?", max_tokens=60)
         drafter, verifier = ens._members
         assert result.stats.shared_tokenizer == {drafter.name: True, verifier.name: True}
         assert result.stats.tokens > 20
         assert result.stats.ensembled_tokens > 0  # the two disagree: the union really ran
-        assert calls["n"] == 0
+        assert retokenizations["n"] == 0
         track = verifier.track.tokens  # the verifier's view: the drafter's accepted ids
         assert drafter.model.detokenize(track) == result.text.encode()
         drafted = drafter.model.tokens()[len(drafter.prompt):]  # may still hold a rejected draft at its end
         assert common_prefix_len(drafted, track) >= len(track) - 6
         cached = verifier.model.tokens()[len(verifier.prompt):]
-        assert len(cached) > 0 and cached == track[: len(cached)]  # a lagging verifier holds a prefix of them
+        assert len(cached) > 0  # a lagging verifier holds a prefix of them (plus a rejected draft's tail, maybe)
+        assert common_prefix_len(cached, track) >= min(len(cached), len(track)) - 6
 
 
-def test_coder_pair_shares_ids(real_models, monkeypatch):
-    """The real `coder` pair's tokenizers (Qwen2.5-Coder 1.5B and 0.5B) are one: checked by fingerprint on
-    vocab-only loads, and an ensemble of the 0.5B with a random-weight model carrying that same tokenizer
-    decodes without one re-tokenization."""
-    from edge_ensemble.runtime import LoadOptions, Model
-
-    prints = set()
-    for key in ["qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"]:
-        with Model(real_models(key), LoadOptions(vocab_only=True)) as m:
-            prints.add(m.tokenizer_fingerprint)
-    assert len(prints) == 1
-
-
-def _longest_run(seq) -> int:
-    best = run = 0
-    prev = object()
-    for x in seq:
-        run = run + 1 if x == prev else 1
-        prev = x
-        best = max(best, run)
-    return best
+def test_coder_pair_runs_on_shared_ids(real_models, retokenizations):
+    """The real `coder` pair (Qwen2.5-Coder 1.5B drafts, 0.5B verifies): one tokenizer, so the verifier never
+    re-tokenizes the generated text and its cache holds exactly the drafter's tokens."""
+    paths = [real_models("qwen2.5-coder-1.5b-instruct"), real_models("qwen2.5-coder-0.5b-instruct")]
+    with Ensemble(paths, config=_cfg(policy="safe", gate=None)) as ens:  # faithful: the verifier reads every chunk
+        result = ens.generate("Write a Python function that checks whether a number is prime.", max_tokens=48)
+        drafter, verifier = ens._members
+        assert drafter.tokenizer_id == verifier.tokenizer_id
+        assert all(result.stats.shared_tokenizer.values())
+        assert result.stats.verification_calls > 0 and retokenizations["n"] == 0
+        track = verifier.track.tokens
+        assert drafter.model.detokenize(track) == result.text.encode()
+        cached = verifier.model.tokens()[len(verifier.prompt):]
+        # it may still hold the draft tokens after the last override: the drafter's ids all the same
+        assert common_prefix_len(cached, track) >= len(track) - 6
 
 
 def test_longest_run_counts_repeats():
-    assert _longest_run("abbbc") == 3 and _longest_run([]) == 0 and _longest_run("づづづづ") == 4
-
-
-NON_ENGLISH = {
-    "japanese": "東京は日本の首都で、",
-    "japanese-question": "日本の四季について簡単に説明してください。",
-    "chinese": "请用两句话介绍一下长城。",
-    "chinese-math": "小明有5个苹果，又买了3个，现在有几个？",
-    "korean": "서울에 대해 두 문장으로 설명해 주세요.",
-    "russian": "Кратко объясни, почему небо голубое.",
-    "arabic": "ما هي عاصمة فرنسا؟",
-    "hindi": "भारत की राजधानी क्या है?",
-}
-
-
-def _degenerate(text: str, repeat: int = 8) -> bool:
-    return _longest_run(text) >= repeat or bool(re.search(r"(.{2,6})\1{%d,}" % (repeat - 1), text))
+    assert longest_run("abbbc") == 3 and longest_run("") == 0 and longest_run("づづづづ") == 4
+    assert longest_run("ハンハンハンハン!") == 4
 
 
 @pytest.mark.parametrize("preset", ["tiny", "trio"])
@@ -196,6 +181,6 @@ def test_cross_tokenizer_non_english_never_degenerates(preset):
             alone = ens.generate(prompt, max_tokens=MAX_TOKENS, policy="single")
             ens.reset_cache()
             together = ens.generate(prompt, max_tokens=MAX_TOKENS)
-            if _degenerate(together.text) and not _degenerate(alone.text):
+            if longest_run(together.text) >= 8 and longest_run(alone.text) < 8:
                 bad.append(f"{name}: {together.text!r} (drafter alone: {alone.text!r})")
     assert not bad, "; ".join(bad)

@@ -8,7 +8,7 @@ import pytest
 import llama_cpp
 from edge_ensemble.engine import _TextStream
 from edge_ensemble.errors import ContextOverflowError, ModelLoadError
-from edge_ensemble.runtime import LoadOptions, Model
+from edge_ensemble.runtime import LoadOptions, Model, usable_cores
 
 PROMPTS = [
     [{"role": "user", "content": "Write a haiku about the sea."}],
@@ -33,8 +33,8 @@ def _greedy(model: Model, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("key", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
 def test_greedy_matches_llama_cpp_python(real_models, key):
     path = real_models(key)
-    ours = Model(path, LoadOptions(n_ctx=512, n_threads=2))
-    ref = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    ours = Model(path, LoadOptions(n_ctx=512))
+    ref = llama_cpp.Llama(str(path), n_ctx=512, n_threads=usable_cores(), verbose=False)
     try:
         for messages in PROMPTS:
             prompt = ours.prompt_tokens(ours.render_chat(messages))
@@ -53,7 +53,7 @@ def test_greedy_matches_llama_cpp_python(real_models, key):
 def test_trim_then_redecode_is_bit_identical_past_gemma_sliding_window(real_models):
     """Roll back to a point past the 512-token window and re-decode: the same logits, bit for bit.
     (Compared with the same batch split: llama.cpp's batched and one-token passes differ numerically.)"""
-    model = Model(real_models("gemma-3-270m"), LoadOptions(n_ctx=1024, n_threads=2, n_batch=256))
+    model = Model(real_models("gemma-3-270m"), LoadOptions(n_ctx=1024, n_batch=256))
     try:
         rng = np.random.default_rng(0)
         tokens = rng.integers(1000, 20000, size=760).tolist()

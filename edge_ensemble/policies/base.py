@@ -7,6 +7,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from ..alignment import is_whole_text
 from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
 from ..member import Dist, Member
 
@@ -93,6 +94,13 @@ class PolicyBase:
             MemberView(top=m.top_keys(d), prob_of=(lambda key, m=m, d=d: m.prob_of(d, key)), weight=m.weight)
             for m, d in zip(self.members, dists)
         ]
+        if sharpen and not self.by_id:
+            # SAFE across tokenizers compares whole text only: a candidate that starts or stops inside a
+            # character (a byte-level fragment) means different things to different vocabularies, and
+            # choosing one would push the drafter onto a fragment path (SAFE only asks at positions where the
+            # drafted piece is whole text, see alignment.reliable_view).
+            for v in views:
+                v.top = {k: p for k, p in v.top.items() if k == EOG or is_whole_text(k)}
         keys, p, q = union_distribution(views, geometric=sharpen and self.config.sharpen == "geometric")
         if sharpen and self.config.sharpen == "prefix":
             texts = [k if k == EOG else self.members[0].key_bytes(k) for k in keys]

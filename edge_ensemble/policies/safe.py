@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..alignment import is_boundary, token_ending_at
+from ..alignment import reliable_view, token_ending_at
 from ..decisions import EOG, consensus, entropy, filter_probs, speculative_accept_probability
 from .base import ContextFull, Piece, PolicyBase
 
@@ -116,10 +116,13 @@ class SafePolicy(PolicyBase):
         extra = b"".join(data)
         previews = [v.track.preview(extra, drafts) for v in self.verifiers]
         base = self.text_len
-        # OOV-like check: only offsets that are a boundary for every re-tokenizing verifier can be ensembled
-        # (a verifier that follows the drafter's ids shares every boundary).
-        checkable = [j for j in check if all(v.follows_drafter or is_boundary(ends, base + int(offsets[j]))
-                                             for v, (_, ends) in zip(self.verifiers, previews))]
+        # SAFE's OOV-like check, made strict: a position is ensembled only where every re-tokenizing verifier
+        # sees it reliably (a character boundary it shares, its next token not running past the drafted one).
+        # A verifier that follows the drafter's ids shares every position.
+        text = self.verifiers[0].track.text + extra if self.verifiers else extra
+        checkable = [j for j in check
+                     if all(v.follows_drafter or reliable_view(ends, text, base + int(offsets[j]), len(data[j]))
+                            for v, (_, ends) in zip(self.verifiers, previews))]
         self.stats.unreliable += len(check) - len(checkable)
         if not checkable:
             return verdict
