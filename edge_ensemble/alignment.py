@@ -27,6 +27,7 @@ class TokenTrack:
     def __init__(self, tokenize: Tokenizer, token_bytes: Sequence[bytes], *, window: int = 4) -> None:
         self._tokenize = tokenize
         self._bytes = token_bytes
+        self.follows_drafter = False
         self.window = window  # tokens re-tokenized behind the end before widening
         self.text = b""
         self.tokens: list[int] = []
@@ -59,15 +60,17 @@ class TokenTrack:
                 return i, tail, ends
             back *= 2
 
-    def preview(self, extra: bytes) -> tuple[list[int], list[int]]:
-        """Tokens and ends of ``text + extra`` without committing (for scoring a draft)."""
+    def preview(self, extra: bytes, drafter_tokens: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+        """Tokens and ends of ``text + extra`` without committing (for scoring a draft).
+        ``drafter_tokens`` (the drafter's ids for ``extra``) are not used: this track re-tokenizes."""
         if not extra:
             return list(self.tokens), list(self.ends)
         i, tail, ends = self._retokenize_tail(self.text + extra)
         return self.tokens[:i] + tail, self.ends[:i] + ends
 
-    def extend(self, extra: bytes) -> None:
-        """Append ``extra`` to the text and update the tokenization."""
+    def extend(self, extra: bytes, drafter_tokens: Sequence[int] = ()) -> None:
+        """Append ``extra`` to the text and update the tokenization (``drafter_tokens`` unused, as in
+        :meth:`preview`)."""
         if not extra:
             return
         new_text = self.text + extra
@@ -84,6 +87,49 @@ class TokenTrack:
         self.tokens = []
         self.ends = []
         self.extend(text)
+
+
+class SharedTrack:
+    """The track of a member whose tokenizer is the drafter's own (same fingerprint): it holds the drafter's
+    token ids as they were produced, so positions align one to one and nothing is ever re-tokenized.
+    Same interface as :class:`TokenTrack`; the caller passes the drafter's ids with the bytes."""
+
+    follows_drafter = True
+
+    def __init__(self, token_bytes: Sequence[bytes]) -> None:
+        self._bytes = token_bytes
+        self.text = b""
+        self.tokens: list[int] = []
+        self.ends: list[int] = []
+
+    def _ends_of(self, tokens: Sequence[int], start: int) -> list[int]:
+        out, pos = [], start
+        for t in tokens:
+            pos += len(self._bytes[t])
+            out.append(pos)
+        return out
+
+    def _check(self, extra: bytes, tokens: Sequence[int]) -> None:
+        if b"".join(self._bytes[t] for t in tokens) != extra:
+            raise ValueError("a shared-tokenizer track was given drafter tokens that do not spell the text")
+
+    def preview(self, extra: bytes, drafter_tokens: Sequence[int] = ()) -> tuple[list[int], list[int]]:
+        """Tokens and ends of ``text + extra`` without committing: the drafter's ids appended."""
+        self._check(extra, drafter_tokens)
+        return self.tokens + list(drafter_tokens), self.ends + self._ends_of(drafter_tokens, len(self.text))
+
+    def extend(self, extra: bytes, drafter_tokens: Sequence[int] = ()) -> None:
+        """Append the drafter's tokens ``drafter_tokens`` (which spell ``extra``)."""
+        self._check(extra, drafter_tokens)
+        self.ends.extend(self._ends_of(drafter_tokens, len(self.text)))
+        self.tokens.extend(drafter_tokens)
+        self.text += extra
+
+    def set_text(self, text: bytes) -> None:
+        """Reset (only to the empty text: a shared track cannot invent the drafter's tokens)."""
+        if text:
+            raise ValueError("a shared-tokenizer track starts empty")
+        self.text, self.tokens, self.ends = b"", [], []
 
 
 def complete_utf8_len(data: bytes) -> int:

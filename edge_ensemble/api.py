@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import threading
@@ -199,11 +200,17 @@ class Ensemble:
         paths, names = self._resolve(members, download=download, progress=progress)
         if cfg.check_memory:
             self._check_memory(paths, names)
+        loaded: list[tuple[Path, Model]] = []
         try:
             for i, (path, name) in enumerate(zip(paths, names)):
-                model = Model(path, LoadOptions(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
-                                                n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn,
-                                                control_tokens_in_messages=cfg.control_tokens_in_messages))
+                # The same weights listed twice are loaded once: both members then read one model's logits
+                # (identical by construction, where two loads would differ by batch-split noise).
+                model = next((m for p, m in loaded if _same_file(p, path)), None)
+                if model is None:
+                    model = Model(path, LoadOptions(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
+                                                    n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn,
+                                                    control_tokens_in_messages=cfg.control_tokens_in_messages))
+                    loaded.append((path, model))
                 self._members.append(Member(model, name=_unique(name, [m.name for m in self._members]), top_k=cfg.top_k))
                 _check_combinable(self._members[-1])
                 if 0 < model.n_ctx_train < cfg.n_ctx:
@@ -242,7 +249,8 @@ class Ensemble:
         available = available_memory_bytes()
         if available is None:
             return
-        need = sum(estimate_memory_bytes(p, self.config.n_ctx) for p in paths)
+        unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))  # one load per file
+        need = sum(estimate_memory_bytes(Path(p), self.config.n_ctx) for p in unique)
         if need > available:
             raise ModelLoadError(
                 f"not enough memory: the {len(paths)} model(s) need about {need / 2**30:.1f} GiB "
@@ -349,6 +357,26 @@ def _catalog_entry(catalog, spec: str):
         return catalog.model(spec)
     except Exception:
         return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """True when two paths hold the same bytes: the same file, or equal size and equal sha256."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        if a.stat().st_size != b.stat().st_size:
+            return False
+    except OSError:
+        return False
+    return _sha256(a) == _sha256(b)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _unique(name: str, taken: list[str]) -> str:

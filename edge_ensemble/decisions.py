@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 EOG = "<end-of-generation>"  # a str, so it can never collide with a bytes candidate
-Key = bytes | str
+Key = bytes | str | int  # candidate text, EOG, or a token id when every member shares one tokenizer
 
 
 # -- distributions ----------------------------------------------------------------------------------------
@@ -136,27 +136,40 @@ def union_distribution(views: Sequence[MemberView], *, geometric: bool = False) 
     return keys, p_ens, q
 
 
-def sharpen_prefix_mass(keys: Sequence[Key], p_ens: np.ndarray, drafter_top: Mapping[Key, float], lam: float = 0.1) -> np.ndarray:
+def sharpen_prefix_mass(keys: Sequence[Key], p_ens: np.ndarray, drafter_top: Mapping[Key, float], lam: float = 0.1,
+                        texts: Sequence[Key] | None = None) -> np.ndarray:
     """SAFE's sharpening heuristic, applied only when max P_ens < 0.5: a candidate t with P_ens(t) > lam that
     is in the drafter's top-k receives the mass of every other candidate whose bytes start with t's bytes
-    (those continue the same text). The lone-space token and EOG take no part. Returns renormalised P."""
+    (those continue the same text). The lone-space token and EOG take no part. ``texts`` gives each key's
+    bytes when keys are token ids (default: the keys are the bytes). Returns renormalised P."""
     p = np.asarray(p_ens, dtype=np.float64)
     if p.size == 0 or p.max() >= 0.5:
         return p
+    texts = keys if texts is None else texts
     out = p.copy()
-    for i, t in enumerate(keys):
-        if not isinstance(t, bytes) or t in (b" ", b"") or p[i] <= lam or t not in drafter_top:
+    for i, (k, t) in enumerate(zip(keys, texts)):
+        if not isinstance(t, bytes) or t in (b" ", b"") or p[i] <= lam or k not in drafter_top:
             continue
-        for j, u in enumerate(keys):
+        for j, u in enumerate(texts):
             if j != i and isinstance(u, bytes) and len(u) > len(t) and u.startswith(t):
                 out[i] += p[j]
     return out / out.sum()
 
 
-def choose(keys: Sequence[Key], p: np.ndarray, rng: np.random.Generator | None = None) -> int:
-    """Index of the chosen candidate: argmax (greedy, ties to the earliest = drafter's order) or a sample."""
+def choose(keys: Sequence[Key], p: np.ndarray, rng: np.random.Generator | None = None, *,
+           prefer: Key | None = None, tolerance: float = 0.0) -> int:
+    """Index of the chosen candidate: argmax (greedy, ties to the earliest = drafter's order) or a sample.
+
+    Greedy with ``prefer`` (the drafted candidate): it stands while its probability is within ``tolerance``
+    (relative) of the best one. Overriding a near-tie buys nothing but numerical noise — llama.cpp's batched
+    and one-token passes differ by up to ~0.8 in a logit — and costs the rest of the draft."""
     if rng is None:
-        return int(np.argmax(p))
+        best = int(np.argmax(p))
+        if prefer is not None and prefer in keys:
+            i = list(keys).index(prefer)
+            if p[i] >= (1.0 - tolerance) * p[best]:
+                return i
+        return best
     return int(rng.choice(len(keys), p=p / p.sum()))
 
 

@@ -47,6 +47,10 @@ class GenerationStats:
     ensembled_fraction: float = 0.0  # E/T
     overridden_tokens: int = 0  # ensembled tokens that differ from the drafter's own choice
     verification_calls: int = 0
+    # Positions the gate or a faithful cycle wanted checked but that were left to the drafter because a
+    # re-tokenizing verifier's view of them was unreliable (mid-character, a token boundary it does not share).
+    unreliable_positions: int = 0
+    shared_tokenizer: dict[str, bool] = field(default_factory=dict)  # member -> uses the drafter's token ids
     member_decode_seconds: dict[str, float] = field(default_factory=dict)
     member_decoded_tokens: dict[str, int] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
@@ -209,6 +213,8 @@ def generate_events(
     stats.ensembled_fraction = ps.ensembled / tokens if tokens else 0.0
     stats.overridden_tokens = ps.overrides
     stats.verification_calls = ps.verification_calls
+    stats.unreliable_positions = ps.unreliable
+    stats.shared_tokenizer = {m.name: i == 0 or m.follows_drafter for i, m in enumerate(active)}
     stats.member_decode_seconds = {m.name: round(m.decode_seconds - prefill_seconds[m.name], 4) for m in active}
     stats.member_decoded_tokens = {m.name: m.decoded_tokens - prefill_tokens[m.name] for m in active}
     stats.peak_memory_mb = _peak_rss_mb()

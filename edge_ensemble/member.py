@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .alignment import TokenTrack
+from .alignment import SharedTrack, TokenTrack
 from .decisions import EOG, Key, softmax, top_k
 from .errors import IncompatibleMembersError
 from .runtime import Model, common_prefix_len
@@ -76,7 +76,8 @@ class Member:
         self.weight = weight
         self.k = top_k
         self.prompt: list[int] = []
-        self.track = TokenTrack(self._tokenize_text, model.token_bytes)
+        self.track: TokenTrack | SharedTrack = TokenTrack(self._tokenize_text, model.token_bytes)
+        self.by_id = False  # candidates keyed by token id (every member shares one tokenizer), else by bytes
         self.decode_seconds = 0.0
         self.decode_calls = 0
         self.decoded_tokens = 0
@@ -87,6 +88,23 @@ class Member:
         self._eog_mask[self._eog] = True
         # Empty-bytes tokens (control tokens that are not EOG) are never candidates: they carry no text.
         self._bytes = model.token_bytes
+
+    # -- alignment -------------------------------------------------------------------------------------------
+
+    @property
+    def tokenizer_id(self) -> str:
+        """Fingerprint of this member's tokenizer: equal fingerprints mean the token ids mean the same."""
+        return self.model.tokenizer_fingerprint
+
+    def align(self, *, follows_drafter: bool, by_id: bool) -> None:
+        """Choose how this member sees the shared text for the next generation: the drafter's own token ids
+        (same tokenizer) or its canonical re-tokenization; and whether candidates are keyed by token id."""
+        self.track = SharedTrack(self._bytes) if follows_drafter else TokenTrack(self._tokenize_text, self._bytes)
+        self.by_id = by_id
+
+    @property
+    def follows_drafter(self) -> bool:
+        return self.track.follows_drafter
 
     # -- text --------------------------------------------------------------------------------------------
 
@@ -112,12 +130,25 @@ class Member:
         return self.model.tokenize(data, add_bos=False, special=False)
 
     def key_of(self, token: int) -> Key:
-        """Candidate key of a token: its bytes, or EOG for any end-of-generation token."""
-        return EOG if self._eog_mask[token] else self._bytes[token]
+        """Candidate key of a token: EOG for any end-of-generation token, else its id (when every member
+        shares the tokenizer) or its bytes."""
+        if self._eog_mask[token]:
+            return EOG
+        return token if self.by_id else self._bytes[token]
 
-    def first_token(self, data: bytes) -> int:
+    def key_bytes(self, key: Key) -> bytes:
+        """The text a (non-EOG) candidate key stands for."""
+        return self._bytes[key] if isinstance(key, int) else key  # type: ignore[return-value]
+
+    def key_tokens(self, key: Key) -> list[int]:
+        """This member's tokens for a (non-EOG) candidate key."""
+        return [key] if isinstance(key, int) else self.tokens_for(key)  # type: ignore[list-item, arg-type]
+
+    def first_token(self, data: bytes | int) -> int:
         """First token of this member's tokenization of ``data`` (UniTE's rule for missing candidates);
-        a piece that is exactly one of its tokens maps to that token."""
+        a piece that is exactly one of its tokens maps to that token; a token-id key is itself."""
+        if isinstance(data, int):
+            return data
         tok = self._exact.get(data)
         if tok is not None:
             return tok
@@ -131,7 +162,12 @@ class Member:
     def prob_of(self, dist: Dist, key: Key) -> float:
         """This member's probability of a candidate key."""
         if key == EOG:
-            return float(dist.probs[self._eog].sum()) if self._eog.size else 0.0
+            if not self._eog.size:
+                return 0.0
+            # Keyed by id, EOG stands for the likeliest end token (so identical members rank it as each
+            # ranks its own tokens); across tokenizers it is the probability of ending at all.
+            eog = dist.probs[self._eog]
+            return float(eog.max() if self.by_id else eog.sum())
         tok = self.first_token(key)  # type: ignore[arg-type]
         return float(dist.probs[tok]) if tok >= 0 else 0.0
 
@@ -149,7 +185,7 @@ class Member:
             key = self.key_of(tid)
             if key == EOG:
                 out[EOG] = self.prob_of(dist, EOG)
-            elif key and out.get(key, -1.0) < p:
+            elif self._bytes[tid] and out.get(key, -1.0) < p:
                 out[key] = p
         return out
 

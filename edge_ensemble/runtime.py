@@ -18,6 +18,7 @@ One ``Model`` must be used by one thread at a time (llama.cpp contexts are not t
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import re
 import threading
@@ -311,17 +312,42 @@ class Model:
         return bool(L.llama_vocab_get_attr(self._vocab, token) & L.LLAMA_TOKEN_ATTR_CONTROL)
 
     @property
-    def eog_ids(self) -> np.ndarray:
-        """All end-of-generation token ids (scanned once over control tokens)."""
-        if not hasattr(self, "_eog_ids"):
-            attrs = L.llama_vocab_get_attr
+    def special_ids(self) -> np.ndarray:
+        """Ids of control and user-defined tokens (chat markers, BOS/EOS, ...), scanned once."""
+        if not hasattr(self, "_special_ids"):
+            attrs, vocab = L.llama_vocab_get_attr, self._vocab
             special = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_USER_DEFINED
-            ids = [t for t in range(self.n_vocab) if attrs(self._vocab, t) & special and self.is_eog(t)]
-            for t in (self.eos_id,):
-                if t >= 0 and self.is_eog(t) and t not in ids:
-                    ids.append(t)
+            self._special_ids = np.array([t for t in range(self.n_vocab) if attrs(vocab, t) & special], dtype=np.int64)
+        return self._special_ids
+
+    @property
+    def eog_ids(self) -> np.ndarray:
+        """All end-of-generation token ids (among the special tokens, plus EOS)."""
+        if not hasattr(self, "_eog_ids"):
+            ids = [int(t) for t in self.special_ids if self.is_eog(int(t))]
+            if self.eos_id >= 0 and self.is_eog(self.eos_id) and self.eos_id not in ids:
+                ids.append(self.eos_id)
             self._eog_ids = np.array(sorted(ids), dtype=np.int64)
         return self._eog_ids
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        """A hash of everything that fixes what a token id means: the tokenizer kind and pre-tokenizer, every
+        token's exact bytes, the special tokens (ids and text), BOS/EOS and end-of-generation ids. Two models
+        with the same fingerprint can share token ids (no re-tokenization between them)."""
+        if not hasattr(self, "_fingerprint"):
+            h = hashlib.sha256()
+            for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+                h.update(f"{key}={self.metadata(key)}\n".encode())
+            table = self.token_bytes
+            h.update(np.fromiter((len(b) for b in table), dtype=np.int32, count=len(table)).tobytes())
+            h.update(b"".join(table))
+            for t in self.special_ids.tolist():
+                h.update(t.to_bytes(4, "little") + self.piece(t, special=True) + b"\0")
+            h.update(np.array([self.bos_id, self.eos_id, int(self.add_bos)], dtype=np.int64).tobytes())
+            h.update(self.eog_ids.tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     # -- chat ----------------------------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ class PolicyStats:
     overrides: int = 0  # ensembled tokens that differ from what the drafter / primary would have chosen
     verification_calls: int = 0
     verified_positions: int = 0
+    unreliable: int = 0  # positions to check that no verifier could be asked about reliably
 
 
 class Policy(Protocol):
@@ -75,6 +76,16 @@ class PolicyBase:
         w = config.weights or tuple(1.0 for _ in members)
         for m, wi in zip(self.members, w):
             m.weight = wi
+        # Members with the drafter's tokenizer follow its token ids; when all do, candidates are token ids.
+        drafter = self.members[0]
+        shared = [m.tokenizer_id == drafter.tokenizer_id for m in self.members]
+        self.by_id = all(shared)
+        for i, (m, s) in enumerate(zip(self.members, shared)):
+            m.align(follows_drafter=s and i > 0, by_id=self.by_id)
+        # A member sharing an earlier member's loaded model (the same weights listed twice) never decodes: it
+        # reads that member's distributions. twin[i] = index of that earlier member, or None.
+        self.twin: list[int | None] = [next((j for j in range(i) if self.members[j].model is m.model), None)
+                                       for i, m in enumerate(self.members)]
 
     def union(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[list[Key], np.ndarray, np.ndarray]:
         """Union distribution of the members' candidates, sharpened as configured (SAFE) or not (UniTE)."""
@@ -84,18 +95,20 @@ class PolicyBase:
         ]
         keys, p, q = union_distribution(views, geometric=sharpen and self.config.sharpen == "geometric")
         if sharpen and self.config.sharpen == "prefix":
-            p = sharpen_prefix_mass(keys, p, views[0].top, self.config.sharpen_lambda)
+            texts = [k if k == EOG else self.members[0].key_bytes(k) for k in keys]
+            p = sharpen_prefix_mass(keys, p, views[0].top, self.config.sharpen_lambda, texts)
         return keys, p, q
 
-    def ensemble_choice(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[Key, str]:
+    def ensemble_choice(self, dists: Sequence[Dist], sharpen: bool = True, prefer: Key | None = None) -> tuple[Key, str]:
         """Pick the ensembled candidate and the member whose candidate it was (highest own probability).
-        Sampling applies top-k / top-p to the union distribution."""
+        Greedy: ``prefer`` (the drafted candidate) wins near-ties (``config.tie_tolerance``). Sampling applies
+        top-k / top-p to the union distribution."""
         keys, p, q = self.union(dists, sharpen)
         if not keys:  # every member proposed only empty control tokens: end the answer
             return EOG, self.members[0].name
         if not self.sampling.greedy:
             p = filter_probs(p, self.sampling.top_k, self.sampling.top_p)
-        i = choose(keys, p, None if self.sampling.greedy else self.rng)
+        i = choose(keys, p, None if self.sampling.greedy else self.rng, prefer=prefer, tolerance=self.config.tie_tolerance)
         winner = self.members[int(np.argmax(q[:, i]))].name
         return keys[i], winner
 

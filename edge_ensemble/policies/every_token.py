@@ -11,33 +11,41 @@ from .base import ContextFull, Piece, PolicyBase
 
 class EveryTokenPolicy(PolicyBase):
     """All members are consulted at every token. The primary (first) member keeps the tokens it chose
-    itself, as a drafter does; the others re-tokenize the shared text canonically."""
+    itself, as a drafter does; members with its tokenizer follow those ids, the others re-tokenize the
+    shared text canonically."""
 
     def start(self) -> None:
         self.p_tokens: list[int] = []
-        for m in self.members:
-            m.feed(m.prompt)
+        # Each prompt is prefilled in one pass with its last row read, exactly as plain decoding does (a
+        # different batch split would change the logits slightly and with them near-tie greedy choices).
+        self.dists = self._next_dists()
 
-    def step(self, budget: int) -> list[Piece]:
-        dists = []
+    def _next_dists(self) -> list:
+        """Every member's next-token distribution after the accepted text (a twin reads its twin's)."""
+        dists: list = []
         for i, m in enumerate(self.members):
+            if self.twin[i] is not None:
+                dists.append(dists[self.twin[i]])
+                continue
             target = m.prompt + (self.p_tokens if i == 0 else m.track.tokens)
             if len(target) >= m.model.n_ctx:
                 raise ContextFull
             row = len(target) - 1
             dists.append(m.dist(m.feed(target, rows=[row])[row], self.temperature))
+        return dists
+
+    def step(self, budget: int) -> list[Piece]:
+        dists = self.dists if self.dists is not None else self._next_dists()
+        self.dists = None
         primary = self.members[0]
         own_tok, _ = self.pick(primary, None, dist=dists[0])
         own_key = primary.key_of(own_tok)
-        if any(len(m.track.text) != complete_utf8_len(m.track.text) for m in self.members[1:]):
-            # The text ends inside a UTF-8 character: the others cannot be asked mid-character (their
-            # tokenization stops before it), so the primary finishes the character alone.
+        if any(not m.follows_drafter and len(m.track.text) != complete_utf8_len(m.track.text) for m in self.members[1:]):
+            # The text ends inside a UTF-8 character: a re-tokenizing member cannot be asked mid-character
+            # (its tokenization stops before it), so the primary finishes the character alone.
             if own_key == EOG:
                 return [Piece(b"", "draft", end=True)]
-            self.p_tokens.append(own_tok)
-            for m in self.members[1:]:
-                m.track.extend(own_key)  # type: ignore[arg-type]
-            return [Piece(own_key, "draft")]  # type: ignore[arg-type]
+            return [self._accept(primary.key_bytes(own_key), [own_tok], "draft")]
         self.stats.verification_calls += len(self.members) - 1
         key, winner = self.ensemble_choice(dists, sharpen=False)  # plain UniTE: no SAFE sharpening
         self.stats.ensembled += 1
@@ -45,10 +53,12 @@ class EveryTokenPolicy(PolicyBase):
             self.stats.overrides += 1
         if key == EOG:
             return [Piece(b"", "ensemble", winner, end=True)]
-        if key == own_key:
-            self.p_tokens.append(own_tok)
-        else:
-            self.p_tokens.extend(primary.tokens_for(key))  # type: ignore[arg-type]
+        tokens = [own_tok] if key == own_key else primary.key_tokens(key)
+        return [self._accept(primary.key_bytes(key), tokens, "ensemble", winner)]
+
+    def _accept(self, data: bytes, tokens: list[int], kind: str, winner: str | None = None) -> Piece:
+        """Append an accepted piece: the primary's tokens, every other member's view of the text."""
+        self.p_tokens.extend(tokens)
         for m in self.members[1:]:
-            m.track.extend(key)  # type: ignore[arg-type]
-        return [Piece(key, "ensemble", winner)]  # type: ignore[arg-type]
+            m.track.extend(data, tokens)
+        return Piece(data, kind, winner)

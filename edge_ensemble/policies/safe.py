@@ -40,8 +40,9 @@ class SafePolicy(PolicyBase):
         self.pending = None  # drafter's next-token logits for prompt + d_tokens, when known
         self.text_len = 0  # bytes of accepted text
         self._sync_drafter()
-        for v in self.verifiers:
-            v.feed(v.prompt)
+        for i, v in enumerate(self.verifiers, 1):
+            if self.twin[i] is None:
+                v.feed(v.prompt)
 
     def _sync_drafter(self) -> None:
         """Bring the drafter's cache to prompt + accepted tokens (dropping rejected drafts, feeding an
@@ -71,8 +72,7 @@ class SafePolicy(PolicyBase):
         if n < 1:
             raise ContextFull
         drafts, dists = self._draft(n)
-        pieces = [d.key_of(t) for t in drafts]
-        data = [b"" if k == EOG else k for k in pieces]
+        data = [d.model.token_bytes[t] for t in drafts]  # EOG and other control tokens carry no bytes
         offsets = np.cumsum([0] + [len(b) for b in data])  # offsets[j] = bytes before draft token j
         self.stats.drafted += len(drafts)
 
@@ -114,15 +114,26 @@ class SafePolicy(PolicyBase):
         """Score the draft with every verifier and walk the checked positions."""
         verdict = Verdict(len(drafts))
         extra = b"".join(data)
-        previews = [v.track.preview(extra) for v in self.verifiers]
+        previews = [v.track.preview(extra, drafts) for v in self.verifiers]
         base = self.text_len
-        # OOV-like check: only offsets that are a boundary for every verifier can be ensembled.
-        checkable = [j for j in check if all(is_boundary(ends, base + int(offsets[j])) for _, ends in previews)]
+        # OOV-like check: only offsets that are a boundary for every re-tokenizing verifier can be ensembled
+        # (a verifier that follows the drafter's ids shares every boundary).
+        checkable = [j for j in check if all(v.follows_drafter or is_boundary(ends, base + int(offsets[j]))
+                                             for v, (_, ends) in zip(self.verifiers, previews))]
+        self.stats.unreliable += len(check) - len(checkable)
         if not checkable:
             return verdict
         vdists: list[dict[int, object]] = []
-        for v, (toks, ends) in zip(self.verifiers, previews):
-            rows = {j: len(v.prompt) + token_ending_at(ends, base + int(offsets[j])) for j in checkable}
+        for i, (v, (toks, ends)) in enumerate(zip(self.verifiers, previews), 1):
+            twin = self.twin[i]
+            if twin is not None:  # the same loaded model as an earlier member: its distributions
+                vdists.append({j: dists[j] for j in checkable} if twin == 0 else vdists[twin - 1])
+                self.stats.verification_calls += 1
+                continue
+            if v.follows_drafter:  # same ids: the row before draft token j, by index
+                rows = {j: len(v.prompt) + len(self.d_tokens) + j - 1 for j in checkable}
+            else:
+                rows = {j: len(v.prompt) + token_ending_at(ends, base + int(offsets[j])) for j in checkable}
             last_needed = max(rows.values())
             target = v.prompt + toks[: last_needed + 1 - len(v.prompt)]
             if len(target) >= v.model.n_ctx:
@@ -143,7 +154,7 @@ class SafePolicy(PolicyBase):
                 agree = [True] + [self._agrees(v, vd[j], key, p) for v, vd, p in zip(self.verifiers, vdists, ps[1:])]
                 if consensus(ps, agree, weights):
                     continue
-                chosen, winner = self.ensemble_choice(all_dists)
+                chosen, winner = self.ensemble_choice(all_dists, prefer=key)
             else:
                 chosen, winner = self._speculative(key, drafts[j], all_dists)
                 if chosen is None:
@@ -194,6 +205,7 @@ class SafePolicy(PolicyBase):
         self.stats.accepted_drafts += accepted
         self.d_tokens.extend(drafts[:accepted])
         new_text = b"".join(data[:accepted])
+        new_tokens = list(drafts[:accepted])
         if accepted < len(drafts) or self.pending is None:
             self.pending = None  # the drafter re-syncs (trim + feed) at the next step
         if replacement is not None:
@@ -201,13 +213,16 @@ class SafePolicy(PolicyBase):
             if chosen == EOG:
                 pieces.append(Piece(b"", "ensemble", winner, end=True))
             else:
-                # The chosen string is fed to the drafter as its own tokens (maybe several).
-                self.d_tokens.extend(d.tokens_for(chosen))
-                pieces.append(Piece(chosen, "ensemble", winner))
-                new_text += chosen
+                # The chosen candidate is fed to the drafter as its own tokens (maybe several).
+                chosen_tokens = d.key_tokens(chosen)
+                chosen_data = d.key_bytes(chosen)
+                self.d_tokens.extend(chosen_tokens)
+                pieces.append(Piece(chosen_data, "ensemble", winner))
+                new_text += chosen_data
+                new_tokens += chosen_tokens
         self.text_len += len(new_text)
         for v in self.verifiers:
-            v.track.extend(new_text)  # cheap tail re-tokenization; the cache catches up lazily
+            v.track.extend(new_text, new_tokens)  # ids, or a cheap tail re-tokenization; caches catch up lazily
         return pieces
 
 
