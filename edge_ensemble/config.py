@@ -136,6 +136,7 @@ KEYS: Mapping[str, Key] = MappingProxyType({k.name: k for k in (
     Key("threads", _int, "n_threads"),
     Key("gpu_layers", _int, "n_gpu_layers"),
     Key("flash_attn", _bool, "flash_attn"),
+    Key("control_tokens_in_messages", _bool, "control_tokens_in_messages"),
     Key("max_tokens", _int),
     Key("temperature", _float),
     Key("top_p", _float),

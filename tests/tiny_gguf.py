@@ -423,7 +423,7 @@ def write_tiny_llama(
     *,
     vocab: str = "spm",
     seed: int = 0,
-    n_ctx_train: int = 512,
+    n_ctx_train: int = 8192,  # as SmolLM2: above the default --n-ctx, so that no test meets the n_ctx warning
     n_embd: int = 32,
     n_layer: int = 2,
     n_head: int = 4,
@@ -548,7 +548,7 @@ def write_tiny_mamba(
     *,
     vocab: str = "spm",
     seed: int = 0,
-    n_ctx_train: int = 512,
+    n_ctx_train: int = 8192,  # as SmolLM2: above the default --n-ctx, so that no test meets the n_ctx warning
     n_embd: int = 32,
     n_layer: int = 2,
     d_inner: int | None = None,
