@@ -85,7 +85,8 @@ class LoadOptions:
     n_gpu_layers: int = 0  # -1 = offload everything (Metal / CUDA builds); 0 = CPU only
     flash_attn: bool | None = False  # off = llama-cpp-python's default (exact same logits); None = auto
     n_batch: int = 512
-    n_seq_max: int = 1  # > 1 for branching (EAGER); the KV cache is then unified
+    n_seq_max: int = 1  # > 1 for several sequences (branches, requests) in one context; the KV cache is then unified
+    hidden_states: bool = False  # also output the last hidden state at the rows asked for (a router reads it)
     vocab_only: bool = False  # tokenizer only: loads in milliseconds, no decoding
     seed: int = 0  # for samplers built on this model; llama.cpp decoding itself is deterministic
     # Parse control-token text inside message contents as control tokens (llama-cpp-python's behaviour, a
@@ -176,6 +177,9 @@ class Model:
         # Sliding-window models (Gemma 3) otherwise evict cells older than the window; after a rollback the
         # re-decoded positions would then miss keys they need. A full-size SWA cache keeps trim exact.
         cparams.swa_full = True
+        if o.hidden_states:  # per-token hidden states next to the logits (no pooling)
+            cparams.embeddings = True
+            cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             reason = _last_llama_error() or "out of memory?"
@@ -184,6 +188,12 @@ class Model:
         self.n_ctx = L.llama_n_ctx(self._ctx)
         self._memory = L.llama_get_memory(self._ctx)
         self._seq_tokens = [[] for _ in range(o.n_seq_max)]
+        self.n_embd: int = int(L.llama_model_n_embd(self._model))
+        # KV-cell ledger: which cells each sequence's positions use. A fork shares its parent's cells (unified
+        # cache), so cells are counted once however many sequences use them.
+        self._cells: list[list[int]] = [[] for _ in range(o.n_seq_max)]
+        self._cell_refs: dict[int, int] = {}
+        self._next_cell = 0
 
         # One batch reused for every decode; NumPy views let us fill it without per-token ctypes calls.
         # llama.cpp may clamp n_batch (e.g. to a small n_ctx): chunk by what the context really accepts.
@@ -195,14 +205,17 @@ class Model:
         self._b_nseq = np.ctypeslib.as_array(b.n_seq_id, shape=(self._n_batch,))
         self._b_logits = np.ctypeslib.as_array(b.logits, shape=(self._n_batch,))
         self._b_nseq[:] = 1
-        self._b_seq_filled = -1  # which seq id every slot's seq_id[i][0] currently holds
-        self._fill_seq_ids(0)
+        # seq_id[i] is a separate C array per slot (no NumPy view): remember what each slot holds and write
+        # only the slots whose sequence changes.
+        self._b_seq = np.zeros(self._n_batch, dtype=np.int32)
+        for i in range(self._n_batch):
+            self._batch.seq_id[i][0] = 0
 
-    def _fill_seq_ids(self, seq: int) -> None:
-        if self._b_seq_filled != seq:
-            for i in range(self._n_batch):  # only when the sequence changes, not per decode
-                self._batch.seq_id[i][0] = seq
-            self._b_seq_filled = seq
+    def _fill_seq_ids(self, seqs: np.ndarray) -> None:
+        m = len(seqs)
+        for i in np.flatnonzero(self._b_seq[:m] != seqs).tolist():
+            self._batch.seq_id[i][0] = int(seqs[i])
+        self._b_seq[:m] = seqs
 
     def close(self) -> None:
         """Free the context, batch and model. Safe to call twice."""
@@ -426,52 +439,144 @@ class Model:
         the next decode on this model: ``.copy()`` what you keep.
         """
         n = len(tokens)
-        if self._ctx is None:
-            raise ModelLoadError(f"{self.path.name} was loaded vocab_only (or closed); it cannot decode")
+        self._check_can_decode()
         if n == 0:
             return np.empty((0, self.n_vocab), dtype=np.float32)
         start = len(self._seq_tokens[seq])
-        if start + n > self.n_ctx:
+        if start + n > self.n_ctx or n > self.free_cells():
             raise ContextOverflowError(
                 f"{self.name}: context full ({start} + {n} tokens > n_ctx {self.n_ctx}); raise --n-ctx or shorten"
             )
-        rows = self._wanted_rows(want, n)
         flags = np.zeros(n, dtype=np.int8)
-        flags[rows] = 1
-        tok = np.asarray(tokens, dtype=np.int32)
-        self._fill_seq_ids(seq)
+        flags[self._wanted_rows(want, n)] = 1
+        logits, _ = self._decode_stream(np.full(n, seq, dtype=np.int32), np.arange(start, start + n, dtype=np.int32),
+                                        np.asarray(tokens, dtype=np.int32), flags)
+        if not logits:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        return logits[0] if len(logits) == 1 else np.concatenate(logits, axis=0)
 
-        kept: list[np.ndarray] = []  # rows from earlier chunks, copied before the buffer is reused
-        last_view: np.ndarray | None = None
+    def decode_many(self, requests: Sequence["SeqRequest"]) -> "BatchResult":
+        """Append tokens to several sequences in one batch — each at its own positions, logits only at the
+        rows asked for — with one llama_decode per ``n_batch`` tokens.
+
+        A request whose tokens do not fit (its positions past ``n_ctx``, or no free cells left for it after
+        the requests before it) is left out and listed in ``BatchResult.full``; the others go on. Results are
+        copies, addressable per sequence (and as (sequence, row) through :meth:`BatchResult.row`).
+        """
+        self._check_can_decode()
+        free = self.free_cells()
+        taken, full = [], []
+        for r in requests:
+            if not (0 <= r.seq < len(self._seq_tokens)):
+                raise ValueError(f"sequence {r.seq} out of range: the context has n_seq_max={len(self._seq_tokens)}")
+            n = len(r.tokens)
+            if n and (len(self._seq_tokens[r.seq]) + n > self.n_ctx or n > free):
+                full.append(r.seq)
+            elif n:
+                taken.append(r)
+                free -= n
+        result = BatchResult({}, {}, full)
+        if not taken:
+            return result
+        seqs = np.concatenate([np.full(len(r.tokens), r.seq, dtype=np.int32) for r in taken])
+        pos = np.concatenate([np.arange(len(self._seq_tokens[r.seq]), len(self._seq_tokens[r.seq]) + len(r.tokens),
+                                        dtype=np.int32) for r in taken])
+        toks = np.concatenate([np.asarray(r.tokens, dtype=np.int32) for r in taken])
+        flag_parts, owners = [], []
+        for r in taken:
+            f = np.zeros(len(r.tokens), dtype=np.int8)
+            rows = self._wanted_rows(r.want, len(r.tokens))
+            f[rows] = 1
+            flag_parts.append(f)
+            owners += [r.seq] * len(rows)
+        logits, hidden = self._decode_stream(seqs, pos, toks, np.concatenate(flag_parts))
+        owner = np.asarray(owners, dtype=np.int64)
+        all_logits = np.concatenate(logits, axis=0) if logits else np.empty((0, self.n_vocab), dtype=np.float32)
+        all_hidden = np.concatenate(hidden, axis=0) if hidden else None
+        for r in taken:
+            sel = owner == r.seq
+            result.logits[r.seq] = all_logits[sel]  # boolean indexing copies: safe past the next decode
+            if all_hidden is not None:
+                result.hidden[r.seq] = all_hidden[sel]
+        return result
+
+    def _check_can_decode(self) -> None:
+        if self._ctx is None:
+            raise ModelLoadError(f"{self.path.name} was loaded vocab_only (or closed); it cannot decode")
+
+    def _decode_stream(self, seqs: np.ndarray, pos: np.ndarray, tok: np.ndarray,
+                       flags: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """llama_decode over parallel (sequence, position, token, wants-logits) arrays, chunked by n_batch.
+        Returns the flagged rows' logits (and hidden states, when on) per chunk, in stream order: the last
+        chunk's as views of llama.cpp's buffers, earlier chunks' copied before the buffers are reused."""
+        n = len(tok)
+        logits: list[np.ndarray] = []
+        hidden: list[np.ndarray] = []
         for lo in range(0, n, self._n_batch):
             hi = min(n, lo + self._n_batch)
             m = hi - lo
+            self._fill_seq_ids(seqs[lo:hi])
             self._b_token[:m] = tok[lo:hi]
-            self._b_pos[:m] = np.arange(start + lo, start + hi, dtype=np.int32)
+            self._b_pos[:m] = pos[lo:hi]
             self._b_logits[:m] = flags[lo:hi]
             self._batch.n_tokens = m
             t0 = time.perf_counter()
             rc = L.llama_decode(self._ctx, self._batch)
             self.llama_decode_seconds += time.perf_counter() - t0
             if rc != 0:
-                self._rollback_failed_decode(seq, start + lo)
+                for s in np.unique(seqs[lo:hi]).tolist():  # drop cells a failed call may have written
+                    L.llama_memory_seq_rm(self._memory, s, len(self._seq_tokens[s]), -1)
                 if rc == 1:
                     raise ContextOverflowError(f"{self.name}: no KV cache slot for {m} tokens (context full)")
                 raise ModelLoadError(f"{self.name}: llama_decode failed with code {rc}")
-            self._seq_tokens[seq].extend(tokens[lo:hi])
+            self._record(seqs[lo:hi], tok[lo:hi])
             n_out = int(flags[lo:hi].sum())
-            if n_out:
-                ptr = L.llama_get_logits(self._ctx)
-                view = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
-                if hi < n:
-                    kept.append(view.copy())
-                else:
-                    last_view = view
-        if not kept:
-            return last_view if last_view is not None else np.empty((0, self.n_vocab), dtype=np.float32)
-        if last_view is not None:
-            kept.append(last_view)
-        return np.concatenate(kept, axis=0)
+            if n_out and not self.options.hidden_states:
+                view = np.ctypeslib.as_array(L.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
+                logits.append(view if hi == n else view.copy())
+            elif n_out:
+                # With embeddings on, llama.cpp outputs every row of the batch: pick the flagged ones by index.
+                idx = np.flatnonzero(flags[lo:hi]).tolist()
+                logits.append(np.stack([np.ctypeslib.as_array(L.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+                                        for i in idx]))
+                hidden.append(np.stack([np.ctypeslib.as_array(L.llama_get_embeddings_ith(self._ctx, i), shape=(self.n_embd,))
+                                        for i in idx]))
+        return logits, hidden
+
+    def _record(self, seqs: np.ndarray, tok: np.ndarray) -> None:
+        """Note decoded tokens in the per-sequence token lists and the cell ledger."""
+        if seqs[0] == seqs[-1] and (len(seqs) < 3 or not np.any(seqs != seqs[0])):
+            groups = [(int(seqs[0]), tok.tolist())]
+        else:
+            cuts = np.flatnonzero(np.diff(seqs)) + 1
+            groups = [(int(g[0]), t.tolist()) for g, t in zip(np.split(seqs, cuts), np.split(tok, cuts))]
+        for s, t in groups:
+            self._seq_tokens[s].extend(t)
+            cells = range(self._next_cell, self._next_cell + len(t))
+            self._next_cell += len(t)
+            self._cells[s].extend(cells)
+            for c in cells:
+                self._cell_refs[c] = 1
+
+    def _release(self, seq: int, keep: int) -> None:
+        """Forget the cells of ``seq`` past its first ``keep`` positions (a cell shared by a fork stays)."""
+        refs = self._cell_refs
+        for c in self._cells[seq][keep:]:
+            left = refs.get(c, 1) - 1
+            if left > 0:
+                refs[c] = left
+            else:
+                refs.pop(c, None)
+        del self._cells[seq][keep:]
+
+    @property
+    def cells_used(self) -> int:
+        """KV cells in use across all sequences (cells shared between a fork and its parent count once)."""
+        return len(self._cell_refs)
+
+    def free_cells(self) -> int:
+        """KV cells still free in this context."""
+        return self.n_ctx - len(self._cell_refs)
 
     @staticmethod
     def _wanted_rows(want: str | Sequence[int] | None, n: int) -> np.ndarray:
@@ -486,10 +591,6 @@ class Model:
         rows = np.unique(np.asarray(want, dtype=np.int64) % n) if len(want) else np.empty(0, dtype=np.int64)
         return rows
 
-    def _rollback_failed_decode(self, seq: int, keep: int) -> None:
-        # A failed llama_decode may have written some cells; drop them so the cache matches _seq_tokens.
-        L.llama_memory_seq_rm(self._memory, seq, keep, -1)
-
     def trim(self, n: int, seq: int = 0) -> None:
         """Keep only the first ``n`` tokens of ``seq`` in the cache (roll back the rest)."""
         if n < 0:
@@ -501,6 +602,7 @@ class Model:
         if not L.llama_memory_seq_rm(self._memory, seq, n, -1):
             raise ModelLoadError(f"{self.name}: llama.cpp refused to roll back the KV cache to {n} tokens")
         del self._seq_tokens[seq][n:]
+        self._release(seq, n)
 
     def cached_len(self, seq: int = 0) -> int:
         """Number of positions llama.cpp really holds for ``seq`` (max position + 1)."""
@@ -513,21 +615,62 @@ class Model:
             keep = min(cached, listed)
             L.llama_memory_seq_rm(self._memory, seq, keep, -1)
             del self._seq_tokens[seq][keep:]
+            self._release(seq, keep)
 
     def fork(self, src: int, dst: int) -> None:
         """Make sequence ``dst`` a copy of ``src`` (shared cells in the unified cache)."""
         if not (0 <= dst < len(self._seq_tokens)):
             raise ValueError(f"sequence {dst} out of range: the context has n_seq_max={len(self._seq_tokens)}")
-        L.llama_memory_seq_rm(self._memory, dst, -1, -1)
+        if dst == src:
+            return
+        self.drop(dst)
         L.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
         self._seq_tokens[dst] = list(self._seq_tokens[src])
+        self._cells[dst] = list(self._cells[src])
+        for c in self._cells[dst]:
+            self._cell_refs[c] += 1
+
+    def drop(self, seq: int) -> None:
+        """Remove a whole sequence; cells no other sequence shares become free."""
+        L.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        self._seq_tokens[seq] = []
+        self._release(seq, 0)
+
+    def keep_only(self, seq: int) -> None:
+        """Drop every sequence but ``seq`` (llama_memory_seq_keep)."""
+        L.llama_memory_seq_keep(self._memory, seq)
+        for s in range(len(self._seq_tokens)):
+            if s != seq:
+                self._seq_tokens[s] = []
+                self._release(s, 0)
 
     def reset(self, seq: int | None = None) -> None:
         """Empty one sequence's cache, or all of them."""
-        seqs = range(len(self._seq_tokens)) if seq is None else [seq]
-        for s in seqs:
-            L.llama_memory_seq_rm(self._memory, s, -1, -1)
-            self._seq_tokens[s] = []
+        for s in range(len(self._seq_tokens)) if seq is None else [seq]:
+            self.drop(s)
+
+
+@dataclass
+class SeqRequest:
+    """Tokens to append to one sequence in a multi-sequence batch (:meth:`Model.decode_many`), and which of
+    them need logits: "last", "all", None or indices into ``tokens``."""
+
+    seq: int
+    tokens: Sequence[int]
+    want: str | Sequence[int] | None = "last"
+
+
+@dataclass
+class BatchResult:
+    """What one multi-sequence batch produced."""
+
+    logits: dict[int, np.ndarray]  # sequence -> (rows asked for, n_vocab) float32, ascending positions
+    hidden: dict[int, np.ndarray]  # sequence -> (rows, n_embd) last hidden states, when the context makes them
+    full: list[int]  # sequences left out because their tokens do not fit: they end with finish_reason "length"
+
+    def row(self, seq: int, i: int = -1) -> np.ndarray:
+        """Logits of one (sequence, row)."""
+        return self.logits[seq][i]
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
