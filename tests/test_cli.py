@@ -423,3 +423,14 @@ def test_presets_and_version() -> None:
     version = invoke(["--version"])
     assert_ok(version)
     assert version.stdout.startswith(f"edge-ensemble {__version__} (llama-cpp-python ")
+
+
+def test_module_entry_point_knows_every_command():
+    """`python -m edge_ensemble.cli eval --help` works: the module runs main() only after every command exists."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edge_ensemble.cli", "eval", "--help"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "TASK" in out.stdout or "task" in out.stdout.lower()
