@@ -81,12 +81,6 @@ class TokenTrack:
         self.tokens.extend(tail)
         self.ends.extend(ends)
 
-    def set_text(self, text: bytes) -> None:
-        """Replace the whole text (used on reset)."""
-        self.text = b""
-        self.tokens = []
-        self.ends = []
-        self.extend(text)
 
 
 class SharedTrack:
@@ -125,12 +119,6 @@ class SharedTrack:
         self.tokens.extend(drafter_tokens)
         self.text += extra
 
-    def set_text(self, text: bytes) -> None:
-        """Reset (only to the empty text: a shared track cannot invent the drafter's tokens)."""
-        if text:
-            raise ValueError("a shared-tokenizer track starts empty")
-        self.text, self.tokens, self.ends = b"", [], []
-
 
 def complete_utf8_len(data: bytes) -> int:
     """Length of ``data`` without a trailing, still incomplete UTF-8 character."""
@@ -154,16 +142,18 @@ def is_char_boundary(text: bytes, offset: int) -> bool:
     return offset <= 0 or offset >= len(text) or text[offset] & 0xC0 != 0x80
 
 
-def reliable_view(ends: Sequence[int], text: bytes, offset: int, drafted_len: int) -> bool:
+def reliable_view(ends: Sequence[int], text: bytes, offset: int, drafted_len: int, text_start: int = 0) -> bool:
     """Whether a re-tokenizing member can be asked about the drafted token at byte ``offset`` of ``text``.
 
     Reliable when the drafted piece is whole text (it starts and ends at character boundaries), its start
     is one of the member's token boundaries, and the member's own token starting there does not run past
     the drafted piece: if it does (the drafter wrote " " + "hello" where the member writes " hello"), the
     member would score the drafted piece by a tokenization it never produces itself, and its low
-    probability says nothing about the text."""
+    probability says nothing about the text. ``text`` may be just the tail of the shared text that starts at
+    byte ``text_start`` (the draft), as long as it covers ``offset``."""
     end = offset + drafted_len
-    if not (is_char_boundary(text, offset) and is_char_boundary(text, end) and is_boundary(ends, offset)):
+    if not (is_char_boundary(text, offset - text_start) and is_char_boundary(text, end - text_start)
+            and is_boundary(ends, offset)):
         return False
     nxt = bisect_right(ends, offset)  # the member's token that starts at offset, if any
     return nxt >= len(ends) or ends[nxt] <= end

@@ -683,10 +683,13 @@ def _fingerprint(path: Path) -> str | None:
     memo = cache_dir() / "tokenizers.json"
     try:
         st = path.stat()
+    except OSError:
+        return None
+    try:
         known = json.loads(memo.read_text("utf-8")) if memo.exists() else {}
     except (OSError, ValueError):
         known = {}
-    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}" if path.exists() else ""
+    stamp = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     if stamp in known:
         return known[stamp]
     try:

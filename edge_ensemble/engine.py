@@ -108,8 +108,7 @@ def prepare_prompts(members: Sequence[Member], messages: Sequence[dict[str, str]
                 f"the prompt is {len(m.prompt)} tokens for {m.name} but its context holds {m.model.n_ctx}; "
                 "raise --n-ctx or shorten the prompt"
             )
-        m.track.set_text(b"")
-        m.reset_timers()
+        m.reset_timers()  # each member's track is made fresh when the policy aligns it (PolicyBase)
 
 
 class _TextStream:

@@ -545,7 +545,7 @@ class Model:
 
     def _record(self, seqs: np.ndarray, tok: np.ndarray) -> None:
         """Note decoded tokens in the per-sequence token lists and the cell ledger."""
-        if seqs[0] == seqs[-1] and (len(seqs) < 3 or not np.any(seqs != seqs[0])):
+        if not np.any(seqs != seqs[0]):  # the usual case: one sequence
             groups = [(int(seqs[0]), tok.tolist())]
         else:
             cuts = np.flatnonzero(np.diff(seqs)) + 1

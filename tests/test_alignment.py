@@ -173,6 +173,8 @@ def test_reliable_view_rules():
     assert not reliable_view([1, 3, 6], jp, 1, 2)  # inside a character
     assert not reliable_view([3, 6], jp, 3, 1)  # the drafted piece stops inside a character
     assert reliable_view([3, 6], jp, 3, 3)
+    assert reliable_view([3, 6], jp[3:], 3, 3, text_start=3)  # only the draft's bytes given: the same answer
+    assert not reliable_view([3, 6], jp[3:], 3, 1, text_start=3)
 
 
 def test_shared_track_holds_the_drafter_ids():

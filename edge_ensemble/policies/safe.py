@@ -119,9 +119,8 @@ class SafePolicy(PolicyBase):
         # SAFE's OOV-like check, made strict: a position is ensembled only where every re-tokenizing verifier
         # sees it reliably (a character boundary it shares, its next token not running past the drafted one).
         # A verifier that follows the drafter's ids shares every position.
-        text = self.verifiers[0].track.text + extra if self.verifiers else extra
         checkable = [j for j in check
-                     if all(v.follows_drafter or reliable_view(ends, text, base + int(offsets[j]), len(data[j]))
+                     if all(v.follows_drafter or reliable_view(ends, extra, base + int(offsets[j]), len(data[j]), base)
                             for v, (_, ends) in zip(self.verifiers, previews))]
         self.stats.unreliable += len(check) - len(checkable)
         if not checkable:
