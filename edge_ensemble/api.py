@@ -22,6 +22,7 @@ from .decisions import Gate, Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
+from .backends import LocalBackend
 from .member import Member
 from .policies import POLICIES, PolicyConfig
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
@@ -200,18 +201,19 @@ class Ensemble:
         paths, names = self._resolve(members, download=download, progress=progress)
         if cfg.check_memory:
             self._check_memory(paths, names)
-        loaded: list[tuple[Path, Model]] = []
+        loaded: list[tuple[Path, LocalBackend]] = []
         try:
             for i, (path, name) in enumerate(zip(paths, names)):
                 # The same weights listed twice are loaded once: both members then read one model's logits
                 # (identical by construction, where two loads would differ by batch-split noise).
-                model = next((m for p, m in loaded if _same_file(p, path)), None)
-                if model is None:
-                    model = Model(path, LoadOptions(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
-                                                    n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn,
-                                                    control_tokens_in_messages=cfg.control_tokens_in_messages))
-                    loaded.append((path, model))
-                self._members.append(Member(model, name=_unique(name, [m.name for m in self._members]), top_k=cfg.top_k))
+                backend = next((b for p, b in loaded if _same_file(p, path)), None)
+                if backend is None:
+                    backend = LocalBackend(Model(path, LoadOptions(
+                        n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                        flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages)))
+                    loaded.append((path, backend))
+                model = backend.model
+                self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members]), union_k=cfg.top_k))
                 _check_combinable(self._members[-1])
                 if 0 < model.n_ctx_train < cfg.n_ctx:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
@@ -329,7 +331,7 @@ class Ensemble:
         """
         with self._turn():
             for m in self._members:
-                m.model.trim(0)
+                m.model.reset()
 
     def close(self) -> None:
         """Free every model. The ensemble cannot be used afterwards.

@@ -17,7 +17,7 @@ import numpy as np
 
 from .decisions import Sampling
 from .errors import ContextOverflowError
-from .member import Member
+from .member import Lane, Member
 from .policies import ContextFull, PolicyConfig, make_policy
 
 
@@ -98,17 +98,41 @@ class GenerationOptions:
     sampling: Sampling = field(default_factory=Sampling)
 
 
-def prepare_prompts(members: Sequence[Member], messages: Sequence[dict[str, str]]) -> None:
-    """Render the conversation for each member in its own template and check it fits its context."""
-    for m in members:
-        m.model.reconcile()  # a previous generation may have been interrupted mid-decode
-        m.prompt = m.model.prompt_tokens(m.model.render_chat(messages))
-        if len(m.prompt) + 1 >= m.model.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(m.prompt)} tokens for {m.name} but its context holds {m.model.n_ctx}; "
-                "raise --n-ctx or shorten the prompt"
-            )
-        m.reset_timers()  # each member's track is made fresh when the policy aligns it (PolicyBase)
+def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,
+               raw: str | None = None) -> list[Lane]:
+    """One lane per member for a new generation: the prompt in each member's own template (or ``raw`` text
+    tokenized by each member itself, no template), checked against its context.
+
+    Members with the drafter's tokenizer follow its token ids; when all of them do, candidates are token ids.
+    A member whose backend is an earlier member's (the same weights listed twice) shares that lane's sequence.
+    """
+    drafter = members[0]
+    shared = [m.tokenizer_id == drafter.tokenizer_id for m in members]
+    by_id = all(shared)
+    lanes: list[Lane] = []
+    try:
+        for i, m in enumerate(members):
+            twin = next((lane for lane in lanes if lane.backend is m.backend), None)
+            if twin is not None:
+                prompt = list(twin.prompt)
+            else:
+                prompt = m.backend.raw_prompt(raw) if raw is not None else m.backend.chat_prompt(messages or [])
+            if len(prompt) + 1 >= m.backend.n_ctx:
+                raise ContextOverflowError(
+                    f"the prompt is {len(prompt)} tokens for {m.name} but its context holds {m.backend.n_ctx}; "
+                    "raise --n-ctx or shorten the prompt"
+                )
+            lanes.append(m.open_lane(prompt, follows_drafter=shared[i] and i > 0, by_id=by_id, twin_of=twin))
+    except BaseException:
+        close_lanes(lanes)
+        raise
+    return lanes
+
+
+def close_lanes(lanes: Sequence[Lane]) -> None:
+    """Give every lane's sequence back (cells kept for the next generation's shared prefix)."""
+    for lane in lanes:
+        lane.close()
 
 
 class _TextStream:
@@ -145,27 +169,38 @@ class _TextStream:
 
 def generate_events(
     members: Sequence[Member],
-    messages: Sequence[dict[str, str]],
+    messages: Sequence[dict[str, str]] | None = None,
     *,
+    raw: str | None = None,
     policy: str = "safe",
     policy_config: PolicyConfig = PolicyConfig(),
     options: GenerationOptions = GenerationOptions(),
 ) -> Iterator[Event]:
-    """Stream one answer. The generator may be closed early (Ctrl-C): caches stay consistent because
-    every member re-synchronises its cache against its own token list at the next generation."""
+    """Stream one answer to a conversation (``messages``) or a continuation of ``raw`` text. The generator
+    may be closed early (Ctrl-C): its lanes are given back, and caches stay consistent because every lane
+    re-synchronises its sequence against the tokens it should hold."""
     rng = np.random.default_rng(options.sampling.seed)
     active = list(members[:1]) if policy == "single" else list(members)
     stats = GenerationStats(policy=policy, members=[m.name for m in active])
 
     t0 = time.perf_counter()
-    prepare_prompts(active, messages)
-    runner = make_policy(policy, active, policy_config, options.sampling, rng)
+    lanes = open_lanes(active, messages, raw=raw)
+    try:
+        yield from _run(lanes, policy, policy_config, options, rng, stats, t0)
+    finally:
+        close_lanes(lanes)
+
+
+def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
+         rng: np.random.Generator, stats: GenerationStats, t0: float) -> Iterator[Event]:
+    """The loop of :func:`generate_events` over open lanes."""
+    runner = make_policy(policy, lanes, policy_config, options.sampling, rng)
     runner.start()
     t1 = time.perf_counter()
     stats.prompt_seconds = t1 - t0
-    stats.prompt_tokens = {m.name: len(m.prompt) for m in active}
-    prefill_seconds = {m.name: m.decode_seconds for m in active}
-    prefill_tokens = {m.name: m.decoded_tokens for m in active}
+    stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
+    prefill_seconds = {lane.name: lane.decode_seconds for lane in lanes}
+    prefill_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
 
     stream = _TextStream(options.stop)
     spans: list[Span] = []
@@ -213,9 +248,9 @@ def generate_events(
     stats.overridden_tokens = ps.overrides
     stats.verification_calls = ps.verification_calls
     stats.unreliable_positions = ps.unreliable
-    stats.shared_tokenizer = {m.name: i == 0 or m.follows_drafter for i, m in enumerate(active)}
-    stats.member_decode_seconds = {m.name: round(m.decode_seconds - prefill_seconds[m.name], 4) for m in active}
-    stats.member_decoded_tokens = {m.name: m.decoded_tokens - prefill_tokens[m.name] for m in active}
+    stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
+    stats.member_decode_seconds = {lane.name: round(lane.decode_seconds - prefill_seconds[lane.name], 4) for lane in lanes}
+    stats.member_decoded_tokens = {lane.name: lane.decoded_tokens - prefill_tokens[lane.name] for lane in lanes}
     stats.peak_memory_mb = _peak_rss_mb()
     text = bytes(stream.data).decode("utf-8", errors="replace")
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
