@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -186,14 +186,15 @@ def generate_events(
     t0 = time.perf_counter()
     lanes = open_lanes(active, messages, raw=raw)
     try:
-        yield from _run(lanes, policy, policy_config, options, rng, stats, t0)
+        done = yield from _run(lanes, policy, policy_config, options, rng, stats, t0)
     finally:
-        close_lanes(lanes)
+        close_lanes(lanes)  # before the last event: a caller who stops reading there leaves nothing open
+    yield done
 
 
 def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
-         rng: np.random.Generator, stats: GenerationStats, t0: float) -> Iterator[Event]:
-    """The loop of :func:`generate_events` over open lanes."""
+         rng: np.random.Generator, stats: GenerationStats, t0: float) -> Generator[Event, None, Event]:
+    """The loop of :func:`generate_events` over open lanes; returns the last event (with the result)."""
     runner = make_policy(policy, lanes, policy_config, options.sampling, rng)
     runner.start()
     t1 = time.perf_counter()
@@ -255,7 +256,7 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     text = bytes(stream.data).decode("utf-8", errors="replace")
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
     result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans))
-    yield Event("", "done", finish_reason=finish, result=result)
+    return Event("", "done", finish_reason=finish, result=result)
 
 
 def _add_span(spans: list[Span], kind: str, data: bytes, winner: str | None) -> None:
