@@ -66,3 +66,30 @@ def test_branches_fork_at_high_entropy_and_each_equals_its_prefix_decoded_alone(
         assert abs(total - b.logprob) < 0.01 * (len(b.tokens) + 1)
     fresh.close()
     model.close()
+
+
+def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
+    models = [Model(p, LoadOptions(n_ctx=2048, n_seq_max=4)) for p in tiny_bpe_close]
+    members = [Member(m, name=f"m{i}") for i, m in enumerate(models)]
+    lanes = [m.open_lane(m.backend.chat_prompt(ASK), follows_drafter=i > 0, by_id=True) for i, m in enumerate(members)]
+    cfg = EagerConfig(max_branches=4, threshold=1e9, ensemble_gate=1.01)  # no entropy forks; check every token
+    run = EagerRun(lanes, cfg, Sampling(), np.random.default_rng(0))
+    branches = run.run(20)
+    origins = [b.origin for b in branches]
+    assert origins[0] == "root" and "ensemble" in origins and "entropy" not in origins
+    assert run.ensemble_checks > 0
+    for b in branches[1:]:  # each ensemble branch starts with a token the drafter did not choose there
+        parent = branches[b.parent]
+        assert b.tokens[: b.forked_at] == parent.tokens[: b.forked_at]
+        assert b.tokens[b.forked_at] != parent.tokens[b.forked_at]
+    for lane in lanes:
+        lane.close()
+    assert all(sorted(m.backend._free) == [0, 1, 2, 3] for m in members)
+    # the same model twice never disagrees with itself: greedy ensemble branching adds nothing
+    twin = Member(members[0].backend, name="twin")  # the same loaded model listed twice
+    lanes = [members[0].open_lane(members[0].backend.chat_prompt(ASK), by_id=True)]
+    lanes.append(twin.open_lane(lanes[0].prompt, follows_drafter=True, by_id=True, twin_of=lanes[0]))
+    alone = EagerRun(lanes, cfg, Sampling(), np.random.default_rng(0)).run(20)
+    assert len(alone) == 1
+    for m in models:
+        m.close()

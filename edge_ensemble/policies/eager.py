@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..branching import TOP20, EntropyHistory, may_branch, topn_entropy
-from ..decisions import Sampling
+from ..decisions import EOG, Gate, Sampling
 from ..dist import Dist
+from ..errors import UsageError
 from ..member import Lane
+from .base import PolicyBase, PolicyConfig
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class EagerConfig:
     percentile: float = 99.0  # dynamic threshold: max(threshold, this percentile of the entropies so far)
     entropy: str = "top20"  # "top20" (the authors) or "full" (whole vocabulary)
     max_tokens_without_branch: int = 1000
+    # Ensemble branching: with several members, a token where the drafter's top-1 probability is below this
+    # gate is shown to the verifiers; where the union's best candidate differs from the drafter's token, that
+    # candidate starts a new branch (members contribute alternatives, not only corrections).
+    ensemble_gate: float = 0.5
 
 
 @dataclass
@@ -42,73 +48,88 @@ class Branch:
     finish_reason: str | None = None  # "stop" (end of generation) or "length"
     lane: Lane | None = None
     dist: Dist | None = None  # the next token's distribution while live
+    verifier_lanes: list[Lane] = field(default_factory=list)
+    origin: str = "root"  # "root", "entropy" (an EAGER fork: top-2) or "ensemble" (the union's alternative)
 
     @property
     def mean_logprob(self) -> float:
         return self.logprob / max(len(self.tokens), 1)
 
 
-class EagerRun:
-    """Runs EAGER over one member's lane to completion: :meth:`run` returns every branch."""
+class EagerRun(PolicyBase):
+    """Runs EAGER to completion over the drafter's lane (the first), with the other lanes as the ensemble
+    that proposes alternatives: :meth:`run` returns every branch."""
 
-    def __init__(self, lane: Lane, config: EagerConfig, sampling: Sampling, rng: np.random.Generator) -> None:
-        self.root = lane
-        self.config = config
-        self.sampling = sampling
-        self.rng = rng
+    def __init__(self, lanes: Lane | list[Lane], config: EagerConfig, sampling: Sampling, rng: np.random.Generator,
+                 policy_config: PolicyConfig = PolicyConfig(gate=Gate(None))) -> None:
+        super().__init__([lanes] if isinstance(lanes, Lane) else lanes, policy_config, sampling, rng)
+        if len(self.lanes) > 1 and not self.by_id:
+            raise UsageError("ensemble branching needs every member to share the drafter's tokenizer (as the "
+                             "`coder` preset does); run eager with one model or such members")
+        self.root = self.lanes[0]
+        self.eager = config
         self.history = EntropyHistory()
         self.branches: list[Branch] = []
         self.since_branch = 0
         self.batched_steps = 0
-
-    @property
-    def temperature(self) -> float:
-        return 1.0 if self.sampling.greedy else self.sampling.temperature
-
-    def _pick(self, dist: Dist) -> int:
-        """The branch's own token (greedy, or sampled after top-k / top-p), drawn as `single` draws it."""
-        from ..decisions import filter_probs
-
-        s = self.sampling
-        if s.greedy:
-            return dist.argmax
-        dist.proposal = filter_probs(dist.sampling_probs(), s.top_k, s.top_p)
-        return int(self.rng.choice(dist.proposal.size, p=dist.proposal))
+        self.ensemble_checks = 0
 
     def _entropy(self, dist: Dist) -> float:
-        return dist.entropy() if self.config.entropy == "full" else topn_entropy(dist.sampling_probs(), TOP20)
+        return dist.entropy() if self.eager.entropy == "full" else topn_entropy(dist.sampling_probs(), TOP20)
 
     def run(self, max_tokens: int) -> list[Branch]:
         lane = self.root
-        target = lane.prompt
-        root = Branch(0, None, 0, lane=lane)
-        root.dist = lane.feed(target, rows=[len(target) - 1], temperature=self.temperature)[len(target) - 1]
+        root = Branch(0, None, 0, lane=lane, verifier_lanes=self.lanes[1:])
+        root.dist = self.next_dist(lane, [])
+        for v in root.verifier_lanes:
+            v.feed(v.prompt)
         self.branches.append(root)
         live = [root]
         while live:
             choices: list[tuple[Branch, int]] = []
             for b in list(live):
-                tok = self._pick(b.dist)
+                tok = self.pick(b.dist)
                 h = self._entropy(b.dist)
                 self.history.add(h)
-                threshold = self.history.threshold(self.config.threshold, self.config.percentile)
-                if may_branch(h, threshold, len(self.branches), self.config.max_branches,
-                              self.since_branch, self.config.max_tokens_without_branch) and b.lane.room > 1:
+                threshold = self.history.threshold(self.eager.threshold, self.eager.percentile)
+                can_fork = (len(self.branches) < self.eager.max_branches and b.lane.room > 1
+                            and self.since_branch < self.eager.max_tokens_without_branch)
+                if can_fork and may_branch(h, threshold, len(self.branches), self.eager.max_branches,
+                                           self.since_branch, self.eager.max_tokens_without_branch):
                     ids, _ = b.dist.top(2)
                     if len(ids) == 2:
-                        child = self._fork(b)
                         tok = int(ids[0])  # the parent goes on with its top-1, the branch with the top-2
-                        choices.append((child, int(ids[1])))
-                        live.append(child)
-                        self.since_branch = -1
+                        choices.append((self._fork(b, "entropy"), int(ids[1])))
+                elif can_fork and b.verifier_lanes and b.dist.top1 < self.eager.ensemble_gate:
+                    alt = self._ensemble_alternative(b, tok)
+                    if alt is not None:
+                        choices.append((self._fork(b, "ensemble"), alt))
                 choices.append((b, tok))
-            self.since_branch += 1
+            if len(choices) > len(live):
+                self.since_branch = 0
+            else:
+                self.since_branch += 1
             live = self._advance(choices, max_tokens)
         return self.branches
 
-    def _fork(self, parent: Branch) -> Branch:
+    def _ensemble_alternative(self, b: Branch, tok: int) -> int | None:
+        """The union's best candidate at this position when it is not the drafter's ``tok`` (None otherwise):
+        each verifier brings its branch lane up to the branch's text (a lagging catch-up in one decode)."""
+        self.ensemble_checks += 1
+        dists = [b.dist] + [self.next_dist(v, b.tokens) for v in b.verifier_lanes]
+        keys, p, _ = self.union(dists, sharpen=False)
+        mine = self.root.key_of(tok)
+        order = np.argsort(-p, kind="stable")
+        best = keys[int(order[0])] if len(keys) else mine
+        if best == mine or best == EOG:
+            return None
+        self.stats.ensembled += 1
+        return int(best)  # by-id keys: a token id of the shared tokenizer
+
+    def _fork(self, parent: Branch, origin: str) -> Branch:
         child = Branch(len(self.branches), parent.index, len(parent.tokens), tokens=list(parent.tokens),
-                       logprob=parent.logprob, lane=parent.lane.fork(), dist=parent.dist)
+                       logprob=parent.logprob, lane=parent.lane.fork(), dist=parent.dist,
+                       verifier_lanes=[v.fork() for v in parent.verifier_lanes], origin=origin)
         self.branches.append(child)
         return child
 
@@ -145,5 +166,7 @@ class EagerRun:
     def _finish(self, b: Branch, reason: str) -> None:
         b.finish_reason = reason
         b.dist = None
-        if b.lane is not self.root:
-            b.lane.close(keep_cache=False)  # a branch's own cells are freed; the root keeps the prompt's
+        if b.lane is not self.root:  # a branch's own cells are freed; the root lanes keep the prompt's
+            b.lane.close(keep_cache=False)
+            for v in b.verifier_lanes:
+                v.close(keep_cache=False)
