@@ -22,10 +22,11 @@ from .decisions import Gate, Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
+from .gguf import check_gguf
 from .member import Member
 from .policies import POLICIES, PolicyConfig
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
-from .sources import ModelSpec, SpecLike
+from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
 SHARPEN_CHOICES = ("prefix", "geometric", "none")
 MAX_DRAFT_LEN = 64
@@ -124,8 +125,6 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
     activations; the output buffer holding those logits; and our per-token tables. Checked against measured peaks in
     tests/test_faults.py.
     """
-    from .gguf import check_gguf
-
     repacked = sum(t.nbytes for t in check_gguf(path)
                    if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
     probe = Model(path, LoadOptions(vocab_only=True))
@@ -227,16 +226,12 @@ class Ensemble:
     @classmethod
     def from_preset(cls, name: str | None = None, **kwargs: object) -> "Ensemble":
         """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None)."""
-        from .sources import Catalog
-
         catalog = Catalog.load()
         preset = catalog.preset(name) if name else catalog.default_preset
         return cls(list(preset.members), **kwargs)  # type: ignore[arg-type]
 
     @staticmethod
     def _resolve(specs: Sequence[SpecLike], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:
-        from .sources import Catalog, parse_spec, resolve
-
         catalog = Catalog.load()
         parsed = [parse_spec(spec, catalog) for spec in specs]  # every spec checked before anything downloads
         paths = [resolve(spec, download=download, progress=progress) for spec in parsed]
