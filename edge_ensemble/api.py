@@ -23,9 +23,11 @@ from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
 from .backends import LocalBackend
+from .gguf import check_gguf
 from .member import Member
 from .policies import POLICIES, PolicyConfig
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
+from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
 SHARPEN_CHOICES = ("prefix", "geometric", "none")
 MAX_DRAFT_LEN = 64
@@ -124,8 +126,6 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
     activations; the output buffer holding those logits; and our per-token tables. Checked against measured peaks in
     tests/test_faults.py.
     """
-    from .sources import check_gguf
-
     repacked = sum(t.nbytes for t in check_gguf(path)
                    if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
     probe = Model(path, LoadOptions(vocab_only=True))
@@ -171,16 +171,16 @@ class Ensemble:
     for itself.
     """
 
-    def __init__(self, members: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
+    def __init__(self, members: Sequence[SpecLike] | SpecLike, *,
                  config: EnsembleConfig | None = None, download: bool = True, progress: bool = False,
                  **options: object) -> None:
         self._members: list[Member] = []
         self._turn_lock = threading.Lock()
         self._turn_owner: int | None = None  # thread id of the answer in progress
         self._open_stream: weakref.ref[Iterator[Event]] | None = None  # and its generator
-        if isinstance(members, (str, os.PathLike)):
+        if isinstance(members, (str, os.PathLike, ModelSpec)):
             members = [members]
-        elif isinstance(members, bytes) or not all(isinstance(m, (str, os.PathLike)) for m in members or ()):
+        elif isinstance(members, bytes) or not all(isinstance(m, (str, os.PathLike, ModelSpec)) for m in members or ()):
             raise UsageError(f"members must be a model spec or a list of them (paths, hf:... or catalog names); got {members!r}")
         if not members:
             raise UsageError("give at least one model (a path, hf:org/repo/file or a catalog name)")
@@ -228,24 +228,16 @@ class Ensemble:
     @classmethod
     def from_preset(cls, name: str | None = None, **kwargs: object) -> "Ensemble":
         """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None)."""
-        from .sources import Catalog
-
         catalog = Catalog.load()
         preset = catalog.preset(name) if name else catalog.default_preset
         return cls(list(preset.members), **kwargs)  # type: ignore[arg-type]
 
     @staticmethod
-    def _resolve(specs: Sequence[str | os.PathLike[str]], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:
-        from .sources import Catalog, resolve_model
-
+    def _resolve(specs: Sequence[SpecLike], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:
         catalog = Catalog.load()
-        paths, names = [], []
-        for spec in specs:
-            spec_s = os.fspath(spec)
-            paths.append(resolve_model(spec_s, catalog=catalog, download=download, progress=progress))
-            entry = _catalog_entry(catalog, spec_s)
-            names.append(entry.name if entry is not None else Path(spec_s.split("@")[0]).stem)
-        return paths, names
+        parsed = [parse_spec(spec, catalog) for spec in specs]  # every spec checked before anything downloads
+        paths = [resolve(spec, download=download, progress=progress) for spec in parsed]
+        return paths, [spec.display_name for spec in parsed]
 
     def _check_memory(self, paths: Sequence[Path], names: Sequence[str]) -> None:
         available = available_memory_bytes()
@@ -350,15 +342,6 @@ class Ensemble:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _catalog_entry(catalog, spec: str):
-    try:
-        if Path(spec).exists() or spec.startswith("hf:"):
-            return None
-        return catalog.model(spec)
-    except Exception:
-        return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
