@@ -11,7 +11,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Generator, Iterator, Sequence
+from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -54,6 +54,8 @@ class GenerationStats:
     member_decode_seconds: dict[str, float] = field(default_factory=dict)
     member_decoded_tokens: dict[str, int] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    branches: int = 0  # answers a branching policy (eager) generated; 0 for the others
+    generated_tokens: int = 0  # tokens generated across all branches (eager); ``tokens`` is the chosen one's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,14 +81,35 @@ class GenerationResult:
     finish_reason: str  # "stop" (end of generation or a stop string), "length" (max_tokens or context full)
     stats: GenerationStats
     provenance: list[Span]
+    branches: list["BranchInfo"] = field(default_factory=list)  # every answer of a branching policy (eager)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "text": self.text,
             "finish_reason": self.finish_reason,
             "stats": self.stats.to_dict(),
             "provenance": [asdict(s) for s in self.provenance],
         }
+        if self.branches:
+            out["branches"] = [asdict(b) for b in self.branches]
+        return out
+
+
+@dataclass
+class BranchInfo:
+    """One answer of a branching run: its text, where it forked from, what it answered and how it voted."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str
+    parent: int | None  # the branch it forked from (None for the first)
+    forked_at: int  # token index in the parent's answer where it forked
+    origin: str  # "root", "entropy" (EAGER's top-2 fork) or "ensemble" (the members' alternative)
+    mean_logprob: float
+    answer: str | None = None  # the extracted answer (None: no extractor, or nothing found)
+    votes: int = 0  # branches that gave the same answer (itself included)
+    chosen: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,9 @@ class GenerationOptions:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     sampling: Sampling = field(default_factory=Sampling)
+    # A branching policy votes over the answers this extracts (an eval task's extractor); None = free text,
+    # where the branch with the best mean token log-probability is chosen.
+    extract: Callable[[str], str | None] | None = None
 
 
 def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,
@@ -185,8 +211,9 @@ def generate_events(
 
     t0 = time.perf_counter()
     lanes = open_lanes(active, messages, raw=raw)
+    run = _run_branches if policy == "eager" else _run
     try:
-        done = yield from _run(lanes, policy, policy_config, options, rng, stats, t0)
+        done = yield from run(lanes, policy, policy_config, options, rng, stats, t0)
     finally:
         close_lanes(lanes)  # before the last event: a caller who stops reading there leaves nothing open
     yield done
@@ -257,6 +284,57 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
     result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans))
     return Event("", "done", finish_reason=finish, result=result)
+
+
+def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
+                  rng: np.random.Generator, stats: GenerationStats, t0: float) -> Generator[Event, None, Event]:
+    """EAGER: every branch to its end (all live ones in one batch per step), then the vote; the chosen answer
+    is streamed at the end. Returns the last event, whose result lists every branch."""
+    from .branching import majority_vote
+    from .policies.eager import EagerRun
+
+    eager = policy_config.eager
+    runner = EagerRun(lanes, eager, options.sampling, rng, policy_config)
+    t1 = time.perf_counter()
+    stats.prompt_seconds = t1 - t0
+    stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
+    try:
+        branches = runner.run(options.max_tokens)
+    finally:
+        stats.generation_seconds = time.perf_counter() - t1
+    infos: list[BranchInfo] = []
+    for b in branches:
+        finish = b.finish_reason or "length"
+        data = b"".join(lanes[0].member.token_bytes(t) for t in b.tokens)
+        cut = _TextStream(options.stop)
+        cut.push(data)
+        if cut.stopped:
+            finish = "stop"
+        text = bytes(cut.data).decode("utf-8", errors="replace")
+        answer = options.extract(text) if options.extract is not None else None
+        infos.append(BranchInfo(b.index, text, len(b.tokens), finish, b.parent, b.forked_at, b.origin,
+                                round(b.mean_logprob, 4), answer))
+    chosen = majority_vote([i.answer for i in infos], [i.mean_logprob for i in infos])
+    for i in infos:
+        i.votes = sum(1 for j in infos if i.answer is not None and j.answer == i.answer)
+    infos[chosen].chosen = True
+    best = infos[chosen]
+    generated = sum(i.tokens for i in infos)
+    stats.tokens = best.tokens
+    stats.generated_tokens = generated
+    stats.branches = len(infos)
+    stats.tokens_per_second = generated / stats.generation_seconds if stats.generation_seconds > 0 else 0.0
+    stats.ensembled_tokens = runner.stats.ensembled
+    stats.verification_calls = runner.ensemble_checks
+    stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
+    stats.member_decode_seconds = {lane.name: round(lane.decode_seconds, 4) for lane in lanes}
+    stats.member_decoded_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
+    stats.peak_memory_mb = _peak_rss_mb()
+    if best.text:
+        yield Event(best.text, "draft")
+    result = GenerationResult(text=best.text, finish_reason=best.finish_reason, stats=stats,
+                              provenance=[Span("draft", best.text)], branches=infos)
+    return Event("", "done", finish_reason=best.finish_reason, result=result)
 
 
 def _add_span(spans: list[Span], kind: str, data: bytes, winner: str | None) -> None:

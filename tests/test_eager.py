@@ -93,3 +93,25 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     assert len(alone) == 1
     for m in models:
         m.close()
+
+
+def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
+    from edge_ensemble.policies import PolicyConfig
+
+    model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
+    member = Member(model, name="m")
+    cfg = PolicyConfig(eager=EagerConfig(max_branches=4, threshold=0.0, percentile=0.0))
+    first_char = lambda text: text[:1] or None  # noqa: E731 - a stand-in extractor: the answer is the first character
+    opts = GenerationOptions(max_tokens=16, sampling=Sampling(temperature=0.6, seed=1), extract=first_char)
+    events = list(generate_events([member], ASK, policy="eager", policy_config=cfg, options=opts))
+    result = events[-1].result
+    assert "".join(e.text for e in events) == result.text
+    assert len(result.branches) == 4 == result.stats.branches
+    chosen = [b for b in result.branches if b.chosen]
+    assert len(chosen) == 1 and chosen[0].text == result.text
+    votes = {b.answer: b.votes for b in result.branches}
+    assert chosen[0].votes == max(votes.values())
+    assert result.stats.generated_tokens == sum(b.tokens for b in result.branches)
+    assert result.to_dict()["branches"][0]["origin"] == "root"
+    assert sorted(member.backend._free) == [0, 1, 2, 3]
+    model.close()

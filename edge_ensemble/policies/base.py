@@ -40,6 +40,7 @@ class PolicyConfig:
     # A verifier "agrees" with a drafted token within this relative margin of its own top probability:
     # batched verification and one-token drafting differ numerically, so exact near-ties can flip.
     tie_tolerance: float = 0.1
+    eager: "EagerConfig" = field(default_factory=lambda: _eager_default())  # the eager policy's knobs
 
 
 @dataclass
@@ -143,3 +144,9 @@ class PolicyBase:
             raise ContextFull
         row = len(target) - 1
         return lane.feed(target, rows=[row], temperature=self.temperature)[row]
+
+
+def _eager_default() -> "EagerConfig":
+    from .eager import EagerConfig  # eager imports this module
+
+    return EagerConfig()
