@@ -115,3 +115,23 @@ def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
     assert result.to_dict()["branches"][0]["origin"] == "root"
     assert sorted(member.backend._free) == [0, 1, 2, 3]
     model.close()
+
+
+def test_parallel_is_m_independent_answers_in_one_batch(tiny_bpe):
+    model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
+    member, lane = _lane(model)
+    greedy = EagerConfig(max_branches=4, threshold=float("inf"), initial_branches=4)
+    branches = EagerRun(lane, greedy, Sampling(), np.random.default_rng(0)).run(20)
+    assert [b.origin for b in branches] == ["root", "parallel", "parallel", "parallel"]
+    assert len({tuple(b.tokens) for b in branches}) == 1  # greedy: four copies of one answer
+    model.reset()
+    single = list(generate_events([member], ASK, policy="single", policy_config=PolicyConfig(),
+                                  options=GenerationOptions(max_tokens=20)))[-1].result
+    assert model.detokenize(branches[0].tokens) == single.text.encode()
+    model.reset()
+    member, lane = _lane(model)
+    run = EagerRun(lane, greedy, Sampling(temperature=0.9, seed=3), np.random.default_rng(3))
+    sampled = run.run(20)
+    assert len({tuple(b.tokens) for b in sampled}) > 1  # independent samples
+    assert run.batched_steps <= 20  # one decode per step for all four
+    model.close()

@@ -30,6 +30,9 @@ class EagerConfig:
     percentile: float = 99.0  # dynamic threshold: max(threshold, this percentile of the entropies so far)
     entropy: str = "top20"  # "top20" (the authors) or "full" (whole vocabulary)
     max_tokens_without_branch: int = 1000
+    # Branches at the start (the authors' initial_sequences): max_branches of them and an infinite threshold
+    # is "full parallel", M independent samples decoded as M sequences in one batch.
+    initial_branches: int = 1
     # Ensemble branching: with several members, a token where the drafter's top-1 probability is below this
     # gate is shown to the verifiers; where the union's best candidate differs from the drafter's token, that
     # candidate starts a new branch (members contribute alternatives, not only corrections).
@@ -49,7 +52,9 @@ class Branch:
     lane: Lane | None = None
     dist: Dist | None = None  # the next token's distribution while live
     verifier_lanes: list[Lane] = field(default_factory=list)
-    origin: str = "root"  # "root", "entropy" (an EAGER fork: top-2) or "ensemble" (the union's alternative)
+    # "root", "parallel" (started with the root), "entropy" (an EAGER fork: top-2) or "ensemble" (the union's
+    # alternative)
+    origin: str = "root"
 
     @property
     def mean_logprob(self) -> float:
@@ -84,7 +89,8 @@ class EagerRun(PolicyBase):
         for v in root.verifier_lanes:
             v.feed(v.prompt)
         self.branches.append(root)
-        live = [root]
+        live = [root] + [self._fork(root, "parallel")
+                         for _ in range(min(self.eager.initial_branches, self.eager.max_branches) - 1)]
         while live:
             choices: list[tuple[Branch, int]] = []
             for b in list(live):
