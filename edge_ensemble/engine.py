@@ -18,6 +18,7 @@ import numpy as np
 from .decisions import Sampling
 from .errors import ContextOverflowError
 from .member import Member
+from .options import GENERATION
 from .policies import ContextFull, PolicyConfig, make_policy
 
 
@@ -93,7 +94,7 @@ class GenerationResult:
 class GenerationOptions:
     """Per-call settings, validated at the edge."""
 
-    max_tokens: int = 256
+    max_tokens: int = GENERATION["max_tokens"].default
     stop: tuple[str, ...] = ()
     sampling: Sampling = field(default_factory=Sampling)
 

@@ -70,11 +70,11 @@ class Dist:
 class Member:
     """Wraps a :class:`Model` with the per-generation state an ensemble needs."""
 
-    def __init__(self, model: Model, *, name: str | None = None, weight: float = 1.0, top_k: int = 10) -> None:
+    def __init__(self, model: Model, *, name: str | None = None, weight: float = 1.0, union_k: int = 10) -> None:
         self.model = model
         self.name = name or model.name
         self.weight = weight
-        self.k = top_k
+        self.k = union_k  # candidates in the union; each policy sets its own (PolicyBase)
         self.prompt: list[int] = []
         self.track: TokenTrack | SharedTrack = TokenTrack(self._tokenize_text, model.token_bytes)
         self.by_id = False  # candidates keyed by token id (every member shares one tokenizer), else by bytes

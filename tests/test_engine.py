@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from edge_ensemble.api import Ensemble, EnsembleConfig
-from edge_ensemble.decisions import Gate
 from edge_ensemble.engine import GenerationOptions, generate_events
 from edge_ensemble.member import Member
 from edge_ensemble.policies import PolicyConfig
@@ -86,7 +85,7 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
     monkeypatch.setattr(Model, "trim", counting_trim)
     members = [Member(Model(p, LoadOptions(n_ctx=3072)), name=n) for p, n in ((tiny_bpe, "bpe"), (tiny_spm, "spm"))]
     events = list(generate_events(members, [{"role": "user", "content": "Tell me a long story."}], policy="safe",
-                                  policy_config=PolicyConfig(gate=Gate(None)), options=GenerationOptions(max_tokens=2000)))
+                                  policy_config=PolicyConfig(gate=None), options=GenerationOptions(max_tokens=2000)))
     result = events[-1].result
     assert result.stats.tokens >= 1500, f"stopped early: {result.finish_reason} after {result.stats.tokens}"
     assert trims["n"] >= 200
@@ -157,7 +156,8 @@ def test_max_tokens_stop_strings_and_context_exhaustion(tiny_bpe, tiny_spm):
 def test_api_refuses_bad_values_with_one_line(tiny_bpe):
     from edge_ensemble.errors import UsageError
 
-    for bad in ({"draft_len": 2.5}, {"top_k": 0}, {"n_ctx": 4096.0}, {"weights": (float("nan"),)}, {"gate": 1.5}):
+    for bad in ({"draft_len": 2.5}, {"union_k": 0}, {"top_k": 5}, {"n_ctx": 4096.0}, {"weights": (float("nan"),)},
+                {"gate": 1.5}):
         with pytest.raises(UsageError):
             Ensemble([tiny_bpe], config=_cfg(), **bad)
     with Ensemble([tiny_bpe], config=_cfg()) as ens:

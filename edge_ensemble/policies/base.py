@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import numpy as np
 
 from ..alignment import is_whole_text
-from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
+from ..decisions import EOG, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
 from ..member import Dist, Member
+from ..options import Option
+
+if TYPE_CHECKING:
+    from . import PolicyConfig
 
 
 class ContextFull(Exception):
@@ -26,19 +31,11 @@ class Piece:
     end: bool = False  # end of generation
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Knobs of the ensemble policies (validated at the edge)."""
-
-    draft_len: int = 5  # SAFE: tokens the drafter proposes per cycle
-    gate: Gate = field(default_factory=Gate)  # entropy gating; Gate(None) = faithful SAFE
-    top_k: int = 10  # UniTE candidate union
-    sharpen: str = "prefix"  # "prefix" (paper's heuristic), "geometric" (geometric mean), "none"
-    sharpen_lambda: float = 0.1
-    weights: tuple[float, ...] | None = None  # per member; None = equal
-    # A verifier "agrees" with a drafted token within this relative margin of its own top probability:
-    # batched verification and one-token drafting differ numerically, so exact near-ties can flip.
-    tie_tolerance: float = 0.1
+# Options every ensembling policy reads (a policy lists the ones it uses in its ``options``).
+UNION_K = Option("union_k", int, 10, "Candidates each member adds to the union the ensemble picks from.",
+                 range=(1, 1000))
+WEIGHTS = Option("weights", tuple, None, "Member weights, one per member, e.g. 2,1.", item=float,
+                 range=(0.0, math.inf), above=True, shown_default="equal")
 
 
 @dataclass
@@ -68,6 +65,9 @@ class Policy(Protocol):
 class PolicyBase:
     """Helpers for policies: the ensemble decision at one position and drafter token choice."""
 
+    # The options this policy reads; the CLI flags, config keys and API keywords derive from them.
+    options: ClassVar[tuple[Option, ...]] = ()
+
     def __init__(self, members: Sequence[Member], config: PolicyConfig, sampling: Sampling, rng: np.random.Generator) -> None:
         self.members = list(members)
         self.config = config
@@ -77,6 +77,7 @@ class PolicyBase:
         w = config.weights or tuple(1.0 for _ in members)
         for m, wi in zip(self.members, w):
             m.weight = wi
+            m.k = config.union_k  # per generation: a call may override the union size
         # Members with the drafter's tokenizer follow its token ids; when all do, candidates are token ids.
         drafter = self.members[0]
         shared = [m.tokenizer_id == drafter.tokenizer_id for m in self.members]
