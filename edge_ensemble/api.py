@@ -133,6 +133,9 @@ class Ensemble:
     finished or closed (llama.cpp contexts are not thread-safe); a second stream opened by the thread whose
     first stream is still open raises :class:`~edge_ensemble.errors.BusyError` at once instead of waiting
     for itself.
+
+    ``options`` (:data:`ENSEMBLE_OPTIONS`, by their Python names): the policy, the policies' options (a call
+    may override those) and the load options, e.g. ``Ensemble(specs, gate=None, union_k=8, n_ctx=2048)``.
     """
 
     def __init__(self, members: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
@@ -148,7 +151,7 @@ class Ensemble:
             raise UsageError(f"members must be a model spec or a list of them (paths, hf:... or catalog names); got {members!r}")
         if not members:
             raise UsageError("give at least one model (a path, hf:org/repo/file or a catalog name)")
-        check_names(options, ENSEMBLE_OPTIONS)
+        check_names(options, ENSEMBLE_OPTIONS, elsewhere=GENERATION, hint="set per answer; give it to generate() or stream()")
         self.config = cfg = dataclasses.replace(config or EnsembleConfig(), **options).validate(len(members))
         if cfg.n_threads is not None and cfg.n_threads > usable_cores():
             warn(f"{cfg.n_threads} threads (--threads / n_threads) is more than the {usable_cores()} CPU cores this"
@@ -238,15 +241,10 @@ class Ensemble:
         if not self._members:
             raise UsageError("this ensemble is closed")
         msgs = _messages(prompt, messages, system)
-        fixed = sorted(set(options) & set(LOAD))
-        if fixed:
-            raise UsageError(f"{', '.join(fixed)} cannot change per call (the models are loaded with it); give it"
-                             " to Ensemble(...)")
-        check_names(options, CALL_OPTIONS)
+        check_names(options, CALL_OPTIONS, elsewhere=LOAD, hint="fixed when the models load; give it to Ensemble(...)")
         gen = {name: o.check(options.get(name, o.default)) for name, o in GENERATION.items()}
-        opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]),
-                                 sampling=Sampling(temperature=gen["temperature"], top_p=gen["top_p"], top_k=gen["top_k"],
-                                                  seed=gen["seed"]))
+        sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
+        opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling)
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
         stream: list[Iterator[Event]] = []

@@ -812,7 +812,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     label = preset or ("-".join(Path(m).stem for m in members) if members else catalog.default_preset.name)
     out = Path(out_dir or Path("results") / label)
     max_tokens = options.pop("max_tokens", None)
-    base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda name: ENSEMBLE_OPTIONS[name].flag)
+    base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     names = [c.strip() for c in configs.split(",")] if configs else None
     engine_configs, ensembles = build_configs(specs, names, base)
     if not engine_configs:

@@ -164,11 +164,17 @@ def by_name(options: Iterable[Option]) -> dict[str, Option]:
     return out
 
 
-def check_names(given: Iterable[str], valid: Mapping[str, Option], what: str = "option") -> None:
-    """Refuse keyword arguments that are not options, with one line listing the valid names."""
-    unknown = sorted(set(given) - set(valid))
+def check_names(given: Iterable[str], valid: Mapping[str, Option], *, elsewhere: Iterable[str] = (),
+                hint: str = "") -> None:
+    """Refuse keyword arguments that are not options here, with one line: names in ``elsewhere`` are options
+    of another call (``hint`` says which), any other unknown name gets the list of valid ones."""
+    given = set(given)
+    misplaced = sorted(given & set(elsewhere))
+    if misplaced:
+        raise UsageError(f"{', '.join(misplaced)}: {hint}")
+    unknown = sorted(given - set(valid))
     if unknown:
-        raise UsageError(f"unknown {what}(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        raise UsageError(f"unknown option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
 
 
 T = TypeVar("T")

@@ -156,8 +156,8 @@ def test_max_tokens_stop_strings_and_context_exhaustion(tiny_bpe, tiny_spm):
 def test_api_refuses_bad_values_with_one_line(tiny_bpe):
     from edge_ensemble.errors import UsageError
 
-    for bad in ({"draft_len": 2.5}, {"union_k": 0}, {"top_k": 5}, {"n_ctx": 4096.0}, {"weights": (float("nan"),)},
-                {"gate": 1.5}):
+    for bad in ({"draft_len": 2.5}, {"union_k": 0}, {"top_k": 5}, {"max_tokens": 5}, {"n_ctx": 4096.0},
+                {"weights": (float("nan"),)}, {"gate": 1.5}):
         with pytest.raises(UsageError):
             Ensemble([tiny_bpe], config=_cfg(), **bad)
     with Ensemble([tiny_bpe], config=_cfg()) as ens:
@@ -168,6 +168,25 @@ def test_api_refuses_bad_values_with_one_line(tiny_bpe):
             assert "\n" not in str(err.value)
         r = ens.generate("hi", max_tokens=30, stop="###")  # a plain string is one stop string, not three
         assert r.finish_reason in ("stop", "length")
+
+
+def test_a_call_overrides_policy_options_for_itself_only(tiny_bpe, tiny_spm):
+    from edge_ensemble.errors import UsageError
+
+    with Ensemble([tiny_bpe, tiny_spm], config=_cfg()) as ens:
+        faithful = ens.generate("Count", max_tokens=24, gate=None, draft_len=3)
+        assert ens.config.gate == 0.5 and ens.config.draft_len == 5  # the next call gets the ensemble's own
+        ens.generate("Count", max_tokens=4, policy="every-token", union_k=1)
+        assert [m.k for m in ens._members] == [1, 1]  # the union size is the call's, not fixed at load
+        for bad, fragment in (({"gate": 2}, "gate must be a number between 0.0 and 1.0 or None; got 2"),
+                              ({"draftlen": 3}, "unknown option(s) draftlen; valid: max_tokens, stop,"),
+                              ({"n_ctx": 512}, "n_ctx: fixed when the models load; give it to Ensemble(...)"),
+                              ({"weights": (1,)}, "weights: give one per member (2); got 1")):
+            with pytest.raises(UsageError) as err:
+                ens.generate("Count", **bad)
+            assert fragment in str(err.value) and "\n" not in str(err.value)
+    with Ensemble([tiny_bpe, tiny_spm], config=_cfg(gate=None, draft_len=3)) as ens:
+        assert ens.generate("Count", max_tokens=24).text == faithful.text
 
 
 def test_members_that_cannot_share_text_are_refused_with_the_reason(tmp_path, tiny_bpe):
