@@ -10,92 +10,57 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import threading
 import weakref
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from .decisions import Gate, Sampling
+from .decisions import Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
 from .backends import LocalBackend
 from .gguf import check_gguf
 from .member import Member
-from .policies import POLICIES, PolicyConfig
+from .options import GENERATION, LOAD, Option, check_names, replace_checked, values_of, with_options
+from .policies import POLICY, POLICY_OPTIONS, PolicyConfig
+from .policies.safe import DRAFT_LEN
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
-SHARPEN_CHOICES = ("prefix", "geometric", "none")
-MAX_DRAFT_LEN = 64
+MAX_DRAFT_LEN = int(DRAFT_LEN.range[1])  # type: ignore[index]  # the most logits rows one decode asks for
+
+# What an ensemble is made with: its policy, every policy's options (a call may override those) and the load
+# options (fixed once the models are loaded).
+ENSEMBLE_OPTIONS: dict[str, Option] = {"policy": POLICY, **POLICY_OPTIONS, **LOAD}
+# What one call (stream / generate) may set: the generation options, and the policy with its options.
+CALL_OPTIONS: dict[str, Option] = {**GENERATION, "policy": POLICY, **POLICY_OPTIONS}
 
 
-@dataclass(frozen=True)
+@with_options(*ENSEMBLE_OPTIONS.values())
 class EnsembleConfig:
-    """Everything that shapes an ensemble, validated once by :meth:`validate`."""
+    """Everything that shapes an ensemble (fields: :data:`ENSEMBLE_OPTIONS`), validated once by :meth:`validate`.
 
-    policy: str = "safe"
-    draft_len: int = 5
-    gate: float | None = 0.5  # drafter top-1 probability below which a chunk is verified; None = faithful SAFE
-    gate_entropy: float | None = None  # optionally also verify when the drafter's entropy (nats) exceeds this
-    top_k: int = 10
-    sharpen: str = "prefix"
-    weights: tuple[float, ...] | None = None
-    n_ctx: int = 4096
-    n_threads: int | None = None
-    n_gpu_layers: int = 0
-    flash_attn: bool = False
-    control_tokens_in_messages: bool = False  # True: "<|im_start|>" typed in a message is a control token
-    check_memory: bool = True
+    ``gate=None`` is faithful SAFE (every chunk verified); ``union_k`` is the number of candidates each member
+    adds to the union (sampling's ``top_k`` is a per-call option)."""
 
-    def validate(self, n_members: int) -> "EnsembleConfig":
-        """Raise :class:`UsageError` naming the allowed range and the value given."""
-        if self.policy not in POLICIES:
-            raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {self.policy!r}")
-        _check_int("draft_len", self.draft_len, 1, MAX_DRAFT_LEN)
-        if self.gate is not None:
-            _check_range("gate", self.gate, 0.0, 1.0)
-        if self.gate_entropy is not None:
-            _check_range("gate_entropy", self.gate_entropy, 0.0, 20.0)
-        _check_int("top_k", self.top_k, 1, 1000)
-        if self.sharpen not in SHARPEN_CHOICES:
-            raise UsageError(f"sharpen must be one of {', '.join(SHARPEN_CHOICES)}; got {self.sharpen!r}")
-        _check_int("n_ctx", self.n_ctx, 64, 1 << 20)
-        if self.n_threads is not None:
-            _check_int("n_threads", self.n_threads, 1, 1024)
-        _check_int("n_gpu_layers", self.n_gpu_layers, -1, 100000)
-        if self.weights is not None:
-            if len(self.weights) != n_members:
-                raise UsageError(f"weights: give one per member ({n_members}); got {len(self.weights)}")
-            if any(isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0
-                   for w in self.weights):
-                raise UsageError(f"weights must be finite numbers > 0; got {list(self.weights)}")
-        if self.policy != "single" and n_members < 1:
+    def validate(self, n_members: int, where: Callable[[str], str] = str) -> "EnsembleConfig":
+        """This config with every value checked and normalised; a :class:`UsageError` names the allowed values
+        and the value given (``where(name)``: how the user wrote the option, e.g. its flag)."""
+        if n_members < 1:
             raise UsageError("an ensemble needs at least one member")
-        return self
+        cfg = replace_checked(self, ENSEMBLE_OPTIONS, where)
+        weights = cfg.weights  # type: ignore[attr-defined]  # (the fields come from the declarations)
+        if weights is not None and len(weights) != n_members:
+            raise UsageError(f"{where('weights')}: give one per member ({n_members}); got {len(weights)}")
+        return cfg
 
     def policy_config(self) -> PolicyConfig:
-        return PolicyConfig(
-            draft_len=self.draft_len,
-            gate=Gate(self.gate, self.gate_entropy),
-            top_k=self.top_k,
-            sharpen=self.sharpen,
-            weights=self.weights,
-        )
-
-
-def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (lo <= value <= hi):
-        raise UsageError(f"{name} must be between {lo} and {hi}; got {value!r}")
-
-
-def _check_int(name: str, value: int, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UsageError(f"{name} must be a whole number between {lo} and {hi}; got {value!r}")
-    _check_range(name, value, lo, hi)
+        """The values the policies read."""
+        return PolicyConfig(**values_of(self, POLICY_OPTIONS.values()))
 
 
 @dataclass
@@ -169,6 +134,9 @@ class Ensemble:
     finished or closed (llama.cpp contexts are not thread-safe); a second stream opened by the thread whose
     first stream is still open raises :class:`~edge_ensemble.errors.BusyError` at once instead of waiting
     for itself.
+
+    ``options`` (:data:`ENSEMBLE_OPTIONS`, by their Python names): the policy, the policies' options (a call
+    may override those) and the load options, e.g. ``Ensemble(specs, gate=None, union_k=8, n_ctx=2048)``.
     """
 
     def __init__(self, members: Sequence[SpecLike] | SpecLike, *,
@@ -184,16 +152,8 @@ class Ensemble:
             raise UsageError(f"members must be a model spec or a list of them (paths, hf:... or catalog names); got {members!r}")
         if not members:
             raise UsageError("give at least one model (a path, hf:org/repo/file or a catalog name)")
-        cfg = config or EnsembleConfig()
-        if options:
-            known = set(EnsembleConfig.__dataclass_fields__)
-            unknown = sorted(set(options) - known)
-            if unknown:
-                raise UsageError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-            from dataclasses import replace
-
-            cfg = replace(cfg, **options)  # type: ignore[arg-type]
-        self.config = cfg.validate(len(members))
+        check_names(options, ENSEMBLE_OPTIONS, elsewhere=GENERATION, hint="set per answer; give it to generate() or stream()")
+        self.config = cfg = dataclasses.replace(config or EnsembleConfig(), **options).validate(len(members))
         if cfg.n_threads is not None and cfg.n_threads > usable_cores():
             warn(f"{cfg.n_threads} threads (--threads / n_threads) is more than the {usable_cores()} CPU cores this"
                  f" process may use: llama.cpp's spinning threads then slow each other down; use {usable_cores()}"
@@ -210,10 +170,11 @@ class Ensemble:
                 if backend is None:
                     backend = LocalBackend(Model(path, LoadOptions(
                         n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
-                        flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages)))
+                        flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
+                        n_seq_max=_sequences_needed(cfg, len(paths)))))
                     loaded.append((path, backend))
                 model = backend.model
-                self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members]), union_k=cfg.top_k))
+                self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members])))
                 _check_combinable(self._members[-1])
                 if 0 < model.n_ctx_train < cfg.n_ctx:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
@@ -264,24 +225,31 @@ class Ensemble:
         ]
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
-               system: str | None = None, max_tokens: int = 256, stop: Sequence[str] = (),
-               temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               policy: str | None = None) -> Iterator[Event]:
+               system: str | None = None, **options: Any) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
-        Give either ``prompt`` (one user turn, optional ``system``) or a full ``messages`` list.
+        Give either ``prompt`` (one user turn, optional ``system``) or a full ``messages`` list. ``options``
+        (:data:`CALL_OPTIONS`): the generation options ``max_tokens`` (default 512), ``stop``, ``temperature``,
+        ``top_p``, ``top_k``, ``seed``, and for this call only ``policy`` and any policy option
+        (``gate=0.3, draft_len=3``) in place of the ensemble's own.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
         msgs = _messages(prompt, messages, system)
-        opts = GenerationOptions(max_tokens=validate_int("max_tokens", max_tokens, 1, 1 << 20), stop=_stops(stop),
-                                 sampling=validate_sampling(temperature, top_p, top_k, seed))
-        pol = policy or self.config.policy
-        if pol not in POLICIES:
-            raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {pol!r}")
+        check_names(options, CALL_OPTIONS, elsewhere=LOAD, hint="fixed when the models load; give it to Ensemble(...)")
+        gen = {name: o.check(options.get(name, o.default)) for name, o in GENERATION.items()}
+        sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
+        opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling)
+        overrides = {k: v for k, v in options.items() if k not in GENERATION}
+        cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
+        have = self._members[0].model.options.n_seq_max if hasattr(self._members[0].backend, "model") else 1
+        if _sequences_needed(cfg, len(self._members)) > have:
+            raise UsageError(f"policy eager with max_branches={cfg.max_branches} needs contexts with more sequences"  # type: ignore[attr-defined]
+                             " than these models were loaded with; create the Ensemble with policy='eager' and at"
+                             " least that max_branches")
         stream: list[Iterator[Event]] = []
         stream.append(self._one_at_a_time(lambda: generate_events(
-            self._members, msgs, policy=pol, policy_config=self.config.policy_config(), options=opts), stream))
+            self._members, msgs, policy=cfg.policy, policy_config=cfg.policy_config(), options=opts), stream))
         return stream[0]
 
     def _one_at_a_time(self, events: Callable[[], Iterator[Event]], me: list[Iterator[Event]]) -> Iterator[Event]:
@@ -373,6 +341,14 @@ def _unique(name: str, taken: list[str]) -> str:
     return f"{name}#{i}"
 
 
+def _sequences_needed(cfg: EnsembleConfig, n_members: int) -> int:
+    """Sequences each member's context must hold: one, or for eager one per branch for every member (a model
+    listed twice forks its branches in one context)."""
+    if cfg.policy != "eager":  # type: ignore[attr-defined]
+        return 1
+    return cfg.max_branches * n_members  # type: ignore[attr-defined]
+
+
 def _check_combinable(member: Member) -> None:
     """Refuse a member whose tokenizer cannot share text with others (with the reason)."""
     model = member.model
@@ -385,13 +361,7 @@ def _check_combinable(member: Member) -> None:
         )
 
 
-def _stops(stop: str | Sequence[str] | None) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = (stop,)
-    if not all(isinstance(s, str) for s in stop):
-        raise UsageError(f"stop must be a string or a list of strings; got {stop!r}")
+def _stops(stop: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(clean_text(s, f"stop string {i}") for i, s in enumerate(stop) if s)
 
 
@@ -412,21 +382,3 @@ def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, sys
         msgs = [{"role": "system", "content": clean_text(system, "the system prompt")}] + [
             m for m in msgs if m.get("role") != "system"]
     return msgs
-
-
-def validate_int(name: str, value: int, lo: int, hi: int) -> int:
-    """Check a whole-number option; the error names the allowed range and the value given."""
-    _check_int(name, value, lo, hi)
-    return int(value)
-
-
-def validate_sampling(temperature: float, top_p: float, top_k: int, seed: int | None) -> Sampling:
-    """Check the sampling options once and build the frozen :class:`Sampling`."""
-    _check_range("temperature", temperature, 0.0, 5.0)
-    _check_range("top_p", top_p, 0.0, 1.0)
-    if top_p == 0.0:
-        raise UsageError("top_p must be greater than 0; got 0")
-    _check_int("top_k", top_k, 0, 1 << 20)
-    if seed is not None:
-        _check_int("seed", seed, 0, 2**63 - 1)
-    return Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)

@@ -105,7 +105,8 @@ class LocalBackend:
         return self.model.prompt_tokens(self.model.render_chat(messages))
 
     def raw_prompt(self, text: str) -> list[int]:
-        return self.model.tokenize(text.encode("utf-8"), add_bos=None, special=False)
+        # As llama-server and llama-cpp-python's create_completion do: control-token markup in raw text is parsed.
+        return self.model.tokenize(text.encode("utf-8"), add_bos=None, special=True)
 
     # -- sequences -----------------------------------------------------------------------------------------
 

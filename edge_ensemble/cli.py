@@ -27,12 +27,13 @@ from typing import Any, Callable, Iterator, Sequence
 import click
 
 from . import __version__, paths
-from .api import SHARPEN_CHOICES, Ensemble, EnsembleConfig, MemberInfo
+from .api import ENSEMBLE_OPTIONS, Ensemble, EnsembleConfig, MemberInfo
 from .chat import clean_text
-from .config import KEYS, OFF, Generation, Settings, load_config, parse_weights, resolve_settings
+from .config import KEYS, Settings, load_config, resolve_settings
 from .engine import Event, GenerationResult
 from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
-from .policies import POLICIES
+from .options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
+from .policies import POLICY, POLICY_OPTIONS, policies_reading
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -138,31 +139,30 @@ def main() -> None:
 # -- options shared by chat and run -------------------------------------------------------------------------
 
 
-class _FloatOrOff(click.ParamType):
-    name = "FLOAT|off"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, float) or value == OFF:
-            return value
-        if str(value).strip().lower() == OFF:
-            return OFF
-        try:
-            return float(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a number or '{OFF}'", param, ctx)
-
-
-class _Weights(click.ParamType):
-    name = "W1,W2,..."
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            return parse_weights(value)
-        except ValueError as e:
-            self.fail(f"expected {e}; got {value!r}", param, ctx)
+def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Callable[[Callable[..., Any]], Any]:
+    """The click option of a declared option: its flag, and help that states the allowed values and the default
+    once. The value stays text: the declaration parses and checks it (:func:`resolve_settings`)."""
+    bounds = option.bounds() + (" or off" if option.off else "")
+    shown = f"{bounds}; " if bounds else ""
+    text = option.help[0].lower() + option.help[1:] if prefix else option.help
+    help = f"{prefix}{text} [{shown}default: {shown_default or option.default_text}]"
+    if option.type is bool:
+        return click.option(f"{option.flag}/--no-{option.flag[2:]}", option.key, default=None, help=help)
+    if option.item is str:
+        return click.option(option.flag, option.key, multiple=True, metavar="TEXT", help=help)
+    if option.choices:
+        metavar = "[" + "|".join(option.choices) + "]"
+    elif option.type is tuple:
+        metavar = "X1,X2,..."
+    else:
+        metavar = ("INT" if option.type is int else "FLOAT") + ("|off" if option.off else "")
+    return click.option(option.flag, option.key, metavar=metavar, help=help)
 
 
-_E, _G = EnsembleConfig(), Generation()  # the built-in defaults, shown in --help
+def _policy_flag(option: Option) -> Callable[[Callable[..., Any]], Any]:
+    """A policy option's flag; its help starts with the policies that read it ("safe: tokens drafted ...")."""
+    return _flag(option, prefix=", ".join(policies_reading(option)) + ": ")
+
 
 _SETTINGS_OPTIONS = [
     click.option("-p", "--preset", metavar="NAME",
@@ -171,34 +171,10 @@ _SETTINGS_OPTIONS = [
                  help="A member: a .gguf path, a catalog name or hf:org/repo/file. Repeat it; the first one "
                       "drafts. Replaces --preset."),
     click.option("-s", "--system", metavar="TEXT", help="System prompt."),
-    click.option("--policy", type=click.Choice(list(POLICIES)),
-                 help="single: the first member alone; every-token: all members choose every token; safe: the "
-                      f"drafter writes, the others verify [default: {_E.policy}]."),
-    click.option("--draft-len", type=int, help=f"safe: tokens drafted per chunk (1-64) [default: {_E.draft_len}]."),
-    click.option("--gate", type=_FloatOrOff(),
-                 help="safe: verify only where the drafter's top-1 probability is below this (0-1); 'off' "
-                      f"verifies every chunk (faithful SAFE) [default: {_E.gate}]."),
-    click.option("--gate-entropy", type=_FloatOrOff(),
-                 help="safe: also verify where the drafter's entropy exceeds this many nats [default: off]."),
-    click.option("--top-k-union", type=int,
-                 help=f"Candidates each member adds to the union the ensemble picks from [default: {_E.top_k}]."),
-    click.option("--sharpen", type=click.Choice(SHARPEN_CHOICES),
-                 help="How the union distribution is sharpened: prefix (SAFE's prefix-mass rule), geometric "
-                      f"(geometric mean), none [default: {_E.sharpen}]."),
-    click.option("--weights", type=_Weights(), help="Member weights, one per member, e.g. 2,1 [default: equal]."),
-    click.option("--temperature", type=float, help=f"Sampling temperature, 0 = greedy [default: {_G.temperature}]."),
-    click.option("--top-p", type=float, help=f"Nucleus sampling mass [default: {_G.top_p}]."),
-    click.option("--top-k", type=int, help=f"Sample from the k most likely tokens, 0 = all [default: {_G.top_k}]."),
-    click.option("--seed", type=int, help="Random seed for sampling [default: random]."),
-    click.option("--max-tokens", type=int, help=f"Most tokens per answer [default: {_G.max_tokens}]."),
-    click.option("--n-ctx", type=int, help=f"Context window of each member, in tokens [default: {_E.n_ctx}]."),
-    click.option("--threads", type=int, help="CPU threads per model [default: all cores]."),
-    click.option("--gpu-layers", type=int, help=f"Layers offloaded to the GPU, -1 = all [default: {_E.n_gpu_layers}]."),
-    click.option("--flash-attn/--no-flash-attn", default=None, help="Flash attention [default: off]."),
-    click.option("--control-tokens-in-messages/--no-control-tokens-in-messages", default=None,
-                 help="Let control-token text typed in a message (e.g. <|im_start|>) become a real control "
-                      "token, as llama-cpp-python does; it lets a message forge turns [default: off, messages "
-                      "are plain text]."),
+    _flag(POLICY),
+    *(_policy_flag(o) for o in POLICY_OPTIONS.values()),
+    *(_flag(o) for o in GENERATION_OPTIONS),
+    *(_flag(o) for o in LOAD_OPTIONS if o.cli),
 ]
 
 _SHOW_HELP = ("Mark the tokens the ensemble chose and the member that won each: coloured on a terminal, "
@@ -227,9 +203,7 @@ def open_ensemble(settings: Settings) -> Ensemble:
 
 def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]]) -> Iterator[Event]:
     """The answer to ``messages`` as a stream of events, with the settings' generation options."""
-    g = settings.generation
-    return ensemble.stream(messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
-                           top_k=g.top_k, seed=g.seed)
+    return ensemble.stream(messages=messages, **asdict(settings.generation))
 
 
 # -- showing answers ----------------------------------------------------------------------------------------
@@ -783,6 +757,27 @@ def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) ->
 # -- eval -------------------------------------------------------------------------------------------------
 
 
+# Evaluations keep the context their recorded runs used; their token budget is each task's own.
+_EVAL_DEFAULTS = {"n_ctx": 2048}
+_EVAL_OPTIONS = (GENERATION["max_tokens"], *(o for o in LOAD_OPTIONS if o.cli))
+
+
+def _eval_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the declared options ``eval`` takes (token budget, load options); ``command`` receives the values
+    given, checked, as ``options`` (by option name)."""
+
+    @functools.wraps(command)
+    def wrapper(**params: Any) -> Any:
+        given = {o: params.pop(o.key) for o in _EVAL_OPTIONS}
+        options = {o.name: o.from_text(v) for o, v in given.items() if v is not None}
+        return command(options=options, **params)
+
+    for option in reversed(_EVAL_OPTIONS):
+        shown = "per task" if option.name == "max_tokens" else str(_EVAL_DEFAULTS.get(option.name, ""))
+        wrapper = _flag(option, shown_default=shown)(wrapper)
+    return wrapper
+
+
 @cli.command("eval")
 @click.argument("task", type=click.Choice(["gsm8k", "arc-challenge", "math-500", "humaneval"]))
 @click.option("-p", "--preset", help="Ensemble preset whose members are compared [default: the catalog's default].")
@@ -792,15 +787,12 @@ def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) ->
                    "safe (faithful), safe-gated [default: all].")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset order).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Number of items [default: the development slice].")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Token budget per answer [default: per task].")
-@click.option("--n-ctx", type=click.IntRange(min=256), default=2048, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per model [default: all cores].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Results directory [default: results/<preset or members>].")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot (no matplotlib needed).")
+@_eval_options
 def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, start: int,
-                 limit: int | None, max_tokens: int | None, n_ctx: int, threads: int | None, out_dir: str | None,
-                 no_plot: bool) -> None:
+                 limit: int | None, out_dir: str | None, no_plot: bool, options: dict[str, Any]) -> None:
     """Score each member alone and the ensemble policies on TASK; resumable.
 
     Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
@@ -818,7 +810,8 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     specs = list(members) or list(catalog.preset(preset or catalog.default_preset.name).members)
     label = preset or ("-".join(Path(m).stem for m in members) if members else catalog.default_preset.name)
     out = Path(out_dir or Path("results") / label)
-    base = EnsembleConfig(n_ctx=n_ctx, n_threads=threads).validate(len(specs))
+    max_tokens = options.pop("max_tokens", None)
+    base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     names = [c.strip() for c in configs.split(",")] if configs else None
     engine_configs, ensembles = build_configs(specs, names, base)
     if not engine_configs:

@@ -18,6 +18,7 @@ import numpy as np
 from .decisions import Sampling
 from .errors import ContextOverflowError
 from .member import Lane, Member
+from .options import GENERATION
 from .policies import ContextFull, PolicyConfig, make_policy
 
 
@@ -116,7 +117,7 @@ class BranchInfo:
 class GenerationOptions:
     """Per-call settings, validated at the edge."""
 
-    max_tokens: int = 256
+    max_tokens: int = GENERATION["max_tokens"].default
     stop: tuple[str, ...] = ()
     sampling: Sampling = field(default_factory=Sampling)
     # A branching policy votes over the answers this extracts (an eval task's extractor); None = free text,
@@ -293,8 +294,7 @@ def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, o
     from .branching import majority_vote
     from .policies.eager import EagerRun
 
-    eager = policy_config.eager
-    runner = EagerRun(lanes, eager, options.sampling, rng, policy_config)
+    runner = EagerRun(lanes, policy_config, options.sampling, rng)
     t1 = time.perf_counter()
     stats.prompt_seconds = t1 - t0
     stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}

@@ -35,6 +35,7 @@ import llama_cpp as L
 from .chat import render_messages
 from .errors import ContextOverflowError, ModelLoadError
 from .gguf import check_magic
+from .options import LOAD
 
 # ----------------------------------------------------------------------------------------------------------
 # Logging: llama.cpp logs through one process-wide callback. We keep its recent error lines so that a failed
@@ -81,19 +82,18 @@ def _last_llama_error() -> str:
 class LoadOptions:
     """How to load one model. Validated once, at the edge (CLI / API)."""
 
-    n_ctx: int = 4096
-    n_threads: int | None = None  # single-token steps; None = all cores
+    n_ctx: int = LOAD["n_ctx"].default
+    n_threads: int | None = LOAD["n_threads"].default  # single-token steps; None = all cores
     n_threads_batch: int | None = None  # multi-token batches; None = n_threads
-    n_gpu_layers: int = 0  # -1 = offload everything (Metal / CUDA builds); 0 = CPU only
-    flash_attn: bool | None = False  # off = llama-cpp-python's default (exact same logits); None = auto
+    n_gpu_layers: int = LOAD["n_gpu_layers"].default  # -1 = offload everything (Metal / CUDA builds); 0 = CPU only
+    flash_attn: bool | None = LOAD["flash_attn"].default  # off = llama-cpp-python's default (exact same logits); None = auto
     n_batch: int = 512
     n_seq_max: int = 1  # > 1 for several sequences (branches, requests) in one context; the KV cache is then unified
     hidden_states: bool = False  # also output the last hidden state at the rows asked for (a router reads it)
     vocab_only: bool = False  # tokenizer only: loads in milliseconds, no decoding
-    seed: int = 0  # for samplers built on this model; llama.cpp decoding itself is deterministic
     # Parse control-token text inside message contents as control tokens (llama-cpp-python's behaviour, a
     # prompt-injection hole); off: only the chat template's own markup yields control tokens.
-    control_tokens_in_messages: bool = False
+    control_tokens_in_messages: bool = LOAD["control_tokens_in_messages"].default
 
 
 def check_gguf_file(path: Path) -> None:

@@ -278,7 +278,7 @@ def test_config_file_and_flag_precedence(models: list[str], tmp_path: Path, monk
     data = json.loads(invoke(["run", "--json", "Hi"]).stdout)
     assert data["policy"] == "single" and data["stats"]["members"] == ["tiny-bpe"]
     assert data["config"]["draft_len"] == 3 and data["config"]["gate"] is None  # "off" = faithful SAFE
-    assert data["generation"]["max_tokens"] == 7 and data["config"]["top_k"] == 10  # a built-in default
+    assert data["generation"]["max_tokens"] == 7 and data["config"]["union_k"] == 10  # a built-in default
 
     result = invoke(["run", "--json", "--policy", "safe", "--max-tokens", "5", "--gate", "0.7", "-m", models[1], "Hi"])
     assert_ok(result)
@@ -306,14 +306,18 @@ def test_bad_models(tiny_bpe: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--gate", "2"], '--gate must be between 0.0 and 1.0 or "off"; got 2.0'),
-    (["--gate", "high"], "Invalid value for '--gate'"),
-    (["--draft-len", "0"], "--draft-len must be between 1 and 64; got 0"),
-    (["--temperature", "-1"], "--temperature must be between 0.0 and 5.0; got -1.0"),
-    (["--top-k-union", "0"], "--top-k-union must be between 1 and 1000; got 0"),
+    (["--gate", "2"], '--gate must be a number between 0.0 and 1.0 or "off"; got 2.0'),
+    (["--gate", "high"], '--gate must be a number between 0.0 and 1.0 or "off"; got \'high\''),
+    (["--draft-len", "0"], "--draft-len must be a whole number between 1 and 64; got 0"),
+    (["--draft-len", "2.5"], "--draft-len must be a whole number between 1 and 64; got '2.5'"),
+    (["--temperature", "-1"], "--temperature must be a number between 0.0 and 5.0; got -1.0"),
+    (["--top-p", "0"], "--top-p must be a number above 0.0 and at most 1.0; got 0.0"),
+    (["--union-k", "0"], "--union-k must be a whole number between 1 and 1000; got 0"),
+    (["--top-k-union", "5"], "No such option"),  # the union size has one name: --union-k
     (["--weights", "1,2,3"], "--weights: give one per member (2); got 3"),
-    (["--weights", "1,x"], "Invalid value for '--weights'"),
-    (["--policy", "fast"], "Invalid value for '--policy'"),
+    (["--weights", "1,x"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got '1,x'"),
+    (["--weights", "1,0"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got (1.0, 0.0)"),
+    (["--policy", "fast"], "--policy must be one of single, every-token, safe, eager; got 'fast'"),
     (["--no-such-option"], "No such option"),
     (["-p", "tiny"], "give either --preset or --model, not both"),
 ])
@@ -338,9 +342,11 @@ def test_empty_stdin(model_args: list[str]) -> None:
 
 @pytest.mark.parametrize("text, fragments", [
     ("gatee = 0.3\n", ["unknown key 'gatee'", "did you mean gate?", "known keys: preset"]),
-    ("gate = 2.0\n", ['gate must be between 0.0 and 1.0 or "off"; got 2.0']),
-    ('draft_len = "five"\n', ["draft_len must be an integer; got 'five'"]),
-    ('policy = "fast"\n', ["policy must be one of single, every-token, safe; got 'fast'"]),
+    ("gate = 2.0\n", ['gate must be a number between 0.0 and 1.0 or "off"; got 2.0']),
+    ('draft_len = "five"\n', ["draft_len must be a whole number between 1 and 64; got 'five'"]),
+    ("top_k_union = 5\n", ["unknown key 'top_k_union'"]),
+    ("weights = [2, 1, 1]\n", ["weights: give one per member (2); got 3"]),
+    ('policy = "fast"\n', ["policy must be one of single, every-token, safe, eager; got 'fast'"]),
     ("members = []\n", ["members must be a non-empty list"]),
     ("gate = [\n", ["is not valid TOML"]),
 ])

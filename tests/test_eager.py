@@ -72,7 +72,7 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     models = [Model(p, LoadOptions(n_ctx=2048, n_seq_max=4)) for p in tiny_bpe_close]
     members = [Member(m, name=f"m{i}") for i, m in enumerate(models)]
     lanes = [m.open_lane(m.backend.chat_prompt(ASK), follows_drafter=i > 0, by_id=True) for i, m in enumerate(members)]
-    cfg = EagerConfig(max_branches=4, threshold=1e9, ensemble_gate=1.01)  # no entropy forks; check every token
+    cfg = EagerConfig(max_branches=4, threshold=None, ensemble_gate=1.0)  # no entropy forks; check every token
     run = EagerRun(lanes, cfg, Sampling(), np.random.default_rng(0))
     branches = run.run(20)
     origins = [b.origin for b in branches]
@@ -100,7 +100,7 @@ def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
 
     model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
     member = Member(model, name="m")
-    cfg = PolicyConfig(eager=EagerConfig(max_branches=4, threshold=0.0, percentile=0.0))
+    cfg = PolicyConfig(max_branches=4, threshold=0.0, percentile=0.0)
     first_char = lambda text: text[:1] or None  # noqa: E731 - a stand-in extractor: the answer is the first character
     opts = GenerationOptions(max_tokens=16, sampling=Sampling(temperature=0.6, seed=1), extract=first_char)
     events = list(generate_events([member], ASK, policy="eager", policy_config=cfg, options=opts))
@@ -120,7 +120,7 @@ def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
 def test_parallel_is_m_independent_answers_in_one_batch(tiny_bpe):
     model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
     member, lane = _lane(model)
-    greedy = EagerConfig(max_branches=4, threshold=float("inf"), initial_branches=4)
+    greedy = EagerConfig(max_branches=4, threshold=None, initial_branches=4)
     branches = EagerRun(lane, greedy, Sampling(), np.random.default_rng(0)).run(20)
     assert [b.origin for b in branches] == ["root", "parallel", "parallel", "parallel"]
     assert len({tuple(b.tokens) for b in branches}) == 1  # greedy: four copies of one answer

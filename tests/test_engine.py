@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from edge_ensemble.api import Ensemble, EnsembleConfig
-from edge_ensemble.decisions import Gate
 from edge_ensemble.engine import GenerationOptions, generate_events
 from edge_ensemble.member import Member
 from edge_ensemble.policies import PolicyConfig
@@ -86,7 +85,7 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
     monkeypatch.setattr(Model, "trim", counting_trim)
     members = [Member(Model(p, LoadOptions(n_ctx=3072)), name=n) for p, n in ((tiny_bpe, "bpe"), (tiny_spm, "spm"))]
     events = list(generate_events(members, [{"role": "user", "content": "Tell me a long story."}], policy="safe",
-                                  policy_config=PolicyConfig(gate=Gate(None)), options=GenerationOptions(max_tokens=2000)))
+                                  policy_config=PolicyConfig(gate=None), options=GenerationOptions(max_tokens=2000)))
     result = events[-1].result
     assert result.stats.tokens >= 1500, f"stopped early: {result.finish_reason} after {result.stats.tokens}"
     assert trims["n"] >= 200
@@ -158,7 +157,8 @@ def test_max_tokens_stop_strings_and_context_exhaustion(tiny_bpe, tiny_spm):
 def test_api_refuses_bad_values_with_one_line(tiny_bpe):
     from edge_ensemble.errors import UsageError
 
-    for bad in ({"draft_len": 2.5}, {"top_k": 0}, {"n_ctx": 4096.0}, {"weights": (float("nan"),)}, {"gate": 1.5}):
+    for bad in ({"draft_len": 2.5}, {"union_k": 0}, {"top_k": 5}, {"max_tokens": 5}, {"n_ctx": 4096.0},
+                {"weights": (float("nan"),)}, {"gate": 1.5}):
         with pytest.raises(UsageError):
             Ensemble([tiny_bpe], config=_cfg(), **bad)
     with Ensemble([tiny_bpe], config=_cfg()) as ens:
@@ -169,6 +169,25 @@ def test_api_refuses_bad_values_with_one_line(tiny_bpe):
             assert "\n" not in str(err.value)
         r = ens.generate("hi", max_tokens=30, stop="###")  # a plain string is one stop string, not three
         assert r.finish_reason in ("stop", "length")
+
+
+def test_a_call_overrides_policy_options_for_itself_only(tiny_bpe, tiny_spm):
+    from edge_ensemble.errors import UsageError
+
+    with Ensemble([tiny_bpe, tiny_spm], config=_cfg()) as ens:
+        faithful = ens.generate("Count", max_tokens=24, gate=None, draft_len=3)
+        assert ens.config.gate == 0.5 and ens.config.draft_len == 5  # the next call gets the ensemble's own
+        ens.generate("Count", max_tokens=4, policy="every-token", union_k=1)
+        assert [m.last_lane.k for m in ens._members] == [1, 1]  # the union size is the call's, not fixed at load
+        for bad, fragment in (({"gate": 2}, "gate must be a number between 0.0 and 1.0 or None; got 2"),
+                              ({"draftlen": 3}, "unknown option(s) draftlen; valid: max_tokens, stop,"),
+                              ({"n_ctx": 512}, "n_ctx: fixed when the models load; give it to Ensemble(...)"),
+                              ({"weights": (1,)}, "weights: give one per member (2); got 1")):
+            with pytest.raises(UsageError) as err:
+                ens.generate("Count", **bad)
+            assert fragment in str(err.value) and "\n" not in str(err.value)
+    with Ensemble([tiny_bpe, tiny_spm], config=_cfg(gate=None, draft_len=3)) as ens:
+        assert ens.generate("Count", max_tokens=24).text == faithful.text
 
 
 def test_members_that_cannot_share_text_are_refused_with_the_reason(tmp_path, tiny_bpe):

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import numpy as np
 
 from ..alignment import is_whole_text
-from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
+from ..decisions import EOG, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
 from ..dist import Dist
 from ..member import Lane
+from ..options import Option
+
+if TYPE_CHECKING:
+    from . import PolicyConfig
 
 
 class ContextFull(Exception):
@@ -27,20 +32,11 @@ class Piece:
     end: bool = False  # end of generation
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Knobs of the ensemble policies (validated at the edge)."""
-
-    draft_len: int = 5  # SAFE: tokens the drafter proposes per cycle
-    gate: Gate = field(default_factory=Gate)  # entropy gating; Gate(None) = faithful SAFE
-    top_k: int = 10  # UniTE candidate union
-    sharpen: str = "prefix"  # "prefix" (paper's heuristic), "geometric" (geometric mean), "none"
-    sharpen_lambda: float = 0.1
-    weights: tuple[float, ...] | None = None  # per member; None = equal
-    # A verifier "agrees" with a drafted token within this relative margin of its own top probability:
-    # batched verification and one-token drafting differ numerically, so exact near-ties can flip.
-    tie_tolerance: float = 0.1
-    eager: "EagerConfig" = field(default_factory=lambda: _eager_default())  # the eager policy's knobs
+# Options every ensembling policy reads (a policy lists the ones it uses in its ``options``).
+UNION_K = Option("union_k", int, 10, "Candidates each member adds to the union the ensemble picks from.",
+                 range=(1, 1000))
+WEIGHTS = Option("weights", tuple, None, "Member weights, one per member, e.g. 2,1.", item=float,
+                 range=(0.0, math.inf), above=True, shown_default="equal")
 
 
 @dataclass
@@ -73,6 +69,9 @@ class PolicyBase:
     A policy works on :class:`~edge_ensemble.member.Lane` objects (one per member for this generation, the
     first one drafting), never on models: everything it asks goes through the lane to the member's backend."""
 
+    # The options this policy reads; the CLI flags, config keys and API keywords derive from them.
+    options: ClassVar[tuple[Option, ...]] = ()
+
     def __init__(self, lanes: Sequence[Lane], config: PolicyConfig, sampling: Sampling, rng: np.random.Generator) -> None:
         self.lanes = list(lanes)
         self.config = config
@@ -83,7 +82,7 @@ class PolicyBase:
             for lane, w in zip(self.lanes, config.weights):
                 lane.weight = w
         for lane in self.lanes:
-            lane.k = config.top_k
+            lane.k = config.union_k  # per generation: a call may override the union size
         # When every member shares the drafter's tokenizer, candidates are token ids (set on the lanes).
         self.by_id = all(lane.by_id for lane in self.lanes)
         # A member sharing an earlier member's backend (the same weights listed twice) never decodes: it
@@ -145,8 +144,3 @@ class PolicyBase:
         row = len(target) - 1
         return lane.feed(target, rows=[row], temperature=self.temperature)[row]
 
-
-def _eager_default() -> "EagerConfig":
-    from .eager import EagerConfig  # eager imports this module
-
-    return EagerConfig()

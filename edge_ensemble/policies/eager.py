@@ -14,29 +14,39 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..branching import TOP20, EntropyHistory, may_branch, topn_entropy
-from ..decisions import EOG, Gate, Sampling
+from ..decisions import EOG, Sampling
 from ..dist import Dist
 from ..errors import UsageError
 from ..member import Lane
-from .base import PolicyBase, PolicyConfig
+from ..options import Option, with_options
+from .base import UNION_K, WEIGHTS, PolicyBase
 
 
-@dataclass(frozen=True)
+# EAGER's options, with the authors' names and defaults (their main script: threshold 2.5, 32 sequences).
+MAX_BRANCHES = Option("max_branches", int, 8, "eager: most answers per prompt (branches live + finished); each "
+                      "is a sequence of one context (8 on a 2-core CPU: the batch speed-up tops out there).",
+                      range=(1, 64))
+THRESHOLD = Option("threshold", float, 2.5, "eager: branch where the next token's entropy (nats) exceeds "
+                   "max(this, the percentile below of the entropies so far); off: never on entropy.",
+                   range=(0.0, 50.0), off=True)
+PERCENTILE = Option("percentile", float, 99.0, "eager: percentile of the prompt's entropies so far that raises the "
+                    "threshold.", range=(0.0, 100.0))
+ENTROPY = Option("entropy", str, "top20", "eager: entropy over the top-20 renormalised (the authors) or the full "
+                 "vocabulary.", choices=("top20", "full"))
+MAX_TOKENS_WITHOUT_BRANCH = Option("max_tokens_without_branch", int, 1000, "eager: no more branching after this "
+                                   "many steps without one.", range=(1, 1 << 20))
+INITIAL_BRANCHES = Option("initial_branches", int, 1, "eager: answers started at once (max_branches of them and "
+                          "threshold off = M independent samples in one batch).", range=(1, 64))
+ENSEMBLE_GATE = Option("ensemble_gate", float, 0.5, "eager with several members: where the drafter's top-1 "
+                       "probability is below this, the members' best other candidate starts a branch; off: never.",
+                       range=(0.0, 1.0), off=True)
+EAGER_OPTIONS = (MAX_BRANCHES, THRESHOLD, PERCENTILE, ENTROPY, MAX_TOKENS_WITHOUT_BRANCH, INITIAL_BRANCHES,
+                 ENSEMBLE_GATE, UNION_K, WEIGHTS)
+
+
+@with_options(*EAGER_OPTIONS)
 class EagerConfig:
-    """EAGER's knobs (the authors' names; validated at the edge)."""
-
-    max_branches: int = 8  # M: sequences per prompt, live + finished
-    threshold: float = 2.5  # entropy_threshold (nats, over the top-20 renormalised)
-    percentile: float = 99.0  # dynamic threshold: max(threshold, this percentile of the entropies so far)
-    entropy: str = "top20"  # "top20" (the authors) or "full" (whole vocabulary)
-    max_tokens_without_branch: int = 1000
-    # Branches at the start (the authors' initial_sequences): max_branches of them and an infinite threshold
-    # is "full parallel", M independent samples decoded as M sequences in one batch.
-    initial_branches: int = 1
-    # Ensemble branching: with several members, a token where the drafter's top-1 probability is below this
-    # gate is shown to the verifiers; where the union's best candidate differs from the drafter's token, that
-    # candidate starts a new branch (members contribute alternatives, not only corrections).
-    ensemble_gate: float = 0.5
+    """EAGER's knobs (fields: :data:`EAGER_OPTIONS`); a :class:`PolicyConfig` holds them too."""
 
 
 @dataclass
@@ -63,11 +73,13 @@ class Branch:
 
 class EagerRun(PolicyBase):
     """Runs EAGER to completion over the drafter's lane (the first), with the other lanes as the ensemble
-    that proposes alternatives: :meth:`run` returns every branch."""
+    that proposes alternatives: :meth:`run` returns every branch. ``config``: an :class:`EagerConfig` or a
+    ``PolicyConfig`` (both hold :data:`EAGER_OPTIONS`)."""
 
-    def __init__(self, lanes: Lane | list[Lane], config: EagerConfig, sampling: Sampling, rng: np.random.Generator,
-                 policy_config: PolicyConfig = PolicyConfig(gate=Gate(None))) -> None:
-        super().__init__([lanes] if isinstance(lanes, Lane) else lanes, policy_config, sampling, rng)
+    options = EAGER_OPTIONS
+
+    def __init__(self, lanes: Lane | list[Lane], config: EagerConfig, sampling: Sampling, rng: np.random.Generator) -> None:
+        super().__init__([lanes] if isinstance(lanes, Lane) else lanes, config, sampling, rng)  # type: ignore[arg-type]
         if len(self.lanes) > 1 and not self.by_id:
             raise UsageError("ensemble branching needs every member to share the drafter's tokenizer (as the "
                              "`coder` preset does); run eager with one model or such members")
@@ -97,16 +109,18 @@ class EagerRun(PolicyBase):
                 tok = self.pick(b.dist)
                 h = self._entropy(b.dist)
                 self.history.add(h)
-                threshold = self.history.threshold(self.eager.threshold, self.eager.percentile)
+                threshold = self.history.threshold(self.eager.threshold or 0.0, self.eager.percentile)
                 can_fork = (len(self.branches) < self.eager.max_branches and b.lane.room > 1
                             and self.since_branch < self.eager.max_tokens_without_branch)
-                if can_fork and may_branch(h, threshold, len(self.branches), self.eager.max_branches,
-                                           self.since_branch, self.eager.max_tokens_without_branch):
+                if can_fork and self.eager.threshold is not None and may_branch(
+                        h, threshold, len(self.branches), self.eager.max_branches, self.since_branch,
+                        self.eager.max_tokens_without_branch):
                     ids, _ = b.dist.top(2)
                     if len(ids) == 2:
                         tok = int(ids[0])  # the parent goes on with its top-1, the branch with the top-2
                         choices.append((self._fork(b, "entropy"), int(ids[1])))
-                elif can_fork and b.verifier_lanes and b.dist.top1 < self.eager.ensemble_gate:
+                elif (can_fork and b.verifier_lanes and self.eager.ensemble_gate is not None
+                      and b.dist.top1 < self.eager.ensemble_gate):
                     alt = self._ensemble_alternative(b, tok)
                     if alt is not None:
                         choices.append((self._fork(b, "ensemble"), alt))

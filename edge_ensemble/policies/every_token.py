@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from ..alignment import complete_utf8_len
 from ..decisions import EOG
-from .base import Piece, PolicyBase
+from .base import UNION_K, WEIGHTS, Piece, PolicyBase
 
 
 class EveryTokenPolicy(PolicyBase):
     """All members are consulted at every token. The primary (first) member keeps the tokens it chose
     itself, as a drafter does; members with its tokenizer follow those ids, the others re-tokenize the
     shared text canonically."""
+
+    options = (UNION_K, WEIGHTS)
 
     def start(self) -> None:
         self.p_tokens: list[int] = []

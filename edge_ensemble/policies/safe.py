@@ -20,7 +20,22 @@ import numpy as np
 from ..alignment import reliable_view, token_ending_at
 from ..decisions import EOG, consensus, filter_probs, speculative_accept_probability
 from ..member import Lane
-from .base import ContextFull, Piece, PolicyBase
+from ..options import Option
+from .base import UNION_K, WEIGHTS, ContextFull, Piece, PolicyBase
+
+DRAFT_LEN = Option("draft_len", int, 5, "Tokens drafted per chunk.", range=(1, 64))
+GATE = Option("gate", float, 0.5, "Verify only where the drafter's top-1 probability is below this; off verifies "
+              "every chunk (faithful SAFE).", range=(0.0, 1.0), off=True)
+GATE_ENTROPY = Option("gate_entropy", float, None, "Also verify where the drafter's entropy exceeds this many nats.",
+                      range=(0.0, 20.0), off=True)
+SHARPEN = Option("sharpen", str, "prefix", "How the union distribution is sharpened: prefix (SAFE's prefix-mass "
+                 "rule), geometric (geometric mean), none.", choices=("prefix", "geometric", "none"))
+SHARPEN_LAMBDA = Option("sharpen_lambda", float, 0.1, "prefix sharpening: a candidate above this ensemble "
+                        "probability takes the mass of the candidates that continue its text.", range=(0.0, 1.0))
+# Batched verification and one-token drafting differ numerically, so exact near-ties can flip.
+TIE_TOLERANCE = Option("tie_tolerance", float, 0.1, "A verifier agrees with a drafted token within this relative "
+                       "margin of its own top probability; the drafted token also wins such near-ties in the union.",
+                       range=(0.0, 1.0))
 
 
 @dataclass
@@ -35,6 +50,8 @@ class Verdict:
 
 class SafePolicy(PolicyBase):
     """SAFE with UniTE's union; gated when ``config.gate`` is enabled."""
+
+    options = (DRAFT_LEN, GATE, GATE_ENTROPY, UNION_K, SHARPEN, SHARPEN_LAMBDA, TIE_TOLERANCE, WEIGHTS)
 
     def start(self) -> None:
         self.d_tokens: list[int] = []  # the drafter's accepted tokens (after its prompt)
@@ -82,7 +99,7 @@ class SafePolicy(PolicyBase):
         """Up to n drafted tokens. With the gate on, drafting stops at the first unsure token *before*
         decoding it: only it will be checked, so nothing after it is drafted in vain."""
         d = self.drafter
-        gate = self.config.gate
+        gate = self.config.gating
         drafts, dists = [], []
         dist = self.pending
         self.pending = None
@@ -97,11 +114,11 @@ class SafePolicy(PolicyBase):
         return drafts, dists
 
     def _confident(self, dist) -> bool:
-        gate = self.config.gate
+        gate = self.config.gating
         return gate.confident(dist.top1, dist.entropy() if gate.max_entropy is not None else 0.0)
 
     def _positions_to_check(self, dists) -> list[int]:
-        gate = self.config.gate
+        gate = self.config.gating
         if not gate.enabled:
             return list(range(len(dists)))
         return [j for j, dist in enumerate(dists) if not self._confident(dist)]
