@@ -16,7 +16,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 from .decisions import Gate, Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
@@ -24,10 +24,13 @@ from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
 from .member import Member
 from .policies import POLICIES, PolicyConfig
+from .prompt import RawText
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 
 SHARPEN_CHOICES = ("prefix", "geometric", "none")
 MAX_DRAFT_LEN = 64
+# EnsembleConfig fields one answer may change (Ensemble.stream's policy_options); the others shape loading.
+PER_CALL_POLICY_OPTIONS = ("draft_len", "gate", "gate_entropy", "sharpen", "weights")
 
 
 @dataclass(frozen=True)
@@ -270,25 +273,52 @@ class Ensemble:
         ]
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
-               system: str | None = None, max_tokens: int = 256, stop: Sequence[str] = (),
+               system: str | None = None, raw: str | None = None, max_tokens: int = 256, stop: Sequence[str] = (),
                temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               policy: str | None = None) -> Iterator[Event]:
+               policy: str | None = None, policy_options: Mapping[str, object] | None = None,
+               time_limit: float | None = None) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
-        Give either ``prompt`` (one user turn, optional ``system``) or a full ``messages`` list.
+        Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
+        to complete without any chat template (each member tokenizes it itself: :class:`~edge_ensemble.prompt.RawText`).
+        ``policy_options`` overrides this ensemble's policy settings for this answer only (keys:
+        :data:`PER_CALL_POLICY_OPTIONS`); ``time_limit`` (seconds, prompt included) ends the answer with
+        finish_reason ``"length"`` when it runs out.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
-        msgs = _messages(prompt, messages, system)
+        target = _raw_text(raw, prompt, messages, system) if raw is not None else _messages(prompt, messages, system)
+        if time_limit is not None:
+            _check_range("time_limit", time_limit, 0.001, 1e9)
         opts = GenerationOptions(max_tokens=validate_int("max_tokens", max_tokens, 1, 1 << 20), stop=_stops(stop),
-                                 sampling=validate_sampling(temperature, top_p, top_k, seed))
+                                 sampling=validate_sampling(temperature, top_p, top_k, seed), time_limit=time_limit)
         pol = policy or self.config.policy
         if pol not in POLICIES:
             raise UsageError(f"policy must be one of {', '.join(POLICIES)}; got {pol!r}")
+        policy_config = self._policy_config(policy_options)
         stream: list[Iterator[Event]] = []
         stream.append(self._one_at_a_time(lambda: generate_events(
-            self._members, msgs, policy=pol, policy_config=self.config.policy_config(), options=opts), stream))
+            self._members, target, policy=pol, policy_config=policy_config, options=opts), stream))
         return stream[0]
+
+    def complete(self, text: str, **kwargs: object) -> GenerationResult:
+        """Complete raw ``text`` (no chat template) and return the whole result; ``stream(raw=text)`` streams it.
+        The other arguments are those of :meth:`stream`."""
+        return self.generate(raw=text, **kwargs)
+
+    def _policy_config(self, options: Mapping[str, object] | None) -> PolicyConfig:
+        """This ensemble's policy settings with ``options`` (a subset of :data:`PER_CALL_POLICY_OPTIONS`) applied."""
+        if not options:
+            return self.config.policy_config()
+        unknown = sorted(set(options) - set(PER_CALL_POLICY_OPTIONS))
+        if unknown:
+            raise UsageError(f"unknown policy option(s) {', '.join(unknown)}; per answer: {', '.join(PER_CALL_POLICY_OPTIONS)}")
+        from dataclasses import replace
+
+        values = dict(options)
+        if isinstance(values.get("weights"), list):
+            values["weights"] = tuple(values["weights"])  # type: ignore[arg-type]
+        return replace(self.config, **values).validate(len(self._members)).policy_config()  # type: ignore[arg-type]
 
     def _one_at_a_time(self, events: Callable[[], Iterator[Event]], me: list[Iterator[Event]]) -> Iterator[Event]:
         """``events()`` streamed while this thread holds the ensemble; released when the stream ends or is
@@ -427,6 +457,16 @@ def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, sys
         msgs = [{"role": "system", "content": clean_text(system, "the system prompt")}] + [
             m for m in msgs if m.get("role") != "system"]
     return msgs
+
+
+def _raw_text(raw: object, prompt: str | None, messages: object, system: str | None) -> RawText:
+    if prompt is not None or messages is not None or system is not None:
+        raise UsageError("give raw text alone: no prompt, messages or system with raw (it is the whole prompt)")
+    if not isinstance(raw, str):
+        raise UsageError(f"raw must be a string; got {type(raw).__name__}")
+    if not raw:
+        raise UsageError("the raw prompt is empty; give the text to continue")
+    return RawText(clean_text(raw, "the prompt"))
 
 
 def validate_int(name: str, value: int, lo: int, hi: int) -> int:

@@ -1,4 +1,4 @@
-"""The command line: ``edge-ensemble chat | run | models | presets``.
+"""The command line: ``edge-ensemble chat | run | serve | models | presets``.
 
 A thin click layer over :class:`edge_ensemble.api.Ensemble`. The options shared by ``chat`` and ``run`` are
 defined once (:func:`settings_options`) and merged with the user config file into one validated
@@ -225,11 +225,13 @@ def open_ensemble(settings: Settings) -> Ensemble:
     return Ensemble(list(settings.members), config=settings.ensemble, progress=True)
 
 
-def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]]) -> Iterator[Event]:
-    """The answer to ``messages`` as a stream of events, with the settings' generation options."""
+def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]] | None, *,
+                  raw: str | None = None) -> Iterator[Event]:
+    """The answer to ``messages`` (or the completion of ``raw`` text) as a stream of events, with the settings'
+    generation options."""
     g = settings.generation
-    return ensemble.stream(messages=messages, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p,
-                           top_k=g.top_k, seed=g.seed)
+    return ensemble.stream(messages=messages, raw=raw, max_tokens=g.max_tokens, temperature=g.temperature,
+                           top_p=g.top_p, top_k=g.top_k, seed=g.seed)
 
 
 # -- showing answers ----------------------------------------------------------------------------------------
@@ -304,18 +306,25 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
               help="Print one JSON object (text, finish_reason, stats, provenance, members, policy, preset, "
                    "config, generation) instead of streaming text.")
 @click.option("--show", is_flag=True, help=_SHOW_HELP)
+@click.option("--raw", is_flag=True,
+              help="Continue PROMPT as raw text: no chat template and no system prompt; each member tokenizes "
+                   "it itself (its own BOS; control-token text such as <|im_start|> is parsed as markup).")
 @settings_options
-def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> None:
+def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: bool) -> None:
     """Answer one PROMPT and exit; without PROMPT (or with -) the prompt is read from stdin.
 
     The answer streams to stdout; a line of figures follows on stderr.
     """
     text = clean_text(_read_prompt(prompt), "the prompt")
+    if raw and settings.system:
+        raise UsageError("--raw takes no system prompt (-s): the raw text is the whole prompt")
     system = clean_text(settings.system, "the system prompt") if settings.system else None
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    messages = None if raw else (
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}])
+    answer = functools.partial(stream_answer, raw=text if raw else None)
     with open_ensemble(settings) as ensemble:
         if as_json:
-            result = _last(stream_answer(ensemble, settings, messages))
+            result = _last(answer(ensemble, settings, messages))
             payload = {**result.to_dict(), "members": [_member_dict(m) for m in ensemble.members],
                        "policy": result.stats.policy, "preset": settings.preset,
                        "config": asdict(settings.ensemble), "generation": asdict(settings.generation)}
@@ -326,13 +335,59 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> No
             _note(renderer.legend())
         result = None
         try:
-            for event in stream_answer(ensemble, settings, messages):
+            for event in answer(ensemble, settings, messages):
                 renderer.write(event)
                 result = event.result or result
         finally:
             renderer.end_line()
         if result is not None:
             _note(footer(result))
+
+
+# -- serve --------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback without --api-key is warned about.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="EDGE_ENSEMBLE_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* [env: EDGE_ENSEMBLE_API_KEY; default: none].")
+@click.option("--served-model-name", metavar="NAME",
+              help="The model id clients send [default: the preset's name, else the members' names joined by +].")
+@click.option("--max-queue", type=int, default=8, show_default=True,
+              help="Requests that may wait while one answer is made; one more gets 429 with Retry-After.")
+@click.option("--time-limit", type=float, default=300.0, show_default=True,
+              help="Seconds per answer (prompt included); then it ends with finish_reason 'length'.")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="Largest request body.")
+@click.option("--max-prompt-chars", type=int, default=100_000, show_default=True,
+              help="Longest prompt (all messages together), in characters.")
+@settings_options
+def serve(settings: Settings, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          max_queue: int, time_limit: float, max_body_bytes: int, max_prompt_chars: int) -> None:
+    """Serve the ensemble over an OpenAI-compatible HTTP API (needs the server extra).
+
+    \b
+    POST /v1/chat/completions, POST /v1/completions (raw text), GET /v1/models,
+    GET /health. Answers are made one at a time, in arrival order. The generation
+    options (--max-tokens, --temperature, ...) are the defaults of requests that
+    leave them out; -s is the system prompt of chat requests that bring none.
+    """
+    from .server import ServerOptions, serve as run_server
+
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("serve needs the server extra: pip install 'edge-ensemble[server]'") from None
+    g = settings.generation
+    name = served_model_name or settings.preset or "+".join(Path(m.split("@")[0]).stem for m in settings.members)
+    options = ServerOptions(model_id=name, api_key=api_key, max_queue=max_queue, time_limit=time_limit,
+                            max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                            max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                            seed=g.seed, system=clean_text(settings.system, "the system prompt")
+                            if settings.system else None).validate()
+    run_server(open_ensemble(settings), options, host=host, port=port)
 
 
 def _read_prompt(prompt: str | None) -> str:

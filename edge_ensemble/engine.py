@@ -19,6 +19,7 @@ from .decisions import Sampling
 from .errors import ContextOverflowError
 from .member import Member
 from .policies import ContextFull, PolicyConfig, make_policy
+from .prompt import Prompt, prompt_tokens_for
 
 
 @dataclass
@@ -96,13 +97,15 @@ class GenerationOptions:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     sampling: Sampling = field(default_factory=Sampling)
+    time_limit: float | None = None  # seconds from the start (prefill included), then finish_reason "length"
 
 
-def prepare_prompts(members: Sequence[Member], messages: Sequence[dict[str, str]]) -> None:
-    """Render the conversation for each member in its own template and check it fits its context."""
+def prepare_prompts(members: Sequence[Member], prompt: Prompt) -> None:
+    """Tokenize the prompt (a conversation in each member's own template, or raw text) for each member and
+    check it fits its context."""
     for m in members:
         m.model.reconcile()  # a previous generation may have been interrupted mid-decode
-        m.prompt = m.model.prompt_tokens(m.model.render_chat(messages))
+        m.prompt = prompt_tokens_for(m.model, prompt)
         if len(m.prompt) + 1 >= m.model.n_ctx:
             raise ContextOverflowError(
                 f"the prompt is {len(m.prompt)} tokens for {m.name} but its context holds {m.model.n_ctx}; "
@@ -145,19 +148,21 @@ class _TextStream:
 
 def generate_events(
     members: Sequence[Member],
-    messages: Sequence[dict[str, str]],
+    messages: Prompt,
     *,
     policy: str = "safe",
     policy_config: PolicyConfig = PolicyConfig(),
     options: GenerationOptions = GenerationOptions(),
 ) -> Iterator[Event]:
-    """Stream one answer. The generator may be closed early (Ctrl-C): caches stay consistent because
+    """Stream one answer to ``messages`` (a conversation, or a :class:`~edge_ensemble.prompt.RawText`).
+    The generator may be closed early (Ctrl-C): caches stay consistent because
     every member re-synchronises its cache against its own token list at the next generation."""
     rng = np.random.default_rng(options.sampling.seed)
     active = list(members[:1]) if policy == "single" else list(members)
     stats = GenerationStats(policy=policy, members=[m.name for m in active])
 
     t0 = time.perf_counter()
+    deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
     prepare_prompts(active, messages)
     runner = make_policy(policy, active, policy_config, options.sampling, rng)
     runner.start()
@@ -172,7 +177,7 @@ def generate_events(
     finish = "length"
     tokens = 0
     try:
-        while tokens < options.max_tokens:
+        while tokens < options.max_tokens and time.perf_counter() < deadline:
             try:
                 pieces = runner.step(options.max_tokens - tokens)
             except (ContextFull, ContextOverflowError):
