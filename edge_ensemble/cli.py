@@ -377,7 +377,6 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
 
     try:
         import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve needs the server extra: pip install 'edge-ensemble[server]'") from None
     g = settings.generation
@@ -386,8 +385,8 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
                             max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
                             max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                             seed=g.seed, system=clean_text(settings.system, "the system prompt")
-                            if settings.system else None).validate()
-    run_server(open_ensemble(settings), options, host=host, port=port)
+                            if settings.system else None)
+    run_server(functools.partial(open_ensemble, settings), options, host=host, port=port)
 
 
 def _read_prompt(prompt: str | None) -> str:

@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import math
+import socket
 import threading
 import time
 import uuid
@@ -500,7 +501,8 @@ class _Reply:
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
-    return b"data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)).encode() + b"\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return b"data: " + text.encode() + b"\n\n"
 
 
 # -- the application ---------------------------------------------------------------------------------------
@@ -746,13 +748,40 @@ def check_bind(host: str, api_key: str | None) -> None:
              " give --api-key, or bind 127.0.0.1")
 
 
-def serve(ensemble: "Ensemble", options: ServerOptions, *, host: str = "127.0.0.1", port: int = 8080,
-          log_level: str = "info") -> None:
-    """Serve ``ensemble`` over HTTP until interrupted (Ctrl-C); the ensemble is closed at the end."""
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: any free one); a one-line error when it cannot be had."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another --host or --port") from None
+    return sock
+
+
+def serve(ensemble: "Ensemble | Callable[[], Ensemble]", options: ServerOptions, *, host: str = "127.0.0.1",
+          port: int = 8080, log_level: str = "info") -> None:
+    """Serve ``ensemble`` over HTTP until interrupted (Ctrl-C); the ensemble is closed at the end.
+
+    ``ensemble`` may be a function that loads one: it is called once the options are checked and the port
+    is bound, so that a wrong option or a busy port fails before any model loads."""
     try:
         import uvicorn
     except ImportError:
         raise UsageError("serving needs the server extra: pip install 'edge-ensemble[server]'") from None
+    options = options.validate()
     check_bind(host, options.api_key)
-    app = create_app(ensemble, options, close_ensemble=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    sock = listen(host, port)
+    try:
+        loaded = ensemble() if callable(ensemble) else ensemble
+    except BaseException:
+        sock.close()
+        raise
+    app = create_app(loaded, options, close_ensemble=True)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # sets up uvicorn's logging
+    shown = f"[{host}]" if ":" in host else host
+    logging.getLogger("uvicorn.error").info(
+        "serving %r on http://%s:%d/v1 (Ctrl-C quits)", options.model_id, shown, sock.getsockname()[1])
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])

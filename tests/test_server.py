@@ -341,6 +341,29 @@ def _wait_for(predicate, seconds: float = 20.0) -> None:
         time.sleep(0.02)
 
 
+def test_concurrent_greedy_answers_equal_the_api_one_after_another(server, tiny_ensemble):
+    prompts = [f"Tell me about the number {i}." for i in range(4)]
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        client = server.client()
+        if i % 2:
+            answers[i] = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=16).choices[0].text
+        else:
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompts[i]}], max_tokens=16, stream=True))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, prompt in enumerate(prompts):
+        want = (tiny_ensemble.complete(prompt, max_tokens=16) if i % 2 else
+                tiny_ensemble.generate(messages=[{"role": "user", "content": prompt}], max_tokens=16))
+        assert answers[i] == want.text, i
+
+
 def test_full_queue_answers_429_with_retry_after(tiny_ensemble):
     running = Running(create_app(tiny_ensemble, ServerOptions(model_id=MODEL, max_queue=1, max_tokens=4)))
     try:
@@ -419,3 +442,84 @@ def test_real_model_answers_coherently(real_models, llama_quiet):
             assert "Paris" in text
         finally:
             running.stop()
+
+
+# -- the command line ---------------------------------------------------------------------------------------
+
+
+def test_run_raw_prints_the_completion(tiny_bpe, tiny_bpe_b, tiny_ensemble):
+    from click.testing import CliRunner
+
+    from edge_ensemble.cli import cli
+
+    args = ["run", "--raw", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--n-ctx", "1024", "--threads", "1",
+            "--max-tokens", "12", "Once upon a time"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(tiny_ensemble.complete("Once upon a time", max_tokens=12).text)
+    refused = CliRunner().invoke(cli, [*args[:-1], "-s", "be brief", "Once"])
+    assert refused.exit_code == 2 and "--raw takes no system prompt" in refused.output
+
+
+def test_serve_refuses_a_busy_port_before_loading(tiny_bpe):
+    from click.testing import CliRunner
+
+    from edge_ensemble.cli import cli
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = CliRunner().invoke(cli, ["serve", "-m", str(tiny_bpe), "--port", str(busy.getsockname()[1])])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: cannot listen on 127.0.0.1:") and result.output.count("\n") == 1
+
+
+def test_binding_beyond_loopback_without_a_key_warns():
+    from edge_ensemble.errors import EdgeEnsembleWarning
+    from edge_ensemble.server import check_bind
+
+    with pytest.warns(EdgeEnsembleWarning, match="without --api-key"):
+        check_bind("0.0.0.0", None)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_bind("0.0.0.0", "key")
+        check_bind("127.0.0.1", None)
+
+
+def test_edge_ensemble_serve_command(tiny_bpe, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port (released just before the server takes it)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "EDGE_ENSEMBLE_API_KEY": KEY}
+    proc = subprocess.Popen([sys.executable, "-m", "edge_ensemble.cli", "serve", "-m", str(tiny_bpe), "--threads", "1",
+                             "--n-ctx", "512", "--port", str(port), "--max-tokens", "6"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        running = Running.__new__(Running)  # only its HTTP helpers: the server is the subprocess
+        running.port, running.url = port, f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if running.health()["status"] == "ok":
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+                time.sleep(0.1)
+        assert [m.id for m in running.client(KEY).models.list()] == ["tiny-bpe"]  # the member's name
+        resp = running.client(KEY).completions.create(model="tiny-bpe", prompt="Once upon")
+        assert resp.usage.completion_tokens <= 6
+        with pytest.raises(openai.AuthenticationError):
+            running.client("wrong").models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err  # interrupted, as the CLI reports Ctrl-C; the shutdown itself was clean
+    assert "Application shutdown complete" in err
+    assert f"serving 'tiny-bpe' on http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
