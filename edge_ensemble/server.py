@@ -290,7 +290,10 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
                        param="model", code="model_not_found")
     stream = _get(body, "stream", (bool,), "true or false", False)
     stream_options = _get(body, "stream_options", (dict,), "an object", {})
-    include_usage = _get(stream_options, "include_usage", (bool,), "true or false", False)
+    include_usage = stream_options.get("include_usage") or False
+    if not isinstance(include_usage, bool):
+        raise ApiError(400, "stream_options.include_usage must be true or false", param="stream_options.include_usage",
+                       code="invalid_type")
     max_tokens = _get(body, "max_tokens", (int,), "a whole number", None)
     if kind == "chat":
         max_tokens = _get(body, "max_completion_tokens", (int,), "a whole number", max_tokens)
@@ -612,8 +615,8 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
             state["worker"].submit(job)
         except QueueFull as full:
             events.close()
-            raise ApiError(429, f"the server is busy: {state['worker'].max_queue} requests are already waiting;"
-                           f" retry in {full.retry_after} s", type="rate_limit_error", code="queue_full",
+            raise ApiError(429, f"the server is busy: its queue of {state['worker'].max_queue} waiting request(s)"
+                           f" is full; retry in {full.retry_after} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(full.retry_after)}) from None
         reply = _Reply(call, opts.model_id)
         try:
