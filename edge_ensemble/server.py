@@ -532,6 +532,48 @@ async def _next_item(job: Job, request: "Request | None") -> tuple[str, Any]:
             getter.cancel()
 
 
+async def _first_item(job: Job, request: "Request") -> tuple[str, Any]:
+    """The first event (it comes once the prompt is read), or the error that ended the answer before it."""
+    item = await _next_item(job, request)
+    return ("error", _INTERNAL) if item[0] == "end" else item
+
+async def _collect(job: Job, request: "Request", item: tuple[str, Any]) -> "GenerationResult":
+    """The whole answer, from its first ``item`` on; an error of the answer is raised as its :class:`ApiError`."""
+    result = None
+    while item[0] != "end":
+        if item[0] == "error":
+            raise item[1]
+        if item[0] == "event" and item[1].result is not None:
+            result = item[1].result
+        item = await _next_item(job, request)
+    if result is None:
+        raise _INTERNAL
+    return result
+
+async def _event_stream(job: Job, reply: _Reply, item: tuple[str, Any]) -> AsyncIterator[bytes]:
+    """The answer as server-sent events, from its first ``item`` on, ending with ``data: [DONE]``."""
+    try:
+        if reply.call.kind == "chat":
+            yield _sse(reply.chunk(None, role=True))
+        while item[0] != "end":
+            kind, value = item
+            if kind == "error":
+                yield _sse(value.body())
+                break
+            if kind == "event" and value.result is not None:
+                result = value.result
+                yield _sse({**reply.chunk(None if reply.call.kind == "chat" else "", result.finish_reason),
+                            "edge_ensemble": _extension_out(result, reply.call, job)})
+                if reply.call.include_usage:
+                    yield _sse(reply.usage_chunk(result))
+            elif kind == "event" and value.text:
+                yield _sse(reply.chunk(value.text))
+            item = await job.out.get()
+        yield _sse("[DONE]")
+    finally:  # a disconnect cancels this generator: stop the answer and free the turn
+        job.cancelled.set()
+
+
 def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
                close_ensemble: bool = False) -> Any:
     """A Starlette application serving ``ensemble``; the worker thread starts and stops with the app's lifespan
@@ -634,48 +676,6 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
             job.cancelled.set()
             return error_response(ApiError(400, "the client disconnected"))
         return JSONResponse(reply.whole(result, job))
-
-    async def _first_item(job: Job, request: "Request") -> tuple[str, Any]:
-        while True:  # the first event (after the prompt is read), or the error that ended the answer
-            item = await _next_item(job, request)
-            if item[0] in ("event", "error"):
-                return item
-            if item[0] == "end":
-                return ("error", _INTERNAL)
-
-    async def _collect(job: Job, request: "Request", item: tuple[str, Any]) -> "GenerationResult":
-        result = None
-        while item[0] != "end":
-            if item[0] == "error":
-                raise item[1]
-            if item[0] == "event" and item[1].result is not None:
-                result = item[1].result
-            item = await _next_item(job, request)
-        if result is None:
-            raise _INTERNAL
-        return result
-
-    async def _event_stream(job: Job, reply: _Reply, item: tuple[str, Any]) -> AsyncIterator[bytes]:
-        try:
-            if reply.call.kind == "chat":
-                yield _sse(reply.chunk(None, role=True))
-            while item[0] != "end":
-                kind, value = item
-                if kind == "error":
-                    yield _sse(value.body())
-                    break
-                if kind == "event" and value.result is not None:
-                    result = value.result
-                    yield _sse({**reply.chunk(None if reply.call.kind == "chat" else "", result.finish_reason),
-                                "edge_ensemble": _extension_out(result, reply.call, job)})
-                    if reply.call.include_usage:
-                        yield _sse(reply.usage_chunk(result))
-                elif kind == "event" and value.text:
-                    yield _sse(reply.chunk(value.text))
-                item = await job.out.get()
-            yield _sse("[DONE]")
-        finally:  # a disconnect cancels this generator: stop the answer and free the turn
-            job.cancelled.set()
 
     async def chat_completions(request: "Request") -> "Response":
         return await answer(request, "chat")
