@@ -81,6 +81,11 @@ class TokenTrack:
         self.tokens.extend(tail)
         self.ends.extend(ends)
 
+    def copy(self) -> "TokenTrack":
+        """An independent track with the same text (a branch's)."""
+        other = TokenTrack(self._tokenize, self._bytes, window=self.window)
+        other.text, other.tokens, other.ends = self.text, list(self.tokens), list(self.ends)
+        return other
 
 
 class SharedTrack:
@@ -118,6 +123,12 @@ class SharedTrack:
         self.ends.extend(self._ends_of(drafter_tokens, len(self.text)))
         self.tokens.extend(drafter_tokens)
         self.text += extra
+
+    def copy(self) -> "SharedTrack":
+        """An independent track with the same text (a branch's)."""
+        other = SharedTrack(self._bytes)
+        other.text, other.tokens, other.ends = self.text, list(self.tokens), list(self.ends)
+        return other
 
 
 def complete_utf8_len(data: bytes) -> int:

@@ -22,10 +22,12 @@ from .decisions import Gate, Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
+from .backends import LocalBackend
+from .gguf import check_gguf
 from .member import Member
 from .policies import POLICIES, PolicyConfig
-from .prompt import RawText
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
+from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
 SHARPEN_CHOICES = ("prefix", "geometric", "none")
 MAX_DRAFT_LEN = 64
@@ -126,8 +128,6 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
     activations; the output buffer holding those logits; and our per-token tables. Checked against measured peaks in
     tests/test_faults.py.
     """
-    from .sources import check_gguf
-
     repacked = sum(t.nbytes for t in check_gguf(path)
                    if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
     probe = Model(path, LoadOptions(vocab_only=True))
@@ -173,16 +173,16 @@ class Ensemble:
     for itself.
     """
 
-    def __init__(self, members: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], *,
+    def __init__(self, members: Sequence[SpecLike] | SpecLike, *,
                  config: EnsembleConfig | None = None, download: bool = True, progress: bool = False,
                  **options: object) -> None:
         self._members: list[Member] = []
         self._turn_lock = threading.Lock()
         self._turn_owner: int | None = None  # thread id of the answer in progress
         self._open_stream: weakref.ref[Iterator[Event]] | None = None  # and its generator
-        if isinstance(members, (str, os.PathLike)):
+        if isinstance(members, (str, os.PathLike, ModelSpec)):
             members = [members]
-        elif isinstance(members, bytes) or not all(isinstance(m, (str, os.PathLike)) for m in members or ()):
+        elif isinstance(members, bytes) or not all(isinstance(m, (str, os.PathLike, ModelSpec)) for m in members or ()):
             raise UsageError(f"members must be a model spec or a list of them (paths, hf:... or catalog names); got {members!r}")
         if not members:
             raise UsageError("give at least one model (a path, hf:org/repo/file or a catalog name)")
@@ -203,18 +203,19 @@ class Ensemble:
         paths, names = self._resolve(members, download=download, progress=progress)
         if cfg.check_memory:
             self._check_memory(paths, names)
-        loaded: list[tuple[Path, Model]] = []
+        loaded: list[tuple[Path, LocalBackend]] = []
         try:
             for i, (path, name) in enumerate(zip(paths, names)):
                 # The same weights listed twice are loaded once: both members then read one model's logits
                 # (identical by construction, where two loads would differ by batch-split noise).
-                model = next((m for p, m in loaded if _same_file(p, path)), None)
-                if model is None:
-                    model = Model(path, LoadOptions(n_ctx=cfg.n_ctx, n_threads=cfg.n_threads,
-                                                    n_gpu_layers=cfg.n_gpu_layers, flash_attn=cfg.flash_attn,
-                                                    control_tokens_in_messages=cfg.control_tokens_in_messages))
-                    loaded.append((path, model))
-                self._members.append(Member(model, name=_unique(name, [m.name for m in self._members]), top_k=cfg.top_k))
+                backend = next((b for p, b in loaded if _same_file(p, path)), None)
+                if backend is None:
+                    backend = LocalBackend(Model(path, LoadOptions(
+                        n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                        flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages)))
+                    loaded.append((path, backend))
+                model = backend.model
+                self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members]), union_k=cfg.top_k))
                 _check_combinable(self._members[-1])
                 if 0 < model.n_ctx_train < cfg.n_ctx:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
@@ -229,24 +230,16 @@ class Ensemble:
     @classmethod
     def from_preset(cls, name: str | None = None, **kwargs: object) -> "Ensemble":
         """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None)."""
-        from .sources import Catalog
-
         catalog = Catalog.load()
         preset = catalog.preset(name) if name else catalog.default_preset
         return cls(list(preset.members), **kwargs)  # type: ignore[arg-type]
 
     @staticmethod
-    def _resolve(specs: Sequence[str | os.PathLike[str]], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:
-        from .sources import Catalog, resolve_model
-
+    def _resolve(specs: Sequence[SpecLike], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:
         catalog = Catalog.load()
-        paths, names = [], []
-        for spec in specs:
-            spec_s = os.fspath(spec)
-            paths.append(resolve_model(spec_s, catalog=catalog, download=download, progress=progress))
-            entry = _catalog_entry(catalog, spec_s)
-            names.append(entry.name if entry is not None else Path(spec_s.split("@")[0]).stem)
-        return paths, names
+        parsed = [parse_spec(spec, catalog) for spec in specs]  # every spec checked before anything downloads
+        paths = [resolve(spec, download=download, progress=progress) for spec in parsed]
+        return paths, [spec.display_name for spec in parsed]
 
     def _check_memory(self, paths: Sequence[Path], names: Sequence[str]) -> None:
         available = available_memory_bytes()
@@ -280,14 +273,15 @@ class Ensemble:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
         Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
-        to complete without any chat template (each member tokenizes it itself: :class:`~edge_ensemble.prompt.RawText`).
+        to complete without any chat template (each member tokenizes it itself, with its own BOS convention).
         ``policy_options`` overrides this ensemble's policy settings for this answer only (keys:
         :data:`PER_CALL_POLICY_OPTIONS`); ``time_limit`` (seconds, prompt included) ends the answer with
         finish_reason ``"length"`` when it runs out.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
-        target = _raw_text(raw, prompt, messages, system) if raw is not None else _messages(prompt, messages, system)
+        msgs, raw_text = (None, _raw_text(raw, prompt, messages, system)) if raw is not None else (
+            _messages(prompt, messages, system), None)
         if time_limit is not None:
             _check_range("time_limit", time_limit, 0.001, 1e9)
         opts = GenerationOptions(max_tokens=validate_int("max_tokens", max_tokens, 1, 1 << 20), stop=_stops(stop),
@@ -298,7 +292,7 @@ class Ensemble:
         policy_config = self._policy_config(policy_options)
         stream: list[Iterator[Event]] = []
         stream.append(self._one_at_a_time(lambda: generate_events(
-            self._members, target, policy=pol, policy_config=policy_config, options=opts), stream))
+            self._members, msgs, raw=raw_text, policy=pol, policy_config=policy_config, options=opts), stream))
         return stream[0]
 
     def complete(self, text: str, **kwargs: object) -> GenerationResult:
@@ -359,7 +353,7 @@ class Ensemble:
         """
         with self._turn():
             for m in self._members:
-                m.model.trim(0)
+                m.model.reset()
 
     def close(self) -> None:
         """Free every model. The ensemble cannot be used afterwards.
@@ -378,15 +372,6 @@ class Ensemble:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _catalog_entry(catalog, spec: str):
-    try:
-        if Path(spec).exists() or spec.startswith("hf:"):
-            return None
-        return catalog.model(spec)
-    except Exception:
-        return None
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -459,14 +444,14 @@ def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, sys
     return msgs
 
 
-def _raw_text(raw: object, prompt: str | None, messages: object, system: str | None) -> RawText:
+def _raw_text(raw: object, prompt: str | None, messages: object, system: str | None) -> str:
     if prompt is not None or messages is not None or system is not None:
         raise UsageError("give raw text alone: no prompt, messages or system with raw (it is the whole prompt)")
     if not isinstance(raw, str):
         raise UsageError(f"raw must be a string; got {type(raw).__name__}")
     if not raw:
         raise UsageError("the raw prompt is empty; give the text to continue")
-    return RawText(clean_text(raw, "the prompt"))
+    return clean_text(raw, "the prompt")
 
 
 def validate_int(name: str, value: int, lo: int, hi: int) -> int:

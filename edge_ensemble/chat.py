@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 from .errors import UsageError, warn
-
-if TYPE_CHECKING:
-    from .runtime import Model
 
 VALID_ROLES = ("system", "user", "assistant")
 
@@ -91,7 +88,19 @@ class RenderedPrompt(str):
         return self
 
 
-def render_messages(model: "Model", messages: Sequence[dict[str, str]], *,
+class TemplateModel(Protocol):
+    """What rendering reads from a model (``runtime.Model`` is one): chat.py never imports the runtime, so the
+    dependency goes one way, runtime -> chat."""
+
+    name: str
+    chat_template: str | None
+    bos_id: int
+    eos_id: int
+
+    def piece(self, token: int, *, special: bool = False) -> bytes: ...
+
+
+def render_messages(model: TemplateModel, messages: Sequence[dict[str, str]], *,
                     add_generation_prompt: bool = True) -> RenderedPrompt:
     """``messages`` rendered with ``model``'s GGUF chat template (or :func:`render_plain`), contents marked."""
     messages = validate_messages(messages)

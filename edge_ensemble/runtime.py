@@ -32,7 +32,9 @@ import numpy as np
 
 import llama_cpp as L
 
+from .chat import render_messages
 from .errors import ContextOverflowError, ModelLoadError
+from .gguf import check_magic
 
 # ----------------------------------------------------------------------------------------------------------
 # Logging: llama.cpp logs through one process-wide callback. We keep its recent error lines so that a failed
@@ -94,19 +96,13 @@ class LoadOptions:
     control_tokens_in_messages: bool = False
 
 
-GGUF_MAGIC = b"GGUF"
-
-
 def check_gguf_file(path: Path) -> None:
     """Refuse, with one line, a path that is missing, not a file, or not a GGUF file."""
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelLoadError(f"{path} is not a file; give the path of a .gguf model file")
-    with path.open("rb") as fh:
-        magic = fh.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    check_magic(path)
 
 
 class Model:
@@ -366,8 +362,6 @@ class Model:
 
     def render_chat(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The conversation in this model's own chat template, or a plain rendering for base models."""
-        from .chat import render_messages  # deferred: jinja2 import cost only when chatting
-
         return render_messages(self, messages, add_generation_prompt=add_generation_prompt)
 
     def prompt_tokens(self, rendered: str) -> list[int]:

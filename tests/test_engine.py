@@ -102,8 +102,9 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
         assert int(np.argmax(cached)) == int(np.argmax(reference))
     # the verifier's cache holds (a prefix of: it lags until consulted) its tokenization of the text
     spm = members[1]
-    cached = list(spm.model.tokens()[len(spm.prompt):])
-    assert cached == spm.track.tokens[: len(cached)]
+    lane = spm.last_lane
+    cached = list(spm.model.tokens()[len(lane.prompt):])
+    assert cached == lane.track.tokens[: len(cached)]
     assert result.text.encode().startswith(spm.model.detokenize(cached))
     for m in members:
         m.model.close()
@@ -194,17 +195,15 @@ def test_reset_cache_makes_the_next_answer_pay_its_whole_prompt(real_models):
     with Ensemble([path, path], config=_cfg(policy="safe", gate=0.5)) as ens:
         first = ens.generate(messages=MATH, max_tokens=16)
         drafter = ens._members[0]
-        prompt_len = len(drafter.prompt)
+        prompt_len = len(drafter.last_lane.prompt)
 
-        drafter.reset_timers()
         again = ens.generate(messages=MATH, max_tokens=16)
-        assert drafter.decoded_tokens < prompt_len  # the cached prompt was reused
+        assert drafter.last_lane.decoded_tokens < prompt_len  # the cached prompt was reused
 
         ens.reset_cache()
         assert all(m.model.cached_len() == 0 for m in ens._members)
-        drafter.reset_timers()
         fresh = ens.generate(messages=MATH, max_tokens=16)
-        assert drafter.decoded_tokens >= prompt_len  # prefilled from scratch
+        assert drafter.last_lane.decoded_tokens >= prompt_len  # prefilled from scratch
     # Both prefilled the prompt from an empty cache in the same split, so greedy decoding agrees exactly.
     # (``again`` may differ: llama.cpp's logits depend slightly on how the prompt was split into batches.)
     assert first.text == fresh.text

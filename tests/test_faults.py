@@ -509,14 +509,14 @@ def test_not_enough_space_is_found_before_the_download(tmp_path: Path, cache: Pa
 def fill_disk_first(monkeypatch: pytest.MonkeyPatch, name: str, leave: int) -> Path:
     """Another process fills the disk right after our space check, leaving ``leave`` bytes: a test double of
     that moment only (the filler and the failing writes are real)."""
-    real = getattr(sources, name)
+    real = getattr(sources.bundles, name)
     filler = Path(os.environ["EDGE_ENSEMBLE_CACHE"]) / "other-program.bin"
 
     def filled_then(*args: Any, **kwargs: Any) -> Any:
         filler.write_bytes(bytes(max(0, shutil.disk_usage(filler.parent).free - leave)))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(sources, name, filled_then)
+    monkeypatch.setattr(sources.bundles, name, filled_then)
     return filler
 
 

@@ -136,11 +136,11 @@ def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_b
         assert result.stats.tokens > 20
         assert result.stats.ensembled_tokens > 0  # the two disagree: the union really ran
         assert retokenizations["n"] == 0
-        track = verifier.track.tokens  # the verifier's view: the drafter's accepted ids
+        track = verifier.last_lane.track.tokens  # the verifier's view: the drafter's accepted ids
         assert drafter.model.detokenize(track) == result.text.encode()
-        drafted = drafter.model.tokens()[len(drafter.prompt):]  # may still hold a rejected draft at its end
+        drafted = drafter.model.tokens()[len(drafter.last_lane.prompt):]  # may still hold a rejected draft at its end
         assert common_prefix_len(drafted, track) >= len(track) - 6
-        cached = verifier.model.tokens()[len(verifier.prompt):]
+        cached = verifier.model.tokens()[len(verifier.last_lane.prompt):]
         assert len(cached) > 0  # a lagging verifier holds a prefix of them (plus a rejected draft's tail, maybe)
         assert common_prefix_len(cached, track) >= min(len(cached), len(track)) - 6
 
@@ -155,9 +155,9 @@ def test_coder_pair_runs_on_shared_ids(real_models, retokenizations):
         assert drafter.tokenizer_id == verifier.tokenizer_id
         assert all(result.stats.shared_tokenizer.values())
         assert result.stats.verification_calls > 0 and retokenizations["n"] == 0
-        track = verifier.track.tokens
+        track = verifier.last_lane.track.tokens
         assert drafter.model.detokenize(track) == result.text.encode()
-        cached = verifier.model.tokens()[len(verifier.prompt):]
+        cached = verifier.model.tokens()[len(verifier.last_lane.prompt):]
         # it may still hold the draft tokens after the last override: the drafter's ids all the same
         assert common_prefix_len(cached, track) >= len(track) - 6
 

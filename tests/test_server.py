@@ -14,15 +14,12 @@ import threading
 import time
 from typing import Any, Iterator
 
-import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from edge_ensemble.api import Ensemble, EnsembleConfig  # noqa: E402
-from edge_ensemble.prompt import RawText, prompt_tokens_for  # noqa: E402
-from edge_ensemble.runtime import LoadOptions, Model  # noqa: E402
 from edge_ensemble.server import ServerOptions, create_app  # noqa: E402
 
 MODEL = "tiny-pair"
@@ -97,16 +94,15 @@ def _error(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_raw_prompt_tokens_follow_each_members_bos(tiny_spm, tiny_bpe, llama_quiet):
-    for path in (tiny_spm, tiny_bpe):
-        m = Model(path, LoadOptions(n_ctx=256, n_threads=1))
-        try:
-            want = m.tokenize("Once upon a time", add_bos=None, special=True)
-            assert prompt_tokens_for(m, RawText("Once upon a time")) == want
-            if m.add_bos:  # a text that already starts with BOS does not get a second one
-                bos = m.piece(m.bos_id, special=True).decode()
-                assert prompt_tokens_for(m, RawText(bos + "Once")).count(m.bos_id) == 1
-        finally:
-            m.close()
+    import llama_cpp
+
+    text = "Once upon a time"
+    for path in (tiny_spm, tiny_bpe):  # <s> added by the SentencePiece GGUF; the BPE one asks for no BOS
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, vocab_only=True, verbose=False)
+        want = len(llm.tokenize(text.encode(), add_bos=True))
+        del llm
+        with Ensemble([path], config=EnsembleConfig(n_ctx=256, n_threads=1, check_memory=False)) as ens:
+            assert list(ens.complete(text, max_tokens=1).stats.prompt_tokens.values()) == [want]
 
 
 def test_raw_completion_equals_llama_cpp_create_completion(tiny_spm, llama_quiet):

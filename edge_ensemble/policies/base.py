@@ -9,7 +9,8 @@ import numpy as np
 
 from ..alignment import is_whole_text
 from ..decisions import EOG, Gate, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
-from ..member import Dist, Member
+from ..dist import Dist
+from ..member import Lane
 
 
 class ContextFull(Exception):
@@ -39,6 +40,7 @@ class PolicyConfig:
     # A verifier "agrees" with a drafted token within this relative margin of its own top probability:
     # batched verification and one-token drafting differ numerically, so exact near-ties can flip.
     tie_tolerance: float = 0.1
+    eager: "EagerConfig" = field(default_factory=lambda: _eager_default())  # the eager policy's knobs
 
 
 @dataclass
@@ -66,33 +68,34 @@ class Policy(Protocol):
 
 
 class PolicyBase:
-    """Helpers for policies: the ensemble decision at one position and drafter token choice."""
+    """Helpers for policies: the ensemble decision at one position and drafter token choice.
 
-    def __init__(self, members: Sequence[Member], config: PolicyConfig, sampling: Sampling, rng: np.random.Generator) -> None:
-        self.members = list(members)
+    A policy works on :class:`~edge_ensemble.member.Lane` objects (one per member for this generation, the
+    first one drafting), never on models: everything it asks goes through the lane to the member's backend."""
+
+    def __init__(self, lanes: Sequence[Lane], config: PolicyConfig, sampling: Sampling, rng: np.random.Generator) -> None:
+        self.lanes = list(lanes)
         self.config = config
         self.sampling = sampling
         self.rng = rng
         self.stats = PolicyStats()
-        w = config.weights or tuple(1.0 for _ in members)
-        for m, wi in zip(self.members, w):
-            m.weight = wi
-        # Members with the drafter's tokenizer follow its token ids; when all do, candidates are token ids.
-        drafter = self.members[0]
-        shared = [m.tokenizer_id == drafter.tokenizer_id for m in self.members]
-        self.by_id = all(shared)
-        for i, (m, s) in enumerate(zip(self.members, shared)):
-            m.align(follows_drafter=s and i > 0, by_id=self.by_id)
-        # A member sharing an earlier member's loaded model (the same weights listed twice) never decodes: it
-        # reads that member's distributions. twin[i] = index of that earlier member, or None.
-        self.twin: list[int | None] = [next((j for j in range(i) if self.members[j].model is m.model), None)
-                                       for i, m in enumerate(self.members)]
+        if config.weights is not None:
+            for lane, w in zip(self.lanes, config.weights):
+                lane.weight = w
+        for lane in self.lanes:
+            lane.k = config.top_k
+        # When every member shares the drafter's tokenizer, candidates are token ids (set on the lanes).
+        self.by_id = all(lane.by_id for lane in self.lanes)
+        # A member sharing an earlier member's backend (the same weights listed twice) never decodes: it
+        # reads that member's distributions. twin[i] = index of that earlier lane, or None.
+        self.twin: list[int | None] = [next((j for j in range(i) if self.lanes[j].backend is lane.backend), None)
+                                       for i, lane in enumerate(self.lanes)]
 
     def union(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[list[Key], np.ndarray, np.ndarray]:
         """Union distribution of the members' candidates, sharpened as configured (SAFE) or not (UniTE)."""
         views = [
-            MemberView(top=m.top_keys(d), prob_of=(lambda key, m=m, d=d: m.prob_of(d, key)), weight=m.weight)
-            for m, d in zip(self.members, dists)
+            MemberView(top=lane.top_keys(d), prob_of=(lambda key, lane=lane, d=d: lane.prob_of(d, key)), weight=lane.weight)
+            for lane, d in zip(self.lanes, dists)
         ]
         if sharpen and not self.by_id:
             # SAFE across tokenizers compares whole text only: a candidate that starts or stops inside a
@@ -103,7 +106,7 @@ class PolicyBase:
                 v.top = {k: p for k, p in v.top.items() if k == EOG or is_whole_text(k)}
         keys, p, q = union_distribution(views, geometric=sharpen and self.config.sharpen == "geometric")
         if sharpen and self.config.sharpen == "prefix":
-            texts = [k if k == EOG else self.members[0].key_bytes(k) for k in keys]
+            texts = [k if k == EOG else self.lanes[0].key_bytes(k) for k in keys]
             p = sharpen_prefix_mass(keys, p, views[0].top, self.config.sharpen_lambda, texts)
         return keys, p, q
 
@@ -113,11 +116,11 @@ class PolicyBase:
         top-k / top-p to the union distribution."""
         keys, p, q = self.union(dists, sharpen)
         if not keys:  # every member proposed only empty control tokens: end the answer
-            return EOG, self.members[0].name
+            return EOG, self.lanes[0].name
         if not self.sampling.greedy:
             p = filter_probs(p, self.sampling.top_k, self.sampling.top_p)
         i = choose(keys, p, None if self.sampling.greedy else self.rng, prefer=prefer, tolerance=self.config.tie_tolerance)
-        winner = self.members[int(np.argmax(q[:, i]))].name
+        winner = self.lanes[int(np.argmax(q[:, i]))].name
         return keys[i], winner
 
     @property
@@ -125,13 +128,25 @@ class PolicyBase:
         """Temperature every member's distribution is taken at (1 when greedy)."""
         return 1.0 if self.sampling.greedy else self.sampling.temperature
 
-    def pick(self, member: Member, logits: np.ndarray | None, dist: Dist | None = None) -> tuple[int, Dist]:
-        """A member's own choice at one position (greedy, or sampled after top-k / top-p) and its
-        distribution; when sampling, ``dist.proposal`` holds the probabilities the choice was drawn from."""
+    def pick(self, dist: Dist) -> int:
+        """A member's own choice at one position: greedy, or sampled after top-k / top-p (then
+        ``dist.proposal`` holds the probabilities the choice was drawn from)."""
         s = self.sampling
-        if dist is None:
-            dist = member.dist(logits, self.temperature)
         if s.greedy:
-            return dist.argmax, dist
-        dist.proposal = filter_probs(dist.probs, s.top_k, s.top_p)
-        return int(self.rng.choice(dist.proposal.size, p=dist.proposal)), dist
+            return dist.argmax
+        dist.proposal = filter_probs(dist.sampling_probs(), s.top_k, s.top_p)
+        return int(self.rng.choice(dist.proposal.size, p=dist.proposal))
+
+    def next_dist(self, lane: Lane, tokens: Sequence[int]) -> Dist:
+        """``lane``'s distribution after its prompt + ``tokens`` (one feed, the last row read)."""
+        target = lane.prompt + list(tokens)
+        if len(target) >= lane.backend.n_ctx:
+            raise ContextFull
+        row = len(target) - 1
+        return lane.feed(target, rows=[row], temperature=self.temperature)[row]
+
+
+def _eager_default() -> "EagerConfig":
+    from .eager import EagerConfig  # eager imports this module
+
+    return EagerConfig()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from ..alignment import complete_utf8_len
 from ..decisions import EOG
-from .base import ContextFull, Piece, PolicyBase
+from .base import Piece, PolicyBase
 
 
 class EveryTokenPolicy(PolicyBase):
@@ -23,30 +23,25 @@ class EveryTokenPolicy(PolicyBase):
     def _next_dists(self) -> list:
         """Every member's next-token distribution after the accepted text (a twin reads its twin's)."""
         dists: list = []
-        for i, m in enumerate(self.members):
-            if self.twin[i] is not None:
-                dists.append(dists[self.twin[i]])
-                continue
-            target = m.prompt + (self.p_tokens if i == 0 else m.track.tokens)
-            if len(target) >= m.model.n_ctx:
-                raise ContextFull
-            row = len(target) - 1
-            dists.append(m.dist(m.feed(target, rows=[row])[row], self.temperature))
+        for i, lane in enumerate(self.lanes):
+            twin = self.twin[i]
+            dists.append(dists[twin] if twin is not None else
+                         self.next_dist(lane, self.p_tokens if i == 0 else lane.track.tokens))
         return dists
 
     def step(self, budget: int) -> list[Piece]:
         dists = self.dists if self.dists is not None else self._next_dists()
         self.dists = None
-        primary = self.members[0]
-        own_tok, _ = self.pick(primary, None, dist=dists[0])
+        primary = self.lanes[0]
+        own_tok = self.pick(dists[0])
         own_key = primary.key_of(own_tok)
-        if any(not m.follows_drafter and len(m.track.text) != complete_utf8_len(m.track.text) for m in self.members[1:]):
+        if any(not m.follows_drafter and len(m.track.text) != complete_utf8_len(m.track.text) for m in self.lanes[1:]):
             # The text ends inside a UTF-8 character: a re-tokenizing member cannot be asked mid-character
             # (its tokenization stops before it), so the primary finishes the character alone.
             if own_key == EOG:
                 return [Piece(b"", "draft", end=True)]
             return [self._accept(primary.key_bytes(own_key), [own_tok], "draft")]
-        self.stats.verification_calls += len(self.members) - 1
+        self.stats.verification_calls += len(self.lanes) - 1
         key, winner = self.ensemble_choice(dists, sharpen=False)  # plain UniTE: no SAFE sharpening
         self.stats.ensembled += 1
         if key != own_key:
@@ -59,6 +54,6 @@ class EveryTokenPolicy(PolicyBase):
     def _accept(self, data: bytes, tokens: list[int], kind: str, winner: str | None = None) -> Piece:
         """Append an accepted piece: the primary's tokens, every other member's view of the text."""
         self.p_tokens.extend(tokens)
-        for m in self.members[1:]:
+        for m in self.lanes[1:]:
             m.track.extend(data, tokens)
         return Piece(data, kind, winner)

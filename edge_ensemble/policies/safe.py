@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..alignment import reliable_view, token_ending_at
-from ..decisions import EOG, consensus, entropy, filter_probs, speculative_accept_probability
+from ..decisions import EOG, consensus, filter_probs, speculative_accept_probability
+from ..member import Lane
 from .base import ContextFull, Piece, PolicyBase
 
 
@@ -42,25 +43,20 @@ class SafePolicy(PolicyBase):
         self._sync_drafter()
         for i, v in enumerate(self.verifiers, 1):
             if self.twin[i] is None:
-                v.feed(v.prompt)
+                v.feed(v.prompt)  # prefill now: the prompt's cost is not charged to the first verification
 
     def _sync_drafter(self) -> None:
         """Bring the drafter's cache to prompt + accepted tokens (dropping rejected drafts, feeding an
         ensembled string's tokens) and get its next-token logits."""
-        d = self.drafter
-        target = d.prompt + self.d_tokens
-        if len(target) >= d.model.n_ctx:
-            raise ContextFull
-        last = len(target) - 1
-        self.pending = d.feed(target, rows=[last])[last].copy()
+        self.pending = self.next_dist(self.drafter, self.d_tokens)
 
     @property
-    def drafter(self):
-        return self.members[0]
+    def drafter(self) -> Lane:
+        return self.lanes[0]
 
     @property
-    def verifiers(self):
-        return self.members[1:]
+    def verifiers(self) -> list[Lane]:
+        return self.lanes[1:]
 
     # -- the cycle -----------------------------------------------------------------------------------------
 
@@ -72,7 +68,7 @@ class SafePolicy(PolicyBase):
         if n < 1:
             raise ContextFull
         drafts, dists = self._draft(n)
-        data = [d.model.token_bytes[t] for t in drafts]  # EOG and other control tokens carry no bytes
+        data = [d.member.token_bytes(t) for t in drafts]  # EOG and other control tokens carry no bytes
         offsets = np.cumsum([0] + [len(b) for b in data])  # offsets[j] = bytes before draft token j
         self.stats.drafted += len(drafts)
 
@@ -88,21 +84,21 @@ class SafePolicy(PolicyBase):
         d = self.drafter
         gate = self.config.gate
         drafts, dists = [], []
-        logits = self.pending
+        dist = self.pending
         self.pending = None
         for _ in range(n):
-            tok, dist = self.pick(d, logits)
+            tok = self.pick(dist)
             drafts.append(tok)
             dists.append(dist)
-            if d.model.is_eog(tok) or (gate.enabled and not self._confident(dist)):
+            if d.member.is_eog(tok) or (gate.enabled and not self._confident(dist)):
                 return drafts, dists
-            logits = d.decode_one(tok)
-        self.pending = logits.copy()  # the next position's logits, valid if the whole draft is accepted
+            dist = d.step(tok, self.temperature)
+        self.pending = dist  # the next position's distribution, valid if the whole draft is accepted
         return drafts, dists
 
     def _confident(self, dist) -> bool:
         gate = self.config.gate
-        return gate.confident(dist.top1, entropy(dist.probs) if gate.max_entropy is not None else 0.0)
+        return gate.confident(dist.top1, dist.entropy() if gate.max_entropy is not None else 0.0)
 
     def _positions_to_check(self, dists) -> list[int]:
         gate = self.config.gate
@@ -138,19 +134,19 @@ class SafePolicy(PolicyBase):
                 rows = {j: len(v.prompt) + token_ending_at(ends, base + int(offsets[j])) for j in checkable}
             last_needed = max(rows.values())
             target = v.prompt + toks[: last_needed + 1 - len(v.prompt)]
-            if len(target) >= v.model.n_ctx:
+            if len(target) >= v.backend.n_ctx:
                 raise ContextFull
-            logits = v.feed(target, rows=sorted(set(rows.values())))
-            vdists.append({j: v.dist(logits[r], self.temperature) for j, r in rows.items()})
+            at = v.feed(target, rows=sorted(set(rows.values())), temperature=self.temperature)
+            vdists.append({j: at[r] for j, r in rows.items()})
             self.stats.verification_calls += 1
         self.stats.verified_positions += len(checkable)
 
         d = self.drafter
-        weights = [m.weight for m in self.members]
+        weights = [lane.weight for lane in self.lanes]
         for j in checkable:
             key = d.key_of(drafts[j])
             all_dists = [dists[j]] + [vd[j] for vd in vdists]
-            p_draft = d.prob_of(dists[j], EOG) if key == EOG else float(dists[j].probs[drafts[j]])
+            p_draft = d.prob_of(dists[j], EOG) if key == EOG else float(dists[j].prob(drafts[j]))
             ps = [p_draft] + [v.prob_of(vd[j], key) for v, vd in zip(self.verifiers, vdists)]
             if self.sampling.greedy:
                 agree = [True] + [self._agrees(v, vd[j], key, p) for v, vd, p in zip(self.verifiers, vdists, ps[1:])]
@@ -194,14 +190,14 @@ class SafePolicy(PolicyBase):
         residual = np.maximum(p - prop, 0.0)
         r = residual / residual.sum() if residual.sum() > 0 else p / p.sum()
         c = int(self.rng.choice(len(keys), p=r))
-        return keys[c], self.members[int(np.argmax(q[:, c]))].name
+        return keys[c], self.lanes[int(np.argmax(q[:, c]))].name
 
     def _commit(self, drafts, data, verdict: "Verdict") -> list[Piece]:
         d = self.drafter
         accepted, replacement = verdict.accepted, verdict.replacement
         pieces: list[Piece] = []
         for j in range(accepted):
-            end = d.model.is_eog(drafts[j])
+            end = d.member.is_eog(drafts[j])
             winner = verdict.confirmed.get(j)
             pieces.append(Piece(data[j], "draft" if winner is None else "ensemble", winner, end=end))
         self.stats.accepted_drafts += accepted
@@ -228,9 +224,10 @@ class SafePolicy(PolicyBase):
         return pieces
 
 
-def _proposal_of(member, proposal: np.ndarray, key) -> float:
+def _proposal_of(lane: Lane, proposal: np.ndarray, key) -> float:
     """The drafter's proposal probability of a union key (EOG pooled; bytes via its own first token)."""
     if key == EOG:
-        return float(proposal[member.model.eog_ids].sum()) if member.model.eog_ids.size else 0.0
-    tok = member.first_token(key)
+        eog = lane.member.eog_ids
+        return float(proposal[eog].sum()) if eog.size else 0.0
+    tok = lane.first_token(key)
     return float(proposal[tok]) if tok >= 0 else 0.0

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from .base import ContextFull, Piece, PolicyBase
 
 
 class SinglePolicy(PolicyBase):
-    """Decode with the first member only, one token per llama_decode call."""
+    """Decode with the first member only, one token per decode call."""
 
     def start(self) -> None:
-        m = self.members[0]
-        self.pending = m.feed(m.prompt, rows=[len(m.prompt) - 1])[len(m.prompt) - 1].copy()
+        self.pending = self.next_dist(self.lanes[0], [])
 
     def step(self, budget: int) -> list[Piece]:
-        m = self.members[0]
-        tok, _ = self.pick(m, self.pending)
-        if m.model.is_eog(tok):
+        lane = self.lanes[0]
+        tok = self.pick(self.pending)
+        if lane.member.is_eog(tok):
             return [Piece(b"", "single", end=True)]
-        if m.room < 1:
+        if lane.room < 1:
             raise ContextFull
-        self.pending = m.decode_one(tok).copy()
-        return [Piece(m.model.token_bytes[tok], "single")]
+        self.pending = lane.step(tok, self.temperature)
+        return [Piece(lane.member.token_bytes(tok), "single")]

@@ -1,0 +1,155 @@
+"""What a model spec names, parsed once (:func:`parse_spec`), and the file it resolves to (:func:`resolve`).
+
+A spec is what the user typed after ``-m``, in ``members = [...]`` or in ``Ensemble([...])``:
+
+- ``hf:<org>/<repo>/<path-in-repo>[@<revision>]``: a hub file;
+- a catalog name (key or display name, any case): a catalog model; a name wins over a same-named file in the
+  working directory unless it looks like a path;
+- anything else: a path to a .gguf file.
+
+Parsing needs no network and reads no model file; resolving may download, assemble and verify.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+from .. import paths
+from ..errors import ModelSourceError
+from ..gguf import check_local_file
+from ._common import _marker_ok
+from .bundles import _assembled_marker, _assembled_ok, assemble_bundle
+from .catalog import Catalog, ModelEntry
+from .hub import HUB_PREFIX, HubRef, _cached_hub_path, _hub_marker, fetch_hub, parse_hub_spec
+
+# "server" (a member behind a URL) is the kind that comes next; it is not implemented yet.
+SpecKind = Literal["path", "catalog", "hub"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model spec parsed once: which kind of source it names and what is known before anything is fetched.
+
+    ``path`` is set for kind "path", ``ref`` for kind "hub", ``entry`` for kind "catalog". ``display_name``
+    is the member's name in stats and output: the catalog's name, else the file's stem.
+    """
+
+    text: str  # the spec as given
+    kind: SpecKind
+    display_name: str
+    path: Path | None = None
+    ref: HubRef | None = None
+    entry: ModelEntry | None = None
+
+    def __str__(self) -> str:
+        return self.text
+
+
+SpecLike = Union[str, "os.PathLike[str]", ModelSpec]
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        "/" in spec or os.sep in spec or spec.startswith(("~", "."))
+        or spec.lower().endswith(".gguf")
+    )
+
+
+def parse_spec(spec: SpecLike, catalog: Catalog | None = None) -> ModelSpec:
+    """Parse a model spec (see the module docstring) into a :class:`ModelSpec`; a ModelSpec is returned as it is.
+
+    ``catalog`` is loaded when needed and not given. Raises ModelSourceError with one line for a malformed hub
+    reference or a name that is neither a file nor in the catalog; whether a path holds a GGUF file is
+    checked by :func:`resolve`.
+    """
+    if isinstance(spec, ModelSpec):
+        return spec
+    text = os.fspath(spec)
+    if text.startswith(HUB_PREFIX):
+        ref = parse_hub_spec(text)
+        return ModelSpec(text, "hub", Path(ref.filename).stem, ref=ref)
+    if not _looks_like_path(text):
+        catalog = catalog or Catalog.load()
+        entry = catalog.find(text)
+        if entry is not None:
+            return ModelSpec(text, "catalog", entry.name, entry=entry)
+        if not Path(text).exists():
+            catalog.model(text)  # raises the "unknown model ... (known: ...)" error
+    path = Path(text).expanduser()
+    return ModelSpec(text, "path", path.stem, path=path)
+
+
+def resolve(spec: ModelSpec, *, download: bool = True, progress: bool = True) -> Path:
+    """The GGUF file on disk that ``spec`` names: a checked local path, a hub file (fetched into
+    huggingface-hub's cache) or a catalog model (assembled from its bundle, or from the hub, and verified).
+
+    ``download=False`` only uses what is already on disk; ``progress`` shows progress on stderr. Raises
+    ModelSourceError / ModelLoadError with a one-line message.
+    """
+    if spec.kind == "hub":
+        assert spec.ref is not None
+        return fetch_hub(spec.ref, download=download, progress=progress)
+    if spec.kind == "catalog":
+        assert spec.entry is not None
+        return _resolve_entry(spec.entry, download=download, progress=progress)
+    assert spec.path is not None
+    return check_local_file(spec.path)
+
+
+def resolve_model(
+    spec: SpecLike, *, catalog: Catalog | None = None, download: bool = True, progress: bool = True
+) -> Path:
+    """``resolve(parse_spec(spec, catalog), ...)``: a model spec straight to the path of its GGUF file."""
+    return resolve(parse_spec(spec, catalog), download=download, progress=progress)
+
+
+def _resolve_entry(entry: ModelEntry, *, download: bool, progress: bool) -> Path:
+    dest = paths.models_dir() / entry.file
+    if _assembled_ok(entry, dest, progress):
+        return dest
+    hub = parse_hub_spec(entry.hub) if entry.hub else None
+    if entry.has_bundle and download:
+        return assemble_bundle(entry, progress=progress)
+    if hub is not None and (download or _cached_hub_path(hub) is not None):
+        # Catalog content is pinned by the catalog, so a cached copy is used without asking the hub.
+        return fetch_hub(hub, sha256=entry.hub_sha256 or None, download=download, progress=progress,
+                         prefer_cache=True)
+    if not download:
+        raise ModelSourceError(
+            f"model '{entry.key}' is not in the cache ({dest}) and downloads are disabled;"
+            " run once with downloads enabled to fetch it"
+        )
+    raise ModelSourceError(f"model '{entry.key}' has no source in the catalog (neither a bundle nor a hub file)")
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What ``models list/info`` shows about one catalog model; computed without network or hashing."""
+
+    key: str
+    present: bool
+    path: Path  # where the file is, or where the assembled file will go
+    size_on_disk: int | None
+    source: str | None  # "bundle" (assembled in the models dir), "hub" (hub cache) or None if absent
+    verified: bool  # sha256 checked and remembered by a marker
+    available_from: tuple[str, ...] = field(default=())  # "bundle", "hub"
+
+
+def model_status(entry: ModelEntry) -> ModelStatus:
+    """Report whether ``entry`` is on disk, where, how big, and which source it came from."""
+    available = tuple(s for s, ok in (("bundle", entry.has_bundle), ("hub", bool(entry.hub))) if ok)
+    dest = paths.models_dir() / entry.file
+    if dest.is_file():
+        size = dest.stat().st_size
+        if not entry.size or size == entry.size:
+            verified = bool(entry.sha256) and _marker_ok(_assembled_marker(dest), dest, entry.sha256)
+            return ModelStatus(entry.key, True, dest, size, "bundle", verified, available)
+    if entry.hub:
+        cached = _cached_hub_path(parse_hub_spec(entry.hub))
+        if cached is not None:
+            verified = bool(entry.hub_sha256) and _marker_ok(_hub_marker(entry.hub_sha256), cached, entry.hub_sha256)
+            return ModelStatus(entry.key, True, cached, cached.stat().st_size, "hub", verified, available)
+    return ModelStatus(entry.key, False, dest, None, None, False, available)
