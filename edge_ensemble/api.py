@@ -225,21 +225,29 @@ class Ensemble:
         ]
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
-               system: str | None = None, **options: Any) -> Iterator[Event]:
+               system: str | None = None, raw: str | None = None, time_limit: float | None = None,
+               **options: Any) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
-        Give either ``prompt`` (one user turn, optional ``system``) or a full ``messages`` list. ``options``
-        (:data:`CALL_OPTIONS`): the generation options ``max_tokens`` (default 512), ``stop``, ``temperature``,
-        ``top_p``, ``top_k``, ``seed``, and for this call only ``policy`` and any policy option
-        (``gate=0.3, draft_len=3``) in place of the ensemble's own.
+        Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
+        to complete without any chat template (each member tokenizes it itself, with its own BOS convention).
+        ``options`` (:data:`CALL_OPTIONS`): the generation options ``max_tokens`` (default 512), ``stop``,
+        ``temperature``, ``top_p``, ``top_k``, ``seed``, and for this call only ``policy`` and any policy option
+        (``gate=0.3, draft_len=3``) in place of the ensemble's own. ``time_limit`` (seconds, prompt included)
+        ends the answer with finish_reason ``"length"`` when it runs out.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
-        msgs = _messages(prompt, messages, system)
+        msgs, raw_text = (None, _raw_text(raw, prompt, messages, system)) if raw is not None else (
+            _messages(prompt, messages, system), None)
+        if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, (int, float))
+                                       or not 0.001 <= time_limit <= 1e9):
+            raise UsageError(f"time_limit must be a number of seconds between 0.001 and 1e9; got {time_limit!r}")
         check_names(options, CALL_OPTIONS, elsewhere=LOAD, hint="fixed when the models load; give it to Ensemble(...)")
         gen = {name: o.check(options.get(name, o.default)) for name, o in GENERATION.items()}
         sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
-        opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling)
+        opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling,
+                                 time_limit=time_limit)
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
         have = self._members[0].model.options.n_seq_max if hasattr(self._members[0].backend, "model") else 1
@@ -249,8 +257,14 @@ class Ensemble:
                              " least that max_branches")
         stream: list[Iterator[Event]] = []
         stream.append(self._one_at_a_time(lambda: generate_events(
-            self._members, msgs, policy=cfg.policy, policy_config=cfg.policy_config(), options=opts), stream))
+            self._members, msgs, raw=raw_text, policy=cfg.policy, policy_config=cfg.policy_config(), options=opts),
+            stream))
         return stream[0]
+
+    def complete(self, text: str, **kwargs: object) -> GenerationResult:
+        """Complete raw ``text`` (no chat template) and return the whole result; ``stream(raw=text)`` streams it.
+        The other arguments are those of :meth:`stream`."""
+        return self.generate(raw=text, **kwargs)
 
     def _one_at_a_time(self, events: Callable[[], Iterator[Event]], me: list[Iterator[Event]]) -> Iterator[Event]:
         """``events()`` streamed while this thread holds the ensemble; released when the stream ends or is
@@ -382,3 +396,13 @@ def _messages(prompt: str | None, messages: Sequence[dict[str, str]] | None, sys
         msgs = [{"role": "system", "content": clean_text(system, "the system prompt")}] + [
             m for m in msgs if m.get("role") != "system"]
     return msgs
+
+
+def _raw_text(raw: object, prompt: str | None, messages: object, system: str | None) -> str:
+    if prompt is not None or messages is not None or system is not None:
+        raise UsageError("give raw text alone: no prompt, messages or system with raw (it is the whole prompt)")
+    if not isinstance(raw, str):
+        raise UsageError(f"raw must be a string; got {type(raw).__name__}")
+    if not raw:
+        raise UsageError("the raw prompt is empty; give the text to continue")
+    return clean_text(raw, "the prompt")

@@ -1,4 +1,4 @@
-"""The command line: ``edge-ensemble chat | run | models | presets``.
+"""The command line: ``edge-ensemble chat | run | serve | models | presets``.
 
 A thin click layer over :class:`edge_ensemble.api.Ensemble`. The options shared by ``chat`` and ``run`` are
 defined once (:func:`settings_options`) and merged with the user config file into one validated
@@ -34,6 +34,7 @@ from .engine import Event, GenerationResult
 from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
 from .options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
 from .policies import POLICY, POLICY_OPTIONS, policies_reading
+from .server import SERVER_LIMITS
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -164,6 +165,28 @@ def _policy_flag(option: Option) -> Callable[[Callable[..., Any]], Any]:
     return _flag(option, prefix=", ".join(policies_reading(option)) + ": ")
 
 
+def _declared_flags(options: Sequence[Option], into: str, *, defaults: bool = True,
+                    shown: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Any]:
+    """Add the flags of ``options`` to a command; it receives the values given, checked, as one dict ``into``
+    (by option name), with each option's default where not given when ``defaults``. ``shown``: how --help
+    shows a default that differs from the declaration's."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(**params: Any) -> Any:
+            given = {o: params.pop(o.key) for o in options}
+            values = {o.name: o.from_text(v) for o, v in given.items() if v is not None}
+            if defaults:
+                values = {o.name: values.get(o.name, o.default) for o in options}
+            return command(**{into: values}, **params)
+
+        for option in reversed(options):
+            wrapper = _flag(option, shown_default=(shown or {}).get(option.name, ""))(wrapper)
+        return wrapper
+
+    return decorate
+
+
 _SETTINGS_OPTIONS = [
     click.option("-p", "--preset", metavar="NAME",
                  help="A named ensemble from the catalog (`edge-ensemble presets`) [default: the catalog's default]."),
@@ -201,9 +224,11 @@ def open_ensemble(settings: Settings) -> Ensemble:
     return Ensemble(list(settings.members), config=settings.ensemble, progress=True)
 
 
-def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]]) -> Iterator[Event]:
-    """The answer to ``messages`` as a stream of events, with the settings' generation options."""
-    return ensemble.stream(messages=messages, **asdict(settings.generation))
+def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]] | None, *,
+                  raw: str | None = None) -> Iterator[Event]:
+    """The answer to ``messages`` (or the completion of ``raw`` text) as a stream of events, with the settings'
+    generation options."""
+    return ensemble.stream(messages=messages, raw=raw, **asdict(settings.generation))
 
 
 # -- showing answers ----------------------------------------------------------------------------------------
@@ -278,18 +303,25 @@ def _member_dict(m: MemberInfo) -> dict[str, Any]:
               help="Print one JSON object (text, finish_reason, stats, provenance, members, policy, preset, "
                    "config, generation) instead of streaming text.")
 @click.option("--show", is_flag=True, help=_SHOW_HELP)
+@click.option("--raw", is_flag=True,
+              help="Continue PROMPT as raw text: no chat template and no system prompt; each member tokenizes "
+                   "it itself (its own BOS; control-token text such as <|im_start|> is parsed as markup).")
 @settings_options
-def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> None:
+def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: bool) -> None:
     """Answer one PROMPT and exit; without PROMPT (or with -) the prompt is read from stdin.
 
     The answer streams to stdout; a line of figures follows on stderr.
     """
     text = clean_text(_read_prompt(prompt), "the prompt")
+    if raw and settings.system:
+        raise UsageError("--raw takes no system prompt (-s): the raw text is the whole prompt")
     system = clean_text(settings.system, "the system prompt") if settings.system else None
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    messages = None if raw else (
+        ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}])
+    answer = functools.partial(stream_answer, raw=text if raw else None)
     with open_ensemble(settings) as ensemble:
         if as_json:
-            result = _last(stream_answer(ensemble, settings, messages))
+            result = _last(answer(ensemble, settings, messages))
             payload = {**result.to_dict(), "members": [_member_dict(m) for m in ensemble.members],
                        "policy": result.stats.policy, "preset": settings.preset,
                        "config": asdict(settings.ensemble), "generation": asdict(settings.generation)}
@@ -300,13 +332,52 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool) -> No
             _note(renderer.legend())
         result = None
         try:
-            for event in stream_answer(ensemble, settings, messages):
+            for event in answer(ensemble, settings, messages):
                 renderer.write(event)
                 result = event.result or result
         finally:
             renderer.end_line()
         if result is not None:
             _note(footer(result))
+
+
+# -- serve --------------------------------------------------------------------------------------------------
+
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback without --api-key is warned about.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="EDGE_ENSEMBLE_API_KEY", metavar="KEY",
+              help="Require 'Authorization: Bearer KEY' on /v1/* [env: EDGE_ENSEMBLE_API_KEY; default: none].")
+@click.option("--served-model-name", metavar="NAME",
+              help="The model id clients send [default: the preset's name, else the members' names joined by +].")
+@_declared_flags(SERVER_LIMITS, "limits")
+@settings_options
+def serve(settings: Settings, host: str, port: int, api_key: str | None, served_model_name: str | None,
+          limits: dict[str, Any]) -> None:
+    """Serve the ensemble over an OpenAI-compatible HTTP API (needs the server extra).
+
+    \b
+    POST /v1/chat/completions, POST /v1/completions (raw text), GET /v1/models,
+    GET /health. Answers are made one at a time, in arrival order. The generation
+    options (--max-tokens, --temperature, ...) are the defaults of requests that
+    leave them out; -s is the system prompt of chat requests that bring none.
+    """
+    from .server import ServerOptions, serve as run_server  # (starlette is imported when it starts)
+    from .sources import parse_spec
+
+    try:
+        import starlette  # noqa: F401
+    except ImportError:
+        raise UsageError("serve needs the server extra: pip install 'edge-ensemble[server]'") from None
+    g = settings.generation
+    name = served_model_name or settings.preset or "+".join(parse_spec(m).display_name for m in settings.members)
+    options = ServerOptions(model_id=name, api_key=api_key, **limits, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                            seed=g.seed, system=clean_text(settings.system, "the system prompt")
+                            if settings.system else None)
+    run_server(functools.partial(open_ensemble, settings), options, host=host, port=port)
 
 
 def _read_prompt(prompt: str | None) -> str:
@@ -762,20 +833,8 @@ _EVAL_DEFAULTS = {"n_ctx": 2048}
 _EVAL_OPTIONS = (GENERATION["max_tokens"], *(o for o in LOAD_OPTIONS if o.cli))
 
 
-def _eval_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the declared options ``eval`` takes (token budget, load options); ``command`` receives the values
-    given, checked, as ``options`` (by option name)."""
-
-    @functools.wraps(command)
-    def wrapper(**params: Any) -> Any:
-        given = {o: params.pop(o.key) for o in _EVAL_OPTIONS}
-        options = {o.name: o.from_text(v) for o, v in given.items() if v is not None}
-        return command(options=options, **params)
-
-    for option in reversed(_EVAL_OPTIONS):
-        shown = "per task" if option.name == "max_tokens" else str(_EVAL_DEFAULTS.get(option.name, ""))
-        wrapper = _flag(option, shown_default=shown)(wrapper)
-    return wrapper
+_eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown={
+    "max_tokens": "per task", **{k: str(v) for k, v in _EVAL_DEFAULTS.items()}})
 
 
 @cli.command("eval")

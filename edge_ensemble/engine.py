@@ -123,6 +123,7 @@ class GenerationOptions:
     # A branching policy votes over the answers this extracts (an eval task's extractor); None = free text,
     # where the branch with the best mean token log-probability is chosen.
     extract: Callable[[str], str | None] | None = None
+    time_limit: float | None = None  # seconds from the start (prompt included), then finish_reason "length"
 
 
 def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,
@@ -235,8 +236,9 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     spans: list[Span] = []
     finish = "length"
     tokens = 0
+    deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
     try:
-        while tokens < options.max_tokens:
+        while tokens < options.max_tokens and time.perf_counter() < deadline:
             try:
                 pieces = runner.step(options.max_tokens - tokens)
             except (ContextFull, ContextOverflowError):
@@ -299,7 +301,8 @@ def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, o
     stats.prompt_seconds = t1 - t0
     stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
     try:
-        branches = runner.run(options.max_tokens)
+        deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
+        branches = runner.run(options.max_tokens, deadline=deadline)
     finally:
         stats.generation_seconds = time.perf_counter() - t1
     infos: list[BranchInfo] = []

@@ -9,6 +9,7 @@ whole answer; the caller votes.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,7 +95,9 @@ class EagerRun(PolicyBase):
     def _entropy(self, dist: Dist) -> float:
         return dist.entropy() if self.eager.entropy == "full" else topn_entropy(dist.sampling_probs(), TOP20)
 
-    def run(self, max_tokens: int) -> list[Branch]:
+    def run(self, max_tokens: int, deadline: float = float("inf")) -> list[Branch]:
+        """Every branch to its end (or ``max_tokens``, or ``deadline`` on the perf_counter clock: then the live
+        ones end with finish_reason "length")."""
         lane = self.root
         root = Branch(0, None, 0, lane=lane, verifier_lanes=self.lanes[1:])
         root.dist = self.next_dist(lane, [])
@@ -130,6 +133,10 @@ class EagerRun(PolicyBase):
             else:
                 self.since_branch += 1
             live = self._advance(choices, max_tokens)
+            if live and time.perf_counter() > deadline:
+                for b in live:
+                    self._finish(b, "length")
+                live = []
         return self.branches
 
     def _ensemble_alternative(self, b: Branch, tok: int) -> int | None:
