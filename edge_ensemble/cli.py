@@ -339,6 +339,44 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
             renderer.end_line()
         if result is not None:
             _note(footer(result))
+            if result.branches:
+                _note(branch_summary(result))
+                if show:
+                    for line in branch_tree(result):
+                        _note(line)
+
+
+def branch_summary(result: GenerationResult) -> str:
+    """One line about a branching answer: how many branches, of which kind, tokens spent, which one won."""
+    b = result.branches
+    kinds = {k: sum(1 for x in b if x.origin == k) for k in ("entropy", "ensemble", "parallel")}
+    made = ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "no forks"
+    chosen = next(x for x in b if x.chosen)
+    why = f"answer {chosen.answer!r}, {chosen.votes} of {len(b)} votes" if chosen.answer is not None else (
+        f"best mean log-probability {chosen.mean_logprob:.3f}")
+    return (f"{len(b)} branches ({made}), {result.stats.generated_tokens} tokens generated; chosen: #{chosen.index}"
+            f" ({why})")
+
+
+def branch_tree(result: GenerationResult) -> list[str]:
+    """The branches as a tree: each under the one it forked from, with where it forked and how it ended."""
+    children: dict[int | None, list[int]] = {}
+    for x in result.branches:
+        children.setdefault(x.parent, []).append(x.index)
+    lines: list[str] = []
+
+    def walk(i: int, depth: int) -> None:
+        x = result.branches[i]
+        where = "" if x.parent is None else f" from #{x.parent} at token {x.forked_at} ({x.origin})"
+        answer = f", answer {x.answer!r}" if x.answer is not None else ""
+        mark = "  <- chosen" if x.chosen else ""
+        lines.append(f"{'  ' * depth}#{x.index}{where}: {x.tokens} tokens, {x.finish_reason}{answer}{mark}")
+        for c in children.get(i, []):
+            walk(c, depth + 1)
+
+    for root in children.get(None, []):
+        walk(root, 0)
+    return lines
 
 
 # -- serve --------------------------------------------------------------------------------------------------
@@ -374,9 +412,9 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
         raise UsageError("serve needs the server extra: pip install 'edge-ensemble[server]'") from None
     g = settings.generation
     name = served_model_name or settings.preset or "+".join(parse_spec(m).display_name for m in settings.members)
-    options = ServerOptions(model_id=name, api_key=api_key, **limits, max_tokens=g.max_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                            seed=g.seed, system=clean_text(settings.system, "the system prompt")
-                            if settings.system else None)
+    options = ServerOptions(model_id=name, api_key=api_key, **limits, max_tokens=g.max_tokens,
+                            temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
+                            system=clean_text(settings.system, "the system prompt") if settings.system else None)
     run_server(functools.partial(open_ensemble, settings), options, host=host, port=port)
 
 
