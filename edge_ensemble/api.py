@@ -176,7 +176,9 @@ class Ensemble:
                 model = backend.model
                 self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members])))
                 _check_combinable(self._members[-1])
-                if 0 < model.n_ctx_train < cfg.n_ctx:
+                # (Several sequences share one context: positions are per sequence, so the sum may pass the
+                # trained context.)
+                if 0 < model.n_ctx_train < cfg.n_ctx and model.options.n_seq_max == 1:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
                          f" {model.n_ctx_train} tokens: text past {model.n_ctx_train} tokens will be poor; use"
                          f" --n-ctx {model.n_ctx_train} or less")
@@ -226,7 +228,7 @@ class Ensemble:
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                system: str | None = None, raw: str | None = None, time_limit: float | None = None,
-               **options: Any) -> Iterator[Event]:
+               extract: Callable[[str], str | None] | None = None, **options: Any) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
         Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
@@ -234,7 +236,8 @@ class Ensemble:
         ``options`` (:data:`CALL_OPTIONS`): the generation options ``max_tokens`` (default 512), ``stop``,
         ``temperature``, ``top_p``, ``top_k``, ``seed``, and for this call only ``policy`` and any policy option
         (``gate=0.3, draft_len=3``) in place of the ensemble's own. ``time_limit`` (seconds, prompt included)
-        ends the answer with finish_reason ``"length"`` when it runs out.
+        ends the answer with finish_reason ``"length"`` when it runs out. ``extract`` (eager): the answer of a
+        branch's text (e.g. a number), which the branches vote on; without it the likeliest branch is chosen.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
@@ -247,7 +250,7 @@ class Ensemble:
         gen = {name: o.check(options.get(name, o.default)) for name, o in GENERATION.items()}
         sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
         opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling,
-                                 time_limit=time_limit)
+                                 time_limit=time_limit, extract=extract)
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
         have = self._members[0].model.options.n_seq_max if hasattr(self._members[0].backend, "model") else 1

@@ -881,7 +881,8 @@ _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown=
 @click.option("-m", "--model", "members", multiple=True, metavar="MODEL", help="Explicit members (first drafts).")
 @click.option("--configs", default=None, metavar="LIST",
               help="Comma-separated configurations: single (each member alone), single:<member>, every-token, "
-                   "safe (faithful), safe-gated [default: all].")
+                   "safe (faithful), safe-gated; branching (named only): parallel, eager, eager-adapt, "
+                   "eager-ensemble (M = 8 at temperature 0.6) [default: all but the branching ones].")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset order).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Number of items [default: the development slice].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
@@ -896,7 +897,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, seconds per answer, E/T, share of
     answers stopped by the token budget, paired comparisons with each member alone) and OUT/summary.png.
     """
-    from .eval.configs import build_configs
+    from .eval.configs import BRANCH_CONFIGS, build_configs
     from .eval.report import load_records, write_report
     from .eval.runner import results_path, run_eval
     from .eval.tasks import get_task
@@ -910,9 +911,14 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     max_tokens = options.pop("max_tokens", None)
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     names = [c.strip() for c in configs.split(",")] if configs else None
+    branching = [n for n in names or () if n in BRANCH_CONFIGS]
+    if branching and task == "humaneval":
+        raise UsageError(f"{', '.join(branching)} vote over extracted answers, and humaneval has no answer to "
+                         "extract; use gsm8k, arc-challenge or math-500")
     engine_configs, ensembles = build_configs(specs, names, base)
     if not engine_configs:
-        raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated")
+        raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated,"
+                         f" {', '.join(BRANCH_CONFIGS)}")
     try:
         run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens)
     finally:

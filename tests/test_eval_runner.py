@@ -397,3 +397,29 @@ def test_replace_marked_block_rewrites_only_between_the_markers(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]  # no temporary file left behind
     with pytest.raises(EdgeEnsembleError, match="no such document"):
         update_document(tmp_path / "missing.md", "coder", "| new |")
+
+
+def test_branching_configs_record_every_branch_and_report_pass_at_m(tiny_bpe: Path, tmp_path: Path) -> None:
+    """parallel / eager / eager-adapt on a real (tiny) model: each record keeps every branch's answer, size and
+    score; the report gains the cons@M / pass@M / generated-tokens table."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import BRANCHES, build_configs
+    from edge_ensemble.eval.report import report_markdown
+
+    configs, ensembles = build_configs([str(tiny_bpe)], ["single", "parallel", "eager", "eager-adapt"],
+                                       EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+    try:
+        path = run_eval("gsm8k", configs, tmp_path, limit=2, max_tokens=8, progress=False)
+    finally:
+        for e in ensembles:
+            e.close()
+    records = read_records(path)
+    par = [r for r in records if r["config"] == "parallel"]
+    assert len(par) == 2 and all(len(r["branches"]) == BRANCHES for r in par)
+    for r in par:
+        assert r["generated_tokens"] == sum(b["tokens"] for b in r["branches"])
+        assert r["pass_at_k"] == any(b["correct"] for b in r["branches"])
+        assert sum(b["chosen"] for b in r["branches"]) == 1
+    assert all("branches" not in r for r in records if r["config"].startswith("single:"))
+    text = report_markdown(records)
+    assert "| cons@M | pass@M (95% CI) |" in text and "| gsm8k | parallel | 2 |" in text

@@ -1,4 +1,5 @@
-"""Engine configurations an evaluation compares: each member alone, every-token, faithful and gated SAFE.
+"""Engine configurations an evaluation compares: each member alone, every-token, faithful and gated SAFE, and
+the branching ones (EAGER, EAGER-adapt, full parallel sampling, ensemble branching).
 
 The ensemble configurations share one loaded :class:`Ensemble` (only its policy knobs change between
 calls); each member alone gets its own single-model ensemble, so its numbers are exactly what a user of that
@@ -7,8 +8,8 @@ model alone would see.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Sequence
 
 from ..api import Ensemble, EnsembleConfig
 
@@ -18,6 +19,18 @@ ENSEMBLE_CONFIGS = {
     "safe": ("safe", None),
     "safe-gated": ("safe", 0.5),
 }
+# Branching configurations over the drafter alone (eager-ensemble: over every member), at the authors'
+# temperature. M = BRANCHES answers per item; "parallel" samples them independently in one batch.
+BRANCHES = 8
+BRANCH_TEMPERATURE = 0.6
+BRANCH_CONFIGS: dict[str, dict[str, Any]] = {
+    "parallel": {"initial_branches": BRANCHES, "threshold": None},
+    "eager": {},
+    "eager-adapt": {},  # plus the re-allocation of the budget saved by earlier items (EngineConfig.adapt)
+    "eager-ensemble": {},
+}
+# Context for the branching configurations: up to 4 × M branches (eager-adapt) share one context.
+BRANCH_N_CTX = 16384
 
 
 @dataclass
@@ -28,16 +41,59 @@ class EngineConfig:
     ensemble: Ensemble
     config: EnsembleConfig
 
-    def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+    sampling: dict[str, Any] = field(default_factory=dict)  # per-call generation options (branching: temperature)
+    adapt: bool = False  # EAGER-adapt: items that hit the cap get the budget earlier items saved
+    used: int = 0  # sequences generated so far in this run (adapt's ledger)
+    seen: int = 0  # items so far
+
+    @property
+    def branching(self) -> bool:
+        """Whether answers are voted over branches (the runner then passes the task's extractor)."""
+        return self.config.policy == "eager"  # type: ignore[attr-defined]
+
+    def generate(self, messages: list[dict[str, str]], max_tokens: int,
+                 extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
         self.ensemble.config = self.config
         # The ensemble configurations share one loaded Ensemble: without this, the second and third
         # would find the item's prompt already cached by the first and look faster than they are.
         self.ensemble.reset_cache()
-        result = self.ensemble.generate(messages=messages, max_tokens=max_tokens)
-        s = result.stats
-        return {"text": result.text, "tokens": s.tokens, "seconds": s.generation_seconds + s.prompt_seconds,
-                "prompt_seconds": s.prompt_seconds, "ensembled_fraction": s.ensembled_fraction,
-                "finish_reason": result.finish_reason}
+        result = self._answer(messages, max_tokens, extract, {})
+        out = _record_of(result)
+        if self.adapt:
+            m = self.config.max_branches  # type: ignore[attr-defined]
+            self.seen += 1
+            self.used += len(result.branches)
+            saved = m * self.seen - self.used  # EAGER-adapt, online: the budget the items so far left unused
+            if len(result.branches) >= m and saved > 0:
+                extra = min(saved, 3 * m)  # at most 3 × M more, threshold 10 % lower (the authors' retry)
+                threshold = self.config.threshold  # type: ignore[attr-defined]
+                self.ensemble.reset_cache()
+                again = self._answer(messages, max_tokens, extract, {
+                    "max_branches": m + extra, "threshold": None if threshold is None else threshold * 0.9})
+                self.used += len(again.branches) - len(result.branches)
+                out = _record_of(again)
+                out["seconds"] += _record_of(result)["seconds"]
+                out["generated_tokens"] += result.stats.generated_tokens
+                out["reallocated"] = extra
+        return out
+
+    def _answer(self, messages: list[dict[str, str]], max_tokens: int, extract: Callable[[str], str | None] | None,
+                overrides: dict[str, Any]) -> Any:
+        return self.ensemble.generate(messages=messages, max_tokens=max_tokens, **self.sampling, **overrides,
+                                      **({"extract": extract} if self.branching else {}))
+
+
+def _record_of(result: Any) -> dict[str, Any]:
+    """What the runner records of one answer (every branch's answer and size, for a branching policy)."""
+    s = result.stats
+    out = {"text": result.text, "tokens": s.tokens, "seconds": s.generation_seconds + s.prompt_seconds,
+           "prompt_seconds": s.prompt_seconds, "ensembled_fraction": s.ensembled_fraction,
+           "finish_reason": result.finish_reason}
+    if result.branches:
+        out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
+                            "origin": b.origin, "votes": b.votes, "chosen": b.chosen} for b in result.branches]
+        out["generated_tokens"] = s.generated_tokens
+    return out
 
 
 def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig) -> tuple[list[EngineConfig], list[Ensemble]]:
@@ -64,8 +120,31 @@ def build_configs(members: Sequence[str], names: Sequence[str] | None, base: Ens
                 ensembles.append(full)
             cfg = replace(base, policy=policy, gate=gate).validate(len(members))
             configs.append(EngineConfig(name, full, cfg))
+        branching = [n for n in BRANCH_CONFIGS if wanted is not None and n in wanted]
+        if branching:
+            configs += _branch_configs(members, branching, base, ensembles)
     except BaseException:
         for e in ensembles:
             e.close()
         raise
     return configs, ensembles
+
+
+def _branch_configs(members: Sequence[str], names: Sequence[str], base: EnsembleConfig,
+                    ensembles: list[Ensemble]) -> list[EngineConfig]:
+    """The requested branching configurations: one eager-loaded ensemble of the drafter alone (every member
+    for eager-ensemble), each configuration a set of eager options over it."""
+    loaded: dict[int, Ensemble] = {}
+    out = []
+    for name in names:
+        specs = list(members) if name == "eager-ensemble" else list(members[:1])
+        n = len(specs)
+        if n not in loaded:
+            cfg = replace(base, policy="eager", max_branches=4 * BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX))
+            loaded[n] = Ensemble(specs, config=cfg.validate(n), progress=True)
+            ensembles.append(loaded[n])
+        cfg = replace(base, policy="eager", max_branches=BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX),
+                      **BRANCH_CONFIGS[name]).validate(n)
+        out.append(EngineConfig(name, loaded[n], cfg, sampling={"temperature": BRANCH_TEMPERATURE},
+                                adapt=name == "eager-adapt"))
+    return out

@@ -235,6 +235,11 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
         "result early, as on ARC, can still be right).\n\n"
         + glance_markdown(summaries) + "\n" + summary_markdown(summaries)
     )
+    branching = branching_markdown(records)
+    if branching:
+        text += ("\nBranching configurations (M answers per item, voted): cons@M = the voted answer right (the "
+                 "accuracy above), pass@M = any branch right; generated = tokens of all branches per item, the "
+                 "compute a configuration spends.\n\n" + branching)
     paired = paired_comparisons(records)
     if paired:
         text += (
@@ -243,6 +248,33 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
             + paired_markdown(paired)
         )
     return text
+
+
+def branching_markdown(records: Iterable[dict[str, Any]]) -> str:
+    """cons@M, pass@M, branches and generated tokens per item for the configurations that recorded branches;
+    the member alone (greedy) for comparison of generated tokens. "" when no record has branches."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["config"]), []).append(r)
+    rows = []
+    for (task, config), rs in groups.items():
+        if not any(r.get("branches") for r in rs):
+            continue
+        n = len(rs)
+        cons = sum(bool(r["correct"]) for r in rs)
+        passed = sum(bool(r.get("pass_at_k")) for r in rs)
+        lo, hi = wilson_interval(passed, n)
+        generated = sum(r.get("generated_tokens", r["tokens"]) for r in rs) / n
+        branches = sum(len(r.get("branches", ())) for r in rs) / n
+        rows.append(f"| {task} | {config} | {n} | {cons / n:.1%} | {passed / n:.1%} ({100 * lo:.1f}–{100 * hi:.1f}%) "
+                    f"| {branches:.1f} | {generated:.0f} |")
+    if not rows:
+        return ""
+    singles = [f"| {task} | {config} | {len(rs)} | {sum(bool(r['correct']) for r in rs) / len(rs):.1%} | – | 1.0 | "
+               f"{sum(r['tokens'] for r in rs) / len(rs):.0f} |"
+               for (task, config), rs in groups.items() if config.startswith("single:")]
+    return ("| task | config | items | cons@M | pass@M (95% CI) | branches / item | generated tokens / item |\n"
+            "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(singles + rows) + "\n")
 
 
 def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[str],

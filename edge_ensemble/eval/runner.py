@@ -230,7 +230,9 @@ def share_records(source: Path, dest: Path, task: Task | str, config: str, *, st
 def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) -> dict[str, Any]:
     messages = task.build_messages(item)
     began = time.perf_counter()
-    result = config.generate(messages, max_tokens)
+    branching = getattr(config, "branching", False)
+    result = (config.generate(messages, max_tokens, extract=lambda text: task.extract(item, text)) if branching
+              else config.generate(messages, max_tokens))
     wall = time.perf_counter() - began
     text = str(result.get("text", ""))
     tokens = int(result.get("tokens", 0))
@@ -254,9 +256,12 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "harness_version": HARNESS_VERSION,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    for optional in ("prompt_seconds", "finish_reason"):
+    for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated"):
         if result.get(optional) is not None:
             record[optional] = result[optional]
+    if result.get("branches"):  # cons@M is the voted answer's score; pass@M: any branch right
+        record["branches"] = [{**b, "correct": bool(task.score(item, b["answer"])[0])} for b in result["branches"]]
+        record["pass_at_k"] = any(b["correct"] for b in record["branches"])
     if detail:
         record["detail"] = detail
     return record

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..branching import TOP20, EntropyHistory, may_branch, topn_entropy
-from ..decisions import EOG, Sampling
-from ..dist import Dist
+from ..decisions import EOG, Sampling, entropy, softmax
+from ..dist import Dist, FullDist
 from ..errors import UsageError
 from ..member import Lane
 from ..options import Option, with_options
@@ -93,7 +93,13 @@ class EagerRun(PolicyBase):
         self.ensemble_checks = 0
 
     def _entropy(self, dist: Dist) -> float:
-        return dist.entropy() if self.eager.entropy == "full" else topn_entropy(dist.sampling_probs(), TOP20)
+        """The model's own entropy at this position: before the sampling temperature (as vLLM's logprobs, which
+        the authors' threshold was set on), over the top 20 or the whole vocabulary."""
+        if isinstance(dist, FullDist) and self.temperature != 1.0:
+            probs = softmax(dist.logits * np.float32(self.temperature))  # undo the 1/T the dist was taken at
+        else:
+            probs = dist.sampling_probs()
+        return entropy(probs) if self.eager.entropy == "full" else topn_entropy(probs, TOP20)
 
     def run(self, max_tokens: int, deadline: float = float("inf")) -> list[Branch]:
         """Every branch to its end (or ``max_tokens``, or ``deadline`` on the perf_counter clock: then the live
