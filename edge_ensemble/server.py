@@ -785,3 +785,6 @@ def serve(ensemble: "Ensemble | Callable[[], Ensemble]", options: ServerOptions,
         "serving %r on http://%s:%d/v1 (Ctrl-C quits)", options.model_id, shown, sock.getsockname()[1])
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
+    # The server stops only on a signal (Ctrl-C, SIGTERM). uvicorn re-raises it after a clean shutdown, but
+    # not always under load; report it the same way every time, as the interruption it was.
+    raise KeyboardInterrupt
