@@ -24,6 +24,7 @@ from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
 from .backends import LocalBackend
 from .member import Member
+from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
 from .policies import POLICIES, PolicyConfig
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 
@@ -198,16 +199,25 @@ class Ensemble:
             warn(f"{cfg.n_threads} threads (--threads / n_threads) is more than the {usable_cores()} CPU cores this"
                  f" process may use: llama.cpp's spinning threads then slow each other down; use {usable_cores()}"
                  " or fewer")
-        paths, names = self._resolve(members, download=download, progress=progress)
+        # A server member (server:URL[=MODEL]) is resolved to the local GGUF its tokenizer is read from.
+        servers = {i: parse_server_spec(os.fspath(s)) for i, s in enumerate(members) if is_server_spec(os.fspath(s))}
+        specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
+        paths, names = self._resolve(specs, download=download, progress=progress)
         if cfg.check_memory:
-            self._check_memory(paths, names)
+            local = [i for i in range(len(paths)) if i not in servers]
+            self._check_memory([paths[i] for i in local], [names[i] for i in local])
         loaded: list[tuple[Path, LocalBackend]] = []
+        remote: dict[str, RemoteBackend] = {}
         try:
             for i, (path, name) in enumerate(zip(paths, names)):
                 # The same weights listed twice are loaded once: both members then read one model's logits
                 # (identical by construction, where two loads would differ by batch-split noise).
                 backend = next((b for p, b in loaded if _same_file(p, path)), None)
-                if backend is None:
+                if i in servers:  # one backend per server, whichever members name it
+                    url = servers[i].url
+                    backend = remote.get(url) or RemoteBackend(servers[i], path, n_probs=cfg.top_k, declared=specs[i])
+                    remote[url] = backend
+                elif backend is None:
                     backend = LocalBackend(Model(path, LoadOptions(
                         n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                         flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages)))
@@ -215,7 +225,7 @@ class Ensemble:
                 model = backend.model
                 self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members]), union_k=cfg.top_k))
                 _check_combinable(self._members[-1])
-                if 0 < model.n_ctx_train < cfg.n_ctx:
+                if i not in servers and 0 < model.n_ctx_train < cfg.n_ctx:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
                          f" {model.n_ctx_train} tokens: text past {model.n_ctx_train} tokens will be poor; use"
                          f" --n-ctx {model.n_ctx_train} or less")
@@ -331,7 +341,7 @@ class Ensemble:
         """
         with self._turn():
             for m in self._members:
-                m.model.reset()
+                m.backend.reset()
 
     def close(self) -> None:
         """Free every model. The ensemble cannot be used afterwards.
@@ -342,7 +352,7 @@ class Ensemble:
             open_stream.close()  # type: ignore[attr-defined]
         with self._turn():
             for m in self._members:
-                m.model.close()
+                m.backend.close()
             self._members = []
 
     def __enter__(self) -> "Ensemble":
