@@ -162,7 +162,8 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
 class Ensemble:
     """Several GGUF models that write one answer together.
 
-    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]`` or catalog names (one
+    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]``, catalog names or
+    ``server:http://HOST:PORT=MODEL`` (a model in a running llama-server, :mod:`edge_ensemble.remote`) (one
     spec alone is a one-member ensemble); the first member drafts (and is the model of the ``single``
     policy). The ensemble owns its models: use it as a context manager or call :meth:`close`.
 
@@ -277,7 +278,8 @@ class Ensemble:
         """Name, path, role and tokenizer facts of each member (first = drafter)."""
         return [
             MemberInfo(m.name, m.model.path, "drafter" if i == 0 else "verifier", m.model.architecture,
-                       m.model.n_vocab, bool(m.model.chat_template), m.model.path.stat().st_size)
+                       m.model.n_vocab, bool(m.model.chat_template), m.model.path.stat().st_size,
+                       {"server": m.backend.spec.url} if isinstance(m.backend, RemoteBackend) else {})
             for i, m in enumerate(self._members)
         ]
 

@@ -81,6 +81,12 @@ def parse_server_spec(spec: str) -> ServerSpec:
     return ServerSpec(f"http://{parts.hostname}:{port}", parts.hostname, port, model.strip() or None)
 
 
+def declared_model(member: str) -> str | None:
+    """The model a member spec stands for: a ``server:`` spec's declared model (None when it declares none),
+    else the spec itself (how presets, which list catalog keys, read server members)."""
+    return parse_server_spec(member).model if is_server_spec(member) else member
+
+
 def server_timeout() -> float:
     """Per-request timeout in seconds: ``$EDGE_ENSEMBLE_SERVER_TIMEOUT`` or 60."""
     raw = os.environ.get("EDGE_ENSEMBLE_SERVER_TIMEOUT")
@@ -125,6 +131,7 @@ class _Client:
             t0 = time.perf_counter()
             if self.latency:
                 time.sleep(self.latency)
+            reused = self._conn is not None
             try:
                 if self._conn is None:
                     self._conn = http.client.HTTPConnection(self.spec.host, self.spec.port, timeout=self.timeout)
@@ -138,7 +145,8 @@ class _Client:
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 self.close()
                 if attempt + 1 < attempts:
-                    time.sleep(BACKOFF * 3 ** attempt)
+                    if not (reused and attempt == 0):  # a kept-alive connection the server closed: at once
+                        time.sleep(BACKOFF * 3 ** attempt)
                     continue
                 reason = _reason(exc)
                 raise RemoteError(f"llama-server {url} is unreachable ({reason}){what}; start it"

@@ -261,3 +261,18 @@ def test_cli_keeps_the_partial_answer_and_exits_1(tiny_server: Server) -> None:
     assert run.stdout.strip()  # the text written before the fault
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "malformed answer" in errors[0], run.stderr
+
+
+def test_a_preset_may_name_server_members(tmp_path: Path) -> None:
+    from edge_ensemble.cli import _expand
+    from edge_ensemble.sources import Catalog
+
+    extra = tmp_path / "mine.toml"
+    extra.write_text('[presets.split]\nmembers = ["qwen2.5-coder-0.5b-instruct",'
+                     ' "server:http://box:8080=smollm2-135m-instruct"]\n')
+    catalog = Catalog.load(extra)
+    assert catalog.preset("split").members[1] == "server:http://box:8080=smollm2-135m-instruct"
+    assert _expand(["split"], catalog) == ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]  # vocab files
+    extra.write_text('[presets.bad]\nmembers = ["server:http://box:8080"]\n')
+    with pytest.raises(Exception, match="unknown model"):
+        Catalog.load(extra)
