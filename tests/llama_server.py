@@ -47,7 +47,7 @@ class Server:
         self.model = model
         args = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(self.port),
                 "--threads", "1", "--threads-batch", "1", "-np", str(slots), "-c", str(n_ctx * slots),
-                "--no-warmup", "--no-webui"]
+                "--no-warmup", "--no-webui", "--flash-attn", "off"]  # off: as a local member (a different kernel changes the last bits)
         out = open(log, "wb") if log else subprocess.DEVNULL
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready()

@@ -155,16 +155,40 @@ def test_remote_single_is_local_single(smol_server: Server, local_single: list[s
     assert texts([smol_server.spec(SMOL)], policy="single") == local_single
 
 
-def test_self_ensemble_across_the_wire_is_lossless(smol_server: Server, local_single: list[str],
-                                                   real_models: Callable[[str], Path]) -> None:
+def two_local_copies(path: Path) -> list[str]:
+    """SAFE with ``path`` drafting and a second, separately loaded copy of it verifying (the API would share
+    one backend between them): what a remote copy must reproduce."""
+    from edge_ensemble.backends import LocalBackend
+    from edge_ensemble.engine import GenerationOptions, generate_events
+    from edge_ensemble.member import Member
+    from edge_ensemble.runtime import LoadOptions, Model
+
+    models = [Model(path, LoadOptions(n_ctx=1024, n_threads=1)) for _ in range(2)]
+    try:
+        members = [Member(LocalBackend(models[0])), Member(LocalBackend(models[1]), name="copy")]
+        out = []
+        for p in PROMPTS:
+            events = generate_events(members, [{"role": "user", "content": p}],
+                                     options=GenerationOptions(max_tokens=TOKENS))
+            out.append([e for e in events if e.result is not None][0].result.text)
+        return out
+    finally:
+        for m in models:
+            m.close()
+
+
+def test_self_ensemble_across_the_wire(smol_server: Server,
+                                       real_models: Callable[[str], Path]) -> None:
     # A local SmolLM2 drafting and the same GGUF verifying from a server: the fingerprints match, so the
-    # verifier follows the drafter's ids. Unlike the same path listed twice locally (one shared backend,
-    # identical logits by construction), here two copies of the model compute separately (a batch of a
-    # verification on the server vs one-token steps here), so near-ties may differ by float noise, which the
-    # tie tolerance absorbs: the text must equal plain greedy decoding of the local model.
+    # verifier follows the drafter's ids. This is NOT the local self-ensemble (the same path listed twice
+    # shares one backend, whose verifier reads the drafter's own distributions): two copies compute each
+    # position differently — the drafter one token per step, the verifier a catch-up batch — and llama.cpp's
+    # batched kernels differ from its one-token ones by more than float noise (measured at one position of
+    # PROMPTS[1]: " used" 0.424 / " a" 0.421 stepwise vs 0.497 / 0.349 batched, locally). So the comparable
+    # reference is two separately loaded local copies; over the wire the text must be that text.
     with Ensemble([str(real_models(SMOL)), smol_server.spec()], **OPTS) as ens:
         results = [ens.generate(p, max_tokens=TOKENS) for p in PROMPTS]
-    assert [r.text for r in results] == local_single
+    assert [r.text for r in results] == two_local_copies(real_models(SMOL))
     assert all(r.stats.shared_tokenizer[r.stats.members[1]] for r in results)
     assert sum(r.stats.verification_calls for r in results) > 0
 
