@@ -32,16 +32,18 @@ PROMPTS = ["Why is the sky blue? Answer in two sentences.", "Write a Python func
 
 
 def run(members: list[str], tokens: int, latency: float) -> dict:
-    """Generate every prompt once (after a warm-up answer); totals and per-request costs."""
+    """Generate every prompt once (after a one-token answer that prefills it); totals and per-request costs."""
     with Ensemble(members, n_ctx=1024, n_threads=1) as ens:
         remotes = [m.backend for m in ens._members if hasattr(m.backend, "draft")]
-        ens.generate("Hello.", max_tokens=4)  # warm caches and connections
         for b in remotes:
             b.latency = latency
-        before = [(b.requests, b.request_seconds) for b in remotes]
-        out = {"tokens": 0, "seconds": 0.0, "verify_calls": 0, "verify_seconds": 0.0, "texts": []}
+        out = {"tokens": 0, "seconds": 0.0, "verify_calls": 0, "verify_seconds": 0.0, "texts": [],
+               "requests": 0, "request_seconds": 0.0}
         for p in PROMPTS:
-            ens.reset_cache()
+            # The prompt is prefilled by a one-token answer first (every member, local or remote, then reuses
+            # it), so the counts below are the generation's alone: drafting and verification requests.
+            ens.generate(p, max_tokens=1)
+            before = [(b.requests, b.request_seconds) for b in remotes]
             r = ens.generate(p, max_tokens=tokens)
             s = r.stats
             out["tokens"] += s.tokens
@@ -49,8 +51,8 @@ def run(members: list[str], tokens: int, latency: float) -> dict:
             out["verify_calls"] += s.verification_calls
             out["verify_seconds"] += s.member_decode_seconds[s.members[1]]
             out["texts"].append(r.text)
-        out["requests"] = sum(b.requests - n for b, (n, _) in zip(remotes, before))
-        out["request_seconds"] = sum(b.request_seconds - t for b, (_, t) in zip(remotes, before))
+            out["requests"] += sum(b.requests - n for b, (n, _) in zip(remotes, before))
+            out["request_seconds"] += sum(b.request_seconds - t for b, (_, t) in zip(remotes, before))
     return out
 
 
@@ -77,7 +79,9 @@ def main() -> int:
     lines = [f"# The tiny pair with members on llama-servers ({date.today()}, {platform.machine()}, "
              f"{usable_cores()} usable cores, up to {args.tokens} tokens x {len(PROMPTS)} prompts, greedy)", "",
              "Loopback; latency injected in the client as a sleep before every request. Every process (this one and"
-             " both servers, one thread each) shares the same cores.", "",
+             " both servers, one thread each) shares the same cores. Prompts are prefilled before timing. ms / request:"
+             " wall time of a request to a server (drafting or verification) as the client sees it;"
+             " ms / verification: the verifier's time per verification call (remote: its requests).", "",
              "| members | added latency | tok/s | requests / token | ms / request | verifications | ms / verification | text = all local |",
              "|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for name, ms, r in rows:

@@ -300,3 +300,12 @@ def test_a_preset_may_name_server_members(tmp_path: Path) -> None:
     extra.write_text('[presets.bad]\nmembers = ["server:http://box:8080"]\n')
     with pytest.raises(Exception, match="unknown model"):
         Catalog.load(extra)
+
+
+def test_sampling_with_a_remote_drafter_is_reproducible(tiny_server: Server, tiny_bpe_b: Path) -> None:
+    # Sampling takes the one-token path (the server drafts only greedily); its top-n distributions are
+    # sampled here, so a seed fixes the answer.
+    with Ensemble([tiny_server.spec(), str(tiny_bpe_b)], **OPTS) as ens:
+        a, b = (ens.generate("Hello", max_tokens=16, temperature=0.8, seed=7).text for _ in range(2))
+        c = ens.generate("Hello", max_tokens=16, temperature=0.8, seed=8).text
+    assert a == b and a and (c != a or len(a) < 4)
