@@ -33,7 +33,7 @@ import numpy as np
 
 from .backends import ModelVocabulary
 from .dist import Dist, TopDist
-from .errors import BusyError, EdgeEnsembleError, UsageError
+from .errors import BusyError, ContextOverflowError, EdgeEnsembleError, UsageError
 from .runtime import LoadOptions, Model
 
 SERVER_PREFIX = "server:"
@@ -335,8 +335,8 @@ class RemoteBackend(ModelVocabulary):
                   n_probs: int | None = None) -> list[tuple[int, Dist]]:
         """One greedy ``/completion`` on slot ``seq``: per generated token, its id and the distribution it was
         drawn from. The mirror then holds ``prompt`` plus all generated tokens but the last."""
-        if len(prompt) + n_predict > self.n_ctx:
-            raise RemoteError(f"{self.name}: {len(prompt) + n_predict} tokens do not fit the {self.n_ctx}-token"
+        if len(prompt) + n_predict > self.n_ctx:  # the engine ends the answer with finish_reason "length"
+            raise ContextOverflowError(f"{self.name}: {len(prompt) + n_predict} tokens do not fit the {self.n_ctx}-token"
                               f" slot context of llama-server {self.spec.url}; start it with a larger -c")
         n_probs = self.n_probs if n_probs is None else n_probs
         body = {"prompt": list(prompt), "n_predict": n_predict, "n_probs": n_probs, "temperature": 0.0,
@@ -367,7 +367,9 @@ class RemoteBackend(ModelVocabulary):
             tok = int(entry["id"])
             top = entry["top_logprobs"]
             ids = np.array([int(t["id"]) for t in top], dtype=np.int64)
-            probs = np.exp(np.array([float(t["logprob"]) for t in top], dtype=np.float64))
+            # A probability that underflowed to 0 has logprob -inf, which JSON writes as null.
+            probs = np.exp(np.array([-np.inf if t["logprob"] is None else float(t["logprob"]) for t in top],
+                                    dtype=np.float64))
             return tok, TopDist(ids, probs, self.n_vocab, temperature)
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"llama-server {self.spec.url} sent a malformed answer to /completion (a token"

@@ -309,3 +309,11 @@ def test_sampling_with_a_remote_drafter_is_reproducible(tiny_server: Server, tin
         a, b = (ens.generate("Hello", max_tokens=16, temperature=0.8, seed=7).text for _ in range(2))
         c = ens.generate("Hello", max_tokens=16, temperature=0.8, seed=8).text
     assert a == b and a and (c != a or len(a) < 4)
+
+
+@pytest.mark.parametrize("policy", ["single", "safe"])
+def test_a_full_server_context_ends_the_answer_with_length(tiny_server: Server, tiny_bpe_b: Path, policy: str) -> None:
+    members = [tiny_server.spec()] + ([str(tiny_bpe_b)] if policy == "safe" else [])
+    with Ensemble(members, policy=policy, **OPTS) as ens:
+        r = ens.generate("Hello", max_tokens=1000)
+    assert r.finish_reason == "length" and 400 < r.stats.tokens < 512
