@@ -213,7 +213,7 @@ class Ensemble:
             for i, (path, name) in enumerate(zip(paths, names)):
                 # The same weights listed twice are loaded once: both members then read one model's logits
                 # (identical by construction, where two loads would differ by batch-split noise).
-                backend = next((b for p, b in loaded if _same_file(p, path)), None)
+                backend = None if i in servers else next((b for p, b in loaded if _same_file(p, path)), None)
                 if i in servers:  # one backend per server, whichever members name it
                     url = servers[i].url
                     backend = remote.get(url) or RemoteBackend(servers[i], path, n_probs=cfg.top_k, declared=specs[i])
