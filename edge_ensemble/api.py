@@ -28,6 +28,7 @@ from .member import Member
 from .options import GENERATION, LOAD, Option, check_names, replace_checked, values_of, with_options
 from .policies import POLICY, POLICY_OPTIONS, PolicyConfig
 from .policies.safe import DRAFT_LEN
+from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
@@ -126,7 +127,8 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
 class Ensemble:
     """Several GGUF models that write one answer together.
 
-    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]`` or catalog names (one
+    ``members``: model specs — local paths, ``hf:<org>/<repo>/<file>[@revision]``, catalog names or
+    ``server:http://HOST:PORT=MODEL`` (a model in a running llama-server, :mod:`edge_ensemble.remote`) (one
     spec alone is a one-member ensemble); the first member drafts (and is the model of the ``single``
     policy). The ensemble owns its models: use it as a context manager or call :meth:`close`.
 
@@ -158,16 +160,26 @@ class Ensemble:
             warn(f"{cfg.n_threads} threads (--threads / n_threads) is more than the {usable_cores()} CPU cores this"
                  f" process may use: llama.cpp's spinning threads then slow each other down; use {usable_cores()}"
                  " or fewer")
-        paths, names = self._resolve(members, download=download, progress=progress)
+        # A server member (server:URL[=MODEL]) is resolved to the local GGUF its tokenizer is read from.
+        servers = {i: parse_server_spec(os.fspath(s)) for i, s in enumerate(members)
+                   if not isinstance(s, ModelSpec) and is_server_spec(os.fspath(s))}
+        specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
+        paths, names = self._resolve(specs, download=download, progress=progress)
         if cfg.check_memory:
-            self._check_memory(paths, names)
+            local = [i for i in range(len(paths)) if i not in servers]
+            self._check_memory([paths[i] for i in local], [names[i] for i in local])
         loaded: list[tuple[Path, LocalBackend]] = []
+        remote: dict[str, RemoteBackend] = {}
         try:
             for i, (path, name) in enumerate(zip(paths, names)):
                 # The same weights listed twice are loaded once: both members then read one model's logits
                 # (identical by construction, where two loads would differ by batch-split noise).
-                backend = next((b for p, b in loaded if _same_file(p, path)), None)
-                if backend is None:
+                backend = None if i in servers else next((b for p, b in loaded if _same_file(p, path)), None)
+                if i in servers:  # one backend per server, whichever members name it
+                    url = servers[i].url
+                    backend = remote.get(url) or RemoteBackend(servers[i], path, n_probs=cfg.union_k, declared=specs[i])
+                    remote[url] = backend
+                elif backend is None:
                     backend = LocalBackend(Model(path, LoadOptions(
                         n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                         flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
@@ -178,7 +190,7 @@ class Ensemble:
                 _check_combinable(self._members[-1])
                 # (Several sequences share one context: positions are per sequence, so the sum may pass the
                 # trained context.)
-                if 0 < model.n_ctx_train < cfg.n_ctx and model.options.n_seq_max == 1:
+                if i not in servers and 0 < model.n_ctx_train < cfg.n_ctx and model.options.n_seq_max == 1:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
                          f" {model.n_ctx_train} tokens: text past {model.n_ctx_train} tokens will be poor; use"
                          f" --n-ctx {model.n_ctx_train} or less")
@@ -222,7 +234,8 @@ class Ensemble:
         """Name, path, role and tokenizer facts of each member (first = drafter)."""
         return [
             MemberInfo(m.name, m.model.path, "drafter" if i == 0 else "verifier", m.model.architecture,
-                       m.model.n_vocab, bool(m.model.chat_template), m.model.path.stat().st_size)
+                       m.model.n_vocab, bool(m.model.chat_template), m.model.path.stat().st_size,
+                       {"server": m.backend.spec.url} if isinstance(m.backend, RemoteBackend) else {})
             for i, m in enumerate(self._members)
         ]
 
@@ -308,7 +321,7 @@ class Ensemble:
         """
         with self._turn():
             for m in self._members:
-                m.model.reset()
+                m.backend.reset()
 
     def close(self) -> None:
         """Free every model. The ensemble cannot be used afterwards.
@@ -319,7 +332,7 @@ class Ensemble:
             open_stream.close()  # type: ignore[attr-defined]
         with self._turn():
             for m in self._members:
-                m.model.close()
+                m.backend.close()
             self._members = []
 
     def __enter__(self) -> "Ensemble":

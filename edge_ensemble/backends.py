@@ -76,20 +76,11 @@ class Backend(Protocol):
         ...
 
 
-class LocalBackend:
-    """A llama.cpp model in this process (:class:`Model`): full logits rows, sequences of one context."""
+class ModelVocabulary:
+    """The vocabulary half of a backend, read from a llama.cpp :class:`Model` in ``self.model`` (a loaded one,
+    or a vocab-only copy for a model that runs elsewhere)."""
 
-    def __init__(self, model: Model) -> None:
-        self.model = model
-        self.name = model.name
-        self.n_vocab = model.n_vocab
-        self.token_bytes = model.token_bytes
-        self.eog_ids = model.eog_ids
-        self._free = list(range(max(1, model.options.n_seq_max)))
-
-    @property
-    def n_ctx(self) -> int:
-        return self.model.n_ctx
+    model: Model
 
     @property
     def tokenizer_fingerprint(self) -> str:
@@ -107,6 +98,22 @@ class LocalBackend:
     def raw_prompt(self, text: str) -> list[int]:
         # As llama-server and llama-cpp-python's create_completion do: control-token markup in raw text is parsed.
         return self.model.tokenize(text.encode("utf-8"), add_bos=None, special=True)
+
+
+class LocalBackend(ModelVocabulary):
+    """A llama.cpp model in this process (:class:`Model`): full logits rows, sequences of one context."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.name = model.name
+        self.n_vocab = model.n_vocab
+        self.token_bytes = model.token_bytes
+        self.eog_ids = model.eog_ids
+        self._free = list(range(max(1, model.options.n_seq_max)))
+
+    @property
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
 
     # -- sequences -----------------------------------------------------------------------------------------
 
@@ -181,4 +188,12 @@ class LocalBackend:
     def room(self, seq: int) -> int:
         """Positions ``seq`` may still grow by."""
         return min(self.model.n_ctx - self.model.n_past(seq), self.model.free_cells())
+
+    def reset(self) -> None:
+        """Empty every sequence's cache."""
+        self.model.reset()
+
+    def close(self) -> None:
+        """Free the model (safe to call twice)."""
+        self.model.close()
 

@@ -693,6 +693,8 @@ def pull(names: tuple[str, ...]) -> None:
 
 def _expand(names: Sequence[str], catalog: Any) -> list[str]:
     """Catalog keys (and hf: specs) to pull; a preset name stands for its members."""
+    from .remote import declared_model
+
     specs: list[str] = []
     for name in names:
         entry = catalog.find(name)
@@ -701,7 +703,7 @@ def _expand(names: Sequence[str], catalog: Any) -> list[str]:
         elif entry is not None:
             specs.append(entry.key)
         elif name.lower() in {p.lower() for p in catalog.presets}:
-            specs.extend(catalog.preset(name).members)
+            specs.extend(declared_model(m) for m in catalog.preset(name).members)  # a server member: its vocab
         else:
             raise ModelSourceError(f"unknown model or preset '{name}' (models: {', '.join(catalog.models)}; "
                                    f"presets: {', '.join(catalog.presets)})")
@@ -837,18 +839,20 @@ models.add_command(presets)
 
 
 def _print_presets(catalog: Any) -> None:
+    from .remote import declared_model
     from .sources import model_status
 
     rows = []
     prints: dict[str, str | None] = {}
     for p in catalog.presets.values():
-        status = [model_status(catalog.models[m]) for m in p.members]
+        keys = [declared_model(m) for m in p.members]
+        status = [model_status(catalog.models[m]) for m in keys]
         on_disk = sum(st.present for st in status)
-        for m, st in zip(p.members, status):
+        for m, st in zip(keys, status):
             if st.present and m not in prints:
                 prints[m] = _fingerprint(st.path)
         name = p.name + (" *" if p.name == catalog.default else "")
-        rows.append((name, ", ".join(p.members), f"{on_disk}/{len(p.members)}", _preset_tokenizers(p.members, prints),
+        rows.append((name, ", ".join(p.members), f"{on_disk}/{len(p.members)}", _preset_tokenizers(keys, prints),
                      p.description))
     click.echo(_table(rows, ("PRESET", "MEMBERS (first drafts)", "ON DISK", "TOKENIZERS", "DESCRIPTION")))
     click.echo("* default; TOKENIZERS counts distinct tokenizers (shared ones use the drafter's token ids)")

@@ -211,6 +211,19 @@ class Lane:
         self._count(t0, 1)
         return dist
 
+    @property
+    def drafts_in_one_call(self) -> bool:
+        """True when the backend can draft several greedy tokens in one call (a server: one request)."""
+        return hasattr(self.backend, "draft")
+
+    def draft(self, target: Sequence[int], n: int, temperature: float = 1.0) -> list[tuple[int, Dist]]:
+        """Make the sequence hold ``target``; the backend's own greedy continuation of ``n`` tokens, each with the
+        distribution it was drawn from (see :meth:`edge_ensemble.remote.RemoteBackend.draft`)."""
+        t0 = time.perf_counter()
+        out = self.backend.draft(self.seq, target, n, temperature)  # type: ignore[attr-defined]
+        self._count(t0, len(out))
+        return out
+
     def _count(self, t0: float, n: int) -> None:
         if n:
             self.decode_seconds += time.perf_counter() - t0

@@ -103,13 +103,21 @@ class SafePolicy(PolicyBase):
         drafts, dists = [], []
         dist = self.pending
         self.pending = None
+        # A server drafts the rest in one request; its distributions hold while our picks equal its tokens.
+        ahead: list | None = [] if self.sampling.greedy and d.drafts_in_one_call else None
+        served = None  # the server's own token from ``dist``, when it came from ``ahead``
         for _ in range(n):
             tok = self.pick(dist)
             drafts.append(tok)
             dists.append(dist)
             if d.member.is_eog(tok) or (gate.enabled and not self._confident(dist)):
                 return drafts, dists
-            dist = d.step(tok, self.temperature)
+            if ahead is None:
+                dist = d.step(tok, self.temperature)
+                continue
+            if not ahead or served != tok:
+                ahead = d.draft(d.prompt + self.d_tokens + drafts, n - len(drafts) + 1, self.temperature)
+            served, dist = ahead.pop(0)
         self.pending = dist  # the next position's distribution, valid if the whole draft is accepted
         return drafts, dists
 

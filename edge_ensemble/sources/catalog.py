@@ -206,6 +206,8 @@ class Catalog:
             if "default" in data:
                 default = data["default"]
 
+        from ..remote import declared_model  # deferred: remote imports the runtime
+
         entries = {key: _entry_from_table(key, table, sources[key]) for key, table in models.items()}
         built: dict[str, Preset] = {}
         for name, table in presets.items():
@@ -213,7 +215,7 @@ class Catalog:
             members = table.get("members")
             if not (isinstance(members, list) and members and all(isinstance(m, str) for m in members)):
                 raise ModelSourceError(f"{where} needs a non-empty list of members")
-            missing = [m for m in members if m not in entries]
+            missing = [m for m in members if declared_model(m) not in entries]  # server:URL=KEY declares KEY
             if missing:
                 raise ModelSourceError(
                     f"{where} names unknown model(s) {', '.join(missing)} (known: {', '.join(entries)})"
