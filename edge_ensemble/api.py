@@ -161,8 +161,7 @@ class Ensemble:
                  f" process may use: llama.cpp's spinning threads then slow each other down; use {usable_cores()}"
                  " or fewer")
         # A server member (server:URL[=MODEL]) is resolved to the local GGUF its tokenizer is read from.
-        servers = {i: parse_server_spec(os.fspath(s)) for i, s in enumerate(members)
-                   if not isinstance(s, ModelSpec) and is_server_spec(os.fspath(s))}
+        servers = {i: parse_server_spec(str(s)) for i, s in enumerate(members) if is_server_spec(_spec_text(s))}
         specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
         paths, names = self._resolve(specs, download=download, progress=progress)
         if cfg.check_memory:
@@ -369,6 +368,10 @@ def _unique(name: str, taken: list[str]) -> str:
     while f"{name}#{i}" in taken:
         i += 1
     return f"{name}#{i}"
+
+
+def _spec_text(spec: SpecLike) -> str:
+    return spec.text if isinstance(spec, ModelSpec) else os.fspath(spec)
 
 
 def _sequences_needed(cfg: EnsembleConfig, n_members: int) -> int:

@@ -37,7 +37,7 @@ from .errors import BusyError, ContextOverflowError, EdgeEnsembleError, UsageErr
 from .gguf import check_gguf
 from .runtime import LoadOptions, Model
 
-SERVER_PREFIX = "server:"
+from .sources.spec import SERVER_PREFIX  # noqa: E402  (one spelling for the spec parser and this module)
 DEFAULT_TIMEOUT = 60.0  # seconds one request may take (a long prompt's prefill on a slow box included)
 RETRIES = 3  # further attempts after a connection that failed before an answer arrived
 BACKOFF = 0.1  # seconds before the first retry; each next one waits 3x longer

@@ -110,7 +110,7 @@ class DraftingFake(FakeBackend):
 
 @pytest.mark.parametrize("swerve", [(), (b"AB",)])
 def test_drafting_in_one_call_changes_no_greedy_result(swerve: tuple[bytes, ...]) -> None:
-    from edge_ensemble.decisions import EOG, Gate
+    from edge_ensemble.decisions import EOG
     from edge_ensemble.engine import GenerationOptions, generate_events
     from edge_ensemble.member import Member
     from edge_ensemble.policies import PolicyConfig
@@ -125,7 +125,7 @@ def test_drafting_in_one_call_changes_no_greedy_result(swerve: tuple[bytes, ...]
         d = backend(pieces, script, name="d", kind="top", **kw)
         v = FakeBackend(pieces, verifier, name="v", kind="top")
         for gate in (0.5, None):
-            cfg = PolicyConfig(gate=Gate(gate), draft_len=4)
+            cfg = PolicyConfig(gate=gate, draft_len=4)
             events = list(generate_events([Member(d), Member(v)], [{"role": "user", "content": "q"}],
                                           policy_config=cfg, options=GenerationOptions(max_tokens=20)))
             r = events[-1].result

@@ -25,8 +25,9 @@ from .bundles import _assembled_marker, _assembled_ok, assemble_bundle
 from .catalog import Catalog, ModelEntry
 from .hub import HUB_PREFIX, HubRef, _cached_hub_path, _hub_marker, fetch_hub, parse_hub_spec
 
-# "server" (a member behind a URL) is the kind that comes next; it is not implemented yet.
-SpecKind = Literal["path", "catalog", "hub"]
+# "server": a member behind a llama-server URL (server:URL[=MODEL]); edge_ensemble.remote parses the rest.
+SpecKind = Literal["path", "catalog", "hub", "server"]
+SERVER_PREFIX = "server:"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ def parse_spec(spec: SpecLike, catalog: Catalog | None = None) -> ModelSpec:
     if isinstance(spec, ModelSpec):
         return spec
     text = os.fspath(spec)
+    if text.startswith(SERVER_PREFIX):  # a member served by llama-server: edge_ensemble.remote reads the rest
+        return ModelSpec(text, "server", text[len(SERVER_PREFIX):])
     if text.startswith(HUB_PREFIX):
         ref = parse_hub_spec(text)
         return ModelSpec(text, "hub", Path(ref.filename).stem, ref=ref)
@@ -89,6 +92,9 @@ def resolve(spec: ModelSpec, *, download: bool = True, progress: bool = True) ->
     ``download=False`` only uses what is already on disk; ``progress`` shows progress on stderr. Raises
     ModelSourceError / ModelLoadError with a one-line message.
     """
+    if spec.kind == "server":
+        raise ModelSourceError(f"{spec.text} is a server member: its local vocabulary file is resolved from the model "
+                               "it declares (server:URL=MODEL)")
     if spec.kind == "hub":
         assert spec.ref is not None
         return fetch_hub(spec.ref, download=download, progress=progress)
