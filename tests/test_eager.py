@@ -135,3 +135,18 @@ def test_parallel_is_m_independent_answers_in_one_batch(tiny_bpe):
     assert len({tuple(b.tokens) for b in sampled}) > 1  # independent samples
     assert run.batched_steps <= 20  # one decode per step for all four
     model.close()
+
+
+def test_a_branch_that_fills_the_context_ends_alone(tiny_bpe):
+    """Branches share one context: when it is full, the branch whose tokens no longer fit ends with "length" and
+    gives its cells back, and the others go on (until they too run out of room)."""
+    model = Model(tiny_bpe, LoadOptions(n_ctx=256, n_seq_max=4))
+    member, lane = _lane(model)
+    run = EagerRun(lane, EagerConfig(max_branches=4, threshold=0.0, percentile=0.0), Sampling(), np.random.default_rng(0))
+    branches = run.run(400)  # far more than the context holds
+    lane.close()
+    assert len(branches) == 4 and all(b.finish_reason == "length" for b in branches)
+    lengths = sorted(len(b.tokens) for b in branches)
+    assert lengths[0] < lengths[-1]  # the first to overflow ended while another still had room
+    assert model.cells_used <= 256 and sorted(member.backend._free) == [0, 1, 2, 3]
+    model.close()
