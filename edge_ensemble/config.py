@@ -23,8 +23,9 @@ the evidence (see :mod:`edge_ensemble.eval.calibrate`)::
     items = 200
     evidence = [{setting = "single:...", correct = 44, n = 200, ...}, ...]
 
-Precedence: a command-line flag > the calibration of the ensemble being run > the config file's other keys >
-the built-in default. A flag that names the ensemble
+Precedence: a command-line flag > the user's calibration of the ensemble being run > the config file's other
+keys > the calibration a preset ships with (``[presets.<name>.calibrated]`` in models/presets.toml) > the
+built-in default. A flag that names the ensemble
 (``--preset`` or ``--model``) replaces both ``preset`` and ``members`` of the file. In ``members``, ``~``
 is expanded; other relative paths are relative to the working directory. Apart from ``preset``,
 ``members`` and ``system`` every key is a declared option (:mod:`edge_ensemble.options`, :data:`OPTIONS`),
@@ -145,8 +146,8 @@ def _member_id(spec: ModelSpec) -> str:
 
 
 def parse_calibrations(data: Any, where: str) -> dict[tuple[str, str], Calibration]:
-    """The ``[calibrated]`` table of a config file, every setting checked by its declaration; a UsageError
-    naming the table and key otherwise. ``where`` names the file."""
+    """The ``[calibrated]`` table of a config file by :func:`calibration_key`; a UsageError naming the table
+    and key otherwise. ``where`` names the file."""
     if not isinstance(data, dict) or set(data) - {"presets", "members"}:
         raise UsageError(f"{where}: calibrated must hold only the tables presets and members")
     out: dict[tuple[str, str], Calibration] = {}
@@ -154,23 +155,27 @@ def parse_calibrations(data: Any, where: str) -> dict[tuple[str, str], Calibrati
         if not isinstance(tables, dict):
             raise UsageError(f"{where}: calibrated.{kind} must be a table of tables")
         for name, table in tables.items():
-            source = f"{where} [calibrated.{kind}.{toml_key(name)}]"
-            if not isinstance(table, dict):
-                raise UsageError(f"{source} must be a table")
-            values = {}
-            for key, value in table.items():
-                if key in OPTIONS:
-                    values[key] = OPTIONS[key].from_config(value, f"{source}: {key}")
-                elif key in _EVIDENCE:
-                    if not _EVIDENCE[key](value):
-                        raise UsageError(f"{source}: {key} has the wrong type; got {value!r}")
-                else:
-                    raise UsageError(f"{source}: unknown key {key!r}; a calibration holds options "
-                                     f"(e.g. policy, weights, gate) and {', '.join(_EVIDENCE)}")
-            out[(kind, name.lower() if kind == "presets" else name)] = Calibration(
-                source, MappingProxyType(values), table.get("date", ""), table.get("dev_set", ""),
-                table.get("items", 0))
+            key = (kind, name.lower() if kind == "presets" else name)
+            out[key] = parse_calibration(table, f"{where} [calibrated.{kind}.{toml_key(name)}]")
     return out
+
+
+def parse_calibration(table: Any, source: str) -> Calibration:
+    """One calibration table, every setting checked by its declaration; ``source`` names the table."""
+    if not isinstance(table, dict):
+        raise UsageError(f"{source} must be a table")
+    values = {}
+    for key, value in table.items():
+        if key in OPTIONS:
+            values[key] = OPTIONS[key].from_config(value, f"{source}: {key}")
+        elif key in _EVIDENCE:
+            if not _EVIDENCE[key](value):
+                raise UsageError(f"{source}: {key} has the wrong type; got {value!r}")
+        else:
+            raise UsageError(f"{source}: unknown key {key!r}; a calibration holds options "
+                             f"(e.g. policy, weights, gate) and {', '.join(_EVIDENCE)}")
+    return Calibration(source, MappingProxyType(values), table.get("date", ""), table.get("dev_set", ""),
+                       table.get("items", 0))
 
 
 def toml_key(name: str) -> str:
@@ -227,19 +232,27 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
     if "preset" in given or "members" in given:  # the command line names the ensemble: the file's choice goes
         file_values.pop("preset", None)
         file_values.pop("members", None)
+    catalog = catalog or Catalog.load()
     members, preset = _members({**file_values, **given}, catalog)
+    # The user's own calibration of this ensemble, else the one the preset ships with (below the file's keys).
     calibration = config.calibrations.get(calibration_key(preset, members))
-    calibrated = dict(calibration.values) if calibration else {}
-    values = {**file_values, **calibrated, **given}
+    shipped: dict[str, Any] = {}
+    if calibration is None and preset is not None and catalog.preset(preset).calibrated:
+        calibration = parse_calibration(dict(catalog.preset(preset).calibrated),
+                                        f"catalog presets.toml [presets.{toml_key(preset)}.calibrated]")
+        shipped = dict(calibration.values)
+    calibrated = {} if shipped else dict(calibration.values) if calibration else {}
+    values = {**shipped, **file_values, **calibrated, **given}
     if calibration is not None:
-        calibration = replace(calibration, applied=tuple(k for k in calibrated if k not in given))
+        calibration = replace(calibration, applied=tuple(
+            k for k in calibration.values if k not in given and (not shipped or k not in file_values)))
 
     def origin(name: str) -> str:
         """How the user wrote the option called ``name``: its flag, its calibration or its config key."""
         o = ENSEMBLE_OPTIONS[name]
         if o.key in given:
             return o.flag
-        if calibration is not None and o.key in calibrated:
+        if calibration is not None and o.key in calibration.applied:
             return f"{calibration.source}: {o.key}"
         return f"config file {config.path}: {o.key}"
     chosen = {o.name: values[key] for key, o in OPTIONS.items() if key in values}

@@ -340,6 +340,32 @@ def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: 
                   paired[s.name].only_baseline if s.name in paired else 0) for s in every]
 
 
+def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> CalibrationResult:
+    """Several development sets (say GSM8K and ARC) as one: each setting's items added up, the rule applied
+    to the sums. The results must be of the same ensemble and sweep."""
+    if not results:
+        raise UsageError("nothing to pool")
+    names = [[s.setting.name for s in r.scores] for r in results]
+    if any(n != names[0] for n in names) or len({r.key for r in results}) != 1:
+        raise UsageError("pool needs calibrations of one ensemble with one sweep")
+    scores = []
+    for i, first in enumerate(results[0].scores):
+        parts = [r.scores[i] for r in results]
+        n = sum(p.summary.n for p in parts)
+        correct = sum(p.summary.correct for p in parts)
+        seconds = sum((p.summary.seconds_per_answer or 0.0) * p.summary.n for p in parts)
+        tokens = sum((p.summary.tokens_per_second or 0.0) * (p.summary.seconds_per_answer or 0.0) * p.summary.n
+                     for p in parts)
+        low, high = scoring.wilson_interval(correct, n)
+        summary = Summary("+".join(p.summary.task for p in parts), first.summary.config, n, correct, correct / n,
+                          low, high, tokens / seconds if seconds > 0 else None, None, seconds_per_answer=seconds / n)
+        scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
+                            sum(p.only_drafter for p in parts)))
+    return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
+                   scores=tuple(scores), chosen=select(scores, min_gain),
+                   records=Path(os.path.commonpath([r.records.parent for r in results])))
+
+
 # -- the config table -----------------------------------------------------------------------------------------
 
 
@@ -408,10 +434,12 @@ def _without_table(text: str, path: tuple[str, ...]) -> str:
     return "\n".join(keep) + ("\n" if keep else "")
 
 
-def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | None = None) -> Path:
+def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | None = None, *,
+                      table: Sequence[str] | None = None) -> Path:
     """Write ``result``'s table into the user config file (default :func:`paths.config_path`), replacing an
     earlier calibration of the same ensemble and keeping everything else; atomic, and checked by reading it
-    back before it replaces the file. Returns the path."""
+    back before it replaces the file. ``table``: another key path (``("presets", "tiny", "calibrated")`` in
+    models/presets.toml). Returns the path."""
     path = Path(path) if path is not None else paths.config_path()
     try:
         old = path.read_text("utf-8") if path.exists() else ""
@@ -420,20 +448,23 @@ def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | 
         raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML ({e}); fix it, then rerun calibrate") from None
-    kind, name = result.key
-    table_path = ("calibrated", kind, name)
+    table_path = tuple(table) if table is not None else ("calibrated", *result.key)
     kept = _without_table(old, table_path)
-    new = (kept + "\n" if kept else "") + _table_text(f"calibrated.{kind}.{toml_key(name)}", result.table())
+    new = (kept + "\n" if kept else "") + _table_text(".".join(map(toml_key, table_path)), result.table())
     expected = _plain(before)
-    expected.setdefault("calibrated", {}).setdefault(kind, {})[name] = _plain(result.table())
+    node = expected
+    for key in table_path[:-1]:
+        node = node.setdefault(key, {})
+    node[table_path[-1]] = _plain(result.table())
     try:
         after = tomllib.loads(new)
     except tomllib.TOMLDecodeError:
         after = None
     if after is None or _plain(after) != expected:
-        raise EdgeEnsembleError(f"cannot update {path} safely (its [calibrated.{kind}] tables are written in a way "
-                                "calibrate does not rewrite); remove them by hand and rerun calibrate")
-    parse_calibrations(after["calibrated"], f"config file {path}")
+        raise EdgeEnsembleError(f"cannot update {path} safely (its [{'.'.join(table_path[:-1])}] tables are written "
+                                "in a way calibrate does not rewrite); remove them by hand and rerun calibrate")
+    if table is None:
+        parse_calibrations(after["calibrated"], f"config file {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         paths.write_text_atomic(path, new)
@@ -443,4 +474,4 @@ def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | 
 
 
 __all__ = ["SWEEP_OPTIONS", "CalibrationResult", "Score", "Setting", "Sweep", "calibrate", "dev_task",
-           "load_dev_file", "normalize_text", "select", "settings", "write_calibration"]
+           "load_dev_file", "normalize_text", "pool", "select", "settings", "write_calibration"]
