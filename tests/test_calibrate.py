@@ -12,12 +12,13 @@ from click.testing import CliRunner, Result
 
 from edge_ensemble.api import Ensemble, EnsembleConfig
 from edge_ensemble.cli import cli
-from edge_ensemble.config import load_config
+from edge_ensemble.config import load_config, resolve_settings
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval.calibrate import (
-    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, select, write_calibration)
+    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, write_calibration)
 from edge_ensemble.eval.configs import EngineConfig
 from edge_ensemble.eval.report import Summary
+from edge_ensemble.sources import Catalog
 
 MAX_TOKENS = 12
 N_CTX = 256
@@ -276,3 +277,35 @@ def test_a_bad_calibration_table_is_one_line(tmp_path: Path) -> None:
     path.write_text('[calibrated.presets.tiny]\ncolour = "red"\n')
     with pytest.raises(UsageError, match="unknown key 'colour'"):
         load_config(path)
+
+
+def test_pool_adds_up_the_development_sets() -> None:
+    a, b = fake_result(("presets", "tiny"), 0.4), fake_result(("presets", "tiny"), 0.4)
+    pooled = pool([a, replace(b, dev_set="other items 0-2")])
+    assert pooled.items == 6 and pooled.dev_set == "dev.jsonl items 0-2 + other items 0-2"
+    assert [(s.summary.correct, s.summary.n) for s in pooled.scores] == [(2, 6), (4, 6)]
+    assert pooled.chosen is pooled.scores[1]
+    with pytest.raises(UsageError, match="one ensemble"):
+        pool([a, fake_result(("presets", "coder"), 0.4)])
+
+
+def test_precedence_flag_user_calibration_file_keys_shipped_calibration(tmp_path: Path) -> None:
+    extra = tmp_path / "catalog.toml"
+    extra.write_text('[presets.cal]\nmembers = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]\n'
+                     '[presets.cal.calibrated]\npolicy = "safe"\nweights = [3.0, 1.0]\ngate = 0.3\n'
+                     'date = "2026-01-01"\ndev_set = "gsm8k items 0-199"\n')
+    catalog = Catalog.load(extra)
+    path = tmp_path / "config.toml"
+    path.write_text('preset = "cal"\ngate = 0.6\n')
+    settings = resolve_settings({}, load_config(path), catalog)
+    assert (settings.ensemble.weights, settings.ensemble.gate) == ((3.0, 1.0), 0.6)  # the file's key beats the preset's
+    assert settings.calibration is not None and settings.calibration.applied == ("policy", "weights")
+    assert "[presets.cal.calibrated]" in settings.calibration.source
+    write_calibration(fake_result(("presets", "cal"), 0.4), path)
+    settings = resolve_settings({}, load_config(path), catalog)
+    assert (settings.ensemble.weights, settings.ensemble.gate) == ((2.0, 1.0), 0.4)  # the user's calibration beats both
+    settings = resolve_settings({"gate": "0.8"}, load_config(path), catalog)
+    assert settings.ensemble.gate == 0.8 and settings.calibration.describe()["overridden"] == ["gate"]
+    path.write_text('preset = "cal"\n[calibrated.presets.cal]\nweights = [2.0, 1.0, 1.0]\n')
+    with pytest.raises(UsageError, match=r"\[calibrated.presets.cal\]: weights: give one per member \(2\); got 3"):
+        resolve_settings({}, load_config(path), catalog)
