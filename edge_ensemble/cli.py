@@ -29,12 +29,13 @@ import click
 from . import __version__, paths
 from .api import ENSEMBLE_OPTIONS, Ensemble, EnsembleConfig, MemberInfo
 from .chat import clean_text
-from .config import KEYS, Settings, load_config, resolve_settings
+from .config import KEYS, Calibration, Settings, load_config, resolve_settings
 from .engine import Event, GenerationResult
 from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
 from .options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
 from .policies import POLICY, POLICY_OPTIONS, policies_reading
 from .server import SERVER_LIMITS
+from .eval.calibrate import SWEEP_OPTIONS as CALIBRATE_SWEEP
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -272,8 +273,8 @@ class Renderer:
             self.at_line_start = True
 
 
-def footer(result: GenerationResult) -> str:
-    """One line of figures after an answer."""
+def footer(result: GenerationResult, calibration: Calibration | None = None) -> str:
+    """One line of figures after an answer (and the date of the calibration its settings came from)."""
     s = result.stats
     parts = [f"{s.tokens} tokens", f"{s.tokens_per_second:.1f} tok/s", f"E/T {s.ensembled_fraction:.2f}"]
     if s.draft_acceptance_rate is not None:
@@ -281,6 +282,8 @@ def footer(result: GenerationResult) -> str:
     parts.append(s.policy)
     if result.finish_reason == "length":
         parts.append("cut at max tokens or context")
+    if calibration is not None and calibration.applied:
+        parts.append(f"calibrated {calibration.date[:10] or 'settings'}")
     return "[" + ", ".join(parts) + "]"
 
 
@@ -322,9 +325,11 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
     with open_ensemble(settings) as ensemble:
         if as_json:
             result = _last(answer(ensemble, settings, messages))
+            calibrated = settings.calibration.describe() if settings.calibration else None
             payload = {**result.to_dict(), "members": [_member_dict(m) for m in ensemble.members],
                        "policy": result.stats.policy, "preset": settings.preset,
-                       "config": asdict(settings.ensemble), "generation": asdict(settings.generation)}
+                       "config": {**asdict(settings.ensemble), "calibrated": calibrated},
+                       "generation": asdict(settings.generation)}
             click.echo(json.dumps(payload, ensure_ascii=False))
             return
         renderer = Renderer([m.name for m in ensemble.members], show)
@@ -338,7 +343,7 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
         finally:
             renderer.end_line()
         if result is not None:
-            _note(footer(result))
+            _note(footer(result, settings.calibration))
             if result.branches:
                 _note(branch_summary(result))
                 if show:
@@ -550,7 +555,7 @@ class ChatSession:
         self.renderer.end_line()
         assert self.last is not None
         self.turns.append({"role": "assistant", "content": self.last.text})
-        _note(footer(self.last))
+        _note(footer(self.last, self.settings.calibration))
 
     def _api_messages(self) -> list[dict[str, str]]:
         return [{"role": m["role"], "content": m["content"]} for m in self.messages()]
@@ -933,6 +938,98 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
                  sources=", ".join(p.name for p in paths))
     click.echo((out / "summary.md").read_text())
     click.echo(f"records: {results_path(out, task)}", err=True)
+
+
+# -- calibrate --------------------------------------------------------------------------------------------
+
+
+@cli.command("calibrate")
+@click.option("-p", "--preset", help="Ensemble preset to calibrate [default: the catalog's default].")
+@click.option("-m", "--model", "members", multiple=True, metavar="MODEL", help="Explicit members (first drafts).")
+@click.option("--task", metavar="NAME", help="Development set: an eval task's items (gsm8k, arc-challenge, "
+              "math-500, humaneval).")
+@click.option("--file", "dev_file", metavar="FILE.jsonl",
+              help='Development set: your own JSONL, one {"prompt": ..., "answer": ...} a line.')
+@click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset or file order).")
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="Number of items [default: the task's development slice, or the whole file].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Results directory [default: results/calibrate/<preset or members>].")
+@click.option("--write/--no-write", default=True, help="Write the chosen setting into the user config file "
+              "[default: write].")
+@click.option("--no-plot", is_flag=True, help="Skip the PNG plot of accuracy against speed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_declared_flags(CALIBRATE_SWEEP, "sweep")
+@_eval_options
+def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | None, dev_file: str | None,
+                      start: int, limit: int | None, out_dir: str | None, write: bool, no_plot: bool,
+                      as_json: bool, sweep: dict[str, Any], options: dict[str, Any]) -> None:
+    """Choose this ensemble's drafter weight and gate by measurement; resumable.
+
+    Runs the drafter alone and each setting of the sweep (drafter weight x gate
+    [x sharpening]) on the development set, scores them with the eval harness,
+    and writes the best into the user config file for this preset or member set,
+    with the evidence. The drafter alone is kept unless an ensemble setting
+    answers at least --min-gain items more right (ties: fewer seconds per
+    answer). Records: OUT/<task>.jsonl (a rerun skips what is done); OUT/summary.md
+    and OUT/calibrate.png.
+    """
+    from .eval.calibrate import Sweep, calibrate, dev_task, write_calibration
+    from .sources import parse_spec
+
+    if preset and members:
+        raise UsageError("give either --preset or --model, not both")
+    dev = dev_task(task, dev_file)
+    dev.items(start, limit)  # fail on missing data before any model loads
+    catalog = _catalog()
+    chosen_preset = None if members else catalog.preset(preset or catalog.default_preset.name)
+    specs = [parse_spec(m, catalog) for m in (members or chosen_preset.members)]
+    if len(specs) < 2:
+        raise UsageError("calibrate needs an ensemble of at least two members (the first drafts)")
+    label = chosen_preset.name if chosen_preset else "-".join(s.display_name for s in specs)
+    out = Path(out_dir or Path("results") / "calibrate" / label)
+    max_tokens = options.pop("max_tokens", None)
+    base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
+    result = calibrate(specs, dev, out, preset=chosen_preset.name if chosen_preset else None, start=start,
+                       limit=limit, sweep=Sweep(**sweep), base=base, max_tokens=max_tokens, dev_file=dev_file)
+    _calibration_report(result, out, plot=not no_plot)
+    written = write_calibration(result) if write else None
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "config_file": str(written) if written else None},
+                              ensure_ascii=False))
+    else:
+        click.echo(_table(_calibration_rows(result), ("SETTING", "RIGHT", "ACCURACY", "95% CI", "TOK/S",
+                                                      "S/ANSWER", "VS DRAFTER", "")))
+    what = "the drafter alone" if result.chosen is result.drafter else result.chosen.setting.name
+    where = f"; written to {written} [{result.to_dict()['table']}]" if written else " (not written: --no-write)"
+    _note(f"chosen: {what}, {result.chosen.summary.correct}/{result.items} right on {result.dev_set}{where}")
+
+
+def _calibration_rows(result: Any) -> list[tuple[str, ...]]:
+    rows = []
+    for score in result.scores:
+        s = score.summary
+        versus = "-" if score.is_drafter else f"+{score.only_setting} -{score.only_drafter}"
+        rows.append((score.setting.name, f"{s.correct}/{s.n}", f"{100 * s.accuracy:.1f}%",
+                     f"{100 * s.ci_low:.1f}-{100 * s.ci_high:.1f}%", f"{s.tokens_per_second or 0:.1f}",
+                     f"{s.seconds_per_answer or 0:.2f}", versus, "<- chosen" if score is result.chosen else ""))
+    return rows
+
+
+def _calibration_report(result: Any, out: Path, *, plot: bool) -> None:
+    """OUT/summary.md (the summary table of the eval report) and, with matplotlib, OUT/calibrate.png."""
+    import importlib.util
+
+    from .eval.report import plot_accuracy_vs_speed, summary_markdown
+
+    summaries = [s.summary for s in result.scores]
+    paths.write_text_atomic(out / "summary.md", f"# Calibration on {result.dev_set}\n\n" + summary_markdown(summaries))
+    if not plot:
+        return
+    if importlib.util.find_spec("matplotlib") is None:
+        _note("plot skipped: matplotlib is not installed (pip install 'edge-ensemble[eval]')")
+        return
+    plot_accuracy_vs_speed(summaries, out / "calibrate.png")
 
 
 if __name__ == "__main__":  # pragma: no cover  (last: every command, eval included, is registered by now)

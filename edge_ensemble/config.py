@@ -10,7 +10,22 @@ long command-line options with underscores (``--draft-len`` -> ``draft_len``), s
     threads = 4
     max_tokens = 400
 
-Precedence: a command-line flag > the config file > the built-in default. A flag that names the ensemble
+A ``[calibrated.presets.<name>]`` or ``[calibrated.members."<member set>"]`` table holds the settings
+``edge-ensemble calibrate`` measured for that one ensemble (:func:`calibration_key` names a member set), with
+the evidence (see :mod:`edge_ensemble.eval.calibrate`)::
+
+    [calibrated.presets.tiny]
+    policy = "safe"
+    weights = [2.0, 1.0]
+    gate = 0.4
+    date = "2026-05-30T12:00:00+00:00"
+    dev_set = "gsm8k items 0-199"
+    items = 200
+    evidence = [{setting = "single:...", correct = 44, n = 200, ...}, ...]
+
+Precedence: a command-line flag > the user's calibration of the ensemble being run > the config file's other
+keys > the calibration a preset ships with (``[presets.<name>.calibrated]`` in models/presets.toml) > the
+built-in default. A flag that names the ensemble
 (``--preset`` or ``--model``) replaces both ``preset`` and ``members`` of the file. In ``members``, ``~``
 is expanded; other relative paths are relative to the working directory. Apart from ``preset``,
 ``members`` and ``system`` every key is a declared option (:mod:`edge_ensemble.options`, :data:`OPTIONS`),
@@ -21,11 +36,12 @@ flag, or the key and the file), the allowed values and the value given.
 from __future__ import annotations
 
 import difflib
+import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from . import paths
 from .api import ENSEMBLE_OPTIONS, EnsembleConfig
@@ -75,14 +91,96 @@ class Settings:
     system: str | None
     ensemble: EnsembleConfig
     generation: Generation
+    calibration: Calibration | None = None  # the calibration this ensemble's settings partly came from
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The settings a calibration chose for one ensemble, where they are written and what they rest on."""
+
+    source: str  # the file and table, e.g. "~/.config/edge-ensemble/config.toml [calibrated.presets.tiny]"
+    values: Mapping[str, Any]  # config key -> checked value (policy, weights, gate, ...)
+    date: str = ""
+    dev_set: str = ""
+    items: int = 0
+    applied: tuple[str, ...] = ()  # the keys a run took from it (a flag overrides the others)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``run --json`` shows under ``config.calibrated``."""
+        return {"source": self.source, "date": self.date, "dev_set": self.dev_set, "items": self.items,
+                "settings": {k: self.values[k] for k in self.applied},
+                "overridden": [k for k in self.values if k not in self.applied]}
+
+
+# The keys of a calibration table that are evidence, not settings: written by calibrate, shown by run --json.
+_EVIDENCE: Mapping[str, Callable[[Any], bool]] = MappingProxyType({
+    "date": lambda v: isinstance(v, str), "dev_set": lambda v: isinstance(v, str),
+    "items": lambda v: isinstance(v, int) and not isinstance(v, bool), "records": lambda v: isinstance(v, str),
+    "rule": lambda v: isinstance(v, str), "evidence": lambda v: isinstance(v, list)})
 
 
 @dataclass(frozen=True)
 class UserConfig:
-    """The config file's settings (only the keys it sets, type-checked) and where it is."""
+    """The config file's settings (only the keys it sets, type-checked) and where it is; ``calibrations`` by
+    :func:`calibration_key`."""
 
     path: Path
     values: Mapping[str, Any] = field(default_factory=dict)
+    calibrations: Mapping[tuple[str, str], Calibration] = field(default_factory=dict)
+
+
+def calibration_key(preset: str | None, members: Sequence[ModelSpec]) -> tuple[str, str]:
+    """Where the calibration of an ensemble is kept: ``("presets", name)`` for a preset, else ``("members",
+    "<m1> + <m2> ...")`` with each member as a catalog key, an absolute path or its hf: spec."""
+    if preset is not None:
+        return "presets", preset.lower()
+    return "members", " + ".join(_member_id(m) for m in members)
+
+
+def _member_id(spec: ModelSpec) -> str:
+    if spec.kind == "catalog" and spec.entry is not None:
+        return spec.entry.key
+    if spec.kind == "path" and spec.path is not None:
+        return str(spec.path.expanduser().resolve())
+    return spec.text
+
+
+def parse_calibrations(data: Any, where: str) -> dict[tuple[str, str], Calibration]:
+    """The ``[calibrated]`` table of a config file by :func:`calibration_key`; a UsageError naming the table
+    and key otherwise. ``where`` names the file."""
+    if not isinstance(data, dict) or set(data) - {"presets", "members"}:
+        raise UsageError(f"{where}: calibrated must hold only the tables presets and members")
+    out: dict[tuple[str, str], Calibration] = {}
+    for kind, tables in data.items():
+        if not isinstance(tables, dict):
+            raise UsageError(f"{where}: calibrated.{kind} must be a table of tables")
+        for name, table in tables.items():
+            key = (kind, name.lower() if kind == "presets" else name)
+            out[key] = parse_calibration(table, f"{where} [calibrated.{kind}.{toml_key(name)}]")
+    return out
+
+
+def parse_calibration(table: Any, source: str) -> Calibration:
+    """One calibration table, every setting checked by its declaration; ``source`` names the table."""
+    if not isinstance(table, dict):
+        raise UsageError(f"{source} must be a table")
+    values = {}
+    for key, value in table.items():
+        if key in OPTIONS:
+            values[key] = OPTIONS[key].from_config(value, f"{source}: {key}")
+        elif key in _EVIDENCE:
+            if not _EVIDENCE[key](value):
+                raise UsageError(f"{source}: {key} has the wrong type; got {value!r}")
+        else:
+            raise UsageError(f"{source}: unknown key {key!r}; a calibration holds options "
+                             f"(e.g. policy, weights, gate) and {', '.join(_EVIDENCE)}")
+    return Calibration(source, MappingProxyType(values), table.get("date", ""), table.get("dev_set", ""),
+                       table.get("items", 0))
+
+
+def toml_key(name: str) -> str:
+    """``name`` as a TOML key: bare when it can be, else quoted."""
+    return name if name and all(c.isalnum() or c in "-_" for c in name) and name.isascii() else json.dumps(name)
 
 
 def load_config(path: Path | None = None) -> UserConfig:
@@ -100,6 +198,7 @@ def load_config(path: Path | None = None) -> UserConfig:
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"config file {path} is not valid TOML: {e}") from None
     values: dict[str, Any] = {}
+    calibrations = parse_calibrations(data.pop("calibrated"), f"config file {path}") if "calibrated" in data else {}
     for key, value in data.items():
         if key in OPTIONS:
             values[key] = OPTIONS[key].from_config(value, f"config file {path}: {key}")
@@ -107,14 +206,15 @@ def load_config(path: Path | None = None) -> UserConfig:
         if key not in _SELECTION:
             close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"config file {path}: unknown key {key!r}{hint}; known keys: {', '.join(KEYS)}")
+            raise UsageError(f"config file {path}: unknown key {key!r}{hint}; known keys: {', '.join(KEYS)}, "
+                             "and the [calibrated] tables")
         try:
             values[key] = _SELECTION[key](value)
         except ValueError as e:
             raise UsageError(f"config file {path}: {key} must be {e}; got {value!r}") from None
     if "preset" in values and "members" in values:
         raise UsageError(f"config file {path}: set either preset or members, not both")
-    return UserConfig(path, MappingProxyType(values))
+    return UserConfig(path, MappingProxyType(values), MappingProxyType(calibrations))
 
 
 def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any = None) -> Settings:
@@ -132,18 +232,34 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
     if "preset" in given or "members" in given:  # the command line names the ensemble: the file's choice goes
         file_values.pop("preset", None)
         file_values.pop("members", None)
-    values = {**file_values, **given}
+    catalog = catalog or Catalog.load()
+    members, preset = _members({**file_values, **given}, catalog)
+    # The user's own calibration of this ensemble, else the one the preset ships with (below the file's keys).
+    calibration = config.calibrations.get(calibration_key(preset, members))
+    shipped: dict[str, Any] = {}
+    if calibration is None and preset is not None and catalog.preset(preset).calibrated:
+        calibration = parse_calibration(dict(catalog.preset(preset).calibrated),
+                                        f"catalog presets.toml [presets.{toml_key(preset)}.calibrated]")
+        shipped = dict(calibration.values)
+    calibrated = {} if shipped else dict(calibration.values) if calibration else {}
+    values = {**shipped, **file_values, **calibrated, **given}
+    if calibration is not None:
+        calibration = replace(calibration, applied=tuple(
+            k for k in calibration.values if k not in given and (not shipped or k not in file_values)))
 
     def origin(name: str) -> str:
-        """How the user wrote the option called ``name``: its flag, or its key in the config file."""
+        """How the user wrote the option called ``name``: its flag, its calibration or its config key."""
         o = ENSEMBLE_OPTIONS[name]
-        return o.flag if o.key in given else f"config file {config.path}: {o.key}"
-
-    members, preset = _members(values, catalog)
+        if o.key in given:
+            return o.flag
+        if calibration is not None and o.key in calibration.applied:
+            return f"{calibration.source}: {o.key}"
+        return f"config file {config.path}: {o.key}"
     chosen = {o.name: values[key] for key, o in OPTIONS.items() if key in values}
     ensemble = EnsembleConfig(**{n: v for n, v in chosen.items() if n in ENSEMBLE_OPTIONS})
     generation = Generation(**{n: v for n, v in chosen.items() if n in GENERATION})
-    return Settings(members, preset, values.get("system"), ensemble.validate(len(members), origin), generation)
+    return Settings(members, preset, values.get("system"), ensemble.validate(len(members), origin), generation,
+                    calibration)
 
 
 def _members(values: Mapping[str, Any], catalog: Any) -> tuple[tuple[ModelSpec, ...], str | None]:

@@ -7,7 +7,7 @@ import importlib.resources
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -58,6 +58,9 @@ class Preset:
     name: str
     description: str
     members: tuple[str, ...]
+    # The settings ``edge-ensemble calibrate`` chose for it, as written under ``[presets.<name>.calibrated]``
+    # (checked by :func:`edge_ensemble.config.parse_calibration` where it is used).
+    calibrated: Mapping[str, Any] = field(default_factory=dict)
 
 
 _ENTRY_FIELDS = {
@@ -220,7 +223,11 @@ class Catalog:
                 raise ModelSourceError(
                     f"{where} names unknown model(s) {', '.join(missing)} (known: {', '.join(entries)})"
                 )
-            built[name] = Preset(name=name, description=str(table.get("description", "")), members=tuple(members))
+            calibrated = table.get("calibrated", {})
+            if not isinstance(calibrated, dict):
+                raise ModelSourceError(f"{where}: calibrated must be a table")
+            built[name] = Preset(name=name, description=str(table.get("description", "")), members=tuple(members),
+                                 calibrated=MappingProxyType(calibrated))
         if default is None and built:
             default = next(iter(built))
         if default is not None and default not in built:

@@ -1,0 +1,62 @@
+"""Calibrate the shipped presets on the development slices and write each choice into models/presets.toml.
+
+    taskset -c 1 python benchmarks/calibrate_presets.py --threads 1      # tiny, coder, trio: GSM8K 0-199 + ARC 0-299
+    taskset -c 1 python benchmarks/calibrate_presets.py --presets tiny --limit 3 --no-write --threads 1  # timing
+
+Each preset runs the drafter alone and the default sweep (drafter weight 1, 1.5, 2, 3 x gate 0.3, 0.5, 0.7) on
+both slices; the two slices are pooled (items added up) and the rule of ``edge_ensemble.eval.calibrate`` picks
+one setting, written as ``[presets.<name>.calibrated]`` with its evidence. Resumable: the records are in
+results/calibrate/<preset>/<task>.jsonl, and a rerun only makes the missing ones. Prints the CPU seconds each
+(preset, slice) took, which is how the cost of the full run was estimated from a 3-item run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from edge_ensemble.api import EnsembleConfig
+from edge_ensemble.eval.calibrate import Sweep, calibrate, pool, write_calibration
+from edge_ensemble.eval.report import summary_markdown
+from edge_ensemble.eval.tasks import get_task
+from edge_ensemble.sources import Catalog
+
+ROOT = Path(__file__).resolve().parent.parent
+DEV_SLICES = (("gsm8k", 0, 200), ("arc-challenge", 0, 300))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--presets", default="tiny,coder,trio")
+    parser.add_argument("--tasks", default=",".join(t for t, _, _ in DEV_SLICES), help="slices to run (pooled)")
+    parser.add_argument("--limit", type=int, default=None, help="items per slice (default: the whole slice)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "calibrate")
+    parser.add_argument("--presets-toml", type=Path, default=ROOT / "models" / "presets.toml")
+    parser.add_argument("--no-write", action="store_true", help="only measure; leave presets.toml alone")
+    args = parser.parse_args()
+
+    catalog = Catalog.load()
+    base = EnsembleConfig(n_ctx=2048, n_threads=args.threads)
+    for name in args.presets.split(","):
+        preset = catalog.preset(name)
+        results = []
+        for task, start, limit in (d for d in DEV_SLICES if d[0] in args.tasks.split(",")):
+            began = time.process_time()
+            results.append(calibrate(preset.members, get_task(task), args.out / preset.name, preset=preset.name,
+                                     start=start, limit=args.limit or limit, sweep=Sweep(), base=base))
+            print(f"{preset.name} {task}: {time.process_time() - began:.0f} CPU s for "
+                  f"{results[-1].items} items x {len(results[-1].scores)} settings", flush=True)
+        pooled = pool(results)
+        print(f"\n## {preset.name}: {pooled.dev_set}\n\n" + summary_markdown([s.summary for s in pooled.scores])
+              + f"\nchosen: {pooled.chosen.setting.name}\n", flush=True)
+        if not args.no_write:
+            # The records' path as it is in the repository, not on this machine.
+            shipped = replace(pooled, records=Path("results/calibrate") / preset.name)
+            write_calibration(shipped, args.presets_toml, table=("presets", preset.name, "calibrated"))
+
+
+if __name__ == "__main__":
+    main()

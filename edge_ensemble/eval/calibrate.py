@@ -1,0 +1,477 @@
+"""Calibrate an ensemble on the user's own machine: sweep the drafter's weight, the gate and (optionally) the
+sharpening over a development set, score each setting with the eval harness, keep the best one.
+
+The drafter alone (``single:<drafter>``) is always one of the settings, and the selection rule
+(:func:`select`) keeps it unless an ensemble setting answers more items right:
+
+1. every setting answers the same items, so their correct counts compare item for item;
+2. a setting is a candidate if it is the drafter alone, or an ensemble setting that answers at least
+   ``min_gain`` items more than the drafter alone (default 1: a tie goes to the drafter, which is cheaper);
+3. among the candidates the most items right wins; a tie goes to the fewer seconds per answer, then to the
+   drafter alone, then to the earlier setting of the sweep.
+
+``min_gain`` is the guard against noise: the best of a dozen settings beats the drafter by an item or two
+by luck alone on a few hundred items, so raise it (``--min-gain 3``) when a false win would cost more than a
+missed one. The evidence written with the choice carries, per setting, the accuracy with its 95% Wilson
+interval and the paired counts against the drafter (items only it got right, items only the drafter got right).
+
+A development set is an eval task's items (``gsm8k``, ``arc-challenge``, ...) or the user's own JSONL file,
+one ``{"prompt": ..., "answer": ...}`` object a line (``id`` optional). A reference answer that is a number
+("42", 42, "1,000", "3.5") is matched as GSM8K answers are: the number after the output's last "answer is",
+else its last number, equal as a decimal. Any other reference is matched against the whole output after
+normalisation (:func:`normalize_text`: Unicode NFKC, lower case, white space folded, a leading "the answer is"
+and surrounding quotes, asterisks and punctuation dropped): ask for the bare answer in the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import unicodedata
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from edge_ensemble import paths
+from edge_ensemble.api import Ensemble, EnsembleConfig
+from edge_ensemble.config import calibration_key, parse_calibrations, toml_key
+from edge_ensemble.errors import EdgeEnsembleError, UsageError
+from edge_ensemble.eval import scoring
+from edge_ensemble.eval.configs import EngineConfig
+from edge_ensemble.eval.report import Summary, paired_comparisons, summarize
+from edge_ensemble.eval.runner import read_records, results_path, run_eval
+from edge_ensemble.eval.tasks import Item, Task, get_task
+from edge_ensemble.options import Option, replace_checked, with_options
+from edge_ensemble.policies import POLICY_OPTIONS
+from edge_ensemble.sources import ModelSpec, SpecLike, parse_spec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+# -- the sweep, declared once: flags, defaults, ranges and checks ---------------------------------------------
+
+SWEEP_OPTIONS: tuple[Option, ...] = (
+    Option("drafter_weights", tuple, (1.0, 1.5, 2.0, 3.0), "Drafter weights to try (the others weigh 1).",
+           item=float, range=(0.0, math.inf), above=True, shown_default="1,1.5,2,3"),
+    Option("gates", tuple, (0.3, 0.5, 0.7), "Gates to try (verify where the drafter's top-1 probability is "
+           "below it).", item=float, range=(0.0, 1.0), shown_default="0.3,0.5,0.7"),
+    Option("sharpen_modes", tuple, (), "Sharpening modes to try, repeat for several: prefix, geometric, none.",
+           item=str, choices=("prefix", "geometric", "none"), shown_default="the default sharpening only"),
+    Option("min_gain", int, 1, "Items an ensemble setting must answer right beyond the drafter alone to be chosen "
+           "(0: a tie may go to a faster ensemble setting).", range=(0, 1 << 20)),
+)
+USER_FILE_MAX_TOKENS = 256  # a user file's answers are short: the prompt asks for the answer alone
+
+
+@with_options(*SWEEP_OPTIONS)
+class Sweep:
+    """What :func:`calibrate` tries (fields: :data:`SWEEP_OPTIONS`); :meth:`validate` checks every value."""
+
+    def validate(self, where: Callable[[str], str] = str) -> "Sweep":
+        """This sweep with every value checked (``where(name)`` names a bad one, e.g. its flag)."""
+        return replace_checked(self, {o.name: o for o in SWEEP_OPTIONS}, where)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the sweep: a name for the records and the options it sets."""
+
+    name: str
+    values: dict[str, Any]  # config key -> value: policy, and for an ensemble weights, gate (and sharpen)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A setting's result on the development set."""
+
+    setting: Setting
+    summary: Summary
+    only_setting: int = 0  # items this setting got right and the drafter alone wrong
+    only_drafter: int = 0
+
+    @property
+    def is_drafter(self) -> bool:
+        return self.setting.values.get("policy") == "single"
+
+    def evidence(self) -> dict[str, Any]:
+        """One row of the evidence written into the config."""
+        s = self.summary
+        row: dict[str, Any] = {"setting": self.setting.name, "correct": s.correct, "n": s.n,
+                               "accuracy": round(s.accuracy, 4), "ci95": [round(s.ci_low, 4), round(s.ci_high, 4)],
+                               "tokens_per_second": round(s.tokens_per_second or 0.0, 2),
+                               "seconds_per_answer": round(s.seconds_per_answer or 0.0, 3)}
+        if not self.is_drafter:
+            row.update(only_setting=self.only_setting, only_drafter=self.only_drafter)
+        return row
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """What :func:`calibrate` measured and chose, and where its config table goes (:func:`write_calibration`)."""
+
+    key: tuple[str, str]  # :func:`edge_ensemble.config.calibration_key`
+    dev_set: str
+    items: int
+    date: str
+    scores: tuple[Score, ...]  # the drafter alone first, then the sweep in order
+    chosen: Score
+    records: Path
+
+    @property
+    def drafter(self) -> Score:
+        return self.scores[0]
+
+    def table(self) -> dict[str, Any]:
+        """The config table: the chosen settings, then the evidence."""
+        return {**self.chosen.setting.values, "date": self.date, "dev_set": self.dev_set, "items": self.items,
+                "records": str(self.records), "rule": RULE, "evidence": [s.evidence() for s in self.scores]}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as ``calibrate --json`` prints it."""
+        kind, name = self.key
+        return {"table": f"calibrated.{kind}.{toml_key(name)}", "chosen": self.chosen.setting.name,
+                **self.table()}
+
+
+RULE = ("drafter alone unless an ensemble setting answers at least min_gain more items right; then most right, "
+        "ties to fewer seconds per answer")
+
+
+# -- development sets -----------------------------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+    """An answer reduced for exact matching: NFKC, lower case, white space folded, a leading "the answer is" /
+    "answer:" and surrounding quotes, asterisks and punctuation dropped."""
+    s = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    s = re.sub(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is|:)\s*", "", s)
+    return s.strip(" \t\"'`*_.,;:!?()[]{}")
+
+
+def _is_number(answer: str) -> bool:
+    return scoring.normalize_number(answer) is not None
+
+
+def _file_extract(item: Item, text: str) -> str | None:
+    return scoring.extract_gsm8k_answer(text) if _is_number(item.gold) else normalize_text(text)
+
+
+def _file_score(item: Item, extracted: str | None) -> tuple[bool, str]:
+    if _is_number(item.gold):
+        return scoring.numbers_equal(extracted, item.gold), ""
+    return extracted is not None and extracted == normalize_text(item.gold), ""
+
+
+def load_dev_file(path: str | os.PathLike[str]) -> Task:
+    """The user's JSONL development file as a :class:`Task`; a :class:`UsageError` naming ``file:line`` for a
+    line that is not a JSON object with a non-empty string ``prompt`` and a string or number ``answer``.
+
+    The task is named after the file and a hash of its content, so an edited file never resumes old records.
+    """
+    path = Path(path).expanduser()
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read development file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"development file {path} is not UTF-8 text") from None
+    items: list[Item] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise UsageError(f'{where}: expected an object {{"prompt": ..., "answer": ...}}; got {type(row).__name__}')
+        missing = [k for k in ("prompt", "answer") if k not in row]
+        if missing:
+            raise UsageError(f'{where}: missing {" and ".join(map(repr, missing))} (each line is '
+                             '{"prompt": ..., "answer": ...})')
+        prompt, answer = row["prompt"], row["answer"]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"{where}: prompt must be a non-empty string; got {prompt!r}")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+            raise UsageError(f"{where}: answer must be a non-empty string or a number; got {answer!r}")
+        item_id = str(row.get("id", number))
+        if item_id in seen:
+            raise UsageError(f"{where}: id {item_id!r} is used twice")
+        seen.add(item_id)
+        items.append(Item(id=item_id, gold=str(answer).strip(), data={"prompt": prompt}))
+    if not items:
+        raise UsageError(f"development file {path} holds no items")
+    name = f"file-{path.stem}-{hashlib.sha256(data).hexdigest()[:8]}"
+    return Task(name, lambda: items, lambda item: [{"role": "user", "content": item.data["prompt"]}],
+                _file_extract, _file_score, max_tokens=USER_FILE_MAX_TOKENS, dev_limit=None)
+
+
+def dev_task(task: str | None = None, file: str | os.PathLike[str] | None = None) -> Task:
+    """The development set: the eval task called ``task`` or the JSONL ``file`` (exactly one of them)."""
+    if (task is None) == (file is None):
+        raise UsageError("give the development set: either --task NAME or --file FILE.jsonl")
+    return get_task(task) if task is not None else load_dev_file(file)  # type: ignore[arg-type]
+
+
+def _describe(task: Task, file: Any, items: Sequence[Item], start: int) -> str:
+    source = str(Path(file).expanduser().resolve()) if file is not None else task.name
+    return f"{source} items {start}-{start + len(items) - 1}"
+
+
+# -- the sweep and the choice ---------------------------------------------------------------------------------
+
+
+def settings(sweep: Sweep, n_members: int, default_sharpen: str) -> list[Setting]:
+    """The ensemble settings of ``sweep`` (the drafter alone is added by :func:`calibrate`)."""
+    modes = sweep.sharpen_modes or (default_sharpen,)  # type: ignore[attr-defined]
+    out = []
+    for w in sweep.drafter_weights:  # type: ignore[attr-defined]
+        for g in sweep.gates:  # type: ignore[attr-defined]
+            for mode in modes:
+                name = f"safe w={w:g} gate={g:g}" + (f" sharpen={mode}" if sweep.sharpen_modes else "")  # type: ignore[attr-defined]
+                values: dict[str, Any] = {"policy": "safe", "weights": [float(w)] + [1.0] * (n_members - 1),
+                                          "gate": float(g)}
+                if sweep.sharpen_modes:  # type: ignore[attr-defined]
+                    values["sharpen"] = mode
+                out.append(Setting(name, values))
+    return out
+
+
+def select(scores: Sequence[Score], min_gain: int) -> Score:
+    """The chosen setting (see the module docstring): ``scores[0]`` is the drafter alone."""
+    drafter = scores[0]
+    candidates = [(i, s) for i, s in enumerate(scores)
+                  if s is drafter or s.summary.correct >= drafter.summary.correct + min_gain]
+    return min(candidates, key=lambda c: (-c[1].summary.correct, c[1].summary.seconds_per_answer or 0.0,
+                                          c[1] is not drafter, c[0]))[1]
+
+
+def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig) -> dict[str, Any]:
+    """What the records of a calibration depend on besides the sweep: a resumed run must match it."""
+    cfg = asdict(base)
+    return _plain({"members": calibration_key(None, members)[1],
+                   "options": {k: cfg[k] for k in (*POLICY_OPTIONS, "n_ctx") if k not in ("weights", "gate", "sharpen")}})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples become lists, dates strings): for comparisons."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    manifest = out_dir / "calibrate.json"
+    if manifest.exists():
+        try:
+            earlier = json.loads(manifest.read_text("utf-8"))
+        except (OSError, ValueError):
+            earlier = None
+        if earlier != fingerprint:
+            raise UsageError(f"{out_dir} holds a calibration of other members or options; pass another --out "
+                             "(or move it away) so the two are not mixed")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths.write_text_atomic(manifest, json.dumps(fingerprint, indent=1) + "\n")
+
+
+def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.PathLike[str], *,
+              preset: str | None = None, start: int = 0, limit: int | None = None, sweep: Sweep | None = None,
+              base: EnsembleConfig | None = None, max_tokens: int | None = None, progress: bool = True,
+              dev_file: str | os.PathLike[str] | None = None) -> CalibrationResult:
+    """Run the drafter alone and every setting of ``sweep`` on ``dev_set`` items ``start``..``start+limit``
+    (records in ``out_dir/<task>.jsonl``: a rerun resumes), and choose one by :func:`select`.
+
+    ``preset`` names the preset ``members`` came from (it keys the config table); ``base`` holds the other
+    options (load options such as ``n_threads``; policy options stay at their defaults otherwise).
+    """
+    sweep = (sweep or Sweep()).validate()
+    specs = [parse_spec(m) for m in members]
+    if len(specs) < 2:
+        raise UsageError("calibrate needs an ensemble of at least two members (the first drafts)")
+    base = (base or EnsembleConfig()).validate(len(specs))
+    items = dev_set.items(start, limit)
+    if not items:
+        raise UsageError(f"{dev_set.name} has no items from {start}")
+    out = Path(out_dir)
+    _check_resume(out, _fingerprint(specs, base))
+    ensembles: list[Ensemble] = []
+    try:
+        single = Ensemble([specs[0]], config=replace(base, policy="single"), progress=progress)
+        ensembles.append(single)
+        full = Ensemble(specs, config=base, progress=progress)
+        ensembles.append(full)
+        drafter = Setting(f"single:{single.members[0].name}", {"policy": "single"})
+        sweep_settings = settings(sweep, len(specs), base.sharpen)  # type: ignore[attr-defined]
+        configs = [EngineConfig(drafter.name, single, single.config)] + [
+            EngineConfig(s.name, full, replace(base, **{k: tuple(v) if k == "weights" else v
+                                                        for k, v in s.values.items()}).validate(len(specs)))
+            for s in sweep_settings]
+        path = run_eval(dev_set, configs, out, start=start, limit=limit, max_tokens=max_tokens, progress=progress)
+    finally:
+        for e in ensembles:
+            e.close()
+    every = [drafter, *sweep_settings]
+    scores = _scores(read_records(path), every, {item.id for item in items}, dev_set.name)
+    return CalibrationResult(
+        key=calibration_key(preset, specs), dev_set=_describe(dev_set, dev_file, items, start), items=len(items),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"), scores=tuple(scores),
+        chosen=select(scores, sweep.min_gain), records=path.resolve())  # type: ignore[attr-defined]
+
+
+def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: set[str], task: str) -> list[Score]:
+    """Each setting's summary on exactly these items (a results file may hold others from earlier sweeps)."""
+    names = {s.name for s in every}
+    mine = [r for r in records if r.get("task") == task and r.get("config") in names and r.get("item") in items]
+    summaries = {s.config: s for s in summarize(mine)}
+    paired = {p.config: p for p in paired_comparisons(mine) if p.baseline == every[0].name}
+    missing = [s.name for s in every if s.name not in summaries]
+    if missing:  # run_eval writes every pair: only a file changed under us gets here
+        raise EdgeEnsembleError(f"no records of {', '.join(missing)} in the results; rerun calibrate")
+    return [Score(s, summaries[s.name], paired[s.name].only_config if s.name in paired else 0,
+                  paired[s.name].only_baseline if s.name in paired else 0) for s in every]
+
+
+def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> CalibrationResult:
+    """Several development sets (say GSM8K and ARC) as one: each setting's items added up, the rule applied
+    to the sums. The results must be of the same ensemble and sweep."""
+    if not results:
+        raise UsageError("nothing to pool")
+    names = [[s.setting.name for s in r.scores] for r in results]
+    if any(n != names[0] for n in names) or len({r.key for r in results}) != 1:
+        raise UsageError("pool needs calibrations of one ensemble with one sweep")
+    scores = []
+    for i, first in enumerate(results[0].scores):
+        parts = [r.scores[i] for r in results]
+        n = sum(p.summary.n for p in parts)
+        correct = sum(p.summary.correct for p in parts)
+        seconds = sum((p.summary.seconds_per_answer or 0.0) * p.summary.n for p in parts)
+        tokens = sum((p.summary.tokens_per_second or 0.0) * (p.summary.seconds_per_answer or 0.0) * p.summary.n
+                     for p in parts)
+        low, high = scoring.wilson_interval(correct, n)
+        summary = Summary("+".join(p.summary.task for p in parts), first.summary.config, n, correct, correct / n,
+                          low, high, tokens / seconds if seconds > 0 else None, None, seconds_per_answer=seconds / n)
+        scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
+                            sum(p.only_drafter for p in parts)))
+    return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
+                   scores=tuple(scores), chosen=select(scores, min_gain),
+                   records=Path(os.path.commonpath([r.records.parent for r in results])))
+
+
+# -- the config table -----------------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _table_text(header: str, table: dict[str, Any]) -> str:
+    lines = [f"# {_MARK} {table.get('date', '')}: {table.get('dev_set', '')}", f"[{header}]"]
+    for key, value in table.items():
+        if key == "evidence":
+            lines.append("evidence = [")
+            lines += [f"  {_toml_value(row)}," for row in value]
+            lines.append("]")
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+_MARK = "written by edge-ensemble calibrate"
+
+
+def _header_path(line: str) -> tuple[str, ...] | None:
+    """The key path of a table header line (``[a.b."c d"]`` -> ("a", "b", "c d")), None for any other line."""
+    stripped = line.strip()
+    if not stripped.startswith("["):
+        return None
+    try:
+        data = tomllib.loads(stripped)
+    except tomllib.TOMLDecodeError:
+        return None
+    keys: list[str] = []
+    while isinstance(data, dict) and len(data) == 1:
+        key, data = next(iter(data.items()))
+        keys.append(key)
+        if isinstance(data, list):
+            data = data[-1] if data else {}
+    return tuple(keys)
+
+
+def _without_table(text: str, path: tuple[str, ...]) -> str:
+    """``text`` without the table at ``path`` (and its sub-tables, and the comment calibrate wrote above it)."""
+    lines = text.splitlines()
+    keep: list[str] = []
+    dropping = False
+    for line in lines:
+        header = _header_path(line)
+        if header is not None:
+            dropping = header[:len(path)] == path
+            if dropping and keep and keep[-1].startswith(f"# {_MARK}"):
+                keep.pop()
+        if not dropping:
+            keep.append(line)
+    while keep and not keep[-1].strip():
+        keep.pop()
+    return "\n".join(keep) + ("\n" if keep else "")
+
+
+def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | None = None, *,
+                      table: Sequence[str] | None = None) -> Path:
+    """Write ``result``'s table into the user config file (default :func:`paths.config_path`), replacing an
+    earlier calibration of the same ensemble and keeping everything else; atomic, and checked by reading it
+    back before it replaces the file. ``table``: another key path (``("presets", "tiny", "calibrated")`` in
+    models/presets.toml). Returns the path."""
+    path = Path(path) if path is not None else paths.config_path()
+    try:
+        old = path.read_text("utf-8") if path.exists() else ""
+        before = tomllib.loads(old)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"config file {path} is not valid TOML ({e}); fix it, then rerun calibrate") from None
+    table_path = tuple(table) if table is not None else ("calibrated", *result.key)
+    kept = _without_table(old, table_path)
+    new = (kept + "\n" if kept else "") + _table_text(".".join(map(toml_key, table_path)), result.table())
+    expected = _plain(before)
+    node = expected
+    for key in table_path[:-1]:
+        node = node.setdefault(key, {})
+    node[table_path[-1]] = _plain(result.table())
+    try:
+        after = tomllib.loads(new)
+    except tomllib.TOMLDecodeError:
+        after = None
+    if after is None or _plain(after) != expected:
+        raise EdgeEnsembleError(f"cannot update {path} safely (its [{'.'.join(table_path[:-1])}] tables are written "
+                                "in a way calibrate does not rewrite); remove them by hand and rerun calibrate")
+    if table is None:
+        parse_calibrations(after["calibrated"], f"config file {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.write_text_atomic(path, new)
+    except OSError as e:
+        raise EdgeEnsembleError(f"cannot write config file {path}: {e.strerror or e}") from None
+    return path
+
+
+__all__ = ["SWEEP_OPTIONS", "CalibrationResult", "Score", "Setting", "Sweep", "calibrate", "dev_task",
+           "load_dev_file", "normalize_text", "pool", "select", "settings", "write_calibration"]

@@ -1,0 +1,311 @@
+"""``edge-ensemble calibrate``: the selection rule, the development file, the config table it writes and the next
+``run`` that picks it up, on the tiny generated models."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from edge_ensemble.api import Ensemble, EnsembleConfig
+from edge_ensemble.cli import cli
+from edge_ensemble.config import load_config, resolve_settings
+from edge_ensemble.errors import UsageError
+from edge_ensemble.eval.calibrate import (
+    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, write_calibration)
+from edge_ensemble.eval.configs import EngineConfig
+from edge_ensemble.eval.report import Summary
+from edge_ensemble.sources import Catalog
+
+MAX_TOKENS = 12
+N_CTX = 256
+COMMON = ["--max-tokens", str(MAX_TOKENS), "--n-ctx", str(N_CTX), "--threads", "1"]
+PROMPTS = ["Hi", "Why is the sky blue?", "Name three colours."]
+
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(cli, args)
+
+
+def assert_usage_error(result: Result, *needles: str) -> None:
+    """Exit 2, one line `error: ...` on stderr that holds every needle, no traceback."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "config" / "config.toml"
+    path.parent.mkdir()
+    path.write_text('# my settings\nthreads = 1\nn_ctx = 256\n')
+    monkeypatch.setenv("EDGE_ENSEMBLE_CONFIG", str(path))
+    return path
+
+
+@pytest.fixture
+def members(tiny_bpe: Path, tiny_bpe_b: Path) -> list[str]:
+    return [str(tiny_bpe), str(tiny_bpe_b)]
+
+
+def model_args(members: list[str]) -> list[str]:
+    return [a for m in members for a in ("-m", m)]
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+# -- the selection rule, on hand-made scores ------------------------------------------------------------------
+
+
+def score(name: str, correct: int, seconds: float, n: int = 100) -> Score:
+    values = {"policy": "single"} if name.startswith("single") else {"policy": "safe", "weights": [2.0, 1.0], "gate": 0.5}
+    summary = Summary("t", name, n, correct, correct / n, 0.0, 1.0, 10.0, None, seconds_per_answer=seconds)
+    return Score(Setting(name, values), summary)
+
+
+def test_the_drafter_wins_ties_and_near_misses() -> None:
+    drafter = score("single:d", 30, 1.0)
+    tie, worse = score("safe a", 30, 0.5), score("safe b", 29, 0.1)
+    assert select([drafter, tie, worse], min_gain=1) is drafter  # equal accuracy: the drafter, even if slower
+    better, best_slow, best_fast = score("safe c", 31, 3.0), score("safe d", 33, 3.0), score("safe e", 33, 2.0)
+    assert select([drafter, tie, better], min_gain=1) is better
+    assert select([drafter, better, best_slow, best_fast], min_gain=1) is best_fast  # most right, then faster
+    assert select([drafter, better], min_gain=2) is drafter  # one item is not enough when two are asked for
+    assert select([drafter, tie], min_gain=0) is tie  # min_gain 0: a tie goes to the faster
+    assert select([drafter, score("safe f", 30, 1.0)], min_gain=0) is drafter  # ...and a full tie to the drafter
+
+
+def test_normalize_text() -> None:
+    assert normalize_text("  The answer is: **Paris**.\n") == "paris"
+    assert normalize_text("Answer: «ＢＬＵＥ»") == "«blue»"
+    assert normalize_text("two  words") == "two words"
+
+
+# -- the development file -------------------------------------------------------------------------------------
+
+
+def test_dev_file_scores_numbers_and_text(tmp_path: Path) -> None:
+    task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [
+        {"prompt": "2+2?", "answer": 4}, {"prompt": "Capital of France?", "answer": "Paris", "id": "fr"}, ""]))
+    a, b = task.items()
+    assert (a.id, a.gold, b.id) == ("1", "4", "fr")
+    assert task.score(a, task.extract(a, "2 plus 2 is 4, so the answer is 4.0."))[0]
+    assert not task.score(a, task.extract(a, "The answer is 5"))[0]
+    assert task.score(b, task.extract(b, "Paris."))[0]
+    assert not task.score(b, task.extract(b, "It is Paris, of course."))[0]
+    assert task.build_messages(b) == [{"role": "user", "content": "Capital of France?"}]
+
+
+@pytest.mark.parametrize("rows, needles", [
+    (['{"prompt": "a", "answer": "b"}', '{"prompt": "a", "answer": }'], ["dev.jsonl:2", "not valid JSON"]),
+    (['{"prompt": "a"}'], ["dev.jsonl:1", "missing 'answer'"]),
+    (['["a", "b"]'], ["dev.jsonl:1", "expected an object"]),
+    (['{"prompt": "", "answer": "b"}'], ["dev.jsonl:1", "prompt must be a non-empty string"]),
+    (['{"prompt": "a", "answer": null}'], ["dev.jsonl:1", "answer must be"]),
+    (['{"prompt": "a", "answer": 1, "id": 7}', '{"prompt": "b", "answer": 2, "id": 7}'], ["dev.jsonl:2", "twice"]),
+    ([], ["holds no items"]),
+])
+def test_bad_dev_file_is_one_line_and_writes_nothing(rows: list[str], needles: list[str], tmp_path: Path,
+                                                     config_file: Path, members: list[str]) -> None:
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows)
+    before = config_file.read_text()
+    result = invoke(["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"), *COMMON])
+    assert_usage_error(result, *needles)
+    assert config_file.read_text() == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--task", "nope"], ["unknown task 'nope'", "gsm8k"]),
+    ([], ["--task NAME or --file"]),
+    (["--task", "gsm8k", "--file", "x.jsonl"], ["either --task NAME or --file"]),
+    (["--file", "missing.jsonl"], ["cannot read development file", "missing.jsonl"]),
+    (["--task", "gsm8k", "--drafter-weights", "2,0"], ["--drafter-weights", "above 0.0", "got (2.0, 0.0)"]),
+    (["--task", "gsm8k", "--drafter-weights", "2,x"], ["--drafter-weights", "'2,x'"]),
+    (["--task", "gsm8k", "--gates", "0.5,1.5"], ["--gates", "between 0.0 and 1.0", "got (0.5, 1.5)"]),
+    (["--task", "gsm8k", "--gates", "-0.1"], ["--gates", "between 0.0 and 1.0"]),
+    (["--task", "gsm8k", "--sharpen-modes", "sharpest"], ["--sharpen-modes", "prefix, geometric, none"]),
+    (["--task", "gsm8k", "--min-gain", "-1"], ["--min-gain", "between 0"]),
+])
+def test_bad_usage_is_one_line_and_writes_nothing(args: list[str], needles: list[str], tmp_path: Path,
+                                                  config_file: Path, members: list[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = config_file.read_text()
+    assert_usage_error(invoke(["calibrate", *model_args(members), *args, *COMMON]), *needles)
+    assert config_file.read_text() == before and not (tmp_path / "results").exists()
+
+
+def test_the_api_checks_the_sweep_too() -> None:
+    with pytest.raises(UsageError, match="gates must be a list of numbers between 0.0 and 1.0"):
+        Sweep(gates=(0.5, 2.0)).validate()
+    with pytest.raises(UsageError, match="drafter_weights"):
+        Sweep(drafter_weights=()).validate()
+
+
+# -- end to end on the tiny models ----------------------------------------------------------------------------
+
+
+def outputs(members: list[str], config: EnsembleConfig, prompts: list[str]) -> list[str]:
+    """What one setting answers, made as the harness makes it (fresh prefill for every answer)."""
+    with Ensemble(members, config=config) as ens:
+        setting = EngineConfig("x", ens, config.validate(len(members)))
+        return [setting.generate([{"role": "user", "content": p}], MAX_TOKENS)["text"] for p in prompts]
+
+
+def test_calibrate_writes_a_config_the_next_run_picks_up(tmp_path: Path, config_file: Path,
+                                                         members: list[str]) -> None:
+    base = EnsembleConfig(n_ctx=N_CTX, n_threads=1)
+    ensemble_says = outputs(members, replace(base, policy="safe", weights=(1.0, 1.0), gate=0.5), PROMPTS)
+    drafter_says = outputs(members[:1], replace(base, policy="single"), PROMPTS)
+    assert all(t.strip() for t in ensemble_says) and ensemble_says != drafter_says  # the test needs both
+    # References the ensemble setting meets: an ensemble setting must win, and the drafter cannot get all three.
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, ensemble_says)])
+    out = tmp_path / "out"
+    args = ["calibrate", *model_args(members), "--file", str(dev), "--out", str(out), "--drafter-weights", "1,3",
+            "--gates", "0.5", "--json", *COMMON]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["chosen"] != f"single:tiny-bpe" and data["policy"] == "safe" and data["items"] == 3
+    assert [row["setting"] for row in data["evidence"]] == ["single:tiny-bpe", "safe w=1 gate=0.5", "safe w=3 gate=0.5"]
+    chosen = next(row for row in data["evidence"] if row["setting"] == data["chosen"])
+    assert chosen["correct"] == 3 and 0 < chosen["ci95"][0] < chosen["ci95"][1] == 1.0
+    assert data["evidence"][0]["correct"] < 3 and data["config_file"] == str(config_file)
+    assert "chosen: safe w=" in result.stderr and "calibrate.png" not in result.stderr
+    assert (out / "summary.md").exists() and (out / "calibrate.png").exists()
+    records = (out / f"{load_dev_file(dev).name}.jsonl").read_text().splitlines()
+    assert len(records) == 9
+
+    # The file keeps what it had, and gains the table.
+    text = config_file.read_text()
+    assert text.startswith("# my settings\nthreads = 1\nn_ctx = 256\n")
+    calibration = next(iter(load_config(config_file).calibrations.values()))
+    assert calibration.values["policy"] == "safe" and calibration.items == 3
+
+    # The next run of the same member set uses it, and says so.
+    run = invoke(["run", *model_args(members), "--max-tokens", "4", "--json", "Hi"])
+    assert run.exit_code == 0, run.output
+    config = json.loads(run.stdout)["config"]
+    assert config["policy"] == "safe" and config["weights"] == data["weights"] and config["gate"] == data["gate"]
+    assert config["calibrated"]["source"].startswith(f"config file {config_file} [calibrated.members.")
+    assert config["calibrated"]["settings"] == {"policy": "safe", "weights": data["weights"], "gate": data["gate"]}
+    assert config["calibrated"]["date"] == data["date"] and config["calibrated"]["dev_set"] == data["dev_set"]
+    # A flag still wins over the calibration, and the run says which keys it overrode.
+    config = json.loads(invoke(["run", *model_args(members), "--max-tokens", "4", "--gate", "0.9", "--json", "Hi"]).stdout)["config"]
+    assert config["gate"] == 0.9 and config["calibrated"]["overridden"] == ["gate"]
+    # The figures line says the settings were calibrated; another member set is not.
+    assert "calibrated 20" in invoke(["run", *model_args(members), "--max-tokens", "4", "Hi"]).stderr
+    other = json.loads(invoke(["run", "-m", members[1], "-m", members[0], "--max-tokens", "4", "--json", "Hi"]).stdout)
+    assert other["config"]["calibrated"] is None and other["config"]["weights"] is None
+
+    # A rerun resumes from the records (nothing new is generated) and replaces the table, not adds one.
+    again = invoke(args)
+    assert again.exit_code == 0, again.output
+    assert len((out / f"{load_dev_file(dev).name}.jsonl").read_text().splitlines()) == 9
+    assert config_file.read_text().count("[calibrated.members.") == 1
+
+
+def test_the_drafter_alone_is_kept_when_no_setting_beats_it(tmp_path: Path, config_file: Path,
+                                                            members: list[str]) -> None:
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": p, "answer": 987654321} for p in PROMPTS])
+    result = invoke(["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
+                     "--drafter-weights", "2", "--gates", "0.4", "--no-plot", *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "<- chosen" in next(line for line in result.stdout.splitlines() if line.startswith("single:tiny-bpe"))
+    assert "chosen: the drafter alone, 0/3 right" in result.stderr
+    config = json.loads(invoke(["run", *model_args(members), "--max-tokens", "4", "--json", "Hi"]).stdout)
+    assert config["policy"] == "single" and config["config"]["calibrated"]["settings"] == {"policy": "single"}
+
+
+def test_calibrate_on_an_eval_task_without_writing(tmp_path: Path, config_file: Path, members: list[str]) -> None:
+    before = config_file.read_text()
+    result = invoke(["calibrate", *model_args(members), "--task", "gsm8k", "--limit", "1", "--drafter-weights", "2",
+                     "--gates", "0.5", "--no-write", "--no-plot", "--out", str(tmp_path / "out"), *COMMON])
+    assert result.exit_code == 0, result.output
+    assert "gsm8k items 0-0" in result.stderr and "not written" in result.stderr
+    assert config_file.read_text() == before
+
+
+def test_a_resumed_calibration_must_match_the_options(tmp_path: Path, config_file: Path, members: list[str]) -> None:
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": "Hi", "answer": 1}])
+    args = ["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
+            "--drafter-weights", "2", "--gates", "0.5", "--no-plot", "--no-write", *COMMON]
+    assert invoke(args).exit_code == 0
+    assert_usage_error(invoke([*args, "--n-ctx", "512"]), "holds a calibration of other members or options")
+
+
+# -- the config table -----------------------------------------------------------------------------------------
+
+
+def fake_result(key: tuple[str, str], gate: float) -> CalibrationResult:
+    drafter, chosen = score("single:d", 1, 1.0, n=3), score("safe w=2 gate=0.5", 2, 2.0, n=3)
+    chosen = replace(chosen, setting=Setting(chosen.setting.name, {"policy": "safe", "weights": [2.0, 1.0], "gate": gate}))
+    return CalibrationResult(key, "dev.jsonl items 0-2", 3, "2026-01-02T03:04:05+00:00", (drafter, chosen), chosen,
+                             Path("out/x.jsonl"))
+
+
+def test_write_calibration_replaces_its_own_table_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('preset = "tiny"\n\n[calibrated.presets.coder]\npolicy = "single"\n')
+    write_calibration(fake_result(("presets", "tiny"), 0.4), path)
+    write_calibration(fake_result(("presets", "tiny"), 0.6), path)
+    write_calibration(fake_result(("members", "/a b/x.gguf + y"), 0.3), path)
+    config = load_config(path)
+    assert config.values == {"preset": "tiny"}
+    assert {k: dict(c.values) for k, c in config.calibrations.items()} == {
+        ("presets", "coder"): {"policy": "single"},
+        ("presets", "tiny"): {"policy": "safe", "weights": (2.0, 1.0), "gate": 0.6},
+        ("members", "/a b/x.gguf + y"): {"policy": "safe", "weights": (2.0, 1.0), "gate": 0.3}}
+    assert path.read_text().count("[calibrated.presets.tiny]") == 1
+    assert not [p for p in tmp_path.iterdir() if p.name != "config.toml"]  # no temporary file left behind
+
+
+def test_a_bad_calibration_table_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[calibrated.presets.tiny]\ngate = 3\n')
+    with pytest.raises(UsageError, match=r"\[calibrated.presets.tiny\]: gate must be a number between 0.0 and 1.0"):
+        load_config(path)
+    path.write_text('[calibrated.presets.tiny]\ncolour = "red"\n')
+    with pytest.raises(UsageError, match="unknown key 'colour'"):
+        load_config(path)
+
+
+def test_pool_adds_up_the_development_sets() -> None:
+    a, b = fake_result(("presets", "tiny"), 0.4), fake_result(("presets", "tiny"), 0.4)
+    pooled = pool([a, replace(b, dev_set="other items 0-2")])
+    assert pooled.items == 6 and pooled.dev_set == "dev.jsonl items 0-2 + other items 0-2"
+    assert [(s.summary.correct, s.summary.n) for s in pooled.scores] == [(2, 6), (4, 6)]
+    assert pooled.chosen is pooled.scores[1]
+    with pytest.raises(UsageError, match="one ensemble"):
+        pool([a, fake_result(("presets", "coder"), 0.4)])
+
+
+def test_precedence_flag_user_calibration_file_keys_shipped_calibration(tmp_path: Path) -> None:
+    extra = tmp_path / "catalog.toml"
+    extra.write_text('[presets.cal]\nmembers = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]\n'
+                     '[presets.cal.calibrated]\npolicy = "safe"\nweights = [3.0, 1.0]\ngate = 0.3\n'
+                     'date = "2026-01-01"\ndev_set = "gsm8k items 0-199"\n')
+    catalog = Catalog.load(extra)
+    path = tmp_path / "config.toml"
+    path.write_text('preset = "cal"\ngate = 0.6\n')
+    settings = resolve_settings({}, load_config(path), catalog)
+    assert (settings.ensemble.weights, settings.ensemble.gate) == ((3.0, 1.0), 0.6)  # the file's key beats the preset's
+    assert settings.calibration is not None and settings.calibration.applied == ("policy", "weights")
+    assert "[presets.cal.calibrated]" in settings.calibration.source
+    write_calibration(fake_result(("presets", "cal"), 0.4), path)
+    settings = resolve_settings({}, load_config(path), catalog)
+    assert (settings.ensemble.weights, settings.ensemble.gate) == ((2.0, 1.0), 0.4)  # the user's calibration beats both
+    settings = resolve_settings({"gate": "0.8"}, load_config(path), catalog)
+    assert settings.ensemble.gate == 0.8 and settings.calibration.describe()["overridden"] == ["gate"]
+    path.write_text('preset = "cal"\n[calibrated.presets.cal]\nweights = [2.0, 1.0, 1.0]\n')
+    with pytest.raises(UsageError, match=r"\[calibrated.presets.cal\]: weights: give one per member \(2\); got 3"):
+        resolve_settings({}, load_config(path), catalog)
