@@ -370,7 +370,6 @@ class Worker:
         self._seconds = 5.0  # a running mean of answer times, for Retry-After
         self.served = 0
         self.cancelled = 0
-        self.steps = 0  # events made (for tests: interleaving is visible as steps of different jobs)
         self._thread = threading.Thread(target=self._loop, name="edge-ensemble-worker", daemon=True)
         self._thread.start()
 
@@ -449,8 +448,6 @@ class Worker:
             job.post("error", _INTERNAL)
             self._finish(job, finished=True)
             return False
-        with self._cond:
-            self.steps += 1
         job.post("event", event)
         if event.result is not None:
             self._finish(job, finished=True)
