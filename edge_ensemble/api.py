@@ -132,10 +132,11 @@ class Ensemble:
     spec alone is a one-member ensemble); the first member drafts (and is the model of the ``single``
     policy). The ensemble owns its models: use it as a context manager or call :meth:`close`.
 
-    Answers are made one at a time: a call from a second thread waits until the answer being streamed is
-    finished or closed (llama.cpp contexts are not thread-safe); a second stream opened by the thread whose
-    first stream is still open raises :class:`~edge_ensemble.errors.BusyError` at once instead of waiting
-    for itself.
+    One thread at a time: a call from a second thread waits until every answer the first one streams is
+    finished or closed (llama.cpp contexts are not thread-safe). One thread may stream up to ``parallel``
+    answers at once (default 1), each on its own sequences of the members' contexts, advancing them in any
+    order (the server's worker interleaves them); one more stream opened by that thread raises
+    :class:`~edge_ensemble.errors.BusyError` at once instead of waiting for itself.
 
     ``options`` (:data:`ENSEMBLE_OPTIONS`, by their Python names): the policy, the policies' options (a call
     may override those) and the load options, e.g. ``Ensemble(specs, gate=None, union_k=8, n_ctx=2048)``.
@@ -145,9 +146,9 @@ class Ensemble:
                  config: EnsembleConfig | None = None, download: bool = True, progress: bool = False,
                  **options: object) -> None:
         self._members: list[Member] = []
-        self._turn_lock = threading.Lock()
-        self._turn_owner: int | None = None  # thread id of the answer in progress
-        self._open_stream: weakref.ref[Iterator[Event]] | None = None  # and its generator
+        self._turn_cond = threading.Condition()
+        self._turn_owner: int | None = None  # thread id of the answers in progress
+        self._open_streams: list[weakref.ref[Iterator[Event]]] = []  # and their generators
         if isinstance(members, (str, os.PathLike, ModelSpec)):
             members = [members]
         elif isinstance(members, bytes) or not all(isinstance(m, (str, os.PathLike, ModelSpec)) for m in members or ()):
@@ -179,17 +180,18 @@ class Ensemble:
                     backend = remote.get(url) or RemoteBackend(servers[i], path, n_probs=cfg.union_k, declared=specs[i])
                     remote[url] = backend
                 elif backend is None:
+                    # parallel answers: each its own sequences and n_ctx cells, positions capped at n_ctx
                     backend = LocalBackend(Model(path, LoadOptions(
-                        n_ctx=cfg.n_ctx, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                        n_ctx=cfg.n_ctx * cfg.parallel, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                         flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
-                        n_seq_max=_sequences_needed(cfg, len(paths)))))
+                        n_seq_max=cfg.parallel * _sequences_needed(cfg, len(paths)))), seq_ctx=cfg.n_ctx)
                     loaded.append((path, backend))
                 model = backend.model
                 self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members])))
                 _check_combinable(self._members[-1])
                 # (Several sequences share one context: positions are per sequence, so the sum may pass the
                 # trained context.)
-                if i not in servers and 0 < model.n_ctx_train < cfg.n_ctx and model.options.n_seq_max == 1:
+                if i not in servers and 0 < model.n_ctx_train < cfg.n_ctx and _sequences_needed(cfg, len(paths)) == 1:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
                          f" {model.n_ctx_train} tokens: text past {model.n_ctx_train} tokens will be poor; use"
                          f" --n-ctx {model.n_ctx_train} or less")
@@ -218,12 +220,12 @@ class Ensemble:
         if available is None:
             return
         unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))  # one load per file
-        need = sum(estimate_memory_bytes(Path(p), self.config.n_ctx) for p in unique)
+        need = sum(estimate_memory_bytes(Path(p), self.config.n_ctx * self.config.parallel) for p in unique)
         if need > available:
             raise ModelLoadError(
                 f"not enough memory: the {len(paths)} model(s) need about {need / 2**30:.1f} GiB "
-                f"(weights, KV cache and buffers at n_ctx {self.config.n_ctx}) but {available / 2**30:.1f} GiB is available; "
-                "use smaller models or a smaller --n-ctx"
+                f"(weights, KV cache and buffers at n_ctx {self.config.n_ctx} x parallel {self.config.parallel}) but"
+                f" {available / 2**30:.1f} GiB is available; use smaller models, a smaller --n-ctx or --parallel"
             )
 
     # -- use -----------------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ class Ensemble:
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
         have = self._members[0].model.options.n_seq_max if hasattr(self._members[0].backend, "model") else 1
-        if _sequences_needed(cfg, len(self._members)) > have:
+        if _sequences_needed(cfg, len(self._members)) > have // self.config.parallel:
             raise UsageError(f"policy eager with max_branches={cfg.max_branches} needs contexts with more sequences"  # type: ignore[attr-defined]
                              " than these models were loaded with; create the Ensemble with policy='eager' and at"
                              " least that max_branches")
@@ -282,26 +284,40 @@ class Ensemble:
         return self.generate(raw=text, **kwargs)
 
     def _one_at_a_time(self, events: Callable[[], Iterator[Event]], me: list[Iterator[Event]]) -> Iterator[Event]:
-        """``events()`` streamed while this thread holds the ensemble; released when the stream ends or is
-        closed. ``me`` holds this generator, so that :meth:`close` can end it."""
-        with self._turn():
+        """``events()`` streamed while this thread holds the ensemble (with up to ``parallel`` streams of its
+        own); released when its last stream ends or is closed. ``me`` holds this generator, so that
+        :meth:`close` can end it."""
+        ref = weakref.ref(me.pop())
+        with self._turn(ref):
             if not self._members:
                 raise UsageError("this ensemble was closed while the answer waited for its turn")
-            self._open_stream = weakref.ref(me.pop())
             yield from events()
 
     @contextlib.contextmanager
-    def _turn(self) -> Iterator[None]:
+    def _turn(self, stream: "weakref.ref[Iterator[Event]] | None" = None) -> Iterator[None]:
+        """Hold the ensemble for this thread: wait while another thread holds it. ``stream``: one more open
+        stream of this thread (up to ``parallel``); None: the whole ensemble (no stream of this thread open)."""
         me = threading.get_ident()
-        if self._turn_owner == me:  # only this thread sets its own id: no race in this comparison
-            raise BusyError("this thread is still streaming an answer from this ensemble; finish it or close()"
-                            " that stream before asking for another")
-        with self._turn_lock:
-            self._turn_owner = me
-            try:
-                yield
-            finally:
-                self._turn_owner, self._open_stream = None, None
+        with self._turn_cond:
+            if self._turn_owner == me:
+                limit = self.config.parallel if stream is not None else 0
+                if len(self._open_streams) >= limit:
+                    raise BusyError(_busy_message(self.config.parallel))
+            else:
+                while self._turn_owner is not None:
+                    self._turn_cond.wait()
+                self._turn_owner = me
+            if stream is not None:
+                self._open_streams.append(stream)
+        try:
+            yield
+        finally:
+            with self._turn_cond:
+                if stream is not None:
+                    self._open_streams.remove(stream)
+                if not self._open_streams:
+                    self._turn_owner = None
+                    self._turn_cond.notify_all()
 
     def generate(self, prompt: str | None = None, **kwargs: object) -> GenerationResult:
         """Generate a whole answer (same arguments as :meth:`stream`)."""
@@ -325,10 +341,12 @@ class Ensemble:
     def close(self) -> None:
         """Free every model. The ensemble cannot be used afterwards.
 
-        This thread's own open stream is closed first; another thread's answer is waited for."""
-        open_stream = self._open_stream() if self._open_stream and self._turn_owner == threading.get_ident() else None
-        if open_stream is not None:
-            open_stream.close()  # type: ignore[attr-defined]
+        This thread's own open streams are closed first; another thread's answers are waited for."""
+        if self._turn_owner == threading.get_ident():
+            for ref in list(self._open_streams):
+                open_stream = ref()
+                if open_stream is not None:
+                    open_stream.close()  # type: ignore[attr-defined]
         with self._turn():
             for m in self._members:
                 m.backend.close()
@@ -374,9 +392,18 @@ def _spec_text(spec: SpecLike) -> str:
     return spec.text if isinstance(spec, ModelSpec) else os.fspath(spec)
 
 
+def _busy_message(parallel: int) -> str:
+    if parallel == 1:
+        return ("this thread is still streaming an answer from this ensemble; finish it or close() that stream"
+                " before asking for another")
+    return (f"this thread is already streaming {parallel} answers from this ensemble (parallel={parallel});"
+            " finish or close() one of them before asking for another")
+
+
 def _sequences_needed(cfg: EnsembleConfig, n_members: int) -> int:
-    """Sequences each member's context must hold: one, or for eager one per branch for every member (a model
-    listed twice forks its branches in one context)."""
+    """Sequences each member's context must hold for one answer: one, or for eager one per branch for every
+    member (a model listed twice forks its branches in one context). ``parallel`` answers need that many
+    times as many."""
     if cfg.policy != "eager":  # type: ignore[attr-defined]
         return 1
     return cfg.max_branches * n_members  # type: ignore[attr-defined]

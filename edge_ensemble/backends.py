@@ -103,8 +103,11 @@ class ModelVocabulary:
 class LocalBackend(ModelVocabulary):
     """A llama.cpp model in this process (:class:`Model`): full logits rows, sequences of one context."""
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, *, seq_ctx: int | None = None) -> None:
+        """``seq_ctx``: the most positions one sequence may hold (default: the whole context), for a context
+        sized to hold several answers side by side."""
         self.model = model
+        self._seq_ctx = min(seq_ctx or model.n_ctx, model.n_ctx)
         self.name = model.name
         self.n_vocab = model.n_vocab
         self.token_bytes = model.token_bytes
@@ -113,7 +116,8 @@ class LocalBackend(ModelVocabulary):
 
     @property
     def n_ctx(self) -> int:
-        return self.model.n_ctx
+        """Positions one sequence (one answer) may hold."""
+        return self._seq_ctx
 
     # -- sequences -----------------------------------------------------------------------------------------
 
@@ -141,6 +145,15 @@ class LocalBackend(ModelVocabulary):
         if seq not in self._free:
             self._free.append(seq)
 
+    def _evict_idle(self, need: int) -> None:
+        """Free the cells idle sequences keep for prefix reuse, until ``need`` cells are free (or none is left):
+        with several sequences, one answer's kept cache must not shorten another's room."""
+        for seq in sorted(self._free, reverse=True):
+            if self.model.free_cells() >= need:
+                return
+            if self.model.n_past(seq):
+                self.model.drop(seq)
+
     def cached(self, seq: int) -> list[int]:
         return self.model.tokens(seq)
 
@@ -161,12 +174,14 @@ class LocalBackend(ModelVocabulary):
         start, want = self._plan(seq, target, rows)
         if start == len(target):
             return {}, 0
+        self._evict_idle(len(target) - start)
         out = self.model.decode(target[start:], want=want or None, seq=seq)
         return {r: FullDist(out[i], temperature) for i, r in enumerate(sorted(rows))}, len(target) - start
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
                   temperature: float) -> list[tuple[dict[int, Dist], int] | None]:
         plans = [self._plan(seq, target, rows) for seq, target, rows in requests]
+        self._evict_idle(sum(len(target) - start for (_, target, _), (start, _) in zip(requests, plans)))
         batch = [SeqRequest(seq, target[start:], want or None)
                  for (seq, target, _), (start, want) in zip(requests, plans) if start < len(target)]
         result = self.model.decode_many(batch)
@@ -183,11 +198,16 @@ class LocalBackend(ModelVocabulary):
         return out
 
     def step(self, seq: int, token: int, temperature: float) -> Dist:
+        self._evict_idle(1)
         return FullDist(self.model.decode([token], want="last", seq=seq)[0], temperature)
 
     def room(self, seq: int) -> int:
         """Positions ``seq`` may still grow by."""
-        return min(self.model.n_ctx - self.model.n_past(seq), self.model.free_cells())
+        left = self._seq_ctx - self.model.n_past(seq)
+        free = self.model.free_cells()
+        if free < left and self._free:  # idle sequences' kept cells are freed when a decode needs them
+            free += self.model.cells_only_in(self._free)
+        return min(left, free)
 
     def reset(self) -> None:
         """Empty every sequence's cache."""

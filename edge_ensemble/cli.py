@@ -404,7 +404,8 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
 
     \b
     POST /v1/chat/completions, POST /v1/completions (raw text), GET /v1/models,
-    GET /health. Answers are made one at a time, in arrival order. The generation
+    GET /health. Up to --parallel answers are made at once, interleaved, the
+    others wait in arrival order. The generation
     options (--max-tokens, --temperature, ...) are the defaults of requests that
     leave them out; -s is the system prompt of chat requests that bring none.
     """

@@ -572,6 +572,15 @@ class Model:
         """KV cells still free in this context."""
         return self.n_ctx - len(self._cell_refs)
 
+    def cells_only_in(self, seqs: Iterable[int]) -> int:
+        """KV cells that dropping ``seqs`` would free: theirs, shared with no other sequence."""
+        seqs = set(seqs)
+        held = [c for s in seqs for c in self._cells[s]]
+        if not held:
+            return 0
+        others = {c for s, cells in enumerate(self._cells) if s not in seqs for c in cells}
+        return len(set(held) - others)
+
     @staticmethod
     def _wanted_rows(want: str | Sequence[int] | None, n: int) -> np.ndarray:
         if want is None:

@@ -5,11 +5,12 @@ JSON or server-sent events ending with ``data: [DONE]``; ``GET /v1/models``, ``G
 ``GET /health``. Ensemble settings per request and statistics per answer travel in one extension object,
 ``edge_ensemble`` (see :data:`EXTENSION_FIELDS` and the README).
 
-Answers are made one at a time, in arrival order, by one worker thread that owns the ensemble: the ensemble
-serializes its answers anyway (llama.cpp contexts are not thread-safe). Up to ``max_queue`` requests wait
-their turn; one more is refused with 429 and ``Retry-After``. A client that goes away (a closed stream, or
-a dropped connection while a non-streaming answer is made) has its answer stopped after the current policy
-step, which frees the turn for the next request.
+Answers are made by one worker thread that owns the ensemble (llama.cpp contexts are not thread-safe): up to
+the ensemble's ``parallel`` answers at once, each on its own sequences (lanes) of the members' contexts,
+advanced round-robin one event (one policy step, its own llama_decode calls) each; the others wait in arrival
+order. Up to ``max_queue`` requests wait their turn; one more is refused with 429 and ``Retry-After``. A
+client that goes away (a closed stream, or a dropped connection while a non-streaming answer is made) has its
+answer stopped after the current policy step, which frees its lanes for the next request.
 
 Every error a client sees is an OpenAI-style object ``{"error": {"message", "type", "param", "code"}}``
 with its status code; an unexpected exception is logged here with its traceback and answered with a
@@ -324,7 +325,7 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
     return Call(kind, stream, include_usage, arguments, time_limit, max_tokens)
 
 
-# -- the worker: one answer at a time, in arrival order ------------------------------------------------------
+# -- the worker: up to `parallel` answers, interleaved, in arrival order -------------------------------------
 
 
 class QueueFull(Exception):
@@ -355,13 +356,16 @@ class Job:
 
 
 class Worker:
-    """A thread that makes the answers, one at a time, in the order they were submitted."""
+    """A thread that makes the answers: up to ``parallel`` at once, in the order they were submitted, advanced
+    round-robin one event (one policy step) each, all in this one thread (the ensemble's own rule: one
+    thread, up to ``parallel`` open streams)."""
 
-    def __init__(self, max_queue: int) -> None:
+    def __init__(self, max_queue: int, parallel: int = 1) -> None:
         self.max_queue = max_queue
+        self.parallel = parallel
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._active: list[Job] = []
         self._stopping = False
         self._seconds = 5.0  # a running mean of answer times, for Retry-After
         self.served = 0
@@ -370,27 +374,29 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; raise :class:`QueueFull` when ``max_queue`` requests already wait."""
+        """Queue ``job``; raise :class:`QueueFull` when every lane is busy and ``max_queue`` requests already
+        wait."""
         with self._cond:
             if self._stopping:
                 raise QueueFull(5)
-            busy = self._running is not None or bool(self._waiting)
+            busy = len(self._active) >= self.parallel or bool(self._waiting)
             if busy and len(self._waiting) >= self.max_queue:
-                raise QueueFull(max(1, min(3600, math.ceil(self._seconds * (len(self._waiting) + 1)))))
+                ahead = (len(self._waiting) + 1) / self.parallel
+                raise QueueFull(max(1, min(3600, math.ceil(self._seconds * ahead))))
             self._waiting.append(job)
             self._cond.notify()
 
     def status(self) -> dict[str, Any]:
         """Figures for ``/health``."""
         with self._cond:
-            return {"running": self._running is not None, "queued": len(self._waiting), "max_queue": self.max_queue,
-                    "served": self.served, "cancelled": self.cancelled}
+            return {"running": len(self._active), "queued": len(self._waiting), "parallel": self.parallel,
+                    "max_queue": self.max_queue, "served": self.served, "cancelled": self.cancelled}
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel every queued and running answer and end the thread."""
         with self._cond:
             self._stopping = True
-            for job in [*self._waiting, *([self._running] if self._running else [])]:
+            for job in [*self._waiting, *self._active]:
                 job.cancelled.set()
             self._cond.notify()
         self._thread.join(timeout)
@@ -398,53 +404,70 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._active and not self._stopping:
                     self._cond.wait()
-                if self._stopping:
+                ending = self._stopping
+                if ending:
                     for job in self._waiting:
                         job.events.close()
                         job.post("error", ApiError(503, "the server is shutting down", type="server_error"))
                     self._waiting.clear()
-                    return
-                job = self._running = self._waiting.popleft()
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._running = None
+                    stopping, self._active = self._active, []
+                else:
+                    stopping = []
+                    while self._waiting and len(self._active) < self.parallel:
+                        job = self._waiting.popleft()
+                        job.started = time.monotonic()
+                        self._active.append(job)
+                    jobs = list(self._active)
+            if ending:
+                for job in stopping:  # their generators are closed here, in the thread that runs them
+                    self._finish(job, finished=False)
+                return
+            for job in jobs:  # one round: one event of each active answer
+                if not self._step(job):
+                    with self._cond:
+                        self._active.remove(job)
 
-    def _run(self, job: Job) -> None:
-        if job.cancelled.is_set():  # the client left while waiting
-            job.events.close()
-            with self._cond:
-                self.cancelled += 1
-            return
-        job.started = time.monotonic()
-        finished = False
+    def _step(self, job: Job) -> bool:
+        """Advance ``job`` by one event; False once it is over (finished, failed or cancelled)."""
+        if job.cancelled.is_set():  # the client left (while waiting, or since its last event)
+            self._finish(job, finished=False)
+            return False
         try:
-            for event in job.events:  # the ensemble's work happens here, in this thread
-                job.post("event", event)
-                if event.result is not None:
-                    finished = True
-                elif job.cancelled.is_set():
-                    break
+            event = next(job.events)  # the ensemble's work happens here, in this thread
+        except StopIteration:
+            self._finish(job, finished=True)
+            return False
         except EdgeEnsembleError as exc:
-            finished = True
             job.post("error", _library_error(exc))
+            self._finish(job, finished=True)
+            return False
         except Exception:  # noqa: BLE001 - the server must go on; the traceback stays in the log
-            finished = True
             log.exception("generation failed")
             job.post("error", _INTERNAL)
-        finally:
-            job.events.close()  # frees the ensemble's turn even when the loop was left early
-            seconds = time.monotonic() - job.started
-            with self._cond:
+            self._finish(job, finished=True)
+            return False
+        job.post("event", event)
+        if event.result is not None:
+            self._finish(job, finished=True)
+            return False
+        return True
+
+    def _finish(self, job: Job, *, finished: bool) -> None:
+        """Close ``job``'s stream (which gives its lanes back) and count it."""
+        try:
+            job.events.close()
+        except Exception:  # noqa: BLE001
+            log.exception("closing a generation failed")
+        seconds = time.monotonic() - (job.started or job.submitted)
+        with self._cond:
+            if finished:
                 self._seconds = 0.8 * self._seconds + 0.2 * seconds
-                if finished:
-                    self.served += 1
-                else:
-                    self.cancelled += 1
-            job.post("end")
+                self.served += 1
+            else:
+                self.cancelled += 1
+        job.post("end")
 
 
 # -- responses ---------------------------------------------------------------------------------------------
@@ -709,7 +732,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        state["worker"] = Worker(opts.max_queue)
+        state["worker"] = Worker(opts.max_queue, ensemble.config.parallel)
         try:
             yield
         finally:

@@ -227,3 +227,25 @@ def test_reset_cache_makes_the_next_answer_pay_its_whole_prompt(real_models):
     # (``again`` may differ: llama.cpp's logits depend slightly on how the prompt was split into batches.)
     assert first.text == fresh.text
     assert again.stats.tokens > 0
+
+
+def test_idle_sequences_give_their_kept_cells_to_an_answer_that_needs_room(tiny_bpe, llama_quiet):
+    """Several sequences share one cell pool: a given-back sequence keeps its cells (prefix reuse) only until
+    another sequence needs them, so one answer's cache never shortens another's room."""
+    from edge_ensemble.backends import LocalBackend
+
+    model = Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1, n_seq_max=2))
+    try:
+        backend = LocalBackend(model, seq_ctx=200)
+        assert backend.n_ctx == 200
+        a, b = backend.open_seq(), backend.open_seq()
+        backend.feed(b, list(range(10, 160)), [], 1.0)
+        backend.close_seq(b)  # idle, keeping 150 cells
+        assert model.free_cells() == 106
+        assert backend.room(a) == 200  # positions per sequence, the idle cells counted as free
+        backend.feed(a, list(range(20, 200)), [179], 1.0)  # 180 cells: the idle sequence's are freed
+        assert model.n_past(a) == 180 and model.n_past(b) == 0
+        backend.close_seq(a)
+        assert sorted(backend._free) == [0, 1]
+    finally:
+        model.close()

@@ -419,6 +419,134 @@ def test_disconnecting_clients_free_the_server(tiny_ensemble):
         running.stop()
 
 
+# -- parallel answers: lanes of one context, interleaved ------------------------------------------------------
+
+PARALLEL = 3
+
+
+@pytest.fixture(scope="module")
+def parallel_ensemble(tiny_bpe, tiny_bpe_b, llama_quiet) -> Iterator[Ensemble]:
+    with Ensemble([tiny_bpe, tiny_bpe_b], config=EnsembleConfig(n_ctx=512, n_threads=1, parallel=PARALLEL,
+                                                                 check_memory=False)) as ens:
+        yield ens
+
+
+def _all_sequences_free(ensemble: Ensemble) -> bool:
+    return all(sorted(m.backend._free) == list(range(m.model.options.n_seq_max)) for m in ensemble._members)
+
+
+def test_one_thread_streams_up_to_parallel_answers_each_as_alone(parallel_ensemble, tiny_ensemble):
+    from edge_ensemble.errors import BusyError
+
+    assert parallel_ensemble._members[0].model.options.n_seq_max == PARALLEL
+    prompts = [f"Tell me about the number {i}." for i in range(PARALLEL)]
+    streams = [parallel_ensemble.stream(p, max_tokens=16) for p in prompts]
+    texts = ["" for _ in prompts]
+    live = set(range(PARALLEL))
+    while live:  # round-robin, one event each, all in this thread
+        for i in sorted(live):
+            event = next(streams[i], None)
+            if event is None:
+                live.discard(i)
+            else:
+                texts[i] += event.text
+    for prompt, text in zip(prompts, texts):
+        assert text == tiny_ensemble.generate(prompt, max_tokens=16).text
+    assert _all_sequences_free(parallel_ensemble)
+    held = [parallel_ensemble.stream(p, max_tokens=16) for p in prompts]
+    for s in held:
+        next(s)
+    with pytest.raises(BusyError, match=f"already streaming {PARALLEL} answers"):
+        next(parallel_ensemble.stream("one more", max_tokens=4))
+    late: list[str] = []  # another thread waits until every stream of this one is closed
+    waiter = threading.Thread(target=lambda: late.append(parallel_ensemble.generate(prompts[0], max_tokens=16).text))
+    waiter.start()
+    held[0].close(), held[1].close()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not late
+    held[2].close()
+    waiter.join(30)
+    assert late == [texts[0]]
+    assert _all_sequences_free(parallel_ensemble)
+
+
+@pytest.fixture(scope="module")
+def parallel_server(parallel_ensemble) -> Iterator[Running]:
+    running = Running(create_app(parallel_ensemble, ServerOptions(model_id=MODEL, max_tokens=32)))
+    yield running
+    running.stop()
+
+
+def test_parallel_greedy_answers_equal_each_request_alone(parallel_server, tiny_ensemble):
+    n = PARALLEL + 1  # one more than the lanes: it waits in the queue, then takes a freed lane
+    prompts = [f"Tell me about the number {i}." for i in range(n)]
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        client = parallel_server.client()
+        if i % 3 == 1:
+            answers[i] = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=24).choices[0].text
+        elif i % 3 == 2:
+            answers[i] = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompts[i]}],
+                                                        max_tokens=24).choices[0].message.content
+        else:
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": prompts[i]}], max_tokens=24, stream=True))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for i, prompt in enumerate(prompts):
+        want = (tiny_ensemble.complete(prompt, max_tokens=24) if i % 3 == 1 else
+                tiny_ensemble.generate(messages=[{"role": "user", "content": prompt}], max_tokens=24))
+        assert answers[i] == want.text, i
+    health = parallel_server.health()
+    assert health["parallel"] == PARALLEL and health["running"] == 0
+
+
+def test_two_streams_are_interleaved(parallel_server, parallel_ensemble):
+    times: dict[int, list[float]] = {0: [], 1: []}
+    held = parallel_ensemble.stream(messages=HELLO, max_tokens=50)
+    next(held)  # hold the ensemble from this thread until both requests have arrived
+
+    def ask(i: int) -> None:
+        for chunk in parallel_server.client().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Story number {i}."}], max_tokens=64, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                times[i].append(time.monotonic())
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    threads[0].start()
+    _wait_for(lambda: parallel_server.health()["running"] == 1)
+    threads[1].start()
+    _wait_for(lambda: parallel_server.health()["queued"] == 1)
+    held.close()
+    for t in threads:
+        t.join(60)
+    assert len(times[0]) > 4 and len(times[1]) > 4
+    # Both have produced output before either finished.
+    assert times[0][0] < times[1][-1] and times[1][0] < times[0][-1], times
+
+
+def test_a_disconnect_mid_stream_frees_its_lane(parallel_server, parallel_ensemble, tiny_ensemble):
+    before = parallel_server.health()
+    sock = socket.create_connection(("127.0.0.1", parallel_server.port))
+    body = json.dumps({"model": MODEL, "messages": HELLO, "max_tokens": 100000, "stream": True}).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    assert parallel_server.health()["running"] == 1
+    sock.close()
+    _wait_for(lambda: parallel_server.health()["running"] == 0)
+    assert parallel_server.health()["cancelled"] == before["cancelled"] + 1
+    assert _all_sequences_free(parallel_ensemble)
+    resp = parallel_server.client().chat.completions.create(model=MODEL, messages=HELLO, max_tokens=20)
+    assert resp.choices[0].message.content == tiny_ensemble.generate(messages=HELLO, max_tokens=20).text
+    assert _all_sequences_free(parallel_ensemble)
+
+
 # -- a real model ---------------------------------------------------------------------------------------------
 
 
