@@ -235,7 +235,9 @@ class RemoteBackend(ModelVocabulary):
             self.close()
             raise
         self._mirror: list[list[int]] = [[] for _ in range(self.n_slots)]  # tokens each slot holds
-        self._cold: set[int] = set()  # slots whose server cache must not be reused (after reset)
+        # Slots whose server cache must not be reused: all of them at first (what another coordinator left there
+        # would be evaluated in a different batch split, and llama.cpp's numerics follow the split), and after reset.
+        self._cold: set[int] = set(range(self.n_slots))
         self._free = list(range(self.n_slots))
         self._started = False  # after the first generation request, failures are "mid-answer"
 
