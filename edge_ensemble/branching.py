@@ -42,13 +42,16 @@ class EntropyHistory:
         return max(base, float(np.percentile(self.values, percentile)))
 
 
+def can_branch(n_sequences: int, max_sequences: int, tokens_since_branch: int, max_tokens_without_branch: int) -> bool:
+    """Whether any fork is still allowed: fewer than ``max_sequences`` exist (live + finished), and branching has
+    not been switched off by ``max_tokens_without_branch`` tokens without any branch."""
+    return n_sequences < max_sequences and tokens_since_branch < max_tokens_without_branch
+
+
 def may_branch(h: float, threshold: float, n_sequences: int, max_sequences: int,
                tokens_since_branch: int, max_tokens_without_branch: int) -> bool:
-    """A sequence forks here when the entropy exceeds the threshold, fewer than ``max_sequences`` exist
-    (live + finished), and branching has not been switched off by ``max_tokens_without_branch`` tokens
-    without any branch."""
-    return (h > threshold and n_sequences < max_sequences
-            and tokens_since_branch < max_tokens_without_branch)
+    """A sequence forks here when the entropy exceeds the threshold and :func:`can_branch` allows a fork."""
+    return h > threshold and can_branch(n_sequences, max_sequences, tokens_since_branch, max_tokens_without_branch)
 
 
 def majority_vote(answers: Sequence[str | None], scores: Sequence[float]) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..branching import TOP20, EntropyHistory, may_branch, topn_entropy
+from ..branching import TOP20, EntropyHistory, can_branch, topn_entropy
 from ..decisions import EOG, Sampling, entropy, softmax
 from ..dist import Dist, FullDist
 from ..errors import UsageError
@@ -116,14 +116,9 @@ class EagerRun(PolicyBase):
             choices: list[tuple[Branch, int]] = []
             for b in list(live):
                 tok = self.pick(b.dist)
-                h = self._entropy(b.dist)
-                self.history.add(h)
-                threshold = self.history.threshold(self.eager.threshold or 0.0, self.eager.percentile)
-                can_fork = (len(self.branches) < self.eager.max_branches and b.lane.room > 1
-                            and self.since_branch < self.eager.max_tokens_without_branch)
-                if can_fork and self.eager.threshold is not None and may_branch(
-                        h, threshold, len(self.branches), self.eager.max_branches, self.since_branch,
-                        self.eager.max_tokens_without_branch):
+                can_fork = b.lane.room > 1 and can_branch(len(self.branches), self.eager.max_branches,
+                                                          self.since_branch, self.eager.max_tokens_without_branch)
+                if can_fork and self._high_entropy(b.dist):
                     ids, _ = b.dist.top(2)
                     if len(ids) == 2:
                         tok = int(ids[0])  # the parent goes on with its top-1, the branch with the top-2
@@ -144,6 +139,16 @@ class EagerRun(PolicyBase):
                     self._finish(b, "length")
                 live = []
         return self.branches
+
+    def _high_entropy(self, dist: Dist) -> bool:
+        """Whether this position passes the dynamic threshold (every entropy joins the prompt's history; the
+        percentile is computed only when the entropy passes the base threshold, which it must exceed anyway)."""
+        base = self.eager.threshold
+        if base is None:  # no entropy branching (parallel): nothing to measure
+            return False
+        h = self._entropy(dist)
+        self.history.add(h)
+        return h > base and h > self.history.threshold(base, self.eager.percentile)
 
     def _ensemble_alternative(self, b: Branch, tok: int) -> int | None:
         """The union's best candidate at this position when it is not the drafter's ``tok`` (None otherwise):
