@@ -1,12 +1,14 @@
 """A bounded load test of ``edge-ensemble serve``: C concurrent clients x R streamed requests each, against a real
-server in a subprocess on a loopback port, answers serialized (``--parallel 1``) versus interleaved
-(``--parallel C``).
+server in a subprocess on a loopback port, answers serialized (``--parallel 1``), interleaved (``--parallel C
+--no-batch``: one policy step each in turn, each its own llama_decode) and batched (``--parallel C``: the open
+answers' decodes in one llama_decode per round).
 
     taskset -c 1 python benchmarks/serve_load.py [--model smollm2-135m-instruct] [--threads 1] [--clients 1,2,4,8]
                                                  [--requests 5] [--max-tokens 64] [--rounds 2]
                                                  [--out benchmarks/results/serve-load.md]
 
-For each mode and client count one server starts (``--parallel 1``, or ``--parallel`` = the client count) and
+For each client count and mode (modes inner, so that a drift of the machine's speed hits them alike) one server
+starts (``--parallel 1``, or ``--parallel`` = the client count) and
 serves ``--rounds`` rounds of the same load; the figures are the last round's, the resident memory (VmRSS of
 the server process, from /proc/<pid>/status) is read after the first and after the last round. Every request is a
 greedy chat completion with its own prompt, streamed (``stream_options.include_usage``): latency is from sending
@@ -72,11 +74,11 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def start_server(model: Path, parallel: int, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, parallel: int, batch: bool, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [sys.executable, "-m", "edge_ensemble.cli", "serve", "-m", str(model), "--threads", str(args.threads),
            "--policy", "single", "--n-ctx", str(args.n_ctx), "--parallel", str(parallel), "--port", str(port),
-           "--max-queue", str(max(args.clients)), "--served-model-name", "bench"]
+           "--max-queue", str(max(args.clients)), "--served-model-name", "bench", "--batch" if batch else "--no-batch"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:
@@ -90,6 +92,12 @@ def start_server(model: Path, parallel: int, args: argparse.Namespace) -> tuple[
                 proc.kill()
                 raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:] if proc.stderr else ''}")
             time.sleep(0.2)
+
+
+def health(port: int) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/health")
+    return json.loads(conn.getresponse().read())
 
 
 def ask(port: int, prompt: str, max_tokens: int) -> Outcome:
@@ -171,23 +179,25 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5, help="per client per round")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--modes", default="serialized,interleaved")
+    ap.add_argument("--modes", default="serialized,interleaved,batched")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve-load.md")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     model = resolve_model(args.model) if not args.model.endswith(".gguf") else Path(args.model)
 
     rows = []
-    for mode in args.modes.split(","):
-        for clients in args.clients:
+    for clients in args.clients:
+        for mode in args.modes.split(","):
             parallel = 1 if mode == "serialized" else clients
-            proc, port = start_server(model, parallel, args)
+            proc, port = start_server(model, parallel, mode == "batched", args)
             try:
                 rounds = []
                 for i in range(args.rounds):
                     rnd = run_round(port, clients, args.requests, args.max_tokens, offset=i)
                     rnd.rss_mb = rss_mb(proc.pid)
                     rounds.append(rnd)
+                batched = health(port).get("batched")  # answers per llama_decode, over the server's life
+                per_round = batched["decodes"] / batched["rounds"] if batched and batched["rounds"] else None
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -200,7 +210,8 @@ def main() -> None:
             row = dict(mode=mode, clients=clients, parallel=parallel, requests=len(last.outcomes), errors=errors,
                        tokens=tokens, seconds=last.seconds, tps=tokens / last.seconds,
                        p50=percentile(lat, 0.5), p95=percentile(lat, 0.95), ttft50=percentile(ttft, 0.5),
-                       ttft95=percentile(ttft, 0.95), rss_first=rounds[0].rss_mb, rss_last=rounds[-1].rss_mb)
+                       ttft95=percentile(ttft, 0.95), rss_first=rounds[0].rss_mb, rss_last=rounds[-1].rss_mb,
+                       per_round=per_round)
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
             for r in rounds:
@@ -216,13 +227,15 @@ def main() -> None:
         f" {args.requests} streamed chat requests per client per round, {args.rounds} rounds per server; figures of"
         f" the last round. {usable_cores()} usable core(s), {platform.machine()}, Python {platform.python_version()}.",
         "", "| mode | clients | --parallel | requests | errors | tokens | wall s | aggregate tok/s | p50 latency s |"
-        " p95 latency s | p50 first token s | p95 first token s | VmRSS after first round MiB | after last MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        " p95 latency s | p50 first token s | p95 first token s | VmRSS after first round MiB | after last MiB |"
+        " answers per llama_decode |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['clients']} | {r['parallel']} | {r['requests']} | {r['errors']} |"
                      f" {r['tokens']} | {r['seconds']:.1f} | {r['tps']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} |"
-                     f" {r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['rss_first']:.0f} | {r['rss_last']:.0f} |")
+                     f" {r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['rss_first']:.0f} | {r['rss_last']:.0f} |"
+                     f" {'–' if r['per_round'] is None else format(r['per_round'], '.2f')} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

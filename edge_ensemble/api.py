@@ -29,6 +29,7 @@ from .options import GENERATION, LOAD, Option, check_names, replace_checked, val
 from .policies import POLICY, POLICY_OPTIONS, PolicyConfig
 from .policies.safe import DRAFT_LEN
 from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
+from .rounds import DecodeRounds, SharedBackend
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
@@ -147,7 +148,8 @@ class Ensemble:
                  **options: object) -> None:
         self._members: list[Member] = []
         self._turn_cond = threading.Condition()
-        self._turn_owner: int | None = None  # thread id of the answers in progress
+        self._turn_owner: object = None  # thread id of the answers in progress (or the decode rounds, see _owner)
+        self._rounds: DecodeRounds | None = None  # while decode_together() runs
         self._open_streams: list[weakref.ref[Iterator[Event]]] = []  # and their generators
         if isinstance(members, (str, os.PathLike, ModelSpec)):
             members = [members]
@@ -294,18 +296,52 @@ class Ensemble:
             yield from events()
 
     @contextlib.contextmanager
+    def decode_together(self) -> Iterator[DecodeRounds]:
+        """Several threads streaming answers at once, their decodes batched (the server's ``--parallel``).
+
+        While the block runs, threads inside ``rounds.taking_part()`` hold the ensemble as one: together they may
+        have up to ``parallel`` streams open, and the decodes they ask for at the same moment go to llama.cpp as
+        one ``llama_decode`` per model (:mod:`edge_ensemble.rounds`). Remote members are called as usual."""
+        rounds = DecodeRounds()
+        with self._turn_cond:
+            if self._rounds is not None:
+                raise BusyError("this ensemble already decodes answers together (one decode_together at a time)")
+            while self._turn_owner is not None:
+                self._turn_cond.wait()
+            self._rounds = rounds
+            originals = [m.backend for m in self._members]
+            shared: dict[int, SharedBackend] = {}
+            for m in self._members:
+                if isinstance(m.backend, LocalBackend):  # one wrapper per model: twins stay twins
+                    m.backend = shared.setdefault(id(m.backend), SharedBackend(m.backend, rounds))
+        try:
+            yield rounds
+        finally:
+            with self._turn_cond:
+                for m, backend in zip(self._members, originals):
+                    m.backend = backend
+                self._rounds = None
+
+    def _owner(self) -> object:
+        """Who asks for the ensemble: the decode rounds the calling thread takes part in, else the thread."""
+        rounds = self._rounds
+        return rounds if rounds is not None and rounds.in_round else threading.get_ident()
+
+    @contextlib.contextmanager
     def _turn(self, stream: "weakref.ref[Iterator[Event]] | None" = None) -> Iterator[None]:
         """Hold the ensemble for this thread: wait while another thread holds it. ``stream``: one more open
         stream of this thread (up to ``parallel``); None: the whole ensemble (no stream of this thread open)."""
-        me = threading.get_ident()
+        me = self._owner()
         with self._turn_cond:
+            # (A thread of the decode rounds may find the ensemble taken by another thread of the same rounds
+            # while it waited: then it is its own.)
+            while self._turn_owner is not None and self._turn_owner != me:
+                self._turn_cond.wait()
             if self._turn_owner == me:
                 limit = self.config.parallel if stream is not None else 0
                 if len(self._open_streams) >= limit:
                     raise BusyError(_busy_message(self.config.parallel))
             else:
-                while self._turn_owner is not None:
-                    self._turn_cond.wait()
                 self._turn_owner = me
             if stream is not None:
                 self._open_streams.append(stream)
@@ -342,7 +378,7 @@ class Ensemble:
         """Free every model. The ensemble cannot be used afterwards.
 
         This thread's own open streams are closed first; another thread's answers are waited for."""
-        if self._turn_owner == threading.get_ident():
+        if self._turn_owner == self._owner():
             for ref in list(self._open_streams):
                 open_stream = ref()
                 if open_stream is not None:

@@ -66,9 +66,10 @@ class Backend(Protocol):
         ...
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
-                  temperature: float) -> list[tuple[dict[int, Dist], int] | None]:
-        """:meth:`feed` for several sequences at once (one batch where the backend can); ``None`` for a
-        sequence whose tokens no longer fit (it ends with finish_reason "length", the others go on)."""
+                  temperature: float | Sequence[float]) -> list[tuple[dict[int, Dist], int] | None]:
+        """:meth:`feed` for several sequences at once (one batch where the backend can), at one temperature or
+        one per request; ``None`` for a sequence whose tokens no longer fit (it ends with finish_reason
+        "length", the others go on)."""
         ...
 
     def step(self, seq: int, token: int, temperature: float) -> Dist:
@@ -179,14 +180,15 @@ class LocalBackend(ModelVocabulary):
         return {r: FullDist(out[i], temperature) for i, r in enumerate(sorted(rows))}, len(target) - start
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
-                  temperature: float) -> list[tuple[dict[int, Dist], int] | None]:
+                  temperature: float | Sequence[float]) -> list[tuple[dict[int, Dist], int] | None]:
+        temps = [temperature] * len(requests) if isinstance(temperature, (int, float)) else list(temperature)
         plans = [self._plan(seq, target, rows) for seq, target, rows in requests]
         self._evict_idle(sum(len(target) - start for (_, target, _), (start, _) in zip(requests, plans)))
         batch = [SeqRequest(seq, target[start:], want or None)
                  for (seq, target, _), (start, want) in zip(requests, plans) if start < len(target)]
         result = self.model.decode_many(batch)
         out: list[tuple[dict[int, Dist], int] | None] = []
-        for (seq, target, rows), (start, _) in zip(requests, plans):
+        for (seq, target, rows), (start, _), temperature in zip(requests, plans, temps):
             if seq in result.full:
                 out.append(None)
             elif start == len(target):

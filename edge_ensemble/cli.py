@@ -404,8 +404,8 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
 
     \b
     POST /v1/chat/completions, POST /v1/completions (raw text), GET /v1/models,
-    GET /health. Up to --parallel answers are made at once, interleaved, the
-    others wait in arrival order. The generation
+    GET /health. Up to --parallel answers are made at once, their decodes
+    batched (--no-batch: interleaved), the others wait in arrival order. The generation
     options (--max-tokens, --temperature, ...) are the defaults of requests that
     leave them out; -s is the system prompt of chat requests that bring none.
     """
@@ -878,7 +878,8 @@ def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) ->
 
 # Evaluations keep the context their recorded runs used; their token budget is each task's own.
 _EVAL_DEFAULTS = {"n_ctx": 2048}
-_EVAL_OPTIONS = (GENERATION["max_tokens"], *(o for o in LOAD_OPTIONS if o.cli))
+# The branching configurations' entropy threshold depends on the model (benchmarks/entropy_probe.py).
+_EVAL_OPTIONS = (GENERATION["max_tokens"], POLICY_OPTIONS["threshold"], *(o for o in LOAD_OPTIONS if o.cli))
 
 
 _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown={

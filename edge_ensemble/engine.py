@@ -56,7 +56,7 @@ class GenerationStats:
     member_decoded_tokens: dict[str, int] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
     branches: int = 0  # answers a branching policy (eager) generated; 0 for the others
-    generated_tokens: int = 0  # tokens generated across all branches (eager); ``tokens`` is the chosen one's
+    generated_tokens: int = 0  # tokens decoded across all branches, shared prefixes once (eager); ``tokens``: the chosen one's
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -322,7 +322,9 @@ def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, o
         i.votes = sum(1 for j in infos if i.answer is not None and j.answer == i.answer)
     infos[chosen].chosen = True
     best = infos[chosen]
-    generated = sum(i.tokens for i in infos)
+    # The compute a branching run spends: each branch's tokens after its fork (the prefix it shares with its
+    # parent was decoded once, by the parent, and its cells are shared).
+    generated = sum(i.tokens - i.forked_at for i in infos)
     stats.tokens = best.tokens
     stats.generated_tokens = generated
     stats.branches = len(infos)

@@ -396,9 +396,10 @@ class RemoteBackend(ModelVocabulary):
         return out, len(target) - start if not rows else max(rows) + 1 - start
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
-                  temperature: float) -> list[tuple[dict[int, Dist], int] | None]:
-        return [None if len(target) >= self.n_ctx else self.feed(seq, target, rows, temperature)
-                for seq, target, rows in requests]
+                  temperature: float | Sequence[float]) -> list[tuple[dict[int, Dist], int] | None]:
+        temps = [temperature] * len(requests) if isinstance(temperature, (int, float)) else list(temperature)
+        return [None if len(target) >= self.n_ctx else self.feed(seq, target, rows, t)
+                for (seq, target, rows), t in zip(requests, temps)]
 
     def step(self, seq: int, token: int, temperature: float) -> Dist:
         return self._complete(seq, self._mirror[seq] + [token], 1, temperature)[0][1]

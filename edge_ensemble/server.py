@@ -5,10 +5,11 @@ JSON or server-sent events ending with ``data: [DONE]``; ``GET /v1/models``, ``G
 ``GET /health``. Ensemble settings per request and statistics per answer travel in one extension object,
 ``edge_ensemble`` (see :data:`EXTENSION_FIELDS` and the README).
 
-Answers are made by one worker thread that owns the ensemble (llama.cpp contexts are not thread-safe): up to
-the ensemble's ``parallel`` answers at once, each on its own sequences (lanes) of the members' contexts,
-advanced round-robin one event (one policy step, its own llama_decode calls) each; the others wait in arrival
-order. Up to ``max_queue`` requests wait their turn; one more is refused with 429 and ``Retry-After``. A
+Up to the ensemble's ``parallel`` answers are made at once, each on its own sequences (lanes) of the members'
+contexts; the others wait in arrival order. With ``batch`` (the default) each running answer has a thread of its
+own and their decodes are batched: whatever they ask for at the same moment is one llama_decode per model
+(:mod:`edge_ensemble.rounds`; llama.cpp contexts are never used by two threads at once). Without it one worker
+thread advances them round-robin, one event (one policy step, its own llama_decode calls) each. Up to ``max_queue`` requests wait their turn; one more is refused with 429 and ``Retry-After``. A
 client that goes away (a closed stream, or a dropped connection while a non-streaming answer is made) has its
 answer stopped after the current policy step, which frees its lanes for the next request.
 
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # starlette is imported in create_app: the module itself load
 
     from .api import Ensemble
     from .engine import Event, GenerationResult
+    from .rounds import DecodeRounds
 
 log = logging.getLogger("edge_ensemble.server")
 
@@ -82,7 +84,10 @@ TIME_LIMIT = Option("time_limit", float, 300.0, "Seconds per answer (prompt incl
 MAX_BODY_BYTES = Option("max_body_bytes", int, 1 << 20, "Largest request body.", range=(1024, 1 << 30))
 MAX_PROMPT_CHARS = Option("max_prompt_chars", int, 100_000, "Longest prompt (all messages together), in characters.",
                           range=(1, 1 << 30))
-SERVER_LIMITS = (MAX_QUEUE, TIME_LIMIT, MAX_BODY_BYTES, MAX_PROMPT_CHARS)
+BATCH = Option("batch", bool, True, "Decode the --parallel answers together: one llama_decode per model for all "
+               "of them each round (off: one after another, a policy step each).")
+# The serve command's own settings (its flags derive from these).
+SERVER_LIMITS = (MAX_QUEUE, TIME_LIMIT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, BATCH)
 
 
 @with_options(*SERVER_LIMITS, *(GENERATION[n] for n in ("max_tokens", "temperature", "top_p", "top_k", "seed")))
@@ -346,6 +351,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
+    driven: bool = False  # a thread of its own makes it (answers decoded together)
 
     def post(self, kind: str, value: Any = None) -> None:
         """Hand an item to the request's event loop (from the worker thread)."""
@@ -356,13 +362,18 @@ class Job:
 
 
 class Worker:
-    """A thread that makes the answers: up to ``parallel`` at once, in the order they were submitted, advanced
-    round-robin one event (one policy step) each, all in this one thread (the ensemble's own rule: one
-    thread, up to ``parallel`` open streams)."""
+    """A thread that makes the answers: up to ``parallel`` at once, in the order they were submitted.
 
-    def __init__(self, max_queue: int, parallel: int = 1) -> None:
+    Without ``rounds`` they are advanced round-robin one event (one policy step) each, all in this one thread
+    (the ensemble's own rule: one thread, up to ``parallel`` open streams). With ``rounds`` (from
+    :meth:`Ensemble.decode_together`) each running answer has a thread of its own taking part in the rounds,
+    so that their decodes are batched."""
+
+    def __init__(self, max_queue: int, parallel: int = 1, rounds: "DecodeRounds | None" = None) -> None:
         self.max_queue = max_queue
         self.parallel = parallel
+        self.rounds = rounds
+        self._drivers: list[threading.Thread] = []
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._active: list[Job] = []
@@ -389,8 +400,11 @@ class Worker:
     def status(self) -> dict[str, Any]:
         """Figures for ``/health``."""
         with self._cond:
-            return {"running": len(self._active), "queued": len(self._waiting), "parallel": self.parallel,
-                    "max_queue": self.max_queue, "served": self.served, "cancelled": self.cancelled}
+            out = {"running": len(self._active), "queued": len(self._waiting), "parallel": self.parallel,
+                   "max_queue": self.max_queue, "served": self.served, "cancelled": self.cancelled}
+        if self.rounds is not None:  # decodes per round: how many answers each llama_decode served, on average
+            out["batched"] = {"rounds": self.rounds.rounds, "decodes": self.rounds.decodes}
+        return out
 
     def stop(self, timeout: float = 30.0) -> None:
         """Cancel every queued and running answer and end the thread."""
@@ -398,7 +412,7 @@ class Worker:
             self._stopping = True
             for job in [*self._waiting, *self._active]:
                 job.cancelled.set()
-            self._cond.notify()
+            self._cond.notify_all()
         self._thread.join(timeout)
 
     def _loop(self) -> None:
@@ -421,13 +435,45 @@ class Worker:
                         self._active.append(job)
                     jobs = list(self._active)
             if ending:
+                if self.rounds is not None:  # each driver closes its own answer (cancelled above)
+                    for thread in self._drivers:
+                        thread.join()
+                    return
                 for job in stopping:  # their generators are closed here, in the thread that runs them
                     self._finish(job, finished=False)
                 return
+            if self.rounds is not None:
+                self._start_drivers(jobs)
+                continue
             for job in jobs:  # one round: one event of each active answer
                 if not self._step(job):
                     with self._cond:
                         self._active.remove(job)
+
+    def _start_drivers(self, jobs: list[Job]) -> None:
+        """A thread for each newly started answer; then wait until an answer ends, one arrives, or stop."""
+        with self._cond:
+            for job in jobs:
+                if not job.driven:
+                    job.driven = True
+                    thread = threading.Thread(target=self._drive, args=(job,), name="edge-ensemble-answer",
+                                              daemon=True)
+                    self._drivers = [t for t in self._drivers if t.is_alive()] + [thread]
+                    thread.start()
+            while (not self._stopping and len(self._active) == len(jobs)
+                   and not (self._waiting and len(self._active) < self.parallel)):
+                self._cond.wait()
+
+    def _drive(self, job: Job) -> None:
+        """One answer from start to end, its decodes in the worker's rounds."""
+        assert self.rounds is not None
+        with self.rounds.taking_part():
+            while self._step(job):
+                pass
+        with self._cond:
+            if job in self._active:
+                self._active.remove(job)
+            self._cond.notify_all()
 
     def _step(self, job: Job) -> bool:
         """Advance ``job`` by one event; False once it is over (finished, failed or cancelled)."""
@@ -732,13 +778,15 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
-        state["worker"] = Worker(opts.max_queue, ensemble.config.parallel)
-        try:
-            yield
-        finally:
-            state["worker"].stop()
-            if close_ensemble:
-                ensemble.close()
+        together = opts.batch and ensemble.config.parallel > 1
+        with ensemble.decode_together() if together else contextlib.nullcontext() as rounds:
+            state["worker"] = Worker(opts.max_queue, ensemble.config.parallel, rounds)
+            try:
+                yield
+            finally:
+                state["worker"].stop()
+        if close_ensemble:
+            ensemble.close()
 
     routes = [
         Route("/v1/chat/completions", guarded(chat_completions), methods=["POST"]),

@@ -111,7 +111,9 @@ def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
     assert len(chosen) == 1 and chosen[0].text == result.text
     votes = {b.answer: b.votes for b in result.branches}
     assert chosen[0].votes == max(votes.values())
-    assert result.stats.generated_tokens == sum(b.tokens for b in result.branches)
+    # Generated = what was decoded: each branch's tokens after its fork (the shared prefix once).
+    assert result.stats.generated_tokens == sum(b.tokens - b.forked_at for b in result.branches)
+    assert result.stats.generated_tokens < sum(b.tokens for b in result.branches)  # some fork after token 0
     assert result.to_dict()["branches"][0]["origin"] == "root"
     assert sorted(member.backend._free) == [0, 1, 2, 3]
     model.close()

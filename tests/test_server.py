@@ -470,9 +470,11 @@ def test_one_thread_streams_up_to_parallel_answers_each_as_alone(parallel_ensemb
     assert _all_sequences_free(parallel_ensemble)
 
 
-@pytest.fixture(scope="module")
-def parallel_server(parallel_ensemble) -> Iterator[Running]:
-    running = Running(create_app(parallel_ensemble, ServerOptions(model_id=MODEL, max_tokens=32)))
+@pytest.fixture(scope="module", params=[True, False], ids=["batched", "interleaved"])
+def parallel_server(request, parallel_ensemble) -> Iterator[Running]:
+    """The parallel answers decoded together (one llama_decode per round), or interleaved one step each."""
+    running = Running(create_app(parallel_ensemble, ServerOptions(model_id=MODEL, max_tokens=32, batch=request.param)))
+    running.batch = request.param
     yield running
     running.stop()
 
@@ -504,6 +506,10 @@ def test_parallel_greedy_answers_equal_each_request_alone(parallel_server, tiny_
         assert answers[i] == want.text, i
     health = parallel_server.health()
     assert health["parallel"] == PARALLEL and health["running"] == 0
+    if parallel_server.batch:  # the answers' decodes really were batched: over one answer per llama_decode
+        assert health["batched"]["decodes"] > 1.5 * health["batched"]["rounds"], health
+    else:
+        assert "batched" not in health
 
 
 def test_two_streams_are_interleaved(parallel_server, parallel_ensemble):
@@ -521,7 +527,9 @@ def test_two_streams_are_interleaved(parallel_server, parallel_ensemble):
     threads[0].start()
     _wait_for(lambda: parallel_server.health()["running"] == 1)
     threads[1].start()
-    _wait_for(lambda: parallel_server.health()["queued"] == 1)
+    # Both requests are in (interleaved: the second queued behind the worker, which waits for the ensemble;
+    # batched: both admitted, their threads waiting).
+    _wait_for(lambda: (lambda h: h["running"] + h["queued"] == 2)(parallel_server.health()))
     held.close()
     for t in threads:
         t.join(60)

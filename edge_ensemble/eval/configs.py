@@ -59,6 +59,10 @@ class EngineConfig:
         self.ensemble.reset_cache()
         result = self._answer(messages, max_tokens, extract, {})
         out = _record_of(result)
+        if self.branching:  # what the run used, so that records made at other settings are told apart
+            out["settings"] = {"max_branches": self.config.max_branches, "threshold": self.config.threshold,  # type: ignore[attr-defined]
+                               "percentile": self.config.percentile, "entropy": self.config.entropy,  # type: ignore[attr-defined]
+                               **self.sampling}
         if self.adapt:
             m = self.config.max_branches  # type: ignore[attr-defined]
             self.seen += 1
@@ -91,7 +95,8 @@ def _record_of(result: Any) -> dict[str, Any]:
            "finish_reason": result.finish_reason}
     if result.branches:
         out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
-                            "origin": b.origin, "votes": b.votes, "chosen": b.chosen} for b in result.branches]
+                            "origin": b.origin, "forked_at": b.forked_at, "votes": b.votes, "chosen": b.chosen}
+                           for b in result.branches]
         out["generated_tokens"] = s.generated_tokens
     return out
 

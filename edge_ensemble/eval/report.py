@@ -238,8 +238,8 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
     branching = branching_markdown(records)
     if branching:
         text += ("\nBranching configurations (M answers per item, voted): cons@M = the voted answer right (the "
-                 "accuracy above), pass@M = any branch right; generated = tokens of all branches per item, the "
-                 "compute a configuration spends.\n\n" + branching)
+                 "accuracy above), pass@M = any branch right; generated = tokens decoded by all branches per item (a "
+                 "prefix that branches share counted once), the compute a configuration spends.\n\n" + branching)
     paired = paired_comparisons(records)
     if paired:
         text += (

@@ -1,0 +1,119 @@
+"""Answers decoded together (edge_ensemble.rounds): threads taking part in one ensemble's decode rounds write what
+each answer writes alone, their decodes really are batched, and a thread that fails or stops early does not hold
+the others up."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import pytest
+
+from edge_ensemble.api import Ensemble, EnsembleConfig
+from edge_ensemble.errors import EdgeEnsembleError
+
+PROMPTS = ["Tell me about the number 1.", "def add(a, b):", "東京は日本の首都で、", "Emoji 🙂🚀 and more:"]
+
+
+def _together(ensemble: Ensemble, calls: list[dict[str, Any]]) -> tuple[list[Any], Any]:
+    """Each call streamed by its own thread inside one decode_together(); the results (or exceptions) in order,
+    and the rounds."""
+    out: list[Any] = [None] * len(calls)
+    with ensemble.decode_together() as rounds:
+        def run(i: int) -> None:
+            with rounds.taking_part():
+                try:
+                    out[i] = ensemble.generate(**calls[i])
+                except EdgeEnsembleError as exc:
+                    out[i] = exc
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a thread is stuck in the rounds"
+    return out, rounds
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_bpe, tiny_bpe_b, llama_quiet) -> Iterator[Ensemble]:
+    with Ensemble([tiny_bpe, tiny_bpe_b], config=EnsembleConfig(n_ctx=512, n_threads=1, parallel=len(PROMPTS),
+                                                                 check_memory=False)) as ens:
+        yield ens
+
+
+@pytest.mark.parametrize("policy", ["single", "safe", "every-token"])
+def test_answers_decoded_together_equal_each_alone(pair, policy):
+    calls = [{"prompt": p, "max_tokens": 24, "policy": policy} for p in PROMPTS]
+    together, rounds = _together(pair, calls)
+    alone = [pair.generate(**c) for c in calls]
+    assert [r.text for r in together] == [r.text for r in alone]
+    assert [r.stats.tokens for r in together] == [r.stats.tokens for r in alone]
+    # Batched: on average each llama_decode served well over one answer.
+    assert rounds.decodes >= 2 * rounds.rounds, (rounds.decodes, rounds.rounds)
+    assert all(isinstance(m.backend, type(pair._members[0].backend)) for m in pair._members)
+    assert type(pair._members[0].backend).__name__ == "LocalBackend"  # the wrappers are gone afterwards
+
+
+def test_a_failing_answer_does_not_hold_up_the_others(pair):
+    calls = [{"prompt": "word " * 600, "max_tokens": 8},  # longer than the context: fails before decoding
+             {"prompt": PROMPTS[0], "max_tokens": 24}, {"prompt": PROMPTS[1], "max_tokens": 24}]
+    out, _ = _together(pair, calls)
+    assert isinstance(out[0], EdgeEnsembleError) and "context" in str(out[0])
+    assert [r.text for r in out[1:]] == [pair.generate(**c).text for c in calls[1:]]
+
+
+def test_a_stream_closed_early_frees_its_place_in_the_rounds(pair):
+    results: dict[str, str] = {}
+    with pair.decode_together() as rounds:
+        def early() -> None:
+            with rounds.taking_part():
+                stream = pair.stream(PROMPTS[0], max_tokens=200)
+                next(stream), next(stream)
+                stream.close()
+                results["early"] = "closed"
+
+        def full() -> None:
+            with rounds.taking_part():
+                results["full"] = pair.generate(PROMPTS[1], max_tokens=40).text
+
+        threads = [threading.Thread(target=early), threading.Thread(target=full)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+    assert results == {"early": "closed", "full": pair.generate(PROMPTS[1], max_tokens=40).text}
+    assert all(sorted(m.backend._free) == list(range(m.model.options.n_seq_max)) for m in pair._members)
+
+
+def test_eager_branches_join_the_rounds(tiny_bpe, llama_quiet):
+    with Ensemble([tiny_bpe], config=EnsembleConfig(n_ctx=512, n_threads=1, parallel=2, policy="eager",
+                                                    max_branches=4, check_memory=False)) as ens:
+        calls = [{"prompt": p, "max_tokens": 16, "temperature": 0.6, "seed": 3, "initial_branches": 4,
+                  "threshold": None} for p in PROMPTS[:2]]
+        together, rounds = _together(ens, calls)
+        alone = [ens.generate(**c) for c in calls]
+        assert [[b.text for b in r.branches] for r in together] == [[b.text for b in r.branches] for r in alone]
+        assert rounds.rounds > 0
+
+
+def test_decode_together_twice_at_once_is_refused(pair):
+    from edge_ensemble.errors import BusyError
+
+    with pair.decode_together():
+        with pytest.raises(BusyError, match="already decodes answers together"):
+            with pair.decode_together():
+                pass
+
+
+def test_real_model_answers_decoded_together_equal_each_alone(real_models, llama_quiet):
+    """Qwen2.5-Coder-0.5B: English, code, CJK and emoji prompts, 24 greedy tokens each, four threads."""
+    path = real_models("qwen2.5-coder-0.5b-instruct")
+    with Ensemble([str(path)], config=EnsembleConfig(n_ctx=1024, parallel=len(PROMPTS), policy="single")) as ens:
+        calls = [{"prompt": p, "max_tokens": 24} for p in PROMPTS]
+        together, rounds = _together(ens, calls)
+        alone = [ens.generate(**c) for c in calls]
+        assert [r.text for r in together] == [r.text for r in alone]
+        assert rounds.decodes >= 2 * rounds.rounds
