@@ -897,22 +897,25 @@ _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown=
 @click.option("--configs", default=None, metavar="LIST",
               help="Comma-separated configurations: single (each member alone), single:<member>, every-token, "
                    "safe (faithful), safe-gated; branching (named only): parallel, eager, eager-adapt, "
-                   "eager-ensemble (M = 8 at temperature 0.6) [default: all but the branching ones].")
+                   "eager-ensemble (M = 8 at temperature 0.6); with --head: route (fitted beta), route-b0 "
+                   "[default: all but the branching ones].")
+@click.option("--head", type=click.Path(dir_okay=False), default=None,
+              help="A route head (`edge-ensemble route train`): adds the route and route-b0 configurations.")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset order).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Number of items [default: the development slice].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Results directory [default: results/<preset or members>].")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot (no matplotlib needed).")
 @_eval_options
-def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, start: int,
-                 limit: int | None, out_dir: str | None, no_plot: bool, options: dict[str, Any]) -> None:
+def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, head: str | None,
+                 start: int, limit: int | None, out_dir: str | None, no_plot: bool, options: dict[str, Any]) -> None:
     """Score each member alone and the ensemble policies on TASK; resumable.
 
     Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
     then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, seconds per answer, E/T, share of
     answers stopped by the token budget, paired comparisons with each member alone) and OUT/summary.png.
     """
-    from .eval.configs import BRANCH_CONFIGS, build_configs
+    from .eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs
     from .eval.report import load_records, write_report
     from .eval.runner import results_path, run_eval
     from .eval.tasks import get_task
@@ -930,10 +933,12 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     if branching and task == "humaneval":
         raise UsageError(f"{', '.join(branching)} vote over extracted answers, and humaneval has no answer to "
                          "extract; use gsm8k, arc-challenge or math-500")
-    engine_configs, ensembles = build_configs(specs, names, base)
+    if head is None and set(names or ()) & set(ROUTE_CONFIGS):
+        raise UsageError(NEEDS_HEAD)  # before any model loads
+    engine_configs, ensembles = build_configs(specs, names, base, head)
     if not engine_configs:
         raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated,"
-                         f" {', '.join(BRANCH_CONFIGS)}")
+                         f" {', '.join(BRANCH_CONFIGS)}, {', '.join(ROUTE_CONFIGS)}")
     try:
         run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens)
     finally:

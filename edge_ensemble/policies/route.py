@@ -82,9 +82,14 @@ class RoutePolicy(PolicyBase):
 
     def start(self) -> None:
         self.tokens: list[int] = []  # accepted tokens after the prompt (shared ids)
-        for e in self.experts:  # prefill now: the prompt is not charged to an expert's first catch-up
-            if e.backend is not self.router.backend:
-                e.feed(e.prompt)
+        # Each expert's prompt is prefilled now, in one pass with its last row read as plain decoding does (a
+        # different batch split would change the logits slightly, and with them near-tie greedy choices); that
+        # row serves the first token if the expert is chosen for it.
+        self.ready: dict[int, object] = {}
+        for e in self.experts:
+            if e.backend is not self.router.backend and id(e.backend) not in self.ready:
+                row = len(e.prompt) - 1
+                self.ready[id(e.backend)] = e.feed(e.prompt, rows=[row])[row]
         self.pending = self._route_step()
 
     def _route_step(self) -> tuple[FullDist, np.ndarray]:
@@ -99,6 +104,8 @@ class RoutePolicy(PolicyBase):
         brings its cache up to the text in one decode (logits at the last row only)."""
         if expert.backend is self.router.backend:
             return router_dist.logits
+        if id(expert.backend) in self.ready:
+            return self.ready[id(expert.backend)].logits  # type: ignore[attr-defined]
         target = expert.prompt + self.tokens
         if len(target) >= expert.backend.n_ctx:
             raise ContextFull
@@ -127,5 +134,6 @@ class RoutePolicy(PolicyBase):
         if self.router.room < 1:
             raise ContextFull
         self.tokens.append(tok)
+        self.ready = {}
         self.pending = self._route_step()
         return [Piece(expert.member.token_bytes(tok), "route", expert.name)]
