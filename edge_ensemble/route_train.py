@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import IncompatibleMembersError, UsageError
 from .routing import BETA_GRID, RouterHead, file_sha256, fit_beta, fit_head, text_array, write_npz
-from .runtime import LoadOptions, Model, SeqRequest
+from .runtime import LoadOptions, Model, SeqRequest, common_prefix_len
 
 DATA_VERSION = 1  # bump when prompts, references or the cached fields change: old caches are then not reused
 GSM8K_FIRST = 200  # GSM8K test items before this one are evaluation slices
@@ -48,6 +48,9 @@ class TrainItem:
     id: str
     messages: list[dict[str, str]]
     reference: str
+    # The same conversation with the item's own text left out: the template and instruction all items of the
+    # source share. Its tokens are decoded once and reused (see :func:`_decode_answer`).
+    shared: list[dict[str, str]] | None = None
 
     @property
     def key(self) -> str:
@@ -86,11 +89,14 @@ def training_items(gsm8k: int = GSM8K_MAX, mbpp: int = MBPP_MAX) -> list[TrainIt
                          f" got {gsm8k} and {mbpp}")
     items = []
     task = TASKS["gsm8k"]
+    shared = task.build_messages(Item("", "", {"question": ""}))
     for doc in _olmo_docs("gsm8k/gold_bpb_5shot")[GSM8K_FIRST:GSM8K_FIRST + gsm8k]:
         messages = task.build_messages(Item(str(doc["id"]), "", {"question": doc["question"]}))
-        items.append(TrainItem("gsm8k", str(doc["id"]), messages, gsm8k_reference(doc["answer"])))
+        items.append(TrainItem("gsm8k", str(doc["id"]), messages, gsm8k_reference(doc["answer"]), shared))
+    shared = mbpp_messages({"text": "", "test_list": []})
     for doc in _olmo_docs("codex_mbpp/gold_bpb_0shot")[:mbpp]:
-        items.append(TrainItem("mbpp", str(doc["task_id"]), mbpp_messages(doc), mbpp_reference(doc["code"])))
+        items.append(TrainItem("mbpp", str(doc["task_id"]), mbpp_messages(doc), mbpp_reference(doc["code"]),
+                               shared))
     return items
 
 
@@ -147,13 +153,10 @@ def item_features(models: Models, item: TrainItem) -> dict[str, np.ndarray]:
         full = prompt + answer
         if len(full) > model.n_ctx or not answer:
             return {"skipped": np.array(True)}
-        rows = list(range(len(prompt) - 1, len(full) - 1))  # row p - 1 + j predicts answer token j
-        model.reset()  # always from scratch: the features of an item never depend on the item before
-        out = model.decode_many([SeqRequest(0, full, rows)])
+        out = _decode_answer(model, item, prompt, full)
         logits[id(model)] = out.logits[0]
         if model is router:
             hidden = out.hidden[0]
-        model.reset()
     assert ref is not None and hidden is not None
     ref_ids = np.asarray(ref, dtype=np.int64)
     n = len(ref_ids)
@@ -178,6 +181,22 @@ def item_features(models: Models, item: TrainItem) -> dict[str, np.ndarray]:
     decisive = np.flatnonzero((correct != correct[:, :1, :]).any(axis=(1, 2))).astype(np.int32)
     return {"ref": ref_ids.astype(np.int32), "argmax": argmax, "ref_logp": ref_logp, "router_logp": router_logp,
             "correct": correct, "decisive": decisive, "hidden": hidden[decisive].astype(np.float32)}
+
+
+def _decode_answer(model: Model, item: TrainItem, prompt: list[int], full: list[int]):
+    """Decode prompt + answer with logits (and hidden states) at the answer rows: row p - 1 + j predicts answer
+    token j. The part of the prompt the item shares with its source's template comes from one decode of that
+    template from scratch, the rest from one decode: so an item's features never depend on the items before."""
+    start = 0
+    if item.shared is not None:
+        shared = model.prompt_tokens(model.render_chat(item.shared))
+        start = min(common_prefix_len(shared, full), len(prompt) - 1)
+        if list(model.tokens(0)[:start]) != shared[:start] or model.n_past(0) < start:
+            model.reset()
+            model.decode(shared, want=None)
+    model.trim(start)
+    rows = list(range(len(prompt) - 1 - start, len(full) - 1 - start))
+    return model.decode_many([SeqRequest(0, full[start:], rows)])
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:

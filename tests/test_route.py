@@ -294,7 +294,8 @@ def greedy_items(tiny_bpe, tiny_bpe_b, n: int = 9) -> list[TrainItem]:
     for i in range(n):
         ask = [{"role": "user", "content": f"Question {i}: tell me about the number {i}."}]
         _, text = greedy_tokens(tiny_bpe if i % 2 else tiny_bpe_b, ask, 40)
-        items.append(TrainItem("syn", str(i), ask, text))
+        shared = [{"role": "user", "content": "Question : tell me about the number ."}] if i % 3 else None
+        items.append(TrainItem("syn", str(i), ask, text, shared))
     return items
 
 
@@ -316,9 +317,10 @@ def test_training_set_and_head_are_deterministic_and_the_build_resumes(tiny_bpe,
         assert len(calls) == 4
         second = build_features(models, items, tmp_path / "two")  # resumes: only the rest is decoded
         assert len(calls) == len(items)
+        backwards = build_features(models, items[::-1], tmp_path / "three")[::-1]  # another order, same features
     finally:
         models.close()
-    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second] == [p.read_bytes() for p in backwards]
     heads = []
     for name in ("h1.npz", "h2.npz"):
         result = fit_from_features(second, models, seed=3, date=DATE, training_data="synthetic")
