@@ -301,7 +301,7 @@ def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l
             records.append({k: data[k] for k in data.files})
     if len(records) < 3:
         raise UsageError(f"route train needs at least 3 usable items (train, held-out, test); got {len(records)}")
-    d, K = int(records[0]["hidden"].shape[1]), len(models.experts)
+    d, K = int(records[0]["hidden"].shape[1]), len(models.expert_names)
     split = split_items(records, seed)
     t0 = time.perf_counter()
     X, y = _informative(split.train, d)

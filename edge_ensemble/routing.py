@@ -223,9 +223,12 @@ _sha_memo: dict[tuple[str, int, int], str] = {}
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a model file. Trusted without rehashing: the verification marker the model sources write
-    beside a catalog file (``<file>.sha256``: sha, size, mtime) when size and mtime still match, and this
-    process's earlier answers for the same path, size and mtime."""
+    """The sha256 of a model file. Trusted without rehashing a GGUF of hundreds of MB: the verification marker
+    the model sources write beside a catalog file (``<file>.sha256``: sha, size, mtime) when size and mtime still
+    match, else an earlier answer for the same path, size and mtime (in this process, and in the cache
+    directory's ``sha256.json``)."""
+    from .paths import cache_dir, write_text_atomic
+
     p = Path(path).resolve()
     st = p.stat()
     key = (str(p), st.st_size, st.st_mtime_ns)
@@ -235,14 +238,28 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         fields = p.with_name(p.name + ".sha256").read_text("ascii").split()
     except (OSError, UnicodeDecodeError):
         fields = []
+    memo_file = cache_dir() / "sha256.json"
+    stamp = "|".join(map(str, key))
     if len(fields) >= 3 and fields[1:3] == [str(st.st_size), str(st.st_mtime_ns)] and len(fields[0]) == 64:
         sha = fields[0]
     else:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        sha = h.hexdigest()
+        try:
+            known = json.loads(memo_file.read_text("utf-8"))
+        except (OSError, ValueError):
+            known = {}
+        sha = known.get(stamp) if isinstance(known, dict) else None
+        if not (isinstance(sha, str) and len(sha) == 64):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            sha = h.hexdigest()
+            known = {**(known if isinstance(known, dict) else {}), stamp: sha}
+            try:  # only a memo: a read-only cache just hashes again next time
+                memo_file.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(memo_file, json.dumps(known, indent=0))
+            except OSError:
+                pass
     _sha_memo[key] = sha
     return sha
 
