@@ -290,7 +290,12 @@ class TrainResult:
         return report_markdown(self.report)
 
 
-def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l2: float = 1e-3, date: str = "",
+# L2 weights tried when none is given: the one with the lowest held-out loss is kept. (Hidden states have ~900
+# dimensions and a few hundred informative positions per hundred items: a weak penalty overfits at once.)
+L2_GRID: tuple[float, ...] = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l2: float | None = None, date: str = "",
                       training_data: str = "", router_spec: str = "") -> TrainResult:
     """Fit the head and β on cached features (see the module docstring)."""
     records = []
@@ -309,7 +314,9 @@ def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l
     if len(y) == 0:
         raise UsageError("the training items have no informative positions (the experts never disagree with exactly"
                          " one right); use more items or experts that differ")
-    fit = fit_head(X, y, Xv, yv, K, l2=l2)
+    fits = [fit_head(X, y, Xv, yv, K, l2=w, check_every=1) for w in ((l2,) if l2 is not None else L2_GRID)]
+    best = min(range(len(fits)), key=lambda i: fits[i].heldout_loss)  # the first (weakest) on a tie
+    fit, l2 = fits[best], (l2 if l2 is not None else L2_GRID[best])
     head = RouterHead(fit.W, fit.b, 0.0, models.router_sha, tuple(models.expert_shas), tuple(models.expert_names),
                       router_name=models.router_name, router_spec=router_spec, hidden_size=d,
                       training_data=training_data, date=date, seed=seed)
@@ -328,7 +335,8 @@ def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l
                   "skipped": len(paths) - len(records)},
         "positions": {"all": int(sum(len(r["ref"]) for r in records)), "informative_train": int(len(y)),
                       "informative_heldout": int(len(yv)), "informative_test": int(len(yt))},
-        "fit": {"iterations": fit.iterations, "l2": l2, "train_accuracy": fit.train_accuracy,
+        "fit": {"iterations": fit.iterations, "l2": l2, "l2_choice": "given" if len(fits) == 1 else
+                "lowest held-out loss of " + ", ".join(map(str, L2_GRID)), "train_accuracy": fit.train_accuracy,
                 "heldout_accuracy": fit.heldout_accuracy},
         "router_accuracy_test": test_acc,
         "strongest_expert": models.expert_names[strongest],
@@ -373,7 +381,7 @@ def report_markdown(r: dict) -> str:
         f"- answer positions: {r['positions']['all']}; informative (exactly one expert right): "
         f"{r['positions']['informative_train']} train, {r['positions']['informative_heldout']} held-out, "
         f"{r['positions']['informative_test']} test",
-        f"- head: {r['fit']['iterations']} iterations, L2 {r['fit']['l2']}, train accuracy {pct(r['fit']['train_accuracy'])},"
+        f"- head: {r['fit']['iterations']} iterations, L2 {r['fit']['l2']} (the fit's penalty, {r['fit']['l2_choice']}), train accuracy {pct(r['fit']['train_accuracy'])},"
         f" held-out {pct(r['fit']['heldout_accuracy'])}",
         f"- **router accuracy on test informative positions: {pct(r['router_accuracy_test'])}** against "
         f"{pct(r['strongest_accuracy_test'])} for always the strongest expert ({r['strongest_expert']})",
@@ -388,8 +396,9 @@ def report_markdown(r: dict) -> str:
     ]
     t = r.get("seconds", {})
     if "features" in t:
-        lines.append(f"- time: features {t['features']:.0f} s ({t['decoded_items']} items decoded, "
-                     f"{t['per_item']:.2f} s each), fit {t['fit']:.1f} s, total {t['total']:.0f} s")
+        each = f", {t['per_item']:.2f} s each" if t["decoded_items"] else ", the rest from the cache"
+        lines.append(f"- time: features {t['features']:.0f} s ({t['decoded_items']} items decoded{each}), fit "
+                     f"{t['fit']:.1f} s, total {t['total']:.0f} s")
     return "\n".join(lines) + "\n"
 
 
@@ -427,7 +436,7 @@ def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: S
 
 
 def train_router(experts: Sequence[object], router: object, out: Path | str, *, gsm8k: int = GSM8K_MAX,
-                 mbpp: int = MBPP_MAX, seed: int = 0, l2: float = 1e-3, n_ctx: int = 2048,
+                 mbpp: int = MBPP_MAX, seed: int = 0, l2: float | None = None, n_ctx: int = 2048,
                  n_threads: int | None = None, cache_dir: Path | None = None, date: str | None = None,
                  items: Sequence[TrainItem] | None = None, progress: Progress | None = None,
                  download: bool = True) -> TrainResult:
@@ -436,7 +445,8 @@ def train_router(experts: Sequence[object], router: object, out: Path | str, *, 
 
     ``items``: the training examples (default: :func:`training_items` with ``gsm8k`` and ``mbpp``); ``date``:
     what the head records as its training date (default: now, UTC); ``cache_dir``: where item features are kept
-    (default: the cache directory's ``route-features``)."""
+    (default: the cache directory's ``route-features``); ``l2``: the fit's L2 weight (default: the best of
+    :data:`L2_GRID` on the held-out items)."""
     from . import paths as _paths
     from .sources import Catalog, parse_spec, resolve
 
