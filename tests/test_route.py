@@ -38,9 +38,10 @@ def n_embd(path: Path) -> int:
         return m.n_embd
 
 
-def route(members: list[Member], head_file: Path, messages=STORY, max_tokens: int = 64, beta: float | None = None):
+def route(members: list[Member], head_file: Path, messages=STORY, max_tokens: int = 64, beta: float | None = None,
+          overlap: bool = False):
     events = list(generate_events(members, messages, policy="route",
-                                  policy_config=PolicyConfig(head=str(head_file), beta=beta),
+                                  policy_config=PolicyConfig(head=str(head_file), beta=beta, overlap=overlap),
                                   options=GenerationOptions(max_tokens=max_tokens)))
     return events[-1].result
 
@@ -162,8 +163,9 @@ def test_hidden_state_taken_while_routing_equals_a_direct_decode(tiny_pair, tiny
             np.testing.assert_allclose(seen[k], direct, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("router_is_expert0", [True, False])
-def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, tiny_bpe_b, tmp_path, router_is_expert0):
+@pytest.mark.parametrize("router_is_expert0,overlap", [(True, False), (False, False), (False, True)])
+def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, tiny_bpe_b, tmp_path, router_is_expert0,
+                                                                    overlap):
     expert0, other = (tiny_bpe, tiny_bpe_b) if router_is_expert0 else (tiny_bpe_b, tiny_bpe)
     d = n_embd(tiny_bpe)
     head = tmp_path / "always0.npz"
@@ -173,7 +175,7 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
     members = [Member(a, name="a"), Member(b, name="b")]
     for prompt in ("Tell me a long story.", "def fib(n):", "東京は日本の首都で、", "A sunny day 🌞🏖️ at the beach"):
         ask = [{"role": "user", "content": prompt}]
-        result = route(members, head, ask, max_tokens=48, beta=0.0)
+        result = route(members, head, ask, max_tokens=48, beta=0.0, overlap=overlap)
         want_tokens, want_text = greedy_tokens(expert0, ask, 48)
         lane = next(m for m in members if m.model.path == expert0).last_lane
         got = list(lane.cached[len(lane.prompt):])
@@ -185,12 +187,19 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
     b.close()
 
 
-def test_after_500_tokens_of_switching_every_cache_equals_a_fresh_decode(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path):
-    result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path, beta=0.5), max_tokens=500)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_after_500_tokens_of_switching_every_cache_equals_a_fresh_decode(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path,
+                                                                         overlap):
+    result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path, beta=0.5), max_tokens=500,
+                   overlap=overlap)
     assert result.stats.tokens == 500, result.finish_reason
     switches = len(result.provenance) - 1
     assert switches >= 100 and min(result.stats.routed_tokens.values()) >= 100
-    assert result.stats.catch_up_tokens > 0 and result.stats.catch_up_seconds > 0
+    if overlap:  # the one other expert follows every token: it never lags
+        assert result.stats.catch_up_tokens == 0
+        assert tiny_pair[1].last_lane.decoded_tokens >= 500
+    else:
+        assert result.stats.catch_up_tokens > 0 and result.stats.catch_up_seconds > 0
     router = tiny_pair[0]  # it reads every token: it holds the whole text
     text_tokens = list(router.model.tokens(router.last_lane.seq)[len(router.last_lane.prompt):])
     assert router.model.detokenize(text_tokens) == result.text.encode()

@@ -9,6 +9,10 @@ Per token:
    also an expert, needs no second decode;
 4. the token is the argmax (or a sample) of log π_I + β·log π_router; β = 0 is pure routing.
 
+With ``overlap`` the router's step and the step of the expert chosen last (other than the router) run at the same
+time in two threads: both read the same new token, so on two cores a token costs about the slower of the two
+instead of their sum, and that expert is ready if it is chosen again.
+
 The router and every expert must share one tokenizer (token ids): the sum of log-probabilities is taken id by
 id, and the head was trained on positions of one tokenization. Which member is the router and which are the
 experts comes from the head file (the sha256 of their GGUF files), not from the member order.
@@ -16,6 +20,7 @@ experts comes from the head file (the sha256 of their GGUF files), not from the 
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -31,6 +36,8 @@ HEAD = Option("head", str, None, "The selection head (.npz) `edge-ensemble route
               shown_default="none", metavar="FILE")
 BETA = Option("beta", float, None, "Weight of the router's own log-probabilities added to the chosen expert's; "
               "0 = pure routing.", range=(0.0, 20.0), shown_default="the head's fitted value")
+OVERLAP = Option("overlap", bool, False, "Decode each token with the router and the expert chosen last at the same "
+                 "time, in two threads (for two or more cores: give each model half of them, e.g. --threads 1 on 2).")
 
 NEEDS_HEAD = "policy route needs a head: --head FILE (head= in the API); train one with `edge-ensemble route train`"
 
@@ -59,7 +66,7 @@ def head_roles(head: RouterHead, lanes: list[Lane], where: str) -> tuple[int, li
 class RoutePolicy(PolicyBase):
     """One expert writes each token, chosen by the head from the router's hidden state."""
 
-    options = (HEAD, BETA)
+    options = (HEAD, BETA, OVERLAP)
 
     def __init__(self, lanes, config, sampling, rng) -> None:  # type: ignore[no-untyped-def]
         super().__init__(lanes, config, sampling, rng)
@@ -79,6 +86,8 @@ class RoutePolicy(PolicyBase):
         self.head.check_hidden_size(self.router.member.model.n_embd, self.router.name, where)
         self.beta = self.head.beta if config.beta is None else config.beta
         self.stats.routed = {lane.name: 0 for lane in self.experts}
+        # overlap: the expert (other than the router) that decodes each new token alongside the router
+        self.follow = next((e for e in self.experts if e.backend is not self.router.backend), None)
 
     def start(self) -> None:
         self.tokens: list[int] = []  # accepted tokens after the prompt (shared ids)
@@ -106,17 +115,48 @@ class RoutePolicy(PolicyBase):
             return router_dist.logits
         if id(expert.backend) in self.ready:
             return self.ready[id(expert.backend)].logits  # type: ignore[attr-defined]
-        target = expert.prompt + self.tokens
-        if len(target) >= expert.backend.n_ctx:
-            raise ContextFull
         t0, before = time.perf_counter(), expert.decoded_tokens
-        dist = expert.feed(target, rows=[len(target) - 1])[len(target) - 1]  # at temperature 1: combined below
+        dist = self._catch_up(expert)
         fed = expert.decoded_tokens - before
         if fed > 1:  # more than the one new token: it lagged
             self.stats.catch_up_calls += 1
             self.stats.catch_up_tokens += fed - 1
             self.stats.catch_up_seconds += time.perf_counter() - t0
         return dist.logits  # type: ignore[attr-defined]
+
+    def _catch_up(self, expert: Lane):  # type: ignore[no-untyped-def]
+        """The expert's distribution after the text, its cache brought up to it in one decode (temperature 1:
+        the distributions are combined first)."""
+        target = expert.prompt + self.tokens
+        if len(target) >= expert.backend.n_ctx:
+            raise ContextFull
+        return expert.feed(target, rows=[len(target) - 1])[len(target) - 1]
+
+    def _advance(self) -> None:
+        """After a token: the router's next step, and with ``overlap`` the followed expert's step on the same
+        token at the same time (separate llama.cpp contexts; the decode calls release the GIL). Both are done
+        when this returns, so no decode outlives the step."""
+        follow = self.follow if self.config.overlap else None
+        if follow is None:
+            self.pending = self._route_step()
+            return
+        out: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                out["dist"] = self._catch_up(follow)
+            except BaseException as e:  # re-raised in the policy's thread
+                out["error"] = e
+
+        worker = threading.Thread(target=work, name="route-expert", daemon=True)
+        worker.start()
+        try:
+            self.pending = self._route_step()
+        finally:
+            worker.join()
+        if "error" in out:
+            raise out["error"]  # type: ignore[misc]
+        self.ready[id(follow.backend)] = out["dist"]
 
     def step(self, budget: int) -> list[Piece]:
         router_dist, hidden = self.pending
@@ -129,11 +169,13 @@ class RoutePolicy(PolicyBase):
                         self.temperature)
         tok = self.pick(dist)
         self.stats.routed[expert.name] += 1
+        if expert.backend is not self.router.backend:
+            self.follow = expert
         if expert.member.is_eog(tok):
             return [Piece(b"", "route", expert.name, end=True)]
         if self.router.room < 1:
             raise ContextFull
         self.tokens.append(tok)
         self.ready = {}
-        self.pending = self._route_step()
+        self._advance()
         return [Piece(expert.member.token_bytes(tok), "route", expert.name)]
