@@ -428,7 +428,8 @@ def test_coder_pair_always_the_first_expert_equals_it_alone(real_models, tmp_pat
             want[expert0] = {k: alone.generate(p, max_tokens=24, policy="single").text for k, p in PROMPTS.items()}
     with Ensemble([str(big), str(small)], config=cfg, policy="route", head=str(heads[big])) as routed:
         for i, expert0 in enumerate(heads):
-            for k, p in PROMPTS.items():
-                result = routed.generate(p, max_tokens=24, head=str(heads[expert0]), beta=0.0)
-                assert result.text == want[expert0][k], (expert0.name, k)
-                assert {s.winner for s in result.provenance} == {routed._members[i].name}
+            for overlap in (False, True) if expert0 == big else (False,):  # overlap: the 1.5B steps in a thread
+                for k, p in PROMPTS.items():
+                    result = routed.generate(p, max_tokens=24, head=str(heads[expert0]), beta=0.0, overlap=overlap)
+                    assert result.text == want[expert0][k], (expert0.name, overlap, k)
+                    assert {s.winner for s in result.provenance} == {routed._members[i].name}
