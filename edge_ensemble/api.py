@@ -167,6 +167,8 @@ class Ensemble:
         servers = {i: parse_server_spec(str(s)) for i, s in enumerate(members) if is_server_spec(_spec_text(s))}
         specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
         paths, names = self._resolve(specs, download=download, progress=progress)
+        # route: the head is checked against the files before any model loads; its router gives hidden states
+        router_path = _route_router(cfg, paths, names, servers) if cfg.policy == "route" else None  # type: ignore[attr-defined]
         if cfg.check_memory:
             local = [i for i in range(len(paths)) if i not in servers]
             self._check_memory([paths[i] for i in local], [names[i] for i in local])
@@ -186,7 +188,8 @@ class Ensemble:
                     backend = LocalBackend(Model(path, LoadOptions(
                         n_ctx=cfg.n_ctx * cfg.parallel, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                         flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
-                        n_seq_max=cfg.parallel * _sequences_needed(cfg, len(paths)))), seq_ctx=cfg.n_ctx)
+                        n_seq_max=cfg.parallel * _sequences_needed(cfg, len(paths)),
+                        hidden_states=router_path is not None and _same_file(path, router_path))), seq_ctx=cfg.n_ctx)
                     loaded.append((path, backend))
                 model = backend.model
                 self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members])))
@@ -443,6 +446,30 @@ def _sequences_needed(cfg: EnsembleConfig, n_members: int) -> int:
     if cfg.policy != "eager":  # type: ignore[attr-defined]
         return 1
     return cfg.max_branches * n_members  # type: ignore[attr-defined]
+
+
+def _route_router(cfg: EnsembleConfig, paths: Sequence[Path], names: Sequence[str], servers: dict) -> Path:
+    """The router's file for policy route: the head (``cfg.head``) read, and checked against the members' GGUF
+    sha256 and the router's hidden size, before any model loads."""
+    from .policies.route import NEEDS_HEAD
+    from .routing import file_sha256, load_head
+
+    head_path = cfg.head  # type: ignore[attr-defined]
+    if head_path is None:
+        raise UsageError(NEEDS_HEAD)
+    if servers:
+        raise UsageError("policy route runs local models only (the router's hidden states are read in this process);"
+                         " give the members as files or catalog names")
+    head = load_head(head_path)
+    where = f"route head {head_path}"
+    router, _ = head.roles([file_sha256(p) for p in paths], list(names), where)
+    probe = Model(paths[router], LoadOptions(vocab_only=True))
+    try:
+        n_embd = int(probe.metadata(f"{probe.architecture}.embedding_length") or 0)
+    finally:
+        probe.close()
+    head.check_hidden_size(n_embd, names[router], where)
+    return paths[router]
 
 
 def _check_combinable(member: Member) -> None:

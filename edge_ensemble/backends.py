@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from .dist import Dist, FullDist
-from .errors import BusyError
+from .errors import BusyError, ContextOverflowError
 from .runtime import Model, SeqRequest, common_prefix_len
 
 
@@ -198,6 +198,22 @@ class LocalBackend(ModelVocabulary):
                 dists = {r: FullDist(logits[i], temperature) for i, r in enumerate(sorted(rows))} if rows else {}
                 out.append((dists, len(target) - start))
         return out
+
+    @property
+    def hidden_states(self) -> bool:
+        """Whether this model's context gives last hidden states (a router's does: LoadOptions.hidden_states)."""
+        return self.model.options.hidden_states
+
+    def feed_hidden(self, seq: int, target: Sequence[int], temperature: float) -> tuple[Dist, np.ndarray, int]:
+        """:meth:`feed` with the last row's distribution and the last hidden state there (a router reads it);
+        and how many tokens were decoded."""
+        row = len(target) - 1
+        start, want = self._plan(seq, target, [row])
+        self._evict_idle(len(target) - start)
+        result = self.model.decode_many([SeqRequest(seq, target[start:], want)])
+        if seq in result.full:
+            raise ContextOverflowError(f"{self.name}: context full ({len(target)} tokens); raise --n-ctx or shorten")
+        return FullDist(result.logits[seq][-1], temperature), result.hidden[seq][-1].copy(), len(target) - start
 
     def step(self, seq: int, token: int, temperature: float) -> Dist:
         self._evict_idle(1)

@@ -32,7 +32,7 @@ from .chat import clean_text
 from .config import KEYS, Calibration, Settings, load_config, resolve_settings
 from .engine import Event, GenerationResult
 from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
-from .options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
+from .options import GENERATION, GENERATION_OPTIONS, LOAD, LOAD_OPTIONS, Option
 from .policies import POLICY, POLICY_OPTIONS, policies_reading
 from .server import SERVER_LIMITS
 from .eval.calibrate import SWEEP_OPTIONS as CALIBRATE_SWEEP
@@ -152,7 +152,9 @@ def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Calla
         return click.option(f"{option.flag}/--no-{option.flag[2:]}", option.key, default=None, help=help)
     if option.item is str:
         return click.option(option.flag, option.key, multiple=True, metavar="TEXT", help=help)
-    if option.choices:
+    if option.metavar:
+        metavar = option.metavar
+    elif option.choices:
         metavar = "[" + "|".join(option.choices) + "]"
     elif option.type is tuple:
         metavar = "X1,X2,..."
@@ -255,13 +257,13 @@ class Renderer:
         if self.color:
             names = ", ".join(click.style(n, fg=c, underline=True) for n, c in self.colors.items())
             return f"ensembled tokens in the colour of the member that won them: {names}"
-        return "[text|member]: a token the ensemble chose, and the member that won it"
+        return "[text|member]: a token the ensemble chose, and the member that won it (route: wrote it)"
 
     def write(self, event: Event) -> None:
         text = event.text
         if not text:
             return
-        if self.show and event.kind == "ensemble":
+        if self.show and event.kind in ("ensemble", "route"):  # route: every token, in its expert's colour
             text = (click.style(text, fg=self.colors.get(event.winner or ""), underline=True) if self.color
                     else f"[{text}|{event.winner}]")
         click.echo(text, nl=False, color=self.color)
@@ -279,6 +281,9 @@ def footer(result: GenerationResult, calibration: Calibration | None = None) -> 
     parts = [f"{s.tokens} tokens", f"{s.tokens_per_second:.1f} tok/s", f"E/T {s.ensembled_fraction:.2f}"]
     if s.draft_acceptance_rate is not None:
         parts.append(f"drafts accepted {s.draft_acceptance_rate:.0%}")
+    if s.routed_tokens and sum(s.routed_tokens.values()):
+        total = sum(s.routed_tokens.values())
+        parts.append("written by " + ", ".join(f"{n} {c / total:.0%}" for n, c in s.routed_tokens.items()))
     parts.append(s.policy)
     if result.finish_reason == "length":
         parts.append("cut at max tokens or context")
@@ -893,22 +898,25 @@ _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown=
 @click.option("--configs", default=None, metavar="LIST",
               help="Comma-separated configurations: single (each member alone), single:<member>, every-token, "
                    "safe (faithful), safe-gated; branching (named only): parallel, eager, eager-adapt, "
-                   "eager-ensemble (M = 8 at temperature 0.6) [default: all but the branching ones].")
+                   "eager-ensemble (M = 8 at temperature 0.6); with --head: route (fitted beta), route-b0 "
+                   "[default: all but the branching ones].")
+@click.option("--head", type=click.Path(dir_okay=False), default=None,
+              help="A route head (`edge-ensemble route train`): adds the route and route-b0 configurations.")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset order).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Number of items [default: the development slice].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Results directory [default: results/<preset or members>].")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot (no matplotlib needed).")
 @_eval_options
-def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, start: int,
-                 limit: int | None, out_dir: str | None, no_plot: bool, options: dict[str, Any]) -> None:
+def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, head: str | None,
+                 start: int, limit: int | None, out_dir: str | None, no_plot: bool, options: dict[str, Any]) -> None:
     """Score each member alone and the ensemble policies on TASK; resumable.
 
     Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
     then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, seconds per answer, E/T, share of
     answers stopped by the token budget, paired comparisons with each member alone) and OUT/summary.png.
     """
-    from .eval.configs import BRANCH_CONFIGS, build_configs
+    from .eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs
     from .eval.report import load_records, write_report
     from .eval.runner import results_path, run_eval
     from .eval.tasks import get_task
@@ -926,10 +934,12 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     if branching and task == "humaneval":
         raise UsageError(f"{', '.join(branching)} vote over extracted answers, and humaneval has no answer to "
                          "extract; use gsm8k, arc-challenge or math-500")
-    engine_configs, ensembles = build_configs(specs, names, base)
+    if head is None and set(names or ()) & set(ROUTE_CONFIGS):
+        raise UsageError(NEEDS_HEAD)  # before any model loads
+    engine_configs, ensembles = build_configs(specs, names, base, head)
     if not engine_configs:
         raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated,"
-                         f" {', '.join(BRANCH_CONFIGS)}")
+                         f" {', '.join(BRANCH_CONFIGS)}, {', '.join(ROUTE_CONFIGS)}")
     try:
         run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens)
     finally:
@@ -1032,6 +1042,75 @@ def _calibration_report(result: Any, out: Path, *, plot: bool) -> None:
         _note("plot skipped: matplotlib is not installed (pip install 'edge-ensemble[eval]')")
         return
     plot_accuracy_vs_speed(summaries, out / "calibrate.png")
+
+
+# -- route ------------------------------------------------------------------------------------------------
+
+
+@cli.group()
+def route() -> None:
+    """FusionRoute: train the selection head that `--policy route --head FILE` reads."""
+
+
+_ROUTE_LOAD = (LOAD["n_ctx"], LOAD["n_threads"])
+
+
+@route.command("train")
+@click.option("-p", "--preset", help="The experts: a preset's members, in order [default: coder].")
+@click.option("-m", "--model", "members", multiple=True, metavar="MODEL", help="An expert (repeat it); replaces "
+              "--preset.")
+@click.option("--router", default="qwen2.5-coder-0.5b-instruct", show_default=True, metavar="MODEL",
+              help="The model whose hidden state the head reads (it may be one of the experts: one decode serves both).")
+@click.option("--gsm8k", "n_gsm8k", type=click.IntRange(0, 600), default=600, show_default=True,
+              help="GSM8K test items, from item 200 on (0-199 are the evaluation slices).")
+@click.option("--mbpp", "n_mbpp", type=click.IntRange(0, 500), default=500, show_default=True,
+              help="MBPP test problems, from the first.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="The head file [default: route-head-<preset or experts>.npz]; the report goes beside it (.md).")
+@click.option("--cache", "cache", type=click.Path(file_okay=False), default=None,
+              help="Feature cache (one file per item; a rerun reuses it) [default: <cache dir>/route-features].")
+@click.option("--seed", type=click.IntRange(0, 2**31 - 1), default=0, show_default=True,
+              help="Seed of the train / held-out / test split.")
+@click.option("--l2", type=click.FloatRange(min=0.0), default=None,
+              help="L2 weight of the fit [default: the best on the held-out items of 0.01 ... 100].")
+@_declared_flags(_ROUTE_LOAD, "options", defaults=False, shown={"n_ctx": "2048"})
+def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm8k: int, n_mbpp: int,
+                out: str | None, cache: str | None, seed: int, l2: float | None, options: dict[str, Any]) -> None:
+    """Teacher-force reference solutions through every expert, then fit the head and beta; resumable.
+
+    Keeps the positions where exactly one expert's top token is the reference token, fits a multinomial
+    logistic regression on the router's hidden state there (held-out early stopping), fits beta (the
+    weight of the router's own log-probabilities), writes OUT and OUT.md and prints the report.
+    """
+    from .route_train import train_router
+
+    if preset and members:
+        raise UsageError("give either --preset or --model, not both")
+    catalog = _catalog()
+    experts = list(members) or list(catalog.preset(preset or "coder").members)
+    label = preset or ("-".join(Path(m).stem for m in members) if members else "coder")
+    target = Path(out or f"route-head-{label}.npz")
+    result = train_router(experts, router, target, gsm8k=n_gsm8k, mbpp=n_mbpp, seed=seed, l2=l2,
+                          n_ctx=options.get("n_ctx", 2048), n_threads=options.get("n_threads"),
+                          cache_dir=Path(cache) if cache else None, progress=_route_progress())
+    click.echo(result.markdown(), nl=False)
+    _note(f"head: {target} (report: {target}.md); use it with --policy route --head {target}")
+
+
+def _route_progress() -> Callable[[int, int, int, float], None]:
+    """Progress of the feature build on stderr: items done, decoded this run, seconds per item, ETA."""
+    tty = sys.stderr.isatty()
+
+    def show(done: int, total: int, decoded: int, seconds: float) -> None:
+        if not (tty or done == total or done % 25 == 0):
+            return
+        rate = seconds / decoded if decoded else 0.0
+        eta = rate * (total - done)
+        line = (f"route train: {done}/{total} items ({decoded} decoded, {done - decoded} from the cache), "
+                f"{rate:.1f} s/item, ETA {int(eta // 60)} min {int(eta % 60):02d} s")
+        click.echo(("\r" + line + " " * 4) if tty else line, err=True, nl=not tty or done == total)
+
+    return show
 
 
 if __name__ == "__main__":  # pragma: no cover  (last: every command, eval included, is registered by now)

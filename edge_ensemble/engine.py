@@ -26,7 +26,7 @@ from .policies import ContextFull, PolicyConfig, make_policy
 class Span:
     """A stretch of the answer and where it came from."""
 
-    kind: str  # "draft" | "ensemble" | "single"
+    kind: str  # "draft" | "ensemble" | "single" | "route" (winner: the expert that wrote it)
     text: str
     winner: str | None = None
 
@@ -57,6 +57,9 @@ class GenerationStats:
     peak_memory_mb: float = 0.0
     branches: int = 0  # answers a branching policy (eager) generated; 0 for the others
     generated_tokens: int = 0  # tokens decoded across all branches, shared prefixes once (eager); ``tokens``: the chosen one's
+    routed_tokens: dict[str, int] = field(default_factory=dict)  # route: tokens each expert wrote
+    catch_up_tokens: int = 0  # route: lagging tokens experts fed in bulk when chosen again
+    catch_up_seconds: float = 0.0  # route: time of those catch-up decodes
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -279,6 +282,9 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     stats.overridden_tokens = ps.overrides
     stats.verification_calls = ps.verification_calls
     stats.unreliable_positions = ps.unreliable
+    stats.routed_tokens = dict(ps.routed)
+    stats.catch_up_tokens = ps.catch_up_tokens
+    stats.catch_up_seconds = round(ps.catch_up_seconds, 4)
     stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
     stats.member_decode_seconds = {lane.name: round(lane.decode_seconds - prefill_seconds[lane.name], 4) for lane in lanes}
     stats.member_decoded_tokens = {lane.name: lane.decoded_tokens - prefill_tokens[lane.name] for lane in lanes}
@@ -343,8 +349,9 @@ def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, o
 
 
 def _add_span(spans: list[Span], kind: str, data: bytes, winner: str | None) -> None:
-    # Consecutive drafted tokens form one span; every ensembled token is its own span.
-    if spans and kind != "ensemble" and spans[-1].kind == kind and isinstance(spans[-1].text, bytes):
+    # Consecutive drafted tokens (routed tokens of one expert) form one span; every ensembled token is its own.
+    if (spans and kind != "ensemble" and spans[-1].kind == kind and spans[-1].winner == winner
+            and isinstance(spans[-1].text, bytes)):
         spans[-1].text += data  # type: ignore[operator]
     else:
         spans.append(Span(kind, data, winner))  # type: ignore[arg-type]

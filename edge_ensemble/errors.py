@@ -31,6 +31,10 @@ class IncompatibleMembersError(EdgeEnsembleError):
     """Members that cannot be combined into one ensemble (the message says why)."""
 
 
+class HeadFileError(EdgeEnsembleError):
+    """A route head file that is missing, corrupt, or made for other models (the fix: `route train`)."""
+
+
 class ContextOverflowError(EdgeEnsembleError):
     """A prompt does not fit in a member's context window."""
 

@@ -204,6 +204,14 @@ class Lane:
         self._count(t0, n)
         return dists
 
+    def feed_hidden(self, target: Sequence[int], temperature: float = 1.0) -> tuple[Dist, np.ndarray]:
+        """:meth:`feed` with the distribution and the last hidden state at the last row (a local backend loaded
+        with hidden states: a router)."""
+        t0 = time.perf_counter()
+        dist, hidden, n = self.backend.feed_hidden(self.seq, target, temperature)  # type: ignore[attr-defined]
+        self._count(t0, n)
+        return dist, hidden
+
     def step(self, token: int, temperature: float = 1.0) -> Dist:
         """Append one token; the distribution of the next one."""
         t0 = time.perf_counter()

@@ -42,6 +42,7 @@ class Option:
     alias: str = ""  # the config key and flag when they differ from the name (n_threads -> threads)
     shown_default: str = ""  # how --help shows a default that is not a plain value ("all cores")
     cli: bool = True  # False: an API-only option, without flag or config key
+    metavar: str = ""  # how --help names the value when not by its type (FILE)
 
     @property
     def key(self) -> str:

@@ -15,6 +15,7 @@ larger batch (llama.cpp sums in a different order); the tests check that the ans
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
@@ -123,8 +124,13 @@ class SharedBackend:
         self.inner = inner
         self.rounds = rounds
 
-    def __getattr__(self, name: str) -> Any:  # name, n_vocab, n_ctx, token_bytes, eog_ids, model, ...
-        return getattr(self.inner, name)
+    def __getattr__(self, name: str) -> Any:
+        """Facts (name, n_vocab, n_ctx, token_bytes, eog_ids, model, ...) straight from the wrapped backend; any
+        method not named below (e.g. the router's ``feed_hidden``) serialized with the rounds, not batched."""
+        attr = getattr(self.inner, name)
+        if callable(attr) and not isinstance(attr, type):
+            return functools.partial(self.rounds.call, attr)
+        return attr
 
     # -- serialized ------------------------------------------------------------------------------------------
 

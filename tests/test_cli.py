@@ -317,7 +317,7 @@ def test_bad_models(tiny_bpe: Path, tmp_path: Path) -> None:
     (["--weights", "1,2,3"], "--weights: give one per member (2); got 3"),
     (["--weights", "1,x"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got '1,x'"),
     (["--weights", "1,0"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got (1.0, 0.0)"),
-    (["--policy", "fast"], "--policy must be one of single, every-token, safe, eager; got 'fast'"),
+    (["--policy", "fast"], "--policy must be one of single, every-token, safe, eager, route; got 'fast'"),
     (["--no-such-option"], "No such option"),
     (["-p", "tiny"], "give either --preset or --model, not both"),
 ])
@@ -346,7 +346,7 @@ def test_empty_stdin(model_args: list[str]) -> None:
     ('draft_len = "five"\n', ["draft_len must be a whole number between 1 and 64; got 'five'"]),
     ("top_k_union = 5\n", ["unknown key 'top_k_union'"]),
     ("weights = [2, 1, 1]\n", ["weights: give one per member (2); got 3"]),
-    ('policy = "fast"\n', ["policy must be one of single, every-token, safe, eager; got 'fast'"]),
+    ('policy = "fast"\n', ["policy must be one of single, every-token, safe, eager, route; got 'fast'"]),
     ("members = []\n", ["members must be a non-empty list"]),
     ("gate = [\n", ["is not valid TOML"]),
 ])

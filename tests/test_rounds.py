@@ -117,3 +117,14 @@ def test_real_model_answers_decoded_together_equal_each_alone(real_models, llama
         alone = [ens.generate(**c) for c in calls]
         assert [r.text for r in together] == [r.text for r in alone]
         assert rounds.decodes >= 2 * rounds.rounds
+
+
+def test_backend_calls_outside_the_batch_are_serialized_with_the_rounds(pair):
+    """A method the wrapper does not batch (e.g. the router's feed_hidden) still never runs beside a round."""
+    import functools
+
+    with pair.decode_together() as rounds:
+        backend = pair._members[0].backend
+        call = backend.feed_hidden
+        assert isinstance(call, functools.partial) and call.func == rounds.call
+        assert backend.n_vocab == backend.inner.n_vocab  # facts are read straight through

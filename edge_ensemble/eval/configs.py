@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ..api import Ensemble, EnsembleConfig
+from ..errors import UsageError
 
 ENSEMBLE_CONFIGS = {
     # name: (policy, gate)
@@ -19,6 +20,9 @@ ENSEMBLE_CONFIGS = {
     "safe": ("safe", None),
     "safe-gated": ("safe", 0.5),
 }
+# FusionRoute over every member with a trained head (--head): beta as fitted, and pure routing.
+ROUTE_CONFIGS: dict[str, float | None] = {"route": None, "route-b0": 0.0}
+NEEDS_HEAD = "the route configurations need a head: --head FILE (train one with `edge-ensemble route train`)"
 # Branching configurations over the drafter alone (eager-ensemble: over every member), at the authors'
 # temperature. M = BRANCHES answers per item; "parallel" samples them independently in one batch.
 BRANCHES = 8
@@ -93,6 +97,9 @@ def _record_of(result: Any) -> dict[str, Any]:
     out = {"text": result.text, "tokens": s.tokens, "seconds": s.generation_seconds + s.prompt_seconds,
            "prompt_seconds": s.prompt_seconds, "ensembled_fraction": s.ensembled_fraction,
            "finish_reason": result.finish_reason}
+    if s.routed_tokens:
+        out["routed_tokens"] = dict(s.routed_tokens)
+        out["catch_up_tokens"], out["catch_up_seconds"] = s.catch_up_tokens, s.catch_up_seconds
     if result.branches:
         out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
                             "origin": b.origin, "forked_at": b.forked_at, "votes": b.votes, "chosen": b.chosen}
@@ -101,9 +108,11 @@ def _record_of(result: Any) -> dict[str, Any]:
     return out
 
 
-def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig) -> tuple[list[EngineConfig], list[Ensemble]]:
+def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig,
+                  head: str | None = None) -> tuple[list[EngineConfig], list[Ensemble]]:
     """The requested configurations (all when ``names`` is None): ``single:<member>`` for each member, then
-    every-token, safe (faithful) and safe-gated. Returns them and the ensembles to close afterwards."""
+    every-token, safe (faithful) and safe-gated, and with a route ``head`` route (its fitted beta) and route-b0
+    (beta 0). Returns them and the ensembles to close afterwards."""
     ensembles: list[Ensemble] = []
     configs: list[EngineConfig] = []
     wanted = list(names) if names else None
@@ -125,6 +134,9 @@ def build_configs(members: Sequence[str], names: Sequence[str] | None, base: Ens
                 ensembles.append(full)
             cfg = replace(base, policy=policy, gate=gate).validate(len(members))
             configs.append(EngineConfig(name, full, cfg))
+        routes = [n for n in ROUTE_CONFIGS if (wanted is None and head is not None) or (wanted and n in wanted)]
+        if routes:
+            configs += _route_configs(members, routes, base, head, ensembles)
         branching = [n for n in BRANCH_CONFIGS if wanted is not None and n in wanted]
         if branching:
             configs += _branch_configs(members, branching, base, ensembles)
@@ -153,3 +165,16 @@ def _branch_configs(members: Sequence[str], names: Sequence[str], base: Ensemble
         out.append(EngineConfig(name, loaded[n], cfg, sampling={"temperature": BRANCH_TEMPERATURE},
                                 adapt=name == "eager-adapt"))
     return out
+
+
+def _route_configs(members: Sequence[str], names: Sequence[str], base: EnsembleConfig, head: str | None,
+                   ensembles: list[Ensemble]) -> list[EngineConfig]:
+    """The route configurations over one route-loaded ensemble of every member (its router gives hidden
+    states, which the other ensembles' contexts do not pay for)."""
+    if head is None:
+        raise UsageError(NEEDS_HEAD)
+    cfg = replace(base, policy="route", head=head).validate(len(members))
+    routed = Ensemble(list(members), config=cfg, progress=True)
+    ensembles.append(routed)
+    return [EngineConfig(name, routed, replace(cfg, beta=ROUTE_CONFIGS[name]).validate(len(members)))
+            for name in names]

@@ -256,7 +256,8 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "harness_version": HARNESS_VERSION,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "settings"):
+    for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "settings", "routed_tokens",
+                     "catch_up_tokens", "catch_up_seconds"):
         if result.get(optional) is not None:
             record[optional] = result[optional]
     if result.get("branches"):  # cons@M is the voted answer's score; pass@M: any branch right

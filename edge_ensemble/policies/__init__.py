@@ -17,13 +17,16 @@ from ..options import Option, by_name, with_options
 from .base import ContextFull, Piece, Policy, PolicyStats
 from .eager import EagerConfig, EagerRun
 from .every_token import EveryTokenPolicy
+from .route import RoutePolicy
 from .safe import SafePolicy
 from .single import SinglePolicy
 
-POLICIES = {"single": SinglePolicy, "every-token": EveryTokenPolicy, "safe": SafePolicy, "eager": EagerRun}
+POLICIES = {"single": SinglePolicy, "every-token": EveryTokenPolicy, "safe": SafePolicy, "eager": EagerRun,
+            "route": RoutePolicy}
 
 POLICY = Option("policy", str, "safe", "single: the first member alone; every-token: all members choose every "
-                "token; safe: the drafter writes, the others verify; eager: branch at uncertain tokens, then vote.", choices=tuple(POLICIES))
+                "token; safe: the drafter writes, the others verify; eager: branch at uncertain tokens, then vote; "
+                "route: a trained head picks the member that writes each token (FusionRoute).", choices=tuple(POLICIES))
 # Every policy's options, each once, in the order the policies declare them.
 POLICY_OPTIONS: dict[str, Option] = by_name(o for cls in POLICIES.values() for o in cls.options)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
 
 import numpy as np
@@ -50,6 +50,10 @@ class PolicyStats:
     verification_calls: int = 0
     verified_positions: int = 0
     unreliable: int = 0  # positions to check that no verifier could be asked about reliably
+    routed: dict[str, int] = field(default_factory=dict)  # route: tokens each expert wrote
+    catch_up_tokens: int = 0  # route: lagging tokens an expert fed in bulk when chosen again
+    catch_up_calls: int = 0
+    catch_up_seconds: float = 0.0
 
 
 class Policy(Protocol):

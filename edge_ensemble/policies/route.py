@@ -1,0 +1,181 @@
+"""`route`: FusionRoute's token-level routing (../shared/research/eager-fusionroute.md), with a head trained by
+``edge-ensemble route train`` (:mod:`edge_ensemble.route_train`).
+
+Per token:
+1. the router decodes the last accepted token and gives its next-token logits and its last hidden state h;
+2. the head picks expert I = argmax(W·h + b);
+3. only expert I produces logits at this position: an expert that was not chosen lately lags behind the text and
+   catches up in one bulk decode when it is chosen again (SAFE's lazy catch-up); the router itself, when it is
+   also an expert, needs no second decode;
+4. the token is the argmax (or a sample) of log π_I + β·log π_router; β = 0 is pure routing.
+
+With ``overlap`` the router's step and the step of the expert chosen last (other than the router) run at the same
+time in two threads: both read the same new token, so on two cores a token costs about the slower of the two
+instead of their sum, and that expert is ready if it is chosen again.
+
+The router and every expert must share one tokenizer (token ids): the sum of log-probabilities is taken id by
+id, and the head was trained on positions of one tokenization. Which member is the router and which are the
+experts comes from the head file (the sha256 of their GGUF files), not from the member order.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from ..dist import FullDist
+from ..errors import UsageError
+from ..member import Lane
+from ..options import Option
+from ..routing import RouterHead, file_sha256, load_head
+from .base import ContextFull, Piece, PolicyBase
+
+HEAD = Option("head", str, None, "The selection head (.npz) `edge-ensemble route train` wrote for these models.",
+              shown_default="none", metavar="FILE")
+BETA = Option("beta", float, None, "Weight of the router's own log-probabilities added to the chosen expert's; "
+              "0 = pure routing.", range=(0.0, 20.0), shown_default="the head's fitted value")
+OVERLAP = Option("overlap", bool, False, "Decode each token with the router and the expert chosen last at the same "
+                 "time, in two threads (for two or more cores: give each model half of them, e.g. --threads 1 on 2).")
+
+NEEDS_HEAD = "policy route needs a head: --head FILE (head= in the API); train one with `edge-ensemble route train`"
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - float(logits.max())
+    return z - np.log(np.exp(z).sum())
+
+
+def combine(expert_logits: np.ndarray, router_logits: np.ndarray, beta: float) -> np.ndarray:
+    """log π_expert + β·log π_router (unnormalised: a softmax of it is the combined distribution)."""
+    return log_softmax(expert_logits) + beta * log_softmax(router_logits)
+
+
+def head_roles(head: RouterHead, lanes: list[Lane], where: str) -> tuple[int, list[int]]:
+    """The router's and the experts' lane indices (by GGUF sha256), checked against the head."""
+    paths = []
+    for lane in lanes:
+        model = getattr(lane.backend, "model", None)
+        if model is None or not hasattr(lane.backend, "feed_hidden"):
+            raise UsageError(f"policy route runs local models only; {lane.name} is not one")
+        paths.append(model.path)
+    return head.roles([file_sha256(p) for p in paths], [lane.name for lane in lanes], where)
+
+
+class RoutePolicy(PolicyBase):
+    """One expert writes each token, chosen by the head from the router's hidden state."""
+
+    options = (HEAD, BETA, OVERLAP)
+
+    def __init__(self, lanes, config, sampling, rng) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(lanes, config, sampling, rng)
+        if config.head is None:
+            raise UsageError(NEEDS_HEAD)
+        if not self.by_id:
+            raise UsageError("policy route needs the router and every expert to share one tokenizer (as the `coder`"
+                             " preset does): routing across tokenizers is not supported")
+        self.head = load_head(config.head)
+        where = f"route head {config.head}"
+        r, experts = head_roles(self.head, self.lanes, where)
+        self.router = self.lanes[r]
+        self.experts = [self.lanes[i] for i in experts]
+        if not self.router.backend.hidden_states:  # type: ignore[attr-defined]
+            raise UsageError(f"policy route needs the router ({self.router.name}) loaded with hidden states: create"
+                             " the Ensemble with policy='route' and head=FILE (the CLI does)")
+        self.head.check_hidden_size(self.router.member.model.n_embd, self.router.name, where)
+        self.beta = self.head.beta if config.beta is None else config.beta
+        self.stats.routed = {lane.name: 0 for lane in self.experts}
+        # overlap: the expert (other than the router) that decodes each new token alongside the router
+        self.follow = next((e for e in self.experts if e.backend is not self.router.backend), None)
+
+    def start(self) -> None:
+        self.tokens: list[int] = []  # accepted tokens after the prompt (shared ids)
+        # Each expert's prompt is prefilled now, in one pass with its last row read as plain decoding does (a
+        # different batch split would change the logits slightly, and with them near-tie greedy choices); that
+        # row serves the first token if the expert is chosen for it.
+        self.ready: dict[int, object] = {}
+        for e in self.experts:
+            if e.backend is not self.router.backend and id(e.backend) not in self.ready:
+                row = len(e.prompt) - 1
+                self.ready[id(e.backend)] = e.feed(e.prompt, rows=[row])[row]
+        self.pending = self._route_step()
+
+    def _route_step(self) -> tuple[FullDist, np.ndarray]:
+        """The router's distribution and hidden state after prompt + accepted tokens (one decode of the last)."""
+        target = self.router.prompt + self.tokens
+        if len(target) >= self.router.backend.n_ctx:
+            raise ContextFull
+        return self.router.feed_hidden(target)  # type: ignore[return-value]
+
+    def _expert_logits(self, expert: Lane, router_dist: FullDist) -> np.ndarray:
+        """Expert's next-token logits after the text: the router's own when it is that model; else the expert
+        brings its cache up to the text in one decode (logits at the last row only)."""
+        if expert.backend is self.router.backend:
+            return router_dist.logits
+        if id(expert.backend) in self.ready:
+            return self.ready[id(expert.backend)].logits  # type: ignore[attr-defined]
+        t0, before = time.perf_counter(), expert.decoded_tokens
+        dist = self._catch_up(expert)
+        fed = expert.decoded_tokens - before
+        if fed > 1:  # more than the one new token: it lagged
+            self.stats.catch_up_calls += 1
+            self.stats.catch_up_tokens += fed - 1
+            self.stats.catch_up_seconds += time.perf_counter() - t0
+        return dist.logits  # type: ignore[attr-defined]
+
+    def _catch_up(self, expert: Lane):  # type: ignore[no-untyped-def]
+        """The expert's distribution after the text, its cache brought up to it in one decode (temperature 1:
+        the distributions are combined first)."""
+        target = expert.prompt + self.tokens
+        if len(target) >= expert.backend.n_ctx:
+            raise ContextFull
+        return expert.feed(target, rows=[len(target) - 1])[len(target) - 1]
+
+    def _advance(self) -> None:
+        """After a token: the router's next step, and with ``overlap`` the followed expert's step on the same
+        token at the same time (separate llama.cpp contexts; the decode calls release the GIL). Both are done
+        when this returns, so no decode outlives the step."""
+        follow = self.follow if self.config.overlap else None
+        if follow is None:
+            self.pending = self._route_step()
+            return
+        out: dict[str, object] = {}
+
+        def work() -> None:
+            try:
+                out["dist"] = self._catch_up(follow)
+            except BaseException as e:  # re-raised in the policy's thread
+                out["error"] = e
+
+        worker = threading.Thread(target=work, name="route-expert", daemon=True)
+        worker.start()
+        try:
+            self.pending = self._route_step()
+        finally:
+            worker.join()
+        if "error" in out:
+            raise out["error"]  # type: ignore[misc]
+        self.ready[id(follow.backend)] = out["dist"]
+
+    def step(self, budget: int) -> list[Piece]:
+        router_dist, hidden = self.pending
+        i = self.head.select(hidden)
+        expert = self.experts[i]
+        logits = self._expert_logits(expert, router_dist)
+        # The router as the chosen expert: log π + β log π would only sharpen its own distribution.
+        beta = 0.0 if expert.backend is self.router.backend else self.beta
+        dist = FullDist(logits if beta == 0.0 else combine(logits, router_dist.logits, beta).astype(np.float32),
+                        self.temperature)
+        tok = self.pick(dist)
+        self.stats.routed[expert.name] += 1
+        if expert.backend is not self.router.backend:
+            self.follow = expert
+        if expert.member.is_eog(tok):
+            return [Piece(b"", "route", expert.name, end=True)]
+        if self.router.room < 1:
+            raise ContextFull
+        self.tokens.append(tok)
+        self.ready = {}
+        self._advance()
+        return [Piece(expert.member.token_bytes(tok), "route", expert.name)]
