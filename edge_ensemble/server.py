@@ -351,7 +351,6 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
-    driven: bool = False  # a thread of its own makes it (answers decoded together)
 
     def post(self, kind: str, value: Any = None) -> None:
         """Hand an item to the request's event loop (from the worker thread)."""
@@ -362,18 +361,17 @@ class Job:
 
 
 class Worker:
-    """A thread that makes the answers: up to ``parallel`` at once, in the order they were submitted.
+    """Makes the answers: up to ``parallel`` at once, in the order they were submitted.
 
-    Without ``rounds`` they are advanced round-robin one event (one policy step) each, all in this one thread
-    (the ensemble's own rule: one thread, up to ``parallel`` open streams). With ``rounds`` (from
-    :meth:`Ensemble.decode_together`) each running answer has a thread of its own taking part in the rounds,
-    so that their decodes are batched."""
+    Without ``rounds`` one thread advances them round-robin, one event (one policy step) each (the ensemble's own
+    rule: one thread, up to ``parallel`` open streams). With ``rounds`` (from :meth:`Ensemble.decode_together`)
+    ``parallel`` long-lived threads each take the next request and make it while taking part in the rounds, so
+    that the running answers' decodes are batched."""
 
     def __init__(self, max_queue: int, parallel: int = 1, rounds: "DecodeRounds | None" = None) -> None:
         self.max_queue = max_queue
         self.parallel = parallel
         self.rounds = rounds
-        self._drivers: list[threading.Thread] = []
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._active: list[Job] = []
@@ -381,8 +379,13 @@ class Worker:
         self._seconds = 5.0  # a running mean of answer times, for Retry-After
         self.served = 0
         self.cancelled = 0
-        self._thread = threading.Thread(target=self._loop, name="edge-ensemble-worker", daemon=True)
-        self._thread.start()
+        if rounds is None:
+            self._threads = [threading.Thread(target=self._loop, name="edge-ensemble-worker", daemon=True)]
+        else:
+            self._threads = [threading.Thread(target=self._drive, name=f"edge-ensemble-answer-{i}", daemon=True)
+                             for i in range(parallel)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; raise :class:`QueueFull` when every lane is busy and ``max_queue`` requests already
@@ -407,73 +410,63 @@ class Worker:
         return out
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel every queued and running answer and end the thread."""
+        """Cancel every queued and running answer and end the threads."""
         with self._cond:
             self._stopping = True
             for job in [*self._waiting, *self._active]:
                 job.cancelled.set()
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _refuse_waiting(self) -> None:
+        """With the lock held, at shutdown: answer every queued request 503."""
+        for job in self._waiting:
+            job.events.close()
+            job.post("error", ApiError(503, "the server is shutting down", type="server_error"))
+        self._waiting.clear()
 
     def _loop(self) -> None:
+        """The one thread of the interleaved mode."""
         while True:
             with self._cond:
                 while not self._waiting and not self._active and not self._stopping:
                     self._cond.wait()
-                ending = self._stopping
-                if ending:
-                    for job in self._waiting:
-                        job.events.close()
-                        job.post("error", ApiError(503, "the server is shutting down", type="server_error"))
-                    self._waiting.clear()
+                if self._stopping:
+                    self._refuse_waiting()
                     stopping, self._active = self._active, []
-                else:
-                    stopping = []
-                    while self._waiting and len(self._active) < self.parallel:
-                        job = self._waiting.popleft()
-                        job.started = time.monotonic()
-                        self._active.append(job)
-                    jobs = list(self._active)
-            if ending:
-                if self.rounds is not None:  # each driver closes its own answer (cancelled above)
-                    for thread in self._drivers:
-                        thread.join()
-                    return
-                for job in stopping:  # their generators are closed here, in the thread that runs them
-                    self._finish(job, finished=False)
-                return
-            if self.rounds is not None:
-                self._start_drivers(jobs)
-                continue
+                    break
+                while self._waiting and len(self._active) < self.parallel:
+                    job = self._waiting.popleft()
+                    job.started = time.monotonic()
+                    self._active.append(job)
+                jobs = list(self._active)
             for job in jobs:  # one round: one event of each active answer
                 if not self._step(job):
                     with self._cond:
                         self._active.remove(job)
+        for job in stopping:  # their generators are closed here, in the thread that runs them
+            self._finish(job, finished=False)
 
-    def _start_drivers(self, jobs: list[Job]) -> None:
-        """A thread for each newly started answer; then wait until an answer ends, one arrives, or stop."""
-        with self._cond:
-            for job in jobs:
-                if not job.driven:
-                    job.driven = True
-                    thread = threading.Thread(target=self._drive, args=(job,), name="edge-ensemble-answer",
-                                              daemon=True)
-                    self._drivers = [t for t in self._drivers if t.is_alive()] + [thread]
-                    thread.start()
-            while (not self._stopping and len(self._active) == len(jobs)
-                   and not (self._waiting and len(self._active) < self.parallel)):
-                self._cond.wait()
-
-    def _drive(self, job: Job) -> None:
-        """One answer from start to end, its decodes in the worker's rounds."""
+    def _drive(self) -> None:
+        """One of the threads of the batched mode: the next request, made from start to end in the rounds."""
         assert self.rounds is not None
-        with self.rounds.taking_part():
-            while self._step(job):
-                pass
-        with self._cond:
-            if job in self._active:
-                self._active.remove(job)
-            self._cond.notify_all()
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    self._refuse_waiting()
+                    return
+                job = self._waiting.popleft()
+                job.started = time.monotonic()
+                self._active.append(job)
+            with self.rounds.taking_part():  # only while it makes an answer: the rounds never wait for an idle one
+                while self._step(job):
+                    pass
+            with self._cond:
+                if job in self._active:
+                    self._active.remove(job)
 
     def _step(self, job: Job) -> bool:
         """Advance ``job`` by one event; False once it is over (finished, failed or cancelled)."""
