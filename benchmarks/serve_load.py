@@ -196,8 +196,9 @@ def main() -> None:
                     rnd = run_round(port, clients, args.requests, args.max_tokens, offset=i)
                     rnd.rss_mb = rss_mb(proc.pid)
                     rounds.append(rnd)
-                batched = health(port).get("batched")  # answers per llama_decode, over the server's life
-                per_round = batched["decodes"] / batched["rounds"] if batched and batched["rounds"] else None
+                batched = health(port).get("batched")  # answers per batched decode, over the server's life
+                per_round = (batched["answers_served"] / batched["llama_decodes"]
+                             if batched and batched["llama_decodes"] else None)
             finally:
                 proc.terminate()
                 proc.wait(30)

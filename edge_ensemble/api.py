@@ -29,7 +29,7 @@ from .options import GENERATION, LOAD, Option, check_names, replace_checked, val
 from .policies import POLICY, POLICY_OPTIONS, PolicyConfig
 from .policies.safe import DRAFT_LEN
 from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
-from .rounds import DecodeRounds, SharedBackend
+from .rounds import DecodeRounds, LockedBackend, SharedBackend
 from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
 from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
@@ -304,22 +304,27 @@ class Ensemble:
 
         While the block runs, threads inside ``rounds.taking_part()`` hold the ensemble as one: together they may
         have up to ``parallel`` streams open, and the decodes they ask for at the same moment go to llama.cpp as
-        one ``llama_decode`` per model (:mod:`edge_ensemble.rounds`). Remote members are called as usual."""
+        one ``llama_decode`` per model (:mod:`edge_ensemble.rounds`); a remote member's calls are serialized instead.
+        On leaving the block it waits for the threads still taking part."""
         rounds = DecodeRounds()
         with self._turn_cond:
             if self._rounds is not None:
                 raise BusyError("this ensemble already decodes answers together (one decode_together at a time)")
+            if self._turn_owner == threading.get_ident():
+                raise BusyError("this thread is streaming answers of this ensemble; close them before "
+                                "decode_together()")
             while self._turn_owner is not None:
                 self._turn_cond.wait()
             self._rounds = rounds
             originals = [m.backend for m in self._members]
-            shared: dict[int, SharedBackend] = {}
+            wrapped: dict[int, object] = {}  # one wrapper per backend: twins stay twins
             for m in self._members:
-                if isinstance(m.backend, LocalBackend):  # one wrapper per model: twins stay twins
-                    m.backend = shared.setdefault(id(m.backend), SharedBackend(m.backend, rounds))
+                wrap = (lambda b: SharedBackend(b, rounds)) if isinstance(m.backend, LocalBackend) else LockedBackend
+                m.backend = wrapped.setdefault(id(m.backend), wrap(m.backend))  # type: ignore[assignment]
         try:
             yield rounds
         finally:
+            rounds.wait_idle()  # the threads of the rounds are done before their backends change under them
             with self._turn_cond:
                 for m, backend in zip(self._members, originals):
                     m.backend = backend

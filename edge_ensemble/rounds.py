@@ -8,6 +8,9 @@ at the rows it asked for); every thread goes on with its own rows. The other bac
 facts, tokenizing) are serialized with the rounds, so one llama.cpp context is never used by two threads at
 once.
 
+A member that is not local (``server:``) cannot join a round; its calls are serialized on a lock of its own
+(:class:`LockedBackend`).
+
 A greedy answer decoded in a round equals the same answer decoded alone up to the floating-point noise of a
 larger batch (llama.cpp sums in a different order); the tests check that the answers themselves are equal.
 """
@@ -49,26 +52,38 @@ class DecodeRounds:
         self._waiting: list[_Waiting] = []
         self._local = threading.local()
         self.rounds = 0  # rounds decoded
-        self.decodes = 0  # decodes asked for in them (one thread's feed = one); decodes / rounds = batching
+        self.batches = 0  # feed_many calls made for them (one per model per round)
+        self.served = 0  # thread decodes those calls served; served / batches = answers per llama_decode
 
     @contextlib.contextmanager
     def taking_part(self) -> Iterator[None]:
-        """Make the calling thread one of those a round waits for, until the block ends."""
-        with self._cond:
-            self._taking_part += 1
-        self._local.part = True
+        """Make the calling thread one of those a round waits for, until the block ends (nested blocks count
+        once)."""
+        depth = getattr(self._local, "depth", 0)
+        if depth == 0:
+            with self._cond:
+                self._taking_part += 1
+        self._local.depth = depth + 1
         try:
             yield
         finally:
-            self._local.part = False
-            with self._cond:
-                self._taking_part -= 1
-                self._close_round()  # the others may have been waiting only for this thread
+            self._local.depth = depth
+            if depth == 0:
+                with self._cond:
+                    self._taking_part -= 1
+                    self._close_round()  # the others may have been waiting only for this thread
+                    self._cond.notify_all()  # and wait_idle() for the last one
 
     @property
     def in_round(self) -> bool:
         """Whether the calling thread takes part (its decodes wait for the round)."""
-        return getattr(self._local, "part", False)
+        return getattr(self._local, "depth", 0) > 0
+
+    def wait_idle(self) -> None:
+        """Return once no thread takes part any more."""
+        with self._cond:
+            while self._taking_part:
+                self._cond.wait()
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn`` with no decode running (a backend call that is not a decode)."""
@@ -111,8 +126,9 @@ class DecodeRounds:
             for w in group:
                 w.result = results[at:at + len(w.requests)]
                 at += len(w.requests)
+            self.batches += 1
+            self.served += len(group)
         self.rounds += 1
-        self.decodes += len(waiting)
         self._cond.notify_all()
 
 
@@ -177,3 +193,23 @@ class SharedBackend:
     def step(self, seq: int, token: int, temperature: float) -> Dist:
         target = [*self.cached(seq), token]
         return self.feed(seq, target, [len(target) - 1], temperature)[0][len(target) - 1]
+
+
+class LockedBackend:
+    """A backend that cannot join the rounds (a remote one: its decodes are HTTP requests, not llama_decode
+    calls) used by the threads of one :class:`DecodeRounds`: every call is serialized on its own lock, so two
+    threads never share its connection or its slot table at once. Facts are read straight through."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if callable(attr) and not isinstance(attr, type):
+            return functools.partial(self._locked, attr)
+        return attr
+
+    def _locked(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        with self._lock:
+            return fn(*args, **kwargs)

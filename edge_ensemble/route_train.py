@@ -20,6 +20,7 @@ the same models and items give the same bytes.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import hashlib
 import json
 import re
@@ -435,6 +436,15 @@ def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: S
     return Models(experts, router, list(expert_names), router_name, shas, router_sha)
 
 
+def _training_date() -> str:
+    """Now (UTC), or ``$SOURCE_DATE_EPOCH`` when set (the reproducible-builds convention): two trainings on the same
+    data and seed then write the same bytes, date included."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    moment = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch.isdigit()
+              else _dt.datetime.now(_dt.timezone.utc))
+    return moment.replace(microsecond=0).isoformat()
+
+
 def train_router(experts: Sequence[object], router: object, out: Path | str, *, gsm8k: int = GSM8K_MAX,
                  mbpp: int = MBPP_MAX, seed: int = 0, l2: float | None = None, n_ctx: int = 2048,
                  n_threads: int | None = None, cache_dir: Path | None = None, date: str | None = None,
@@ -444,7 +454,7 @@ def train_router(experts: Sequence[object], router: object, out: Path | str, *, 
     be one of the experts) and write it to ``out`` (with the report beside it, ``<out>.md``).
 
     ``items``: the training examples (default: :func:`training_items` with ``gsm8k`` and ``mbpp``); ``date``:
-    what the head records as its training date (default: now, UTC); ``cache_dir``: where item features are kept
+    what the head records as its training date (default: now, UTC, or ``$SOURCE_DATE_EPOCH``); ``cache_dir``: where item features are kept
     (default: the cache directory's ``route-features``); ``l2``: the fit's L2 weight (default: the best of
     :data:`L2_GRID` on the held-out items)."""
     from . import paths as _paths
@@ -475,7 +485,7 @@ def train_router(experts: Sequence[object], router: object, out: Path | str, *, 
         feature_seconds = time.perf_counter() - t1
     finally:
         models.close()
-    when = date if date is not None else _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    when = date if date is not None else _training_date()
     spec_text = rspec.entry.key if rspec.entry is not None else str(router_path)
     result = fit_from_features(feats, models, seed=seed, l2=l2, date=when, training_data=describe_items(data),
                                router_spec=spec_text)

@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -174,7 +175,7 @@ def load_head(path: str | os.PathLike[str], *, router_sha: str | None = None,
             W, b, meta_text = data["W"], data["b"], data["meta"]
     except HeadFileError:
         raise
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError, ValueError, KeyError) as e:
         raise HeadFileError(f"{where} is corrupt or truncated ({_first_line(e)}); {TRAIN_HINT}") from None
     try:
         meta = json.loads(str(meta_text[()]))

@@ -49,9 +49,11 @@ if TYPE_CHECKING:  # starlette is imported in create_app: the module itself load
 
 log = logging.getLogger("edge_ensemble.server")
 
+SERVER_ONLY = frozenset({"head", "overlap"})  # policy options a request may not set
 # Keys of the request's "edge_ensemble" object: the policy and any policy option (as Ensemble.stream takes them
 # per answer); top_k is sampling top-k (OpenAI has no such field); time_limit may shorten the server's own limit.
-EXTENSION_FIELDS = ("policy", *POLICY_OPTIONS, "top_k", "time_limit")
+# A route head is the server's own (--head): a request must not make the server open a file it names.
+EXTENSION_FIELDS = ("policy", *(o for o in POLICY_OPTIONS if o not in SERVER_ONLY), "top_k", "time_limit")
 # OpenAI fields accepted and ignored (they do not change the answer), and those refused with a 400.
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 _UNSUPPORTED = {  # field -> what it asks for
@@ -273,6 +275,10 @@ def _extension(body: dict[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(ext, dict):
         raise ApiError(400, "edge_ensemble must be an object", param="edge_ensemble", code="invalid_type")
+    own = sorted(set(ext) & SERVER_ONLY)
+    if own:
+        raise ApiError(400, f"edge_ensemble.{own[0]} is set by the server (serve --{own[0]}), not per request",
+                       param=f"edge_ensemble.{own[0]}", code="unknown_parameter")
     unknown = sorted(set(ext) - set(EXTENSION_FIELDS))
     if unknown:
         raise ApiError(400, f"unknown edge_ensemble field(s) {', '.join(unknown)}; known: {', '.join(EXTENSION_FIELDS)}",
@@ -405,8 +411,9 @@ class Worker:
         with self._cond:
             out = {"running": len(self._active), "queued": len(self._waiting), "parallel": self.parallel,
                    "max_queue": self.max_queue, "served": self.served, "cancelled": self.cancelled}
-        if self.rounds is not None:  # decodes per round: how many answers each llama_decode served, on average
-            out["batched"] = {"rounds": self.rounds.rounds, "decodes": self.rounds.decodes}
+        if self.rounds is not None:  # answers_served / llama_decodes: answers per batched decode, on average
+            out["batched"] = {"rounds": self.rounds.rounds, "llama_decodes": self.rounds.batches,
+                              "answers_served": self.rounds.served}
         return out
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -441,10 +448,8 @@ class Worker:
                     job.started = time.monotonic()
                     self._active.append(job)
                 jobs = list(self._active)
-            for job in jobs:  # one round: one event of each active answer
-                if not self._step(job):
-                    with self._cond:
-                        self._active.remove(job)
+            for job in jobs:  # one round: one event of each active answer (a finished one leaves _active)
+                self._step(job)
         for job in stopping:  # their generators are closed here, in the thread that runs them
             self._finish(job, finished=False)
 
@@ -462,11 +467,8 @@ class Worker:
                 job.started = time.monotonic()
                 self._active.append(job)
             with self.rounds.taking_part():  # only while it makes an answer: the rounds never wait for an idle one
-                while self._step(job):
+                while self._step(job):  # (a finished answer leaves _active)
                     pass
-            with self._cond:
-                if job in self._active:
-                    self._active.remove(job)
 
     def _step(self, job: Job) -> bool:
         """Advance ``job`` by one event; False once it is over (finished, failed or cancelled)."""
@@ -506,6 +508,9 @@ class Worker:
                 self.served += 1
             else:
                 self.cancelled += 1
+            if job in self._active:  # its lane is free before its client hears the end (and may ask again)
+                self._active.remove(job)
+            self._cond.notify_all()
         job.post("end")
 
 

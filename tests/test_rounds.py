@@ -51,7 +51,7 @@ def test_answers_decoded_together_equal_each_alone(pair, policy):
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.stats.tokens for r in together] == [r.stats.tokens for r in alone]
     # Batched: on average each llama_decode served well over one answer.
-    assert rounds.decodes >= 2 * rounds.rounds, (rounds.decodes, rounds.rounds)
+    assert rounds.served >= 2 * rounds.batches, (rounds.served, rounds.batches)
     assert all(isinstance(m.backend, type(pair._members[0].backend)) for m in pair._members)
     assert type(pair._members[0].backend).__name__ == "LocalBackend"  # the wrappers are gone afterwards
 
@@ -116,7 +116,7 @@ def test_real_model_answers_decoded_together_equal_each_alone(real_models, llama
         together, rounds = _together(ens, calls)
         alone = [ens.generate(**c) for c in calls]
         assert [r.text for r in together] == [r.text for r in alone]
-        assert rounds.decodes >= 2 * rounds.rounds
+        assert rounds.served >= 2 * rounds.batches
 
 
 def test_backend_calls_outside_the_batch_are_serialized_with_the_rounds(pair):
@@ -128,3 +128,50 @@ def test_backend_calls_outside_the_batch_are_serialized_with_the_rounds(pair):
         call = backend.feed_hidden
         assert isinstance(call, functools.partial) and call.func == rounds.call
         assert backend.n_vocab == backend.inner.n_vocab  # facts are read straight through
+
+
+def test_decode_together_refuses_a_thread_with_an_open_stream(pair):
+    from edge_ensemble.errors import BusyError
+
+    stream = pair.stream(PROMPTS[0], max_tokens=4)
+    next(stream)
+    try:
+        with pytest.raises(BusyError, match="close them before decode_together"):
+            with pair.decode_together():
+                pass
+    finally:
+        stream.close()
+
+
+def test_nested_taking_part_counts_once(pair):
+    with pair.decode_together() as rounds:
+        with rounds.taking_part():
+            with rounds.taking_part():
+                assert rounds.in_round
+            assert rounds.in_round  # still taking part: the inner block did not end it
+            text = pair.generate(PROMPTS[0], max_tokens=8).text  # alone in the rounds: never waits for a ghost
+        assert not rounds.in_round
+    assert text == pair.generate(PROMPTS[0], max_tokens=8).text
+
+
+def test_a_backend_that_cannot_batch_is_serialized_on_its_own_lock():
+    from edge_ensemble.rounds import LockedBackend
+
+    class Slow:
+        name = "slow"
+        inside = 0
+        most = 0
+
+        def call(self) -> None:
+            Slow.inside += 1
+            Slow.most = max(Slow.most, Slow.inside)
+            threading.Event().wait(0.01)
+            Slow.inside -= 1
+
+    backend = LockedBackend(Slow())
+    threads = [threading.Thread(target=lambda: [backend.call() for _ in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert Slow.most == 1 and backend.name == "slow"
