@@ -198,6 +198,28 @@ def test_tiny_pair_with_its_verifier_remote(smol_server: Server, local_tiny_pair
     assert texts([str(real_models(QWEN)), smol_server.spec(SMOL)]) == local_tiny_pair
 
 
+def test_answers_decoded_together_with_a_remote_verifier(smol_server: Server, local_tiny_pair: list[str],
+                                                         real_models: Callable[[str], Path]) -> None:
+    """Two threads in one ensemble's decode rounds (the server's --parallel): the local drafter's steps batched,
+    the remote verifier's requests serialized on its own lock; each answer is what it is alone."""
+    import threading
+
+    out: dict[int, str] = {}
+    with Ensemble([str(real_models(QWEN)), smol_server.spec(SMOL)], policy="safe", parallel=2, **OPTS) as ens:  # type: ignore[arg-type]
+        with ens.decode_together() as rounds:
+            def answer(i: int) -> None:
+                with rounds.taking_part():
+                    out[i] = ens.generate(PROMPTS[i], max_tokens=TOKENS).text
+
+            threads = [threading.Thread(target=answer, args=(i,)) for i in range(len(PROMPTS))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+    assert [out.get(i) for i in range(len(PROMPTS))] == local_tiny_pair
+    assert rounds.served > rounds.batches  # the drafter's decodes were shared
+
+
 def test_tiny_pair_with_its_drafter_remote(qwen_server: Server, local_tiny_pair: list[str],
                                            real_models: Callable[[str], Path]) -> None:
     assert texts([qwen_server.spec(QWEN), str(real_models(SMOL))]) == local_tiny_pair
