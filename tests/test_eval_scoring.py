@@ -208,3 +208,17 @@ def test_mcnemar_exact_known_values() -> None:
     assert mcnemar_exact(5, 5) == 1.0  # capped: an even split is no evidence either way
     with pytest.raises(ValueError):
         mcnemar_exact(-1, 3)
+
+
+def test_branches_vote_on_canonical_answers():
+    """"$1,250" and "1250" are one GSM8K answer when branches vote (the score already treated them alike)."""
+    from edge_ensemble.branching import majority_vote
+    from edge_ensemble.eval.tasks import get_task
+
+    gsm8k = get_task("gsm8k")
+    item = gsm8k.items(0, 1)[0]
+    texts = ["So the total is $1,250. The answer is $1,250", "The answer is 1250", "The answer is 99"]
+    answers = [gsm8k.vote_answer(item, t) for t in texts]
+    assert answers[0] == answers[1] != answers[2]
+    assert majority_vote(answers, [-3.0, -2.0, -0.1]) == 1  # two votes beat the likelier single one
+    assert gsm8k.vote_answer(item, "no number here") is None

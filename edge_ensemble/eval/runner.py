@@ -231,7 +231,7 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
     messages = task.build_messages(item)
     began = time.perf_counter()
     branching = getattr(config, "branching", False)
-    result = (config.generate(messages, max_tokens, extract=lambda text: task.extract(item, text)) if branching
+    result = (config.generate(messages, max_tokens, extract=lambda text: task.vote_answer(item, text)) if branching
               else config.generate(messages, max_tokens))
     wall = time.perf_counter() - began
     text = str(result.get("text", ""))

@@ -51,6 +51,13 @@ class Task:
     dev_limit: int | None = None
     # Bumped whenever the prompt or the scoring changes, so that a resumed run never mixes protocols.
     prompt_version: int = 1
+    # An extracted answer in the form branches vote on ("$1,250" and "1250" are one answer); identity by default.
+    canonical: Callable[[str], str] = str
+
+    def vote_answer(self, item: Item, text: str) -> str | None:
+        """The answer a branch of ``text`` votes for: the extracted answer, in canonical form (None: none)."""
+        answer = self.extract(item, text)
+        return None if answer is None else self.canonical(answer)
 
     def items(self, start: int = 0, limit: int | None = None) -> list[Item]:
         """Items ``start`` .. ``start + limit`` in dataset order; ``limit=None`` means the development slice size."""
@@ -231,11 +238,11 @@ TASKS: dict[str, Task] = {
     task.name: task
     for task in (
         Task("gsm8k", _gsm8k_items, _gsm8k_messages, lambda item, text: scoring.extract_gsm8k_answer(text),
-             _gsm8k_score, max_tokens=512, dev_limit=200),
+             _gsm8k_score, max_tokens=512, dev_limit=200, canonical=lambda a: scoring.normalize_number(a) or a),
         Task("arc-challenge", _arc_items, _arc_messages, _arc_extract, _arc_score, max_tokens=32, dev_limit=300,
              prompt_version=2),
         Task("math-500", _math_items, _math_messages, lambda item, text: scoring.extract_math_answer(text),
-             _math_score, max_tokens=1024, dev_limit=100),
+             _math_score, max_tokens=1024, dev_limit=100, canonical=scoring.normalize_math_answer),
         Task("humaneval", _humaneval_items, _humaneval_messages, _humaneval_extract, _humaneval_score,
              max_tokens=512, dev_limit=None),
     )
