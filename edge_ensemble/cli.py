@@ -936,6 +936,10 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
                          "extract; use gsm8k, arc-challenge or math-500")
     if head is None and set(names or ()) & set(ROUTE_CONFIGS):
         raise UsageError(NEEDS_HEAD)  # before any model loads
+    if head is not None:
+        from .routing import load_head
+
+        load_head(head)  # a corrupt or foreign file fails now, not after the other configurations' models load
     engine_configs, ensembles = build_configs(specs, names, base, head)
     if not engine_configs:
         raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated,"

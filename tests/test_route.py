@@ -286,6 +286,13 @@ def test_bad_head_files_fail_in_one_line_before_any_model_loads(tiny_bpe, tiny_b
         assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, r.output)
         assert words in lines[0] and "route train" in lines[0], (name, lines[0])
     assert loads == []  # nothing loaded half-way
+    for name in ("truncated.npz", "corrupt.npz", "missing.npz"):  # eval checks the file before any ensemble loads
+        r = CliRunner().invoke(cli, ["eval", "gsm8k", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--configs",
+                                     "single,route", "--head", str(tmp_path / name), "--limit", "1",
+                                     "--out", str(tmp_path / "eval"), "--no-plot"])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == 1 and len(lines) == 1 and cases[name] in lines[0], (name, r.output)
+    assert loads == []
     r = CliRunner().invoke(cli, ["run", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--policy", "route", "hi"])
     assert r.exit_code == 2 and "--head FILE" in r.output
     r = CliRunner().invoke(cli, ["run", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--policy", "route",
