@@ -17,6 +17,11 @@ from .errors import BusyError, ContextOverflowError
 from .runtime import Model, SeqRequest, common_prefix_len
 
 
+def per_request(temperature: float | Sequence[float], n: int) -> list[float]:
+    """``feed_many``'s temperature argument as one temperature per request."""
+    return [float(temperature)] * n if isinstance(temperature, (int, float)) else [float(t) for t in temperature]
+
+
 class Backend(Protocol):
     """The operations a member's model offers an ensemble.
 
@@ -181,7 +186,7 @@ class LocalBackend(ModelVocabulary):
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
                   temperature: float | Sequence[float]) -> list[tuple[dict[int, Dist], int] | None]:
-        temps = [temperature] * len(requests) if isinstance(temperature, (int, float)) else list(temperature)
+        temps = per_request(temperature, len(requests))
         plans = [self._plan(seq, target, rows) for seq, target, rows in requests]
         self._evict_idle(sum(len(target) - start for (_, target, _), (start, _) in zip(requests, plans)))
         batch = [SeqRequest(seq, target[start:], want or None)

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .backends import ModelVocabulary
+from .backends import ModelVocabulary, per_request
 from .dist import Dist, TopDist
 from .errors import BusyError, ContextOverflowError, EdgeEnsembleError, UsageError
 from .gguf import check_gguf
@@ -397,7 +397,7 @@ class RemoteBackend(ModelVocabulary):
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
                   temperature: float | Sequence[float]) -> list[tuple[dict[int, Dist], int] | None]:
-        temps = [temperature] * len(requests) if isinstance(temperature, (int, float)) else list(temperature)
+        temps = per_request(temperature, len(requests))
         return [None if len(target) >= self.n_ctx else self.feed(seq, target, rows, t)
                 for (seq, target, rows), t in zip(requests, temps)]
 

@@ -23,7 +23,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .backends import LocalBackend
+from .backends import LocalBackend, per_request
 from .dist import Dist
 from .errors import ContextOverflowError
 
@@ -180,8 +180,7 @@ class SharedBackend:
     # -- decodes, in rounds ------------------------------------------------------------------------------------
 
     def feed_many(self, requests: Sequence[FeedRequest], temperature: float | Sequence[float]) -> list[FeedResult]:
-        temps = [float(temperature)] * len(requests) if isinstance(temperature, (int, float)) else list(temperature)
-        return self.rounds.decode(self.inner, requests, temps)
+        return self.rounds.decode(self.inner, requests, per_request(temperature, len(requests)))
 
     def feed(self, seq: int, target: Sequence[int], rows: Sequence[int], temperature: float) -> tuple[dict[int, Dist], int]:
         out = self.feed_many([(seq, target, rows)], temperature)[0]
