@@ -423,3 +423,27 @@ def test_branching_configs_record_every_branch_and_report_pass_at_m(tiny_bpe: Pa
     assert all("branches" not in r for r in records if r["config"].startswith("single:"))
     text = report_markdown(records)
     assert "| cons@M | pass@M (95% CI) |" in text and "| gsm8k | parallel | 2 |" in text
+
+
+def test_eager_adapt_takes_up_its_ledger_on_resume(tiny_bpe: Path, tmp_path: Path) -> None:
+    """EAGER-adapt re-allocates the budget the earlier items saved; a resumed run must count the items already
+    recorded, or it would re-allocate differently from one run straight through."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import build_configs
+
+    def run(limit: int) -> Any:
+        configs, ensembles = build_configs([str(tiny_bpe)], ["eager-adapt"],
+                                           EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+        try:
+            run_eval("gsm8k", configs, tmp_path, limit=limit, max_tokens=8, progress=False)
+        finally:
+            for e in ensembles:
+                e.close()
+        return configs[0]
+
+    run(2)
+    resumed = run(3)  # generates item 2 only
+    records = read_records(tmp_path / "gsm8k.jsonl")
+    assert len(records) == 3
+    assert resumed.seen == 3
+    assert resumed.used == sum(len(r["branches"]) for r in records)

@@ -508,8 +508,11 @@ def test_parallel_greedy_answers_equal_each_request_alone(parallel_server, tiny_
         assert answers[i] == want.text, i
     health = parallel_server.health()
     assert health["parallel"] == PARALLEL and health["running"] == 0
-    if parallel_server.batch:  # the answers' decodes really were batched: over one answer per llama_decode
-        assert health["batched"]["answers_served"] > 1.5 * health["batched"]["llama_decodes"], health
+    if parallel_server.batch:
+        # The answers' decodes really were batched: some llama_decode served more than one answer. How many share
+        # a decode depends on when the clients' requests arrive (CI saw 1.49 per decode), so the exact ratio is
+        # asserted where it is deterministic, in test_rounds.py.
+        assert health["batched"]["answers_served"] > health["batched"]["llama_decodes"], health
     else:
         assert "batched" not in health
 

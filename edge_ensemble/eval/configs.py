@@ -50,6 +50,13 @@ class EngineConfig:
     used: int = 0  # sequences generated so far in this run (adapt's ledger)
     seen: int = 0  # items so far
 
+    def resume(self, records: Sequence[dict[str, Any]]) -> None:
+        """Take up a resumed run where it stopped: EAGER-adapt's ledger counts the items already recorded, so
+        that a run interrupted and resumed re-allocates exactly as one run straight through would."""
+        if self.adapt:
+            self.seen = len(records)
+            self.used = sum(len(r.get("branches") or ()) for r in records)
+
     @property
     def branching(self) -> bool:
         """Whether answers are voted over branches (the runner then passes the task's extractor)."""

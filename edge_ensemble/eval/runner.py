@@ -174,6 +174,12 @@ def run_eval(
     if todo:  # a finished file is only re-reported, whatever made it
         check_same_protocol(path, earlier, (HARNESS_VERSION, task.prompt_version, budget))
 
+    wanted = {item.id for item in items}
+    for config in configs:  # a configuration that keeps state across items picks it up from its records
+        resume = getattr(config, "resume", None)
+        if resume is not None:
+            resume([r for r in earlier if r.get("config") == config.name and r.get("item") in wanted])
+
     bar = Progress(len(todo), task.name, enabled=progress)
     correct = 0
     try:
