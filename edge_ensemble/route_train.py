@@ -152,8 +152,8 @@ def item_features(models: Models, item: TrainItem) -> dict[str, np.ndarray]:
             raise IncompatibleMembersError("route train needs the router and every expert to share one tokenizer")
         ref = answer
         full = prompt + answer
-        if len(full) > model.n_ctx or not answer:
-            return {"skipped": np.array(True)}
+        if len(full) > model.n_ctx or not answer:  # n_ctx kept: a larger context must not reuse this skip
+            return {"skipped": np.array(True), "n_ctx": np.array(model.n_ctx)}
         out = _decode_answer(model, item, prompt, full)
         logits[id(model)] = out.logits[0]
         if model is router:
@@ -217,7 +217,7 @@ def build_features(models: Models, items: Sequence[TrainItem], cache_dir: Path,
     decoded = 0
     for i, item in enumerate(items):
         path = folder / f"{item.key}.npz"
-        if not _readable(path):
+        if not _readable(path, models.router.n_ctx):
             write_npz(path, {**item_features(models, item), "item": text_array([item.source, item.id])})
             decoded += 1
         paths.append(path)
@@ -226,9 +226,12 @@ def build_features(models: Models, items: Sequence[TrainItem], cache_dir: Path,
     return paths
 
 
-def _readable(path: Path) -> bool:
+def _readable(path: Path, n_ctx: int) -> bool:
+    """Whether ``path`` holds usable features: complete, and not a skip made for a smaller context than now."""
     try:
         with np.load(path, allow_pickle=False) as data:
+            if "skipped" in data.files:  # skips from before n_ctx was kept are redone too
+                return "item" in data.files and "n_ctx" in data.files and int(data["n_ctx"]) >= n_ctx
             return "item" in data.files
     except (OSError, ValueError, EOFError, Exception):  # a damaged cache file is decoded again
         return False

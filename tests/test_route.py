@@ -3,6 +3,7 @@ lazy catch-up of lagging experts, the training set build, and bad head files at 
 
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 from pathlib import Path
 
@@ -440,3 +441,19 @@ def test_coder_pair_always_the_first_expert_equals_it_alone(real_models, tmp_pat
                     result = routed.generate(p, max_tokens=24, head=str(heads[expert0]), beta=0.0, overlap=overlap)
                     assert result.text == want[expert0][k], (expert0.name, overlap, k)
                     assert {s.winner for s in result.provenance} == {routed._members[i].name}
+
+
+def test_an_item_skipped_for_a_small_context_is_decoded_with_a_larger_one(tiny_bpe, tiny_bpe_b, tmp_path):
+    """A cached skip ("longer than the context") holds only for contexts no larger than the one it was made with;
+    features, once decoded, do not depend on the context size and are kept."""
+    [item] = greedy_items(tiny_bpe, tiny_bpe_b, n=1)
+    item = dataclasses.replace(item, reference=item.reference * 20)  # longer than 256 tokens (llama.cpp's least n_ctx)
+    for n_ctx, skipped in ((256, True), (2048, False), (256, False)):
+        models = load_models([tiny_bpe, tiny_bpe_b], tiny_bpe, ["a", "b"], "a", n_ctx=n_ctx)
+        try:
+            assert models.router.n_ctx == n_ctx
+            [path] = build_features(models, [item], tmp_path)
+        finally:
+            models.close()
+        with np.load(path) as data:
+            assert ("skipped" in data.files) is skipped, n_ctx
