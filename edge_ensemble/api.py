@@ -84,14 +84,16 @@ _REPACKED_TYPES = frozenset({2, 8, 12, 20})
 _MiB = 1 << 20
 
 
-def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_batch) -> int:
+def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_batch, *,
+                          hidden_states: bool = False) -> int:
     """An upper bound of the memory one member can hold resident, from its GGUF header alone.
 
     Weights (the mapped file) and their repacked copies; the f16 KV cache for ``n_ctx``; llama.cpp's compute
     buffer at its worst — the f32 attention scores of a full batch against a full context (every head, plus
     the mask) or the logits of the most rows a decode asks for, whichever is larger, plus the layer
     activations; the output buffer holding those logits; and our per-token tables. Checked against measured peaks in
-    tests/test_faults.py.
+    tests/test_faults.py. ``hidden_states`` (a router): llama.cpp then outputs logits and the hidden state at every
+    row of a batch, not only at the rows asked for.
     """
     repacked = sum(t.nbytes for t in check_gguf(path)
                    if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
@@ -118,7 +120,7 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
         probe.close()
     kv = n_layer * n_ctx * n_head_kv * (k_dim + v_dim) * 2  # K and V, f16
     # Logits are computed and kept only for the rows a decode asks for: at most a whole draft plus one.
-    logits = min(n_batch, MAX_DRAFT_LEN + 1) * n_vocab * 4
+    logits = (n_batch * (n_vocab + n_embd) if hidden_states else min(n_batch, MAX_DRAFT_LEN + 1) * n_vocab) * 4
     scores = n_batch * n_ctx * (n_head + 1) * 4
     compute = max(scores, logits) + n_batch * (4 * n_embd + 2 * n_ff) * 4
     tables = n_vocab * 128 + 32 * _MiB  # token bytes, masks, probability rows on the Python side
@@ -171,7 +173,7 @@ class Ensemble:
         router_path = _route_router(cfg, paths, names, servers) if cfg.policy == "route" else None  # type: ignore[attr-defined]
         if cfg.check_memory:
             local = [i for i in range(len(paths)) if i not in servers]
-            self._check_memory([paths[i] for i in local], [names[i] for i in local])
+            self._check_memory([paths[i] for i in local], router_path)
         loaded: list[tuple[Path, LocalBackend]] = []
         remote: dict[str, RemoteBackend] = {}
         try:
@@ -220,12 +222,14 @@ class Ensemble:
         paths = [resolve(spec, download=download, progress=progress) for spec in parsed]
         return paths, [spec.display_name for spec in parsed]
 
-    def _check_memory(self, paths: Sequence[Path], names: Sequence[str]) -> None:
+    def _check_memory(self, paths: Sequence[Path], router_path: Path | None) -> None:
         available = available_memory_bytes()
         if available is None:
             return
         unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))  # one load per file
-        need = sum(estimate_memory_bytes(Path(p), self.config.n_ctx * self.config.parallel) for p in unique)
+        router = os.path.realpath(router_path) if router_path is not None else None
+        need = sum(estimate_memory_bytes(Path(p), self.config.n_ctx * self.config.parallel, hidden_states=p == router)
+                   for p in unique)
         if need > available:
             raise ModelLoadError(
                 f"not enough memory: the {len(paths)} model(s) need about {need / 2**30:.1f} GiB "

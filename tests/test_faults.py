@@ -690,30 +690,39 @@ from pathlib import Path
 from edge_ensemble import Ensemble
 from edge_ensemble.api import estimate_memory_bytes
 
-path, n_ctx, words = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+from edge_ensemble.runtime import LoadOptions, Model
+
+path, n_ctx, words, hidden = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "hidden"
 def status(key):  # VmHWM: this image's peak (ru_maxrss would carry the parent's peak across fork + exec)
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-estimate = estimate_memory_bytes(Path(path), n_ctx)
+estimate = estimate_memory_bytes(Path(path), n_ctx, hidden_states=hidden)
 before = status("VmRSS")
-with Ensemble(path, n_ctx=n_ctx, n_threads=1, check_memory=False) as ens:
-    result = ens.generate("word " * words, max_tokens=8)
-print(estimate, status("VmHWM") - before, sum(result.stats.prompt_tokens.values()))
+if hidden:  # a router: llama.cpp outputs logits and hidden states at every row of the prompt's batches
+    with Model(Path(path), LoadOptions(n_ctx=n_ctx, n_threads=1, hidden_states=True)) as model:
+        prompt = model.tokenize(("word " * words).encode())
+        model.decode(prompt, want="last")
+        n_prompt = len(prompt)
+else:
+    with Ensemble(path, n_ctx=n_ctx, n_threads=1, check_memory=False) as ens:
+        n_prompt = sum(ens.generate("word " * words, max_tokens=8).stats.prompt_tokens.values())
+print(estimate, status("VmHWM") - before, n_prompt)
 """
 
 
 @pytest.mark.real
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures RSS through /proc (Linux)")
-@pytest.mark.parametrize("key, n_ctx, words", [
-    ("smollm2-135m-instruct", 1024, 950),  # a prompt that fills the context: the attention buffers in full
-    ("smollm2-135m-instruct", 4096, 20),
-    ("qwen2.5-coder-0.5b-instruct", 4096, 20),
+@pytest.mark.parametrize("key, n_ctx, words, role", [
+    ("smollm2-135m-instruct", 1024, 950, "member"),  # a prompt that fills the context: the attention buffers in full
+    ("smollm2-135m-instruct", 4096, 20, "member"),
+    ("qwen2.5-coder-0.5b-instruct", 4096, 20, "member"),
+    ("qwen2.5-coder-0.5b-instruct", 2048, 900, "hidden"),  # route's router: logits at every row of a full batch
 ])
 def test_the_memory_estimate_is_an_upper_bound_of_the_peak(real_models: Callable[[str], Path], tmp_path: Path,
-                                                           key: str, n_ctx: int, words: int) -> None:
+                                                           key: str, n_ctx: int, words: int, role: str) -> None:
     script = tmp_path / "memory.py"
     script.write_text(MEMORY_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(real_models(key)), str(n_ctx), str(words)],
+    proc = subprocess.run([sys.executable, str(script), str(real_models(key)), str(n_ctx), str(words), role],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     estimate, peak, prompt = map(int, proc.stdout.split())
