@@ -118,7 +118,13 @@ class DecodeRounds:
             temperatures = [t for w in group for t in w.temperatures]
             try:
                 results = group[0].backend.feed_many(requests, temperatures)
-            except BaseException as exc:  # noqa: BLE001 - handed to every thread of the group, raised there
+            except Exception as exc:  # noqa: BLE001 - raised in the waiting thread(s)
+                if len(group) == 1:
+                    group[0].error = exc
+                else:  # one thread's requests may have failed them all: each alone, the error lands where it belongs
+                    self._decode_each_alone(group)
+                continue
+            except BaseException as exc:  # noqa: BLE001 - an interrupt: handed to every thread, raised there
                 for w in group:
                     w.error = exc
                 continue
@@ -130,6 +136,18 @@ class DecodeRounds:
             self.served += len(group)
         self.rounds += 1
         self._cond.notify_all()
+
+    def _decode_each_alone(self, group: list[_Waiting]) -> None:
+        """After a failed batch: each thread's requests in a decode of their own. A failed llama_decode leaves no
+        cells behind (the runtime drops them), and a request names its whole target, so this resumes cleanly."""
+        for w in group:
+            try:
+                w.result = w.backend.feed_many(w.requests, w.temperatures)
+            except BaseException as exc:  # noqa: BLE001 - raised in that thread
+                w.error = exc
+                continue
+            self.batches += 1
+            self.served += 1
 
 
 class SharedBackend:

@@ -175,3 +175,37 @@ def test_a_backend_that_cannot_batch_is_serialized_on_its_own_lock():
     for t in threads:
         t.join(30)
     assert Slow.most == 1 and backend.name == "slow"
+
+
+def test_a_batch_one_request_fails_is_decoded_again_each_alone():
+    """When one thread's requests make the round's llama_decode fail, only that thread gets the error."""
+    from edge_ensemble.rounds import DecodeRounds
+
+    class Picky:  # a stand-in for LocalBackend.feed_many: any batch holding sequence 0 fails
+        calls: list[list[int]] = []
+
+        def feed_many(self, requests, temperatures):
+            Picky.calls.append([seq for seq, _, _ in requests])
+            if any(seq == 0 for seq, _, _ in requests):
+                raise RuntimeError("llama_decode failed with code -3")
+            return [({}, len(target)) for _, target, _ in requests]
+
+    rounds, backend = DecodeRounds(), Picky()
+    out: dict[int, Any] = {}
+    both_in = threading.Barrier(2)
+
+    def run(seq: int) -> None:
+        with rounds.taking_part():
+            both_in.wait()  # both take part before either decodes: one round holds both
+            try:
+                out[seq] = rounds.decode(backend, [(seq, [1, 2, 3], [2])], [0.0])  # type: ignore[arg-type]
+            except RuntimeError as exc:
+                out[seq] = exc
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert isinstance(out[0], RuntimeError) and out[1] == [({}, 3)]
+    assert sorted(Picky.calls[0]) == [0, 1] and sorted(Picky.calls[1:]) == [[0], [1]]  # one batch, then each alone
