@@ -334,6 +334,12 @@ class Ensemble:
                     m.backend = backend
                 self._rounds = None
 
+    def _refuse_in_rounds(self) -> None:
+        """A call on the whole ensemble (reset, close) from a thread of the decode rounds: the others hold it too."""
+        if isinstance(self._owner(), DecodeRounds):
+            raise BusyError("a thread of decode_together() cannot reset or close the whole ensemble while the "
+                            "others may use it; do it after the with block")
+
     def _owner(self) -> object:
         """Who asks for the ensemble: the decode rounds the calling thread takes part in, else the thread."""
         rounds = self._rounds
@@ -344,6 +350,8 @@ class Ensemble:
         """Hold the ensemble for this thread: wait while another thread holds it. ``stream``: one more open
         stream of this thread (up to ``parallel``); None: the whole ensemble (no stream of this thread open)."""
         me = self._owner()
+        if stream is None:
+            self._refuse_in_rounds()
         with self._turn_cond:
             # (A thread of the decode rounds may find the ensemble taken by another thread of the same rounds
             # while it waited: then it is its own.)
@@ -390,6 +398,7 @@ class Ensemble:
         """Free every model. The ensemble cannot be used afterwards.
 
         This thread's own open streams are closed first; another thread's answers are waited for."""
+        self._refuse_in_rounds()  # before closing any stream: the rounds' streams are all the threads' own
         if self._turn_owner == self._owner():
             for ref in list(self._open_streams):
                 open_stream = ref()

@@ -209,3 +209,31 @@ def test_a_batch_one_request_fails_is_decoded_again_each_alone():
         t.join(10)
     assert isinstance(out[0], RuntimeError) and out[1] == [({}, 3)]
     assert sorted(Picky.calls[0]) == [0, 1] and sorted(Picky.calls[1:]) == [[0], [1]]  # one batch, then each alone
+
+
+def test_a_thread_of_the_rounds_may_not_reset_or_close_the_whole_ensemble(pair):
+    from edge_ensemble.errors import BusyError
+
+    other_open, go_on = threading.Event(), threading.Event()
+    texts: list[str] = []
+
+    def other(rounds) -> None:  # another thread of the rounds, with a stream open
+        with rounds.taking_part():
+            stream = pair.stream(PROMPTS[1], max_tokens=6)
+            next(stream)
+            other_open.set()
+            go_on.wait(30)
+            texts.append("".join(e.text for e in stream))
+
+    with pair.decode_together() as rounds:
+        thread = threading.Thread(target=other, args=(rounds,))
+        thread.start()
+        assert other_open.wait(30)
+        with rounds.taking_part():
+            for call in (pair.reset_cache, pair.close):
+                with pytest.raises(BusyError, match="after the with block"):
+                    call()
+        go_on.set()
+        thread.join(30)
+    assert texts and texts[0]  # the other thread's stream was neither closed nor disturbed
+    assert pair.generate(PROMPTS[0], max_tokens=4).text  # and the ensemble is usable afterwards
