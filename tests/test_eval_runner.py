@@ -425,25 +425,58 @@ def test_branching_configs_record_every_branch_and_report_pass_at_m(tiny_bpe: Pa
     assert "| cons@M | pass@M (95% CI) |" in text and "| gsm8k | parallel | 2 |" in text
 
 
-def test_eager_adapt_takes_up_its_ledger_on_resume(tiny_bpe: Path, tmp_path: Path) -> None:
-    """EAGER-adapt re-allocates the budget the earlier items saved; a resumed run must count the items already
-    recorded, or it would re-allocate differently from one run straight through."""
+
+def _first_pass_record(item: str, branches: int, tokens: int) -> dict[str, Any]:
+    """An eager record as the runner writes it, for the second pass to build on."""
+    from edge_ensemble.eval.runner import HARNESS_VERSION
+
+    return {"task": "gsm8k", "item": item, "config": "eager", "output": f"The answer is {item}.", "extracted": item,
+            "gold": "?", "correct": False, "tokens": 5, "seconds": 2.0, "max_tokens": 8,
+            "prompt_version": tasks.get_task("gsm8k").prompt_version, "harness_version": HARNESS_VERSION,
+            "generated_tokens": tokens, "settings": {"max_branches": 8},
+            "branches": [{"answer": item, "tokens": tokens // branches, "finish_reason": "stop", "origin": None,
+                          "forked_at": 0, "votes": branches, "chosen": b == 0, "correct": False}
+                         for b in range(branches)]}
+
+
+def test_eager_adapt_re_spends_what_eager_saved_on_the_whole_run(tiny_bpe: Path, tmp_path: Path) -> None:
+    """EAGER-adapt is a second pass: once eager has answered every item, the sequences it saved (M x items -
+    used) are split evenly over the items that hit the cap M; those are rerun with more sequences, the others
+    keep eager's answer."""
     from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.branching import reallocate
+    from edge_ensemble.eval.configs import BRANCHES, build_configs
+
+    used = [2, BRANCHES, 3, BRANCHES]  # items 0 and 2 saved 6 + 5 sequences; 1 and 3 hit the cap
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(_first_pass_record(str(i), n, 10 * n)) + "\n" for i, n in enumerate(used)))
+    extra = reallocate(used, [n >= BRANCHES for n in used], BRANCHES)
+    assert extra == [0, 5, 0, 5]
+    configs, ensembles = build_configs([str(tiny_bpe)], ["eager", "eager-adapt"],
+                                       EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+    try:
+        run_eval("gsm8k", configs, tmp_path, limit=4, max_tokens=8, progress=False)  # eager's records are there
+    finally:
+        for e in ensembles:
+            e.close()
+    adapt = {r["item"]: r for r in read_records(path) if r["config"] == "eager-adapt"}
+    assert len(adapt) == 4
+    for i, n in enumerate(used):
+        r = adapt[str(i)]
+        assert r["reallocated"] == extra[i]
+        if extra[i] == 0:  # eager's answer, at eager's cost
+            assert r["output"] == f"The answer is {i}." and len(r["branches"]) == n and r["generated_tokens"] == 10 * n
+        else:  # rerun with M + extra sequences at a 10 % lower threshold; both passes' cost counted
+            assert r["settings"]["max_branches"] == BRANCHES + extra[i] and r["first_pass_branches"] == n
+            assert r["settings"]["threshold"] == pytest.approx(0.9 * configs[0].config.threshold)
+            assert r["generated_tokens"] > 10 * n and r["seconds"] > 2.0
+            assert 1 <= len(r["branches"]) <= BRANCHES + extra[i]
+
+
+def test_eager_adapt_needs_eager_in_the_same_run(tiny_bpe: Path) -> None:
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.errors import UsageError
     from edge_ensemble.eval.configs import build_configs
 
-    def run(limit: int) -> Any:
-        configs, ensembles = build_configs([str(tiny_bpe)], ["eager-adapt"],
-                                           EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
-        try:
-            run_eval("gsm8k", configs, tmp_path, limit=limit, max_tokens=8, progress=False)
-        finally:
-            for e in ensembles:
-                e.close()
-        return configs[0]
-
-    run(2)
-    resumed = run(3)  # generates item 2 only
-    records = read_records(tmp_path / "gsm8k.jsonl")
-    assert len(records) == 3
-    assert resumed.seen == 3
-    assert resumed.used == sum(len(r["branches"]) for r in records)
+    with pytest.raises(UsageError, match="add eager to --configs"):
+        build_configs([str(tiny_bpe)], ["single", "eager-adapt"], EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ..api import Ensemble, EnsembleConfig
+from ..branching import reallocate
 from ..errors import UsageError
 
 ENSEMBLE_CONFIGS = {
@@ -30,7 +31,7 @@ BRANCH_TEMPERATURE = 0.6
 BRANCH_CONFIGS: dict[str, dict[str, Any]] = {
     "parallel": {"initial_branches": BRANCHES, "threshold": None},
     "eager": {},
-    "eager-adapt": {},  # plus the re-allocation of the budget saved by earlier items (EngineConfig.adapt)
+    "eager-adapt": {},  # a second pass over eager's records: the budget saved re-spent (EngineConfig.plan)
     "eager-ensemble": {},
 }
 # Context for the branching configurations: up to 4 × M branches (eager-adapt) share one context.
@@ -46,24 +47,34 @@ class EngineConfig:
     config: EnsembleConfig
 
     sampling: dict[str, Any] = field(default_factory=dict)  # per-call generation options (branching: temperature)
-    adapt: bool = False  # EAGER-adapt: items that hit the cap get the budget earlier items saved
-    used: int = 0  # sequences generated so far in this run (adapt's ledger)
-    seen: int = 0  # items so far
-
-    def resume(self, records: Sequence[dict[str, Any]]) -> None:
-        """Take up a resumed run where it stopped: EAGER-adapt's ledger counts the items already recorded, so
-        that a run interrupted and resumed re-allocates exactly as one run straight through would."""
-        if self.adapt:
-            self.seen = len(records)
-            self.used = sum(len(r.get("branches") or ()) for r in records)
+    # EAGER-adapt: a second pass over the records this configuration's first pass (eager) made on the run's items
+    builds_on: str | None = None
+    _plan: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict, repr=False)
 
     @property
     def branching(self) -> bool:
         """Whether answers are voted over branches (the runner then passes the task's extractor)."""
         return self.config.policy == "eager"  # type: ignore[attr-defined]
 
+    def plan(self, records: Sequence[dict[str, Any]], items: Sequence[str]) -> None:
+        """EAGER-adapt's re-allocation over the run, as the authors do it once every prompt has had its first
+        pass: the sequences ``builds_on`` (eager) saved on ``items`` (M × prompts − sequences generated) are split
+        evenly over the items that hit the cap M, at most 3 × M more each (:func:`~edge_ensemble.branching.reallocate`).
+        Items that did not hit the cap keep their first-pass answer."""
+        first = {r["item"]: r for r in records if r.get("config") == self.builds_on}
+        missing = [i for i in items if i not in first]
+        if missing:
+            raise UsageError(f"{self.name} re-spends what {self.builds_on} saved on the run's items, but {len(missing)}"
+                             f" of them (item {missing[0]}, ...) have no {self.builds_on} record")
+        m = self.config.max_branches  # type: ignore[attr-defined]
+        used = [len(first[i].get("branches") or ()) for i in items]
+        extra = reallocate(used, [u >= m for u in used], m)
+        self._plan = {i: (first[i], e) for i, e in zip(items, extra)}
+
     def generate(self, messages: list[dict[str, str]], max_tokens: int,
-                 extract: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+                 extract: Callable[[str], str | None] | None = None, item: str | None = None) -> dict[str, Any]:
+        if self.builds_on is not None:
+            return self._second_pass(messages, max_tokens, extract, item)
         self.ensemble.config = self.config
         # The ensemble configurations share one loaded Ensemble: without this, the second and third
         # would find the item's prompt already cached by the first and look faster than they are.
@@ -71,25 +82,38 @@ class EngineConfig:
         result = self._answer(messages, max_tokens, extract, {})
         out = _record_of(result)
         if self.branching:  # what the run used, so that records made at other settings are told apart
-            out["settings"] = {"max_branches": self.config.max_branches, "threshold": self.config.threshold,  # type: ignore[attr-defined]
-                               "percentile": self.config.percentile, "entropy": self.config.entropy,  # type: ignore[attr-defined]
-                               **self.sampling}
-        if self.adapt:
-            m = self.config.max_branches  # type: ignore[attr-defined]
-            self.seen += 1
-            self.used += len(result.branches)
-            saved = m * self.seen - self.used  # EAGER-adapt, online: the budget the items so far left unused
-            if len(result.branches) >= m and saved > 0:
-                extra = min(saved, 3 * m)  # at most 3 × M more, threshold 10 % lower (the authors' retry)
-                threshold = self.config.threshold  # type: ignore[attr-defined]
-                self.ensemble.reset_cache()
-                again = self._answer(messages, max_tokens, extract, {
-                    "max_branches": m + extra, "threshold": None if threshold is None else threshold * 0.9})
-                self.used += len(again.branches) - len(result.branches)
-                out = _record_of(again)
-                out["seconds"] += _record_of(result)["seconds"]
-                out["generated_tokens"] += result.stats.generated_tokens
-                out["reallocated"] = extra
+            out["settings"] = self._settings()
+        return out
+
+    def _settings(self, **overrides: Any) -> dict[str, Any]:
+        c = self.config
+        return {"max_branches": c.max_branches, "threshold": c.threshold,  # type: ignore[attr-defined]
+                "percentile": c.percentile, "entropy": c.entropy, **self.sampling, **overrides}  # type: ignore[attr-defined]
+
+    def _second_pass(self, messages: list[dict[str, str]], max_tokens: int,
+                     extract: Callable[[str], str | None] | None, item: str | None) -> dict[str, Any]:
+        """An item's EAGER-adapt answer: its first-pass answer again, or for an item that was given more
+        sequences, a rerun with them at a threshold 10 % lower (the authors' retry); the cost of both passes."""
+        if item not in self._plan:
+            raise UsageError(f"{self.name}: plan() the run before generating (item {item} not planned)")
+        first, extra = self._plan[item]
+        if extra == 0:
+            return {"text": first["output"], "tokens": first["tokens"], "seconds": first["seconds"],
+                    "prompt_seconds": first.get("prompt_seconds"), "finish_reason": first.get("finish_reason"),
+                    "ensembled_fraction": first.get("ensembled_fraction"), "generated_tokens": first["generated_tokens"],
+                    "branches": [{k: v for k, v in b.items() if k != "correct"} for b in first["branches"]],
+                    "settings": first.get("settings"), "reallocated": 0}
+        m = self.config.max_branches + extra  # type: ignore[attr-defined]
+        threshold = self.config.threshold  # type: ignore[attr-defined]
+        threshold = None if threshold is None else round(threshold * 0.9, 6)
+        self.ensemble.config = self.config
+        self.ensemble.reset_cache()
+        out = _record_of(self._answer(messages, max_tokens, extract, {"max_branches": m, "threshold": threshold}))
+        out["seconds"] += first["seconds"]
+        out["generated_tokens"] += first["generated_tokens"]
+        out["reallocated"] = extra
+        out["first_pass_branches"] = len(first["branches"])
+        out["settings"] = self._settings(max_branches=m, threshold=threshold)
         return out
 
     def _answer(self, messages: list[dict[str, str]], max_tokens: int, extract: Callable[[str], str | None] | None,
@@ -158,6 +182,8 @@ def _branch_configs(members: Sequence[str], names: Sequence[str], base: Ensemble
                     ensembles: list[Ensemble]) -> list[EngineConfig]:
     """The requested branching configurations: one eager-loaded ensemble of the drafter alone (every member
     for eager-ensemble), each configuration a set of eager options over it."""
+    if "eager-adapt" in names and "eager" not in names:
+        raise UsageError("eager-adapt re-spends the sequences eager saved on the same items: add eager to --configs")
     loaded: dict[int, Ensemble] = {}
     out = []
     for name in names:
@@ -170,7 +196,7 @@ def _branch_configs(members: Sequence[str], names: Sequence[str], base: Ensemble
         cfg = replace(base, policy="eager", max_branches=BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX),
                       **BRANCH_CONFIGS[name]).validate(n)
         out.append(EngineConfig(name, loaded[n], cfg, sampling={"temperature": BRANCH_TEMPERATURE},
-                                adapt=name == "eager-adapt"))
+                                builds_on="eager" if name == "eager-adapt" else None))
     return out
 
 

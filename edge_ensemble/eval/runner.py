@@ -156,7 +156,9 @@ def run_eval(
 
     Items are taken in dataset order from ``start`` (``limit=None``: the task's development slice). For each
     item every config runs before the next item, so an interrupted run still compares configs on the same
-    items. Each record is flushed and fsynced before the next generation starts.
+    items; a config that builds on another's records of the whole run (``builds_on``: EAGER-adapt) runs after
+    all of them, once its ``plan`` has read them. Each record is flushed and fsynced before the next generation
+    starts.
     """
     task = get_task(task) if isinstance(task, str) else task
     names = [config.name for config in configs]
@@ -170,21 +172,25 @@ def run_eval(
     repair_tail(path)
     earlier = [r for r in read_records(path) if r.get("task") == task.name]
     done = {(r.get("item"), r.get("config")) for r in earlier}
-    todo = [(item, config) for item in items for config in configs if (item.id, config.name) not in done]
+    # A configuration that builds on another's records of the whole run (EAGER-adapt on eager's) goes second.
+    passes = [[c for c in configs if getattr(c, "builds_on", None) is None],
+              [c for c in configs if getattr(c, "builds_on", None) is not None]]
+    todo = [(item, config) for group in passes for item in items for config in group
+            if (item.id, config.name) not in done]
     if todo:  # a finished file is only re-reported, whatever made it
         check_same_protocol(path, earlier, (HARNESS_VERSION, task.prompt_version, budget))
 
-    wanted = {item.id for item in items}
-    for config in configs:  # a configuration that keeps state across items picks it up from its records
-        resume = getattr(config, "resume", None)
-        if resume is not None:
-            resume([r for r in earlier if r.get("config") == config.name and r.get("item") in wanted])
-
     bar = Progress(len(todo), task.name, enabled=progress)
     correct = 0
+    planned = not passes[1]
     try:
         with open(path, "a", encoding="utf-8") as out:
             for count, (item, config) in enumerate(todo, start=1):
+                if not planned and any(config is c for c in passes[1]):  # first pass complete: plan the second
+                    run = [r for r in read_records(path) if r.get("task") == task.name]
+                    for second in passes[1]:
+                        second.plan(run, [i.id for i in items])  # type: ignore[attr-defined]
+                    planned = True
                 record = _evaluate(task, item, config, budget)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
@@ -237,8 +243,8 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
     messages = task.build_messages(item)
     began = time.perf_counter()
     branching = getattr(config, "branching", False)
-    result = (config.generate(messages, max_tokens, extract=lambda text: task.vote_answer(item, text)) if branching
-              else config.generate(messages, max_tokens))
+    result = (config.generate(messages, max_tokens, extract=lambda text: task.vote_answer(item, text), item=item.id)
+              if branching else config.generate(messages, max_tokens))
     wall = time.perf_counter() - began
     text = str(result.get("text", ""))
     tokens = int(result.get("tokens", 0))
@@ -262,8 +268,8 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "harness_version": HARNESS_VERSION,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "settings", "routed_tokens",
-                     "catch_up_tokens", "catch_up_seconds"):
+    for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "first_pass_branches",
+                     "settings", "routed_tokens", "catch_up_tokens", "catch_up_seconds"):
         if result.get(optional) is not None:
             record[optional] = result[optional]
     if result.get("branches"):  # cons@M is the voted answer's score; pass@M: any branch right
