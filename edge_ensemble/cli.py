@@ -914,7 +914,10 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
 
     Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
     then OUT/summary.md (accuracy with a 95% Wilson interval, tok/s, seconds per answer, E/T, share of
-    answers stopped by the token budget, paired comparisons with each member alone) and OUT/summary.png.
+    answers stopped by the token budget, paired comparisons with each member alone; for branching
+    configurations cons@M, pass@M, generated tokens and paired comparisons against parallel) and
+    OUT/summary.png (with branching configurations also OUT/summary-branching.png: cons@M and pass@M
+    against generated tokens).
     """
     from .eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs
     from .eval.report import load_records, write_report

@@ -18,6 +18,7 @@ from edge_ensemble.eval.report import (
     paired_comparisons,
     paired_markdown,
     plot_accuracy_vs_speed,
+    plot_branching,
     replace_marked_block,
     report_markdown,
     summarize,
@@ -354,6 +355,23 @@ def test_token_limit_share_and_paired_comparison() -> None:
             [_record("single:a", i, False) for i in range(n)] + [_record("safe", i, True) for i in range(n)]))
     assert "| 8 | 0 | 0.008 |" in split(8)
     assert "| 12 | 0 | <0.001 |" in split(12)
+
+
+def test_branching_configs_are_paired_against_greedy_and_against_parallel(tmp_path: Path) -> None:
+    def branched(config: str, item: int, correct: bool, passed: bool) -> dict[str, Any]:
+        return {**_record(config, item, correct), "pass_at_k": passed, "generated_tokens": 80,
+                "branches": [{"answer": "1", "tokens": 10, "correct": passed}]}
+
+    records = [_record("single:a", i, i < 2) for i in range(6)] + [_record("safe", i, True) for i in range(6)]
+    records += [branched("parallel", i, i < 4, True) for i in range(6)]
+    records += [branched("eager", i, i in (0, 4, 5), i < 5) for i in range(6)]
+    pairs = {(p.config, p.baseline): (p.only_config, p.only_baseline) for p in paired_comparisons(records)}
+    assert pairs == {("safe", "single:a"): (4, 0), ("parallel", "single:a"): (2, 0),
+                     ("eager", "single:a"): (2, 1), ("eager", "parallel"): (2, 3)}  # safe is not a branching config
+    png = plot_branching(records, tmp_path / "b.png")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_branching([_record("single:a", 0, True)], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
 
 
 def test_paired_comparison_uses_only_shared_items() -> None:

@@ -100,21 +100,29 @@ def _p(value: float) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
 
 
+PARALLEL = "parallel"  # the branching baseline: M independent samples, voted
+
+
 def paired_comparisons(records: Iterable[dict[str, Any]]) -> list[Paired]:
-    """Each ensemble configuration against each ``single:`` configuration of the same task, item by item.
+    """Each ensemble configuration against each ``single:`` configuration of the same task, item by item, and
+    each other branching configuration (eager, ...) also against ``parallel``, the baseline at equal M.
 
     Overlapping confidence intervals of two accuracies say little when both ran on the same items; the paired
     view counts the items where exactly one of the two was right and tests that split (exact McNemar).
     """
     outcome: dict[tuple[str, str], dict[Any, bool]] = {}
+    branching: set[tuple[str, str]] = set()
     for record in records:
         outcome.setdefault((record["task"], record["config"]), {})[record["item"]] = bool(record["correct"])
+        if record.get("branches"):
+            branching.add((record["task"], record["config"]))
     rows = []
     for (task, config), results in outcome.items():
         if config.startswith("single:"):
             continue
         for (other_task, baseline), base in outcome.items():
-            if other_task != task or not baseline.startswith("single:"):
+            against_parallel = baseline == PARALLEL and config != PARALLEL and (task, config) in branching
+            if other_task != task or not (baseline.startswith("single:") or against_parallel):
                 continue
             shared = results.keys() & base.keys()
             only_config = sum(results[i] and not base[i] for i in shared)
@@ -127,7 +135,7 @@ def paired_comparisons(records: Iterable[dict[str, Any]]) -> list[Paired]:
 def paired_markdown(rows: Sequence[Paired]) -> str:
     """A Markdown table of :func:`paired_comparisons`."""
     lines = [
-        "| task | ensemble | vs member alone | items | only ensemble right | only member right | McNemar p |",
+        "| task | config | against (member alone, or parallel) | items | only config right | only the other right | McNemar p |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -185,21 +193,11 @@ def glance_markdown(summaries: Sequence[Summary]) -> str:
 
 def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.PathLike[str]) -> Path:
     """One panel per task: accuracy (with its 95% interval) against tokens/s, a labelled point per config."""
-    try:
-        # The object-oriented API with the Agg canvas: no pyplot, no global backend switch.
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise EdgeEnsembleError(
-            "the accuracy plot needs matplotlib: pip install 'edge-ensemble[eval]'"
-        ) from None
     tasks = list(dict.fromkeys(s.task for s in summaries))
     configs = list(dict.fromkeys(s.config for s in summaries))  # one colour per config across panels
     if not tasks:
         raise EdgeEnsembleError("no evaluation records to plot")
-    fig = Figure(figsize=(4.5 * len(tasks), 4.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    fig, axes = _figure(len(tasks))
     for ax, task in zip(axes, tasks):
         for s in (s for s in summaries if s.task == task):
             x = s.tokens_per_second or 0.0
@@ -213,6 +211,62 @@ def plot_accuracy_vs_speed(summaries: Sequence[Summary], png_path: str | os.Path
         ax.set_xlabel("tokens / s")
         ax.set_ylabel("accuracy (%) with 95% CI")
         ax.grid(True, alpha=0.3)
+    return _save(fig, png_path)
+
+
+def plot_branching(records: Iterable[dict[str, Any]], png_path: str | os.PathLike[str]) -> Path | None:
+    """One panel per task: cons@M (filled) and pass@M (hollow), with 95% intervals, against the tokens generated
+    per item, for the configurations that recorded branches and each member alone (greedy: one answer, so cons
+    = pass). None, and no file, when no record has branches."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["task"], r["config"]), []).append(r)
+    shown = {k: rs for k, rs in groups.items() if k[1].startswith("single:") or any(r.get("branches") for r in rs)}
+    tasks = list(dict.fromkeys(t for (t, c), rs in shown.items() if any(r.get("branches") for r in rs)))
+    if not tasks:
+        return None
+    fig, axes = _figure(len(tasks))
+    configs = list(dict.fromkeys(c for _, c in shown))
+    for ax, task in zip(axes, tasks):
+        for (t, config), rs in shown.items():
+            if t != task:
+                continue
+            n = len(rs)
+            x = sum(r.get("generated_tokens", r["tokens"]) for r in rs) / n
+            colour = f"C{configs.index(config) % 10}"
+            points = [("o", sum(bool(r["correct"]) for r in rs), colour)]
+            if any(r.get("branches") for r in rs):
+                points.append(("o", sum(bool(r.get("pass_at_k")) for r in rs), "none"))
+            for marker, k, face in points:
+                lo, hi = wilson_interval(k, n)
+                below, above = max(0.0, k / n - lo), max(0.0, hi - k / n)  # (rounding at 0 % and 100 %)
+                ax.errorbar([x], [100 * k / n], yerr=[[100 * below], [100 * above]], fmt=marker,
+                            capsize=3, color=colour, markerfacecolor=face)
+            ax.annotate(config.removeprefix("single:"), (x, 100 * points[0][1] / n), textcoords="offset points",
+                        xytext=(5, 5), fontsize=8)
+        ax.set_title(f"{task}: cons@M (filled), pass@M (hollow)")
+        ax.set_xscale("log")
+        ax.set_xlabel("generated tokens / item")
+        ax.set_ylabel("accuracy (%) with 95% CI")
+        ax.grid(True, alpha=0.3)
+    return _save(fig, png_path)
+
+
+def _figure(panels: int) -> tuple[Any, Any]:
+    """A figure of ``panels`` side by side, on the Agg canvas (no pyplot, no global backend switch)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise EdgeEnsembleError(
+            "the accuracy plot needs matplotlib: pip install 'edge-ensemble[eval]'"
+        ) from None
+    fig = Figure(figsize=(4.5 * panels, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(1, panels, squeeze=False)[0]
+
+
+def _save(fig: Any, png_path: str | os.PathLike[str]) -> Path:
     path = Path(png_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -287,7 +341,14 @@ def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[s
     md.write_text(report_markdown(records, sources, summaries), encoding="utf-8")
     if png_path is not None:
         plot_accuracy_vs_speed(summaries, png_path)
+        plot_branching(records, branching_png(png_path))
     return summaries
+
+
+def branching_png(png_path: str | os.PathLike[str]) -> Path:
+    """Where :func:`write_report` puts the branching plot beside the accuracy plot: ``<name>-branching.png``."""
+    path = Path(png_path)
+    return path.with_name(f"{path.stem}-branching{path.suffix}")
 
 
 def replace_marked_block(text: str, name: str, body: str) -> str:
