@@ -85,6 +85,22 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     for lane in lanes:
         lane.close()
     assert all(sorted(m.backend._free) == [0, 1, 2, 3] for m in members)
+    # Sampled: the parent may take a token other than the drafter's top-1; a branch still starts only where the
+    # union's best differs from the drafter's top-1, and never with the parent's own token.
+    lanes = [m.open_lane(m.backend.chat_prompt(ASK), follows_drafter=i > 0, by_id=True) for i, m in enumerate(members)]
+    sampled = EagerRun(lanes, cfg, Sampling(temperature=1.0), np.random.default_rng(3)).run(20)
+    prompt = list(lanes[0].prompt)
+    for lane in lanes:
+        lane.close()
+    forks = [b for b in sampled if b.origin == "ensemble"]
+    assert forks
+    with Model(tiny_bpe_close[0], LoadOptions(n_ctx=2048)) as fresh:
+        for b in forks:
+            parent = sampled[b.parent]
+            drafter_top = int(np.argmax(fresh.decode(prompt + b.tokens[: b.forked_at], want="last")[-1]))
+            fresh.reset()
+            assert b.tokens[b.forked_at] != drafter_top
+            assert len(parent.tokens) <= b.forked_at or b.tokens[b.forked_at] != parent.tokens[b.forked_at]
     # the same model twice never disagrees with itself: greedy ensemble branching adds nothing
     twin = Member(members[0].backend, name="twin")  # the same loaded model listed twice
     lanes = [members[0].open_lane(members[0].backend.chat_prompt(ASK), by_id=True)]

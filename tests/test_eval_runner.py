@@ -491,10 +491,12 @@ def test_eager_adapt_re_spends_what_eager_saved_on_the_whole_run(tiny_bpe: Path,
             assert 1 <= len(r["branches"]) <= BRANCHES + extra[i]
 
 
-def test_eager_adapt_needs_eager_in_the_same_run(tiny_bpe: Path) -> None:
+def test_branching_configs_that_cannot_run_as_asked_are_refused(tiny_bpe: Path) -> None:
     from edge_ensemble.api import EnsembleConfig
     from edge_ensemble.errors import UsageError
     from edge_ensemble.eval.configs import build_configs
 
     with pytest.raises(UsageError, match="add eager to --configs"):
         build_configs([str(tiny_bpe)], ["single", "eager-adapt"], EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+    with pytest.raises(UsageError, match="two or more models"):  # not silently plain eager
+        build_configs([str(tiny_bpe)], ["eager-ensemble"], EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))

@@ -182,6 +182,8 @@ def _branch_configs(members: Sequence[str], names: Sequence[str], base: Ensemble
                     ensembles: list[Ensemble]) -> list[EngineConfig]:
     """The requested branching configurations: one eager-loaded ensemble of the drafter alone (every member
     for eager-ensemble), each configuration a set of eager options over it."""
+    if "eager-ensemble" in names and len(members) < 2:
+        raise UsageError("eager-ensemble branches where the members disagree: give it two or more models (-m ... -m ...)")
     if "eager-adapt" in names and "eager" not in names:
         raise UsageError("eager-adapt re-spends the sequences eager saved on the same items: add eager to --configs")
     loaded: dict[int, Ensemble] = {}

@@ -155,15 +155,18 @@ class EagerRun(PolicyBase):
         return h > base and h > self.history.threshold(base, self.eager.percentile)
 
     def _ensemble_alternative(self, b: Branch, tok: int) -> int | None:
-        """The union's best candidate at this position when it is not the drafter's ``tok`` (None otherwise):
-        each verifier brings its branch lane up to the branch's text (a lagging catch-up in one decode)."""
+        """Where the members disagree with the drafter — the union's best candidate is not the drafter's own
+        top-1 — that candidate, to start a branch; None where they agree, where the parent takes that token
+        anyway (``tok``, sampled), or where it is end-of-generation. Each verifier brings its branch lane up
+        to the branch's text first (a lagging catch-up in one decode)."""
         self.ensemble_checks += 1
         dists = [b.dist] + [self.next_dist(v, b.tokens) for v in b.verifier_lanes]
         keys, p, _ = self.union(dists, sharpen=False)
-        mine = self.root.key_of(tok)
-        order = np.argsort(-p, kind="stable")
-        best = keys[int(order[0])] if len(keys) else mine
-        if best == mine or best == EOG:
+        if not len(keys):
+            return None
+        best = keys[int(np.argmax(p))]
+        drafter_top = self.root.key_of(int(b.dist.top(1)[0][0]))
+        if best in (drafter_top, self.root.key_of(tok), EOG):
             return None
         self.stats.ensembled += 1
         return int(best)  # by-id keys: a token id of the shared tokenizer
