@@ -29,7 +29,7 @@ import click
 from . import __version__, paths
 from .api import ENSEMBLE_OPTIONS, Ensemble, EnsembleConfig, MemberInfo
 from .chat import clean_text
-from .config import KEYS, Calibration, Settings, load_config, resolve_settings
+from .config import KEYS, Calibration, Settings, load_config, resolve_settings, OPTIONS as KEY_OPTIONS
 from .engine import Event, GenerationResult
 from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
 from .options import GENERATION, GENERATION_OPTIONS, LOAD, LOAD_OPTIONS, Option
@@ -1008,7 +1008,12 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     label = chosen_preset.name if chosen_preset else "-".join(s.display_name for s in specs)
     out = Path(out_dir or Path("results") / "calibrate" / label)
     max_tokens = options.pop("max_tokens", None)
-    base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
+    # The policy options of the user's config file (sharpen, draft_len, ...) are what `run` applies beside the
+    # calibration, so they are what is measured; the sweep sets the policy, weights and gate itself.
+    from_file = {o.name: v for o, v in ((KEY_OPTIONS[k], v) for k, v in load_config().values.items() if k in KEY_OPTIONS)
+                 if o.name in POLICY_OPTIONS and o.name not in ("policy", "weights", "gate")}
+    base = EnsembleConfig(**{**_EVAL_DEFAULTS, **from_file, **options}).validate(
+        len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     result = calibrate(specs, dev, out, preset=chosen_preset.name if chosen_preset else None, start=start,
                        limit=limit, sweep=Sweep(**sweep), base=base, max_tokens=max_tokens, dev_file=dev_file)
     _calibration_report(result, out, plot=not no_plot)

@@ -15,7 +15,8 @@ from edge_ensemble.cli import cli
 from edge_ensemble.config import load_config, resolve_settings
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval.calibrate import (
-    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, write_calibration)
+    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, settings,
+    write_calibration)
 from edge_ensemble.eval.configs import EngineConfig
 from edge_ensemble.eval.report import Summary
 from edge_ensemble.sources import Catalog
@@ -197,7 +198,9 @@ def test_calibrate_writes_a_config_the_next_run_picks_up(tmp_path: Path, config_
     config = json.loads(run.stdout)["config"]
     assert config["policy"] == "safe" and config["weights"] == data["weights"] and config["gate"] == data["gate"]
     assert config["calibrated"]["source"].startswith(f"config file {config_file} [calibrated.members.")
-    assert config["calibrated"]["settings"] == {"policy": "safe", "weights": data["weights"], "gate": data["gate"]}
+    # the sharpening it was measured with is part of the setting, so the run applies that one
+    assert config["calibrated"]["settings"] == {"policy": "safe", "weights": data["weights"], "gate": data["gate"],
+                                                "sharpen": data["sharpen"]}
     assert config["calibrated"]["date"] == data["date"] and config["calibrated"]["dev_set"] == data["dev_set"]
     # A flag still wins over the calibration, and the run says which keys it overrode.
     config = json.loads(invoke(["run", *model_args(members), "--max-tokens", "4", "--gate", "0.9", "--json", "Hi"]).stdout)["config"]
@@ -267,6 +270,24 @@ def test_write_calibration_replaces_its_own_table_and_keeps_the_rest(tmp_path: P
         ("members", "/a b/x.gguf + y"): {"policy": "safe", "weights": (2.0, 1.0), "gate": 0.3}}
     assert path.read_text().count("[calibrated.presets.tiny]") == 1
     assert not [p for p in tmp_path.iterdir() if p.name != "config.toml"]  # no temporary file left behind
+    # Rewriting the first table keeps the provenance comment of the table after it.
+    write_calibration(fake_result(("presets", "tiny"), 0.5), path)
+    lines = path.read_text().splitlines()
+    assert sum(line.startswith("# written by edge-ensemble calibrate") for line in lines) == 2
+    above = lines[next(i for i, line in enumerate(lines) if line.startswith("[calibrated.members.")) - 1]
+    assert above.startswith("# written by edge-ensemble calibrate 2026-01-02")
+
+
+def test_a_calibration_written_into_the_catalog_is_the_presets_default(tmp_path: Path) -> None:
+    """What benchmarks/calibrate_presets.py does for the shipped presets: the table it writes into presets.toml
+    is what the next run of that preset uses, and says where it came from."""
+    catalog_path = tmp_path / "presets.toml"
+    catalog_path.write_text('[presets.cal]\nmembers = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]\n')
+    write_calibration(fake_result(("presets", "cal"), 0.3), catalog_path, table=("presets", "cal", "calibrated"))
+    settings = resolve_settings({"preset": "cal"}, load_config(tmp_path / "none.toml"), Catalog.load(catalog_path))
+    assert (settings.ensemble.policy, settings.ensemble.weights, settings.ensemble.gate) == ("safe", (2.0, 1.0), 0.3)
+    assert settings.calibration is not None and "[presets.cal.calibrated]" in settings.calibration.source
+    assert settings.calibration.date == "2026-01-02T03:04:05+00:00"
 
 
 def test_a_bad_calibration_table_is_one_line(tmp_path: Path) -> None:
@@ -289,6 +310,20 @@ def test_pool_adds_up_the_development_sets() -> None:
         pool([a, fake_result(("presets", "coder"), 0.4)])
 
 
+def test_pool_never_takes_a_setting_that_loses_on_one_set() -> None:
+    """+10 items on one set and -4 on another (of 200) is +6 pooled, but loses to the drafter on the second set
+    by more than one item per hundred: the drafter alone is kept. -2 of 200 is within the allowance."""
+    def result(task: str, drafter: int, setting: int) -> CalibrationResult:
+        scores = (score("single:d", drafter, 1.0, n=200), score("safe w=2 gate=0.5", setting, 2.0, n=200))
+        return CalibrationResult(("presets", "tiny"), f"{task} items 0-199", 200, "2026-01-02", scores, scores[0],
+                                 Path("out/x.jsonl"))
+
+    lossy = pool([result("arc", 50, 60), result("gsm8k", 40, 36)])
+    assert lossy.chosen is lossy.scores[0]
+    within = pool([result("arc", 50, 60), result("gsm8k", 40, 38)])
+    assert within.chosen is within.scores[1]
+
+
 def test_precedence_flag_user_calibration_file_keys_shipped_calibration(tmp_path: Path) -> None:
     extra = tmp_path / "catalog.toml"
     extra.write_text('[presets.cal]\nmembers = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]\n'
@@ -309,3 +344,26 @@ def test_precedence_flag_user_calibration_file_keys_shipped_calibration(tmp_path
     path.write_text('preset = "cal"\n[calibrated.presets.cal]\nweights = [2.0, 1.0, 1.0]\n')
     with pytest.raises(UsageError, match=r"\[calibrated.presets.cal\]: weights: give one per member \(2\); got 3"):
         resolve_settings({}, load_config(path), catalog)
+
+
+def test_calibrate_measures_with_the_config_files_policy_options(tmp_path: Path, config_file: Path,
+                                                                 members: list[str]) -> None:
+    """`run` applies the file's sharpening beside a calibration, so calibrate measures with it and writes it."""
+    config_file.write_text(config_file.read_text() + 'sharpen = "geometric"\n')
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": p, "answer": "x"} for p in PROMPTS[:1]])
+    result = invoke(["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
+                     "--drafter-weights", "2", "--gates", "0.5", "--min-gain", "0", "--json", *COMMON])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "calibrate.json").read_text())
+    assert manifest["options"]["sharpen"] == "geometric"  # measured with it (a resume must match it) ...
+    [setting] = settings(Sweep(drafter_weights=(2.0,), gates=(0.5,)).validate(), 2, "geometric")
+    assert setting.values["sharpen"] == "geometric"  # ... and an ensemble setting chosen writes it
+
+
+def test_a_sweep_value_given_twice_is_refused(tmp_path: Path, config_file: Path, members: list[str]) -> None:
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": "Hi", "answer": "x"}])
+    for flag, value in (("--gates", "0.5,0.5"), ("--drafter-weights", "1,1.0")):
+        result = invoke(["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
+                         flag, value, *COMMON])
+        assert result.exit_code != 0 and "repeats a value" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / "out").exists()

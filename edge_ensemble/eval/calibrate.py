@@ -7,6 +7,8 @@ The drafter alone (``single:<drafter>``) is always one of the settings, and the 
 1. every setting answers the same items, so their correct counts compare item for item;
 2. a setting is a candidate if it is the drafter alone, or an ensemble setting that answers at least
    ``min_gain`` items more than the drafter alone (default 1: a tie goes to the drafter, which is cheaper);
+   with several development sets pooled (:func:`pool`), it must also not answer more than one item per
+   hundred fewer than the drafter alone on any one of them;
 3. among the candidates the most items right wins; a tie goes to the fewer seconds per answer, then to the
    drafter alone, then to the earlier setting of the sweep.
 
@@ -75,8 +77,15 @@ class Sweep:
     """What :func:`calibrate` tries (fields: :data:`SWEEP_OPTIONS`); :meth:`validate` checks every value."""
 
     def validate(self, where: Callable[[str], str] = str) -> "Sweep":
-        """This sweep with every value checked (``where(name)`` names a bad one, e.g. its flag)."""
-        return replace_checked(self, {o.name: o for o in SWEEP_OPTIONS}, where)
+        """This sweep with every value checked (``where(name)`` names a bad one, e.g. its flag); a value given
+        twice (``0.5,0.5``, ``1,1.0``) would be two settings of one name, so it is refused."""
+        checked = replace_checked(self, {o.name: o for o in SWEEP_OPTIONS}, where)
+        for o in SWEEP_OPTIONS:
+            values = getattr(checked, o.name)
+            if isinstance(values, tuple) and len(set(values)) != len(values):
+                raise UsageError(f"{where(o.name)}: {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
+                                 " repeats a value; give each once")
+        return checked
 
 
 @dataclass(frozen=True)
@@ -241,26 +250,29 @@ def settings(sweep: Sweep, n_members: int, default_sharpen: str) -> list[Setting
                 name = f"safe w={w:g} gate={g:g}" + (f" sharpen={mode}" if sweep.sharpen_modes else "")  # type: ignore[attr-defined]
                 values: dict[str, Any] = {"policy": "safe", "weights": [float(w)] + [1.0] * (n_members - 1),
                                           "gate": float(g)}
-                if sweep.sharpen_modes:  # type: ignore[attr-defined]
-                    values["sharpen"] = mode
+                values["sharpen"] = mode  # measured with it, so the calibration applies it (not another one)
                 out.append(Setting(name, values))
     return out
 
 
-def select(scores: Sequence[Score], min_gain: int) -> Score:
-    """The chosen setting (see the module docstring): ``scores[0]`` is the drafter alone."""
+def select(scores: Sequence[Score], min_gain: int, eligible: Sequence[bool] | None = None) -> Score:
+    """The chosen setting (see the module docstring): ``scores[0]`` is the drafter alone; ``eligible``: which
+    settings may be chosen at all (:func:`pool`: not worse than the drafter on any one development set)."""
     drafter = scores[0]
     candidates = [(i, s) for i, s in enumerate(scores)
-                  if s is drafter or s.summary.correct >= drafter.summary.correct + min_gain]
+                  if s is drafter or (s.summary.correct >= drafter.summary.correct + min_gain
+                                      and (eligible is None or eligible[i]))]
     return min(candidates, key=lambda c: (-c[1].summary.correct, c[1].summary.seconds_per_answer or 0.0,
                                           c[1] is not drafter, c[0]))[1]
 
 
-def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig) -> dict[str, Any]:
-    """What the records of a calibration depend on besides the sweep: a resumed run must match it."""
+def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Sweep) -> dict[str, Any]:
+    """What the records of a calibration depend on besides the sweep: a resumed run must match it (the
+    sharpening too, unless the sweep tries several)."""
     cfg = asdict(base)
+    swept = {"weights", "gate", *(("sharpen",) if sweep.sharpen_modes else ())}  # type: ignore[attr-defined]
     return _plain({"members": calibration_key(None, members)[1],
-                   "options": {k: cfg[k] for k in (*POLICY_OPTIONS, "n_ctx") if k not in ("weights", "gate", "sharpen")}})
+                   "options": {k: cfg[k] for k in (*POLICY_OPTIONS, "n_ctx") if k not in swept}})
 
 
 def _plain(value: Any) -> Any:
@@ -302,7 +314,7 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
     if not items:
         raise UsageError(f"{dev_set.name} has no items from {start}")
     out = Path(out_dir)
-    _check_resume(out, _fingerprint(specs, base))
+    _check_resume(out, _fingerprint(specs, base, sweep))
     ensembles: list[Ensemble] = []
     try:
         single = Ensemble([specs[0]], config=replace(base, policy="single"), progress=progress)
@@ -342,7 +354,9 @@ def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: 
 
 def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> CalibrationResult:
     """Several development sets (say GSM8K and ARC) as one: each setting's items added up, the rule applied
-    to the sums. The results must be of the same ensemble and sweep."""
+    to the sums, among the settings that on no single set answer more than one item per hundred fewer than
+    the drafter alone (a gain on one set must not hide a loss on another). The results must be of the same
+    ensemble and sweep."""
     if not results:
         raise UsageError("nothing to pool")
     names = [[s.setting.name for s in r.scores] for r in results]
@@ -361,8 +375,10 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
                           low, high, tokens / seconds if seconds > 0 else None, None, seconds_per_answer=seconds / n)
         scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
                             sum(p.only_drafter for p in parts)))
+    eligible = [all(r.scores[i].summary.correct >= r.drafter.summary.correct - r.items // 100 for r in results)
+                for i in range(len(scores))]
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
-                   scores=tuple(scores), chosen=select(scores, min_gain),
+                   scores=tuple(scores), chosen=select(scores, min_gain, eligible),
                    records=Path(os.path.commonpath([r.records.parent for r in results])))
 
 
@@ -420,15 +436,21 @@ def _without_table(text: str, path: tuple[str, ...]) -> str:
     """``text`` without the table at ``path`` (and its sub-tables, and the comment calibrate wrote above it)."""
     lines = text.splitlines()
     keep: list[str] = []
+    dropped: list[str] = []
     dropping = False
     for line in lines:
         header = _header_path(line)
         if header is not None:
-            dropping = header[:len(path)] == path
-            if dropping and keep and keep[-1].startswith(f"# {_MARK}"):
+            now = header[:len(path)] == path
+            if dropping and not now:  # comments right above the next header are that table's, not the dropped one's
+                tail = len(dropped)
+                while tail and dropped[tail - 1].lstrip().startswith("#"):
+                    tail -= 1
+                keep += dropped[tail:]
+            if now and not dropping and keep and keep[-1].startswith(f"# {_MARK}"):
                 keep.pop()
-        if not dropping:
-            keep.append(line)
+            dropping, dropped = now, []
+        (dropped if dropping else keep).append(line)
     while keep and not keep[-1].strip():
         keep.pop()
     return "\n".join(keep) + ("\n" if keep else "")
