@@ -210,10 +210,18 @@ class Ensemble:
 
     @classmethod
     def from_preset(cls, name: str | None = None, **kwargs: object) -> "Ensemble":
-        """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None)."""
+        """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None), with the settings
+        the preset ships calibrated (``[presets.<name>.calibrated]`` in models/presets.toml) under any option
+        given here; an explicit ``config=`` is taken as it is."""
+        from .config import OPTIONS as CONFIG_KEYS, parse_calibration  # (config imports this module)
+
         catalog = Catalog.load()
         preset = catalog.preset(name) if name else catalog.default_preset
-        return cls(list(preset.members), **kwargs)  # type: ignore[arg-type]
+        calibrated: dict[str, object] = {}
+        if preset.calibrated and "config" not in kwargs:
+            table = parse_calibration(dict(preset.calibrated), f"presets.toml [presets.{preset.name}.calibrated]")
+            calibrated = {CONFIG_KEYS[k].name: v for k, v in table.values.items()}
+        return cls(list(preset.members), **{**calibrated, **kwargs})  # type: ignore[arg-type]
 
     @staticmethod
     def _resolve(specs: Sequence[SpecLike], *, download: bool, progress: bool) -> tuple[list[Path], list[str]]:

@@ -367,3 +367,20 @@ def test_a_sweep_value_given_twice_is_refused(tmp_path: Path, config_file: Path,
                          flag, value, *COMMON])
         assert result.exit_code != 0 and "repeats a value" in result.output and "Traceback" not in result.output
         assert not (tmp_path / "out").exists()
+
+
+def test_the_api_preset_takes_its_shipped_calibration(tmp_path: Path, members: list[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edge_ensemble import api
+
+    extra = tmp_path / "catalog.toml"
+    extra.write_text('[presets.cal]\nmembers = ["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"]\n')
+    write_calibration(fake_result(("presets", "cal"), 0.3), extra, table=("presets", "cal", "calibrated"))
+    catalog = Catalog.load(extra)
+    # The preset as written, its members swapped for the tiny test models (a preset names catalog keys).
+    catalog = replace(catalog, presets={**catalog.presets, "cal": replace(catalog.preset("cal"), members=tuple(members))})
+    monkeypatch.setattr(api.Catalog, "load", lambda _=None: catalog)
+    with api.Ensemble.from_preset("cal", n_ctx=N_CTX, n_threads=1) as ens:
+        assert (ens.config.policy, ens.config.weights, ens.config.gate) == ("safe", (2.0, 1.0), 0.3)
+    with api.Ensemble.from_preset("cal", gate=0.7, n_ctx=N_CTX, n_threads=1) as ens:  # a keyword still wins
+        assert ens.config.gate == 0.7 and ens.config.weights == (2.0, 1.0)
