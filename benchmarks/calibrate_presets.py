@@ -3,8 +3,8 @@
     taskset -c 1 python benchmarks/calibrate_presets.py --threads 1      # tiny, coder, trio: GSM8K 0-199 + ARC 0-299
     taskset -c 1 python benchmarks/calibrate_presets.py --presets tiny --limit 3 --no-write --threads 1  # timing
 
-Each preset runs the drafter alone and the default sweep (drafter weight 1, 1.5, 2, 3 x gate 0.3, 0.5, 0.7) on
-both slices; the two slices are pooled (items added up) and the rule of ``edge_ensemble.eval.calibrate`` picks
+Each preset runs the drafter alone and the sweep (default: the calibrate command's, drafter weight 1, 1.5, 2, 3 x
+gate 0.3, 0.5, 0.7; ``--drafter-weights 2,3 --gates 0.3,0.5`` for a smaller one) on both slices; the two slices are pooled (items added up) and the rule of ``edge_ensemble.eval.calibrate`` picks
 one setting, written as ``[presets.<name>.calibrated]`` with its evidence. Resumable: the records are in
 results/calibrate/<preset>/<task>.jsonl, and a rerun only makes the missing ones. Prints the CPU seconds each
 (preset, slice) took, which is how the cost of the full run was estimated from a 3-item run.
@@ -13,11 +13,13 @@ results/calibrate/<preset>/<task>.jsonl, and a rerun only makes the missing ones
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from edge_ensemble.api import EnsembleConfig
+from edge_ensemble.errors import EdgeEnsembleError
 from edge_ensemble.eval.calibrate import Sweep, calibrate, pool, write_calibration
 from edge_ensemble.eval.report import summary_markdown
 from edge_ensemble.eval.tasks import get_task
@@ -36,7 +38,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "calibrate")
     parser.add_argument("--presets-toml", type=Path, default=ROOT / "models" / "presets.toml")
     parser.add_argument("--no-write", action="store_true", help="only measure; leave presets.toml alone")
+    parser.add_argument("--drafter-weights", help="comma-separated (default: the calibrate command's sweep)")
+    parser.add_argument("--gates", help="comma-separated (default: the calibrate command's sweep)")
     args = parser.parse_args()
+    chosen_sweep = {k: tuple(float(v) for v in getattr(args, k).split(","))
+                    for k in ("drafter_weights", "gates") if getattr(args, k)}
+    sweep = Sweep(**chosen_sweep).validate(lambda name: "--" + name.replace("_", "-"))
 
     catalog = Catalog.load()
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads)
@@ -46,7 +53,7 @@ def main() -> None:
         for task, start, limit in (d for d in DEV_SLICES if d[0] in args.tasks.split(",")):
             began = time.process_time()
             results.append(calibrate(preset.members, get_task(task), args.out / preset.name, preset=preset.name,
-                                     start=start, limit=args.limit or limit, sweep=Sweep(), base=base))
+                                     start=start, limit=args.limit or limit, sweep=sweep, base=base))
             print(f"{preset.name} {task}: {time.process_time() - began:.0f} CPU s for "
                   f"{results[-1].items} items x {len(results[-1].scores)} settings", flush=True)
         pooled = pool(results)
@@ -59,4 +66,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (EdgeEnsembleError, ValueError) as exc:  # a bad sweep value, an unknown preset: one line
+        sys.exit(f"error: {exc}")
