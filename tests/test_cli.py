@@ -318,6 +318,11 @@ def test_bad_models(tiny_bpe: Path, tmp_path: Path) -> None:
     (["--weights", "1,x"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got '1,x'"),
     (["--weights", "1,0"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got (1.0, 0.0)"),
     (["--policy", "fast"], "--policy must be one of single, every-token, safe, eager, route; got 'fast'"),
+    (["--policy", "eager", "--max-branches", "0"], "--max-branches must be a whole number between 1 and 64; got 0"),
+    (["--policy", "eager", "--max-branches", "100"], "--max-branches must be a whole number between 1 and 64; got 100"),
+    (["--policy", "eager", "--threshold", "-1"], '--threshold must be a number between 0.0 and 50.0 or "off"; got -1.0'),
+    (["--policy", "eager", "--percentile", "101"], "--percentile must be a number between 0.0 and 100.0; got 101.0"),
+    (["--policy", "eager", "--entropy", "half"], "--entropy must be one of top20, full; got 'half'"),
     (["--no-such-option"], "No such option"),
     (["-p", "tiny"], "give either --preset or --model, not both"),
 ])
@@ -440,3 +445,21 @@ def test_module_entry_point_knows_every_command():
                          timeout=60)
     assert out.returncode == 0, out.stderr
     assert "TASK" in out.stdout or "task" in out.stdout.lower()
+
+
+def test_run_eager_prints_the_answer_a_branch_summary_and_the_tree(models: list[str]) -> None:
+    args = ["run", "-m", models[0], *COMMON, "--policy", "eager", "--max-branches", "3", "--threshold", "0",
+            "--percentile", "0", "--temperature", "0.6", "--seed", "1"]
+    shown_run = invoke([*args, "--show", "Tell me a story."])
+    assert shown_run.exit_code == 0, shown_run.output
+    err = shown_run.stderr.splitlines()
+    summary = next(line for line in err if " branches (" in line)
+    assert summary.startswith("3 branches (2 entropy)") and "tokens generated; chosen: #" in summary
+    tree = [line for line in err if line.lstrip().startswith("#")]
+    assert len(tree) == 3 and tree[0].startswith("#0: ") and sum("<- chosen" in t for t in tree) == 1
+    assert all(" from #" in t and "(entropy)" in t for t in tree[1:])
+    data = json.loads(invoke([*args, "--json", "Tell me a story."]).stdout)  # the same seed: the same run
+    assert len(data["branches"]) == 3 and sum(b["chosen"] for b in data["branches"]) == 1
+    chosen = next(b for b in data["branches"] if b["chosen"])
+    assert data["text"] == chosen["text"] and shown_run.stdout.startswith(chosen["text"].rstrip("\n")[:20])
+    assert {"text", "tokens", "parent", "forked_at", "origin", "answer", "votes", "finish_reason"} <= set(chosen)
