@@ -144,9 +144,13 @@ def build_configs(members: Sequence[str], names: Sequence[str] | None, base: Ens
     """The requested configurations (all when ``names`` is None): ``single:<member>`` for each member, then
     every-token, safe (faithful) and safe-gated, and with a route ``head`` route (its fitted beta) and route-b0
     (beta 0). Returns them and the ensembles to close afterwards."""
+    wanted = list(names) if names else None
+    if wanted and "eager-ensemble" in wanted and len(members) < 2:  # (before any model loads)
+        raise UsageError("eager-ensemble branches where the members disagree: give it two or more models (-m ... -m ...)")
+    if wanted and "eager-adapt" in wanted and "eager" not in wanted:
+        raise UsageError("eager-adapt re-spends the sequences eager saved on the same items: add eager to --configs")
     ensembles: list[Ensemble] = []
     configs: list[EngineConfig] = []
-    wanted = list(names) if names else None
     full = None
     try:
         for spec in members:
@@ -182,10 +186,6 @@ def _branch_configs(members: Sequence[str], names: Sequence[str], base: Ensemble
                     ensembles: list[Ensemble]) -> list[EngineConfig]:
     """The requested branching configurations: one eager-loaded ensemble of the drafter alone (every member
     for eager-ensemble), each configuration a set of eager options over it."""
-    if "eager-ensemble" in names and len(members) < 2:
-        raise UsageError("eager-ensemble branches where the members disagree: give it two or more models (-m ... -m ...)")
-    if "eager-adapt" in names and "eager" not in names:
-        raise UsageError("eager-adapt re-spends the sequences eager saved on the same items: add eager to --configs")
     loaded: dict[int, Ensemble] = {}
     out = []
     for name in names:
