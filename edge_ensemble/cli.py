@@ -883,6 +883,7 @@ def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) ->
 
 # Evaluations keep the context their recorded runs used; their token budget is each task's own.
 _EVAL_DEFAULTS = {"n_ctx": 2048}
+_SWEEP_FLAGS = {o.name: o.flag for o in CALIBRATE_SWEEP}  # to name a bad sweep value by its flag
 # The branching configurations' entropy threshold depends on the model (benchmarks/entropy_probe.py).
 _EVAL_OPTIONS = (GENERATION["max_tokens"], POLICY_OPTIONS["threshold"], *(o for o in LOAD_OPTIONS if o.cli))
 
@@ -1015,7 +1016,8 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **from_file, **options}).validate(
         len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     result = calibrate(specs, dev, out, preset=chosen_preset.name if chosen_preset else None, start=start,
-                       limit=limit, sweep=Sweep(**sweep), base=base, max_tokens=max_tokens, dev_file=dev_file)
+                       limit=limit, sweep=Sweep(**sweep).validate(lambda n: _SWEEP_FLAGS[n]), base=base,
+                       max_tokens=max_tokens, dev_file=dev_file)
     _calibration_report(result, out, plot=not no_plot)
     written = write_calibration(result) if write else None
     if as_json:

@@ -140,12 +140,16 @@ class DecodeRounds:
     def _decode_each_alone(self, group: list[_Waiting]) -> None:
         """After a failed batch: each thread's requests in a decode of their own. A failed llama_decode leaves no
         cells behind (the runtime drops them), and a request names its whole target, so this resumes cleanly."""
-        for w in group:
+        for n, w in enumerate(group):
             try:
                 w.result = w.backend.feed_many(w.requests, w.temperatures)
-            except BaseException as exc:  # noqa: BLE001 - raised in that thread
+            except Exception as exc:  # noqa: BLE001 - raised in that thread
                 w.error = exc
                 continue
+            except BaseException as exc:  # noqa: BLE001 - an interrupt: for every thread not yet served
+                for rest in group[n:]:
+                    rest.error = exc
+                return
             self.batches += 1
             self.served += 1
 

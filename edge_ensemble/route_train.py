@@ -130,8 +130,9 @@ class Models:
     grid: tuple[float, ...] = BETA_GRID
 
     def cache_key(self) -> str:
+        # n_ctx: which items fit (the rest are skipped) depends on it, so each context size has its own cache
         text = json.dumps({"v": DATA_VERSION, "router": self.router_sha, "experts": self.expert_shas,
-                           "grid": list(self.grid)}, sort_keys=True)
+                           "grid": list(self.grid), "n_ctx": self.router.n_ctx}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def close(self) -> None:
@@ -152,8 +153,8 @@ def item_features(models: Models, item: TrainItem) -> dict[str, np.ndarray]:
             raise IncompatibleMembersError("route train needs the router and every expert to share one tokenizer")
         ref = answer
         full = prompt + answer
-        if len(full) > model.n_ctx or not answer:  # n_ctx kept: a larger context must not reuse this skip
-            return {"skipped": np.array(True), "n_ctx": np.array(model.n_ctx)}
+        if len(full) > model.n_ctx or not answer:
+            return {"skipped": np.array(True)}
         out = _decode_answer(model, item, prompt, full)
         logits[id(model)] = out.logits[0]
         if model is router:
@@ -217,7 +218,7 @@ def build_features(models: Models, items: Sequence[TrainItem], cache_dir: Path,
     decoded = 0
     for i, item in enumerate(items):
         path = folder / f"{item.key}.npz"
-        if not _readable(path, models.router.n_ctx):
+        if not _readable(path):
             write_npz(path, {**item_features(models, item), "item": text_array([item.source, item.id])})
             decoded += 1
         paths.append(path)
@@ -226,12 +227,9 @@ def build_features(models: Models, items: Sequence[TrainItem], cache_dir: Path,
     return paths
 
 
-def _readable(path: Path, n_ctx: int) -> bool:
-    """Whether ``path`` holds usable features: complete, and not a skip made for a smaller context than now."""
+def _readable(path: Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as data:
-            if "skipped" in data.files:  # skips from before n_ctx was kept are redone too
-                return "item" in data.files and "n_ctx" in data.files and int(data["n_ctx"]) >= n_ctx
             return "item" in data.files
     except (OSError, ValueError, EOFError, Exception):  # a damaged cache file is decoded again
         return False

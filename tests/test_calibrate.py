@@ -15,8 +15,7 @@ from edge_ensemble.cli import cli
 from edge_ensemble.config import load_config, resolve_settings
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval.calibrate import (
-    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, settings,
-    write_calibration)
+    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, write_calibration)
 from edge_ensemble.eval.configs import EngineConfig
 from edge_ensemble.eval.report import Summary
 from edge_ensemble.sources import Catalog
@@ -270,12 +269,16 @@ def test_write_calibration_replaces_its_own_table_and_keeps_the_rest(tmp_path: P
         ("members", "/a b/x.gguf + y"): {"policy": "safe", "weights": (2.0, 1.0), "gate": 0.3}}
     assert path.read_text().count("[calibrated.presets.tiny]") == 1
     assert not [p for p in tmp_path.iterdir() if p.name != "config.toml"]  # no temporary file left behind
-    # Rewriting the first table keeps the provenance comment of the table after it.
+    # Rewriting the first table keeps the provenance comment of the table after it, with a blank line before it.
+    path.write_text(path.read_text().replace("\n# written by edge-ensemble calibrate 2026-01-02T03:04:05+00:00: dev.jsonl"
+                                             " items 0-2\n[calibrated.members.",
+                                             "\n\n# written by edge-ensemble calibrate 2026-01-02T03:04:05+00:00: "
+                                             "dev.jsonl items 0-2\n\n[calibrated.members."))
     write_calibration(fake_result(("presets", "tiny"), 0.5), path)
     lines = path.read_text().splitlines()
     assert sum(line.startswith("# written by edge-ensemble calibrate") for line in lines) == 2
-    above = lines[next(i for i, line in enumerate(lines) if line.startswith("[calibrated.members.")) - 1]
-    assert above.startswith("# written by edge-ensemble calibrate 2026-01-02")
+    at = next(i for i, line in enumerate(lines) if line.startswith("[calibrated.members."))
+    assert lines[at - 1] == "" and lines[at - 2].startswith("# written by edge-ensemble calibrate 2026-01-02")
 
 
 def test_a_calibration_written_into_the_catalog_is_the_presets_default(tmp_path: Path) -> None:
@@ -350,22 +353,28 @@ def test_calibrate_measures_with_the_config_files_policy_options(tmp_path: Path,
                                                                  members: list[str]) -> None:
     """`run` applies the file's sharpening beside a calibration, so calibrate measures with it and writes it."""
     config_file.write_text(config_file.read_text() + 'sharpen = "geometric"\n')
-    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": p, "answer": "x"} for p in PROMPTS[:1]])
+    base = EnsembleConfig(n_ctx=N_CTX, n_threads=1)
+    # References only the ensemble measured with geometric sharpening meets: it must win, and write it.
+    says = outputs(members, replace(base, policy="safe", weights=(2.0, 1.0), gate=0.5, sharpen="geometric"), PROMPTS)
+    assert says != outputs(members[:1], replace(base, policy="single"), PROMPTS)
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": p, "answer": a} for p, a in zip(PROMPTS, says)])
     result = invoke(["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
-                     "--drafter-weights", "2", "--gates", "0.5", "--min-gain", "0", "--json", *COMMON])
+                     "--drafter-weights", "2", "--gates", "0.5", "--json", *COMMON])
     assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["chosen"] == "safe w=2 gate=0.5" and data["evidence"][1]["correct"] == len(PROMPTS)
+    assert data["sharpen"] == "geometric"  # written with the setting, so `run` applies what was measured
     manifest = json.loads((tmp_path / "out" / "calibrate.json").read_text())
-    assert manifest["options"]["sharpen"] == "geometric"  # measured with it (a resume must match it) ...
-    [setting] = settings(Sweep(drafter_weights=(2.0,), gates=(0.5,)).validate(), 2, "geometric")
-    assert setting.values["sharpen"] == "geometric"  # ... and an ensemble setting chosen writes it
+    assert manifest["options"]["sharpen"] == "geometric"  # and a resume must match it
 
 
 def test_a_sweep_value_given_twice_is_refused(tmp_path: Path, config_file: Path, members: list[str]) -> None:
     dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": "Hi", "answer": "x"}])
-    for flag, value in (("--gates", "0.5,0.5"), ("--drafter-weights", "1,1.0")):
+    for flag, value, said in (("--gates", "0.5,0.5", "0.5,0.5"), ("--drafter-weights", "1,1.0", "1,1")):
         result = invoke(["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
                          flag, value, *COMMON])
-        assert result.exit_code != 0 and "repeats a value" in result.output and "Traceback" not in result.output
+        assert result.exit_code != 0 and f"{flag}: {said} repeats a value" in result.output
+        assert "Traceback" not in result.output
         assert not (tmp_path / "out").exists()
 
 

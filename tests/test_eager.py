@@ -97,9 +97,11 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     with Model(tiny_bpe_close[0], LoadOptions(n_ctx=2048)) as fresh:
         for b in forks:
             parent = sampled[b.parent]
-            drafter_top = int(np.argmax(fresh.decode(prompt + b.tokens[: b.forked_at], want="last")[-1]))
+            logits = np.array(fresh.decode(prompt + b.tokens[: b.forked_at], want="last")[-1])
             fresh.reset()
-            assert b.tokens[b.forked_at] != drafter_top
+            second, first = np.sort(logits)[-2:]
+            # (a near tie may flip between this one-sequence decode and the run's batch)
+            assert b.tokens[b.forked_at] != int(np.argmax(logits)) or first - second < 1e-3
             assert len(parent.tokens) <= b.forked_at or b.tokens[b.forked_at] != parent.tokens[b.forked_at]
     # the same model twice never disagrees with itself: greedy ensemble branching adds nothing
     twin = Member(members[0].backend, name="twin")  # the same loaded model listed twice

@@ -491,6 +491,38 @@ def test_eager_adapt_re_spends_what_eager_saved_on_the_whole_run(tiny_bpe: Path,
             assert 1 <= len(r["branches"]) <= BRANCHES + extra[i]
 
 
+def test_eager_adapt_records_count_as_done_only_under_the_same_plan(tiny_bpe: Path, tmp_path: Path) -> None:
+    """A rerun of the same slice resumes the second pass; a longer slice re-plans (the saving is split over
+    more items) and supersedes the records planned over the shorter one, as do records made without a plan."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import BRANCHES, build_configs
+    from edge_ensemble.eval.report import load_records
+
+    used = [2, BRANCHES, BRANCHES, BRANCHES]  # 6 saved on item 0: all to item 1 over 2 items, 2 each over 4
+    path = tmp_path / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(_first_pass_record(str(i), n, 10 * n)) + "\n" for i, n in enumerate(used))
+                    + json.dumps({**_first_pass_record("0", 2, 20), "config": "eager-adapt"}) + "\n")  # no plan
+
+    def run(limit: int) -> list[dict[str, Any]]:
+        configs, ensembles = build_configs([str(tiny_bpe)], ["eager", "eager-adapt"],
+                                           EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+        try:
+            run_eval("gsm8k", configs, tmp_path, limit=limit, max_tokens=8, progress=False)
+        finally:
+            for e in ensembles:
+                e.close()
+        return [r for r in read_records(path) if r["config"] == "eager-adapt"]
+
+    two = run(2)
+    assert len(two) == 3 and [r["reallocated"] for r in two[1:]] == [0, 6]  # the planless record is superseded
+    assert len(run(2)) == 3  # the same plan: nothing regenerated
+    four = run(4)
+    assert len(four) == 7  # all four re-planned, appended
+    latest = {r["item"]: r for r in load_records([path]) if r["config"] == "eager-adapt"}
+    assert [latest[str(i)]["reallocated"] for i in range(4)] == [0, 2, 2, 2]
+    assert len({r["plan"] for r in latest.values()}) == 1 and latest["0"]["plan"].startswith("4 items, ")
+
+
 def test_branching_configs_that_cannot_run_as_asked_are_refused(tiny_bpe: Path) -> None:
     from edge_ensemble.api import EnsembleConfig
     from edge_ensemble.errors import UsageError

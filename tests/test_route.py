@@ -443,12 +443,12 @@ def test_coder_pair_always_the_first_expert_equals_it_alone(real_models, tmp_pat
                     assert {s.winner for s in result.provenance} == {routed._members[i].name}
 
 
-def test_an_item_skipped_for_a_small_context_is_decoded_with_a_larger_one(tiny_bpe, tiny_bpe_b, tmp_path):
-    """A cached skip ("longer than the context") holds only for contexts no larger than the one it was made with;
-    features, once decoded, do not depend on the context size and are kept."""
+def test_each_context_size_has_its_own_feature_cache(tiny_bpe, tiny_bpe_b, tmp_path):
+    """Which items fit depends on the context size, so each size has its own feature cache: an item skipped
+    ("longer than the context") at a small one is decoded at a larger one, and skipped again at the small one."""
     [item] = greedy_items(tiny_bpe, tiny_bpe_b, n=1)
     item = dataclasses.replace(item, reference=item.reference * 20)  # longer than 256 tokens (llama.cpp's least n_ctx)
-    for n_ctx, skipped in ((256, True), (2048, False), (256, False)):
+    for n_ctx, skipped in ((256, True), (2048, False), (256, True)):
         models = load_models([tiny_bpe, tiny_bpe_b], tiny_bpe, ["a", "b"], "a", n_ctx=n_ctx)
         try:
             assert models.router.n_ctx == n_ctx

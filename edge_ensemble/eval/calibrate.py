@@ -442,9 +442,9 @@ def _without_table(text: str, path: tuple[str, ...]) -> str:
         header = _header_path(line)
         if header is not None:
             now = header[:len(path)] == path
-            if dropping and not now:  # comments right above the next header are that table's, not the dropped one's
+            if dropping and not now:  # comments (and blank lines) right above the next header are that table's
                 tail = len(dropped)
-                while tail and dropped[tail - 1].lstrip().startswith("#"):
+                while tail and (not dropped[tail - 1].strip() or dropped[tail - 1].lstrip().startswith("#")):
                     tail -= 1
                 keep += dropped[tail:]
             if now and not dropping and keep and keep[-1].startswith(f"# {_MARK}"):

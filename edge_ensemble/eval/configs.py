@@ -8,6 +8,8 @@ model alone would see.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
@@ -50,6 +52,7 @@ class EngineConfig:
     # EAGER-adapt: a second pass over the records this configuration's first pass (eager) made on the run's items
     builds_on: str | None = None
     _plan: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict, repr=False)
+    plan_signature: str | None = None  # of the slice and first-pass sizes plan() read; kept in each record
 
     @property
     def branching(self) -> bool:
@@ -70,6 +73,8 @@ class EngineConfig:
         used = [len(first[i].get("branches") or ()) for i in items]
         extra = reallocate(used, [u >= m for u in used], m)
         self._plan = {i: (first[i], e) for i, e in zip(items, extra)}
+        basis = json.dumps([m, [[i, u] for i, u in zip(items, used)]])
+        self.plan_signature = f"{len(items)} items, " + hashlib.sha256(basis.encode()).hexdigest()[:12]
 
     def generate(self, messages: list[dict[str, str]], max_tokens: int,
                  extract: Callable[[str], str | None] | None = None, item: str | None = None) -> dict[str, Any]:
@@ -102,7 +107,7 @@ class EngineConfig:
                     "prompt_seconds": first.get("prompt_seconds"), "finish_reason": first.get("finish_reason"),
                     "ensembled_fraction": first.get("ensembled_fraction"), "generated_tokens": first["generated_tokens"],
                     "branches": [{k: v for k, v in b.items() if k != "correct"} for b in first["branches"]],
-                    "settings": first.get("settings"), "reallocated": 0}
+                    "settings": first.get("settings"), "reallocated": 0, "plan": self.plan_signature}
         m = self.config.max_branches + extra  # type: ignore[attr-defined]
         threshold = self.config.threshold  # type: ignore[attr-defined]
         threshold = None if threshold is None else round(threshold * 0.9, 6)
@@ -113,6 +118,7 @@ class EngineConfig:
         out["generated_tokens"] += first["generated_tokens"]
         out["reallocated"] = extra
         out["first_pass_branches"] = len(first["branches"])
+        out["plan"] = self.plan_signature
         out["settings"] = self._settings(max_branches=m, threshold=threshold)
         return out
 

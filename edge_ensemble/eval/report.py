@@ -292,8 +292,9 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
     branching = branching_markdown(records)
     if branching:
         text += ("\nBranching configurations (M answers per item, voted): cons@M = the voted answer right (the "
-                 "accuracy above), pass@M = any branch right; generated = tokens decoded by all branches per item (a "
-                 "prefix that branches share counted once), the compute a configuration spends.\n\n" + branching)
+                 "accuracy above), pass@M = any branch right; branches = sequences generated per item (eager-adapt: "
+                 "both passes); generated = tokens decoded by all branches per item (a prefix that branches share "
+                 "counted once), the compute a configuration spends.\n\n" + branching)
     paired = paired_comparisons(records)
     if paired:
         text += (
@@ -319,7 +320,7 @@ def branching_markdown(records: Iterable[dict[str, Any]]) -> str:
         passed = sum(bool(r.get("pass_at_k")) for r in rs)
         lo, hi = wilson_interval(passed, n)
         generated = sum(r.get("generated_tokens", r["tokens"]) for r in rs) / n
-        branches = sum(len(r.get("branches", ())) for r in rs) / n
+        branches = sum(len(r.get("branches", ())) + r.get("first_pass_branches", 0) for r in rs) / n  # both passes
         rows.append(f"| {task} | {config} | {n} | {cons / n:.1%} | {passed / n:.1%} ({100 * lo:.1f}–{100 * hi:.1f}%) "
                     f"| {branches:.1f} | {generated:.0f} |")
     if not rows:

@@ -170,27 +170,38 @@ def run_eval(
     path = results_path(out_dir, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     repair_tail(path)
+    protocol = (HARNESS_VERSION, task.prompt_version, budget)
+    # A configuration that builds on another's records of the whole run (EAGER-adapt on eager's) goes second,
+    # once those are complete; its records count as done only when made under the same plan (the same slice
+    # and first-pass records: a rerun over a longer slice re-plans, and supersedes them).
+    first = [c for c in configs if getattr(c, "builds_on", None) is None]
+    second = [c for c in configs if getattr(c, "builds_on", None) is not None]
     earlier = [r for r in read_records(path) if r.get("task") == task.name]
     done = {(r.get("item"), r.get("config")) for r in earlier}
-    # A configuration that builds on another's records of the whole run (EAGER-adapt on eager's) goes second.
-    passes = [[c for c in configs if getattr(c, "builds_on", None) is None],
-              [c for c in configs if getattr(c, "builds_on", None) is not None]]
-    todo = [(item, config) for group in passes for item in items for config in group
-            if (item.id, config.name) not in done]
-    if todo:  # a finished file is only re-reported, whatever made it
-        check_same_protocol(path, earlier, (HARNESS_VERSION, task.prompt_version, budget))
+    _run_pass(task, path, earlier, protocol, [(item, c) for item in items for c in first
+                                              if (item.id, c.name) not in done], budget, progress)
+    if second:
+        run = [r for r in read_records(path) if r.get("task") == task.name]
+        for config in second:
+            config.plan(run, [i.id for i in items])  # type: ignore[attr-defined]
+        planned = {(r.get("item"), r.get("config")) for r in run
+                   if any(r.get("config") == c.name and r.get("plan") == c.plan_signature for c in second)}  # type: ignore[attr-defined]
+        _run_pass(task, path, run, protocol, [(item, c) for item in items for c in second
+                                              if (item.id, c.name) not in planned], budget, progress)
+    return path
 
+
+def _run_pass(task: Task, path: Path, earlier: Sequence[dict[str, Any]], protocol: Protocol,
+              todo: Sequence[tuple[Any, GenerationConfig]], budget: int | None, progress: bool) -> None:
+    """Generate, score and append the records of ``todo``, each flushed and fsynced before the next starts."""
+    if not todo:  # a finished file is only re-reported, whatever made it
+        return
+    check_same_protocol(path, earlier, protocol)
     bar = Progress(len(todo), task.name, enabled=progress)
     correct = 0
-    planned = not passes[1]
     try:
         with open(path, "a", encoding="utf-8") as out:
             for count, (item, config) in enumerate(todo, start=1):
-                if not planned and any(config is c for c in passes[1]):  # first pass complete: plan the second
-                    run = [r for r in read_records(path) if r.get("task") == task.name]
-                    for second in passes[1]:
-                        second.plan(run, [i.id for i in items])  # type: ignore[attr-defined]
-                    planned = True
                 record = _evaluate(task, item, config, budget)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
@@ -199,7 +210,6 @@ def run_eval(
                 bar.update(note=f"acc {correct}/{count}  {config.name}: {record['tokens_per_second'] or 0:.1f} tok/s")
     finally:
         bar.close()
-    return path
 
 
 def check_same_protocol(path: Path, records: Sequence[dict[str, Any]], protocol: Protocol) -> None:
@@ -269,7 +279,7 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "first_pass_branches",
-                     "settings", "routed_tokens", "catch_up_tokens", "catch_up_seconds"):
+                     "plan", "settings", "routed_tokens", "catch_up_tokens", "catch_up_seconds"):
         if result.get(optional) is not None:
             record[optional] = result[optional]
     if result.get("branches"):  # cons@M is the voted answer's score; pass@M: any branch right
