@@ -532,3 +532,23 @@ def test_branching_configs_that_cannot_run_as_asked_are_refused(tiny_bpe: Path) 
         build_configs([str(tiny_bpe)], ["single", "eager-adapt"], EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
     with pytest.raises(UsageError, match="two or more models"):  # not silently plain eager
         build_configs([str(tiny_bpe)], ["eager-ensemble"], EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+
+
+def test_sampled_configurations_are_seeded_per_item_and_reproducible(tiny_bpe: Path, tmp_path: Path) -> None:
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import build_configs
+
+    def run(out: Path) -> list[dict[str, Any]]:
+        configs, ensembles = build_configs([str(tiny_bpe)], ["parallel", "eager"],
+                                           EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+        try:
+            return read_records(run_eval("gsm8k", configs, out, limit=2, max_tokens=8, progress=False))
+        finally:
+            for e in ensembles:
+                e.close()
+
+    a, b = run(tmp_path / "a"), run(tmp_path / "b")
+    keep = ("item", "config", "output", "branches", "generated_tokens", "settings")
+    assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
+    seeds = [r["settings"]["seed"] for r in a]
+    assert len(set(seeds)) == len(seeds)  # per item and per configuration

@@ -84,11 +84,19 @@ class EngineConfig:
         # The ensemble configurations share one loaded Ensemble: without this, the second and third
         # would find the item's prompt already cached by the first and look faster than they are.
         self.ensemble.reset_cache()
-        result = self._answer(messages, max_tokens, extract, {})
+        seed = self._seed(item)
+        result = self._answer(messages, max_tokens, extract, {} if seed is None else {"seed": seed})
         out = _record_of(result)
         if self.branching:  # what the run used, so that records made at other settings are told apart
-            out["settings"] = self._settings()
+            out["settings"] = self._settings(**({} if seed is None else {"seed": seed}))
         return out
+
+    def _seed(self, item: str | None) -> int | None:
+        """A sampling configuration's seed for ``item``, from its name and the item's id: a rerun (or another
+        machine) samples the same answer, and no two configurations share their random draws."""
+        if item is None or not self.sampling.get("temperature"):
+            return None
+        return int.from_bytes(hashlib.sha256(f"{self.name}:{item}".encode()).digest()[:4], "big")
 
     def _settings(self, **overrides: Any) -> dict[str, Any]:
         c = self.config
@@ -113,13 +121,15 @@ class EngineConfig:
         threshold = None if threshold is None else round(threshold * 0.9, 6)
         self.ensemble.config = self.config
         self.ensemble.reset_cache()
-        out = _record_of(self._answer(messages, max_tokens, extract, {"max_branches": m, "threshold": threshold}))
+        seed = self._seed(item)
+        out = _record_of(self._answer(messages, max_tokens, extract, {"max_branches": m, "threshold": threshold,
+                                                                      **({} if seed is None else {"seed": seed})}))
         out["seconds"] += first["seconds"]
         out["generated_tokens"] += first["generated_tokens"]
         out["reallocated"] = extra
         out["first_pass_branches"] = len(first["branches"])
         out["plan"] = self.plan_signature
-        out["settings"] = self._settings(max_branches=m, threshold=threshold)
+        out["settings"] = self._settings(max_branches=m, threshold=threshold, **({} if seed is None else {"seed": seed}))
         return out
 
     def _answer(self, messages: list[dict[str, str]], max_tokens: int, extract: Callable[[str], str | None] | None,
