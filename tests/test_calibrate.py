@@ -242,7 +242,10 @@ def test_a_resumed_calibration_must_match_the_options(tmp_path: Path, config_fil
     args = ["calibrate", *model_args(members), "--file", str(dev), "--out", str(tmp_path / "out"),
             "--drafter-weights", "2", "--gates", "0.5", "--no-plot", "--no-write", *COMMON]
     assert invoke(args).exit_code == 0
-    assert_usage_error(invoke([*args, "--n-ctx", "512"]), "holds a calibration of other members or options")
+    assert_usage_error(invoke([*args, "--n-ctx", "512"]), "holds a calibration made with n_ctx = ")
+    assert "(this run: 512)" in invoke([*args, "--n-ctx", "512"]).output
+    # An option no setting's policy reads (eager's threshold) changes no record: the run resumes.
+    assert invoke([*args, "--threshold", "2.5"]).exit_code == 0
 
 
 # -- the config table -----------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from edge_ensemble.eval.report import Summary, paired_comparisons, summarize
 from edge_ensemble.eval.runner import read_records, results_path, run_eval
 from edge_ensemble.eval.tasks import Item, Task, get_task
 from edge_ensemble.options import Option, replace_checked, with_options
-from edge_ensemble.policies import POLICY_OPTIONS
+from edge_ensemble.policies import POLICIES
 from edge_ensemble.sources import ModelSpec, SpecLike, parse_spec
 
 if sys.version_info >= (3, 11):
@@ -271,13 +271,31 @@ def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Swee
     sharpening too, unless the sweep tries several)."""
     cfg = asdict(base)
     swept = {"weights", "gate", *(("sharpen",) if sweep.sharpen_modes else ())}  # type: ignore[attr-defined]
+    # Only what the settings' policies read: another policy's option (eager's threshold) changes no record.
+    read = [o.name for name in _SETTING_POLICIES for o in POLICIES[name].options]
     return _plain({"members": calibration_key(None, members)[1],
-                   "options": {k: cfg[k] for k in (*POLICY_OPTIONS, "n_ctx") if k not in swept}})
+                   "options": {k: cfg[k] for k in dict.fromkeys((*read, "n_ctx")) if k not in swept}})
+
+
+_SETTING_POLICIES = ("single", "safe")  # the policies a calibration's settings use (drafter alone; SAFE)
 
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON would give it back (tuples become lists, dates strings): for comparisons."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _first_difference(earlier: Any, now: dict[str, Any]) -> str:
+    """What a calibration directory's manifest says that this run does not, for the refusal to resume it."""
+    if not isinstance(earlier, dict):
+        return "an unreadable manifest (calibrate.json)"
+    if earlier.get("members") != now["members"]:
+        return f"other members ({earlier.get('members')}, not {now['members']})"
+    then, options = earlier.get("options") or {}, now["options"]
+    for key in sorted(set(then) | set(options)):
+        if then.get(key) != options.get(key):
+            return f"{key} = {then.get(key)} (this run: {options.get(key)})"
+    return "other settings"
 
 
 def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
@@ -288,8 +306,8 @@ def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
         except (OSError, ValueError):
             earlier = None
         if earlier != fingerprint:
-            raise UsageError(f"{out_dir} holds a calibration of other members or options; pass another --out "
-                             "(or move it away) so the two are not mixed")
+            raise UsageError(f"{out_dir} holds a calibration made with {_first_difference(earlier, fingerprint)}; "
+                             "pass another --out (or move it away) so the two are not mixed")
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         paths.write_text_atomic(manifest, json.dumps(fingerprint, indent=1) + "\n")

@@ -85,18 +85,18 @@ class EngineConfig:
         # would find the item's prompt already cached by the first and look faster than they are.
         self.ensemble.reset_cache()
         seed = self._seed(item)
-        result = self._answer(messages, max_tokens, extract, {} if seed is None else {"seed": seed})
-        out = _record_of(result)
+        out = _record_of(self._answer(messages, max_tokens, extract, seed))
         if self.branching:  # what the run used, so that records made at other settings are told apart
-            out["settings"] = self._settings(**({} if seed is None else {"seed": seed}))
+            out["settings"] = self._settings(**seed)
         return out
 
-    def _seed(self, item: str | None) -> int | None:
-        """A sampling configuration's seed for ``item``, from its name and the item's id: a rerun (or another
-        machine) samples the same answer, and no two configurations share their random draws."""
+    def _seed(self, item: str | None) -> dict[str, int]:
+        """A sampling configuration's seed for ``item`` (``{"seed": n}``; ``{}`` when greedy), from its name and
+        the item's id: a rerun (or another machine) samples the same answer, and no two configurations share
+        their random draws."""
         if item is None or not self.sampling.get("temperature"):
-            return None
-        return int.from_bytes(hashlib.sha256(f"{self.name}:{item}".encode()).digest()[:4], "big")
+            return {}
+        return {"seed": int.from_bytes(hashlib.sha256(f"{self.name}:{item}".encode()).digest()[:4], "big")}
 
     def _settings(self, **overrides: Any) -> dict[str, Any]:
         c = self.config
@@ -121,15 +121,14 @@ class EngineConfig:
         threshold = None if threshold is None else round(threshold * 0.9, 6)
         self.ensemble.config = self.config
         self.ensemble.reset_cache()
-        seed = self._seed(item)
-        out = _record_of(self._answer(messages, max_tokens, extract, {"max_branches": m, "threshold": threshold,
-                                                                      **({} if seed is None else {"seed": seed})}))
+        overrides = {"max_branches": m, "threshold": threshold, **self._seed(item)}
+        out = _record_of(self._answer(messages, max_tokens, extract, overrides))
         out["seconds"] += first["seconds"]
         out["generated_tokens"] += first["generated_tokens"]
         out["reallocated"] = extra
         out["first_pass_branches"] = len(first["branches"])
         out["plan"] = self.plan_signature
-        out["settings"] = self._settings(max_branches=m, threshold=threshold, **({} if seed is None else {"seed": seed}))
+        out["settings"] = self._settings(**overrides)
         return out
 
     def _answer(self, messages: list[dict[str, str]], max_tokens: int, extract: Callable[[str], str | None] | None,
