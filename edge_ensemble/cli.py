@@ -991,8 +991,9 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     and writes the best into the user config file for this preset or member set,
     with the evidence. The drafter alone is kept unless an ensemble setting
     answers at least --min-gain items more right (ties: fewer seconds per
-    answer). Records: OUT/<task>.jsonl (a rerun skips what is done); OUT/summary.md
-    and OUT/calibrate.png.
+    answer); a setting clearly losing to the drafter alone is dropped early
+    (--drop-level). Records: OUT/<task>.jsonl (a rerun skips what is done);
+    OUT/summary.md and OUT/calibrate.png.
     """
     from .eval.calibrate import Sweep, calibrate, dev_task, write_calibration
     from .sources import parse_spec
@@ -1036,9 +1037,11 @@ def _calibration_rows(result: Any) -> list[tuple[str, ...]]:
     for score in result.scores:
         s = score.summary
         versus = "-" if score.is_drafter else f"+{score.only_setting} -{score.only_drafter}"
+        mark = ("<- chosen" if score is result.chosen
+                else f"dropped after {score.dropped_after} items" if score.dropped_after is not None else "")
         rows.append((score.setting.name, f"{s.correct}/{s.n}", f"{100 * s.accuracy:.1f}%",
                      f"{100 * s.ci_low:.1f}-{100 * s.ci_high:.1f}%", f"{s.tokens_per_second or 0:.1f}",
-                     f"{s.seconds_per_answer or 0:.2f}", versus, "<- chosen" if score is result.chosen else ""))
+                     f"{s.seconds_per_answer or 0:.2f}", versus, mark))
     return rows
 
 

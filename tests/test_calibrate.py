@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 from click.testing import CliRunner, Result
@@ -15,7 +16,9 @@ from edge_ensemble.cli import cli
 from edge_ensemble.config import load_config, resolve_settings
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval.calibrate import (
-    CalibrationResult, Score, Setting, Sweep, load_dev_file, normalize_text, pool, select, write_calibration)
+    CalibrationResult, Score, Setting, Sweep, _run_dropping, _scores, load_dev_file, normalize_text, pool, select,
+    write_calibration)
+from edge_ensemble.eval.runner import read_records
 from edge_ensemble.eval.configs import EngineConfig
 from edge_ensemble.eval.report import Summary
 from edge_ensemble.sources import Catalog
@@ -134,6 +137,7 @@ def test_bad_dev_file_is_one_line_and_writes_nothing(rows: list[str], needles: l
     (["--task", "gsm8k", "--gates", "-0.1"], ["--gates", "between 0.0 and 1.0"]),
     (["--task", "gsm8k", "--sharpen-modes", "sharpest"], ["--sharpen-modes", "prefix, geometric, none"]),
     (["--task", "gsm8k", "--min-gain", "-1"], ["--min-gain", "between 0"]),
+    (["--task", "gsm8k", "--drop-level", "0.9"], ["--drop-level", "above 0.0 and at most 0.5", "got 0.9"]),
 ])
 def test_bad_usage_is_one_line_and_writes_nothing(args: list[str], needles: list[str], tmp_path: Path,
                                                   config_file: Path, members: list[str],
@@ -396,3 +400,80 @@ def test_the_api_preset_takes_its_shipped_calibration(tmp_path: Path, members: l
         assert (ens.config.policy, ens.config.weights, ens.config.gate) == ("safe", (2.0, 1.0), 0.3)
     with api.Ensemble.from_preset("cal", gate=0.7, n_ctx=N_CTX, n_threads=1) as ens:  # a keyword still wins
         assert ens.config.gate == 0.7 and ens.config.weights == (2.0, 1.0)
+
+
+# -- dropping clear losers early -------------------------------------------------------------------------------
+
+
+class CannedSetting:
+    """Test double of an engine configuration (the drop rule needs settings of known accuracy, which tiny
+    generated models cannot give): answers each file prompt "q<i>" with ``i`` where ``right(i)``, else 0."""
+
+    def __init__(self, name: str, right: Callable[[int], bool]) -> None:
+        self.name, self.right, self.calls = name, right, 0
+
+    def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
+        self.calls += 1
+        i = int(messages[-1]["content"][1:])
+        return {"text": f"The answer is {i if self.right(i) else 0}", "tokens": 5, "seconds": 0.1}
+
+
+def canned_sweep() -> list[CannedSetting]:
+    return [CannedSetting("single:d", lambda i: i % 2 == 0),
+            CannedSetting("safe even", lambda i: i % 2 == 0 or i == 7),  # as good as the drafter, one better
+            CannedSetting("safe loser", lambda i: i % 10 == 0)]          # loses every tenth-but-not item
+
+
+def test_a_losing_setting_is_dropped_early_and_a_resume_drops_it_again(tmp_path: Path) -> None:
+    task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 46)]))
+    items = task.items(0, None)
+    configs = canned_sweep()
+    path, dropped = _run_dropping(task, configs, tmp_path / "out", items, 0, None, False, 0.01)
+    # After 20 items the loser is behind 0 to 8 (sign test p = 0.004): it runs on no further item.
+    assert dropped == {"safe loser": 20}
+    assert [c.calls for c in configs] == [45, 45, 20]
+    before = path.read_bytes()
+    again = canned_sweep()
+    assert _run_dropping(task, again, tmp_path / "out", items, 0, None, False, 0.01)[1] == dropped
+    assert [c.calls for c in again] == [0, 0, 0] and path.read_bytes() == before
+    scores = _scores(read_records(path), [Setting(c.name, {"policy": "single" if c.name.startswith("single") else "safe"})
+                                          for c in configs], [i.id for i in items], task.name, dropped)
+    assert [(s.summary.n, s.dropped_after) for s in scores] == [(45, None), (45, None), (20, 20)]
+    assert select(scores, min_gain=1) is scores[1]  # one item better than the drafter, on every item
+    assert "dropped_after" in scores[2].evidence() and "dropped_after" not in scores[1].evidence()
+
+
+def test_records_of_a_run_without_dropping_are_scored_as_a_dropping_run_would(tmp_path: Path) -> None:
+    task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 46)]))
+    items = task.items(0, None)
+    first = canned_sweep()
+    path, dropped = _run_dropping(task, first, tmp_path / "out", items, 0, None, False, None)
+    assert dropped == {} and [c.calls for c in first] == [45, 45, 45]
+    assert _run_dropping(task, canned_sweep(), tmp_path / "out", items, 0, None, False, 0.01)[1] == {"safe loser": 20}
+
+
+def test_a_dropped_setting_is_never_chosen_even_pooled() -> None:
+    drafter, dropped = score("single:d", 10, 1.0, n=20), replace(score("safe w=2 gate=0.5", 19, 1.0, n=20), dropped_after=20)
+    assert select([drafter, dropped], min_gain=1) is drafter
+
+    def result(task: str, scores: tuple[Score, ...]) -> CalibrationResult:
+        return CalibrationResult(("presets", "tiny"), f"{task} items", 100, "2026-01-02", scores, scores[0],
+                                 Path("out/x.jsonl"))
+
+    # Dropped on ARC, then skipped on GSM8K: shown with the items it ran on, never chosen.
+    arc = result("arc", (score("single:d", 50, 1.0), score("safe a", 60, 1.0),
+                         replace(score("safe b", 5, 1.0, n=20), dropped_after=20)))
+    gsm8k = result("gsm8k", (score("single:d", 40, 1.0), score("safe a", 41, 1.0)))
+    pooled = pool([arc, gsm8k])
+    assert [(s.setting.name, s.summary.n, s.dropped_after) for s in pooled.scores] == [
+        ("single:d", 200, None), ("safe a", 200, None), ("safe b", 20, 20)]
+    assert pooled.chosen is pooled.scores[1]
+    # A setting not run on the second set at all is not chosen however well it did on the first.
+    only_arc = result("arc", (score("single:d", 50, 1.0), score("safe c", 90, 1.0)))
+    assert pool([only_arc, result("gsm8k", (score("single:d", 40, 1.0),))]).chosen.is_drafter
+
+
+def test_the_drop_level_is_checked() -> None:
+    with pytest.raises(UsageError, match="drop_level must be a number above 0.0 and at most 0.5"):
+        Sweep(drop_level=0.9).validate()
+    assert Sweep(drop_level=None).validate().drop_level is None

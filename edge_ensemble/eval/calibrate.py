@@ -12,6 +12,11 @@ The drafter alone (``single:<drafter>``) is always one of the settings, and the 
 3. among the candidates the most items right wins; a tie goes to the fewer seconds per answer, then to the
    drafter alone, then to the earlier setting of the sweep.
 
+A setting that is clearly losing is dropped early (``drop_level``): every 20 items, an ensemble setting whose
+paired record against the drafter alone so far is significantly worse (a one-sided sign test on the items
+exactly one of the two got right, below ``drop_level``) runs on no further item and is never a candidate. Most
+of a sweep's cost is its losing settings, and they tend to show it early; ``--drop-level off`` runs everything.
+
 ``min_gain`` is the guard against noise: the best of a dozen settings beats the drafter by an item or two
 by luck alone on a few hundred items, so raise it (``--min-gain 3``) when a false win would cost more than a
 missed one. The evidence written with the choice carries, per setting, the accuracy with its 95% Wilson
@@ -37,7 +42,7 @@ import unicodedata
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from edge_ensemble import paths
 from edge_ensemble.api import Ensemble, EnsembleConfig
@@ -46,7 +51,7 @@ from edge_ensemble.errors import EdgeEnsembleError, UsageError
 from edge_ensemble.eval import scoring
 from edge_ensemble.eval.configs import EngineConfig
 from edge_ensemble.eval.report import Summary, paired_comparisons, summarize
-from edge_ensemble.eval.runner import read_records, results_path, run_eval
+from edge_ensemble.eval.runner import Progress, read_records, results_path, run_eval
 from edge_ensemble.eval.tasks import Item, Task, get_task
 from edge_ensemble.options import Option, replace_checked, with_options
 from edge_ensemble.policies import POLICIES
@@ -68,7 +73,11 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
            item=str, choices=("prefix", "geometric", "none"), shown_default="the default sharpening only"),
     Option("min_gain", int, 1, "Items an ensemble setting must answer right beyond the drafter alone to be chosen "
            "(0: a tie may go to a faster ensemble setting).", range=(0, 1 << 20)),
+    Option("drop_level", float, 0.01, "Stop running an ensemble setting once a one-sided sign test against the "
+           "drafter alone on the items so far is below this (checked every 20 items); off: every setting runs on "
+           "every item.", range=(0.0, 0.5), above=True, off=True),
 )
+DROP_CHECK_EVERY = 20  # items between two checks of drop_level (a check is cheap; fewer looks, fewer false drops)
 USER_FILE_MAX_TOKENS = 256  # a user file's answers are short: the prompt asks for the answer alone
 
 
@@ -104,6 +113,7 @@ class Score:
     summary: Summary
     only_setting: int = 0  # items this setting got right and the drafter alone wrong
     only_drafter: int = 0
+    dropped_after: int | None = None  # items it ran on before drop_level stopped it (None: it ran on all)
 
     @property
     def is_drafter(self) -> bool:
@@ -118,6 +128,8 @@ class Score:
                                "seconds_per_answer": round(s.seconds_per_answer or 0.0, 3)}
         if not self.is_drafter:
             row.update(only_setting=self.only_setting, only_drafter=self.only_drafter)
+        if self.dropped_after is not None:
+            row["dropped_after"] = self.dropped_after
         return row
 
 
@@ -150,7 +162,7 @@ class CalibrationResult:
 
 
 RULE = ("drafter alone unless an ensemble setting answers at least min_gain more items right; then most right, "
-        "ties to fewer seconds per answer")
+        "ties to fewer seconds per answer; settings dropped early as losing are never chosen")
 
 
 # -- development sets -----------------------------------------------------------------------------------------
@@ -260,7 +272,7 @@ def select(scores: Sequence[Score], min_gain: int, eligible: Sequence[bool] | No
     settings may be chosen at all (:func:`pool`: not worse than the drafter on any one development set)."""
     drafter = scores[0]
     candidates = [(i, s) for i, s in enumerate(scores)
-                  if s is drafter or (s.summary.correct >= drafter.summary.correct + min_gain
+                  if s is drafter or (s.dropped_after is None and s.summary.correct >= drafter.summary.correct + min_gain
                                       and (eligible is None or eligible[i]))]
     return min(candidates, key=lambda c: (-c[1].summary.correct, c[1].summary.seconds_per_answer or 0.0,
                                           c[1] is not drafter, c[0]))[1]
@@ -316,12 +328,14 @@ def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
 def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.PathLike[str], *,
               preset: str | None = None, start: int = 0, limit: int | None = None, sweep: Sweep | None = None,
               base: EnsembleConfig | None = None, max_tokens: int | None = None, progress: bool = True,
-              dev_file: str | os.PathLike[str] | None = None) -> CalibrationResult:
+              dev_file: str | os.PathLike[str] | None = None, skip: Collection[str] = ()) -> CalibrationResult:
     """Run the drafter alone and every setting of ``sweep`` on ``dev_set`` items ``start``..``start+limit``
-    (records in ``out_dir/<task>.jsonl``: a rerun resumes), and choose one by :func:`select`.
+    (records in ``out_dir/<task>.jsonl``: a rerun resumes), dropping clear losers on the way (``drop_level``),
+    and choose one by :func:`select`.
 
     ``preset`` names the preset ``members`` came from (it keys the config table); ``base`` holds the other
-    options (load options such as ``n_threads``; policy options stay at their defaults otherwise).
+    options (load options such as ``n_threads``; policy options stay at their defaults otherwise); ``skip``:
+    names of settings not to run at all (dropped on an earlier development set that will be pooled with this one).
     """
     sweep = (sweep or Sweep()).validate()
     specs = [parse_spec(m) for m in members]
@@ -340,34 +354,87 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
         full = Ensemble(specs, config=base, progress=progress)
         ensembles.append(full)
         drafter = Setting(f"single:{single.members[0].name}", {"policy": "single"})
-        sweep_settings = settings(sweep, len(specs), base.sharpen)  # type: ignore[attr-defined]
+        every = [drafter, *(s for s in settings(sweep, len(specs), base.sharpen) if s.name not in skip)]  # type: ignore[attr-defined]
         configs = [EngineConfig(drafter.name, single, single.config)] + [
             EngineConfig(s.name, full, replace(base, **{k: tuple(v) if k == "weights" else v
                                                         for k, v in s.values.items()}).validate(len(specs)))
-            for s in sweep_settings]
-        path = run_eval(dev_set, configs, out, start=start, limit=limit, max_tokens=max_tokens, progress=progress)
+            for s in every[1:]]
+        path, dropped = _run_dropping(dev_set, configs, out, items, start, max_tokens, progress,
+                                      sweep.drop_level)  # type: ignore[attr-defined]
     finally:
         for e in ensembles:
             e.close()
-    every = [drafter, *sweep_settings]
-    scores = _scores(read_records(path), every, {item.id for item in items}, dev_set.name)
+    scores = _scores(read_records(path), every, [item.id for item in items], dev_set.name, dropped)
     return CalibrationResult(
         key=calibration_key(preset, specs), dev_set=_describe(dev_set, dev_file, items, start), items=len(items),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), scores=tuple(scores),
         chosen=select(scores, sweep.min_gain), records=path.resolve())  # type: ignore[attr-defined]
 
 
-def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: set[str], task: str) -> list[Score]:
-    """Each setting's summary on exactly these items (a results file may hold others from earlier sweeps)."""
+def _run_dropping(task: Task, configs: Sequence[EngineConfig], out: Path, items: Sequence[Item], start: int,
+                  max_tokens: int | None, progress: bool, level: float | None) -> tuple[Path, dict[str, int]]:
+    """Run ``configs`` (the drafter alone first) on ``items`` in chunks of :data:`DROP_CHECK_EVERY`; after each,
+    drop the ensemble settings that lose to the drafter alone below ``level``. Returns the records' path and the
+    dropped settings with the items each ran on. A resumed run replays the same checks on the same records, so
+    it drops the same settings at the same points."""
+    path = results_path(out, task.name)
+    ids = [item.id for item in items]
+    drafter, alive = configs[0].name, list(configs)
+    dropped: dict[str, int] = {}
+    bar = Progress(_pending(read_records(path), task.name, [c.name for c in alive], ids), task.name, enabled=progress)
+    step = DROP_CHECK_EVERY if level is not None else len(items)
+    try:
+        for lo in range(0, len(items), step):
+            n = min(step, len(items) - lo)
+            run_eval(task, alive, out, start=start + lo, limit=n, max_tokens=max_tokens, progress=progress, bar=bar)
+            if level is None:
+                continue
+            records = read_records(path)
+            seen = set(ids[:lo + n])
+            for config in alive[1:]:
+                won, lost = _paired_so_far(records, task.name, config.name, drafter, seen)
+                if scoring.sign_test_fewer(won, lost) < level:
+                    dropped[config.name] = lo + n
+            alive = [c for c in alive if c.name not in dropped]
+            bar.total = bar.done + _pending(records, task.name, [c.name for c in alive], ids[lo + n:])
+    finally:
+        bar.close()
+    return path, dropped
+
+
+def _pending(records: Sequence[dict[str, Any]], task: str, names: Sequence[str], ids: Sequence[str]) -> int:
+    """How many (item, setting) pairs of ``ids`` x ``names`` have no record yet."""
+    done = {(r.get("item"), r.get("config")) for r in records if r.get("task") == task}
+    return sum((i, n) not in done for i in ids for n in names)
+
+
+def _paired_so_far(records: Sequence[dict[str, Any]], task: str, name: str, drafter: str,
+                   items: set[str]) -> tuple[int, int]:
+    """(items only ``name`` got right, items only the drafter alone got right) among ``items``."""
+    right: dict[str, dict[str, bool]] = {name: {}, drafter: {}}
+    for r in records:
+        if r.get("task") == task and r.get("config") in right and r.get("item") in items:
+            right[r["config"]][r["item"]] = bool(r["correct"])
+    shared = right[name].keys() & right[drafter].keys()
+    return (sum(right[name][i] and not right[drafter][i] for i in shared),
+            sum(right[drafter][i] and not right[name][i] for i in shared))
+
+
+def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: Sequence[str], task: str,
+            dropped: dict[str, int]) -> list[Score]:
+    """Each setting's summary on exactly these items (a results file may hold others from earlier sweeps); a
+    dropped setting's on the items it ran on before it was dropped (records of later items from an earlier run
+    without dropping are left out, so a resumed run scores what a fresh one would)."""
     names = {s.name for s in every}
-    mine = [r for r in records if r.get("task") == task and r.get("config") in names and r.get("item") in items]
+    ran = {s.name: set(items[:dropped.get(s.name, len(items))]) for s in every}
+    mine = [r for r in records if r.get("task") == task and r.get("config") in names and r.get("item") in ran[r["config"]]]
     summaries = {s.config: s for s in summarize(mine)}
     paired = {p.config: p for p in paired_comparisons(mine) if p.baseline == every[0].name}
     missing = [s.name for s in every if s.name not in summaries]
     if missing:  # run_eval writes every pair: only a file changed under us gets here
         raise EdgeEnsembleError(f"no records of {', '.join(missing)} in the results; rerun calibrate")
     return [Score(s, summaries[s.name], paired[s.name].only_config if s.name in paired else 0,
-                  paired[s.name].only_baseline if s.name in paired else 0) for s in every]
+                  paired[s.name].only_baseline if s.name in paired else 0, dropped.get(s.name)) for s in every]
 
 
 def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> CalibrationResult:
@@ -377,12 +444,16 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
     ensemble and sweep."""
     if not results:
         raise UsageError("nothing to pool")
-    names = [[s.setting.name for s in r.scores] for r in results]
-    if any(n != names[0] for n in names) or len({r.key for r in results}) != 1:
-        raise UsageError("pool needs calibrations of one ensemble with one sweep")
-    scores = []
-    for i, first in enumerate(results[0].scores):
-        parts = [r.scores[i] for r in results]
+    if len({r.key for r in results}) != 1 or len({r.drafter.setting.name for r in results}) != 1:
+        raise UsageError("pool needs calibrations of one ensemble")
+    # A setting dropped on one set (or skipped there, having been dropped on an earlier one) is shown with
+    # the items it ran on and is never chosen.
+    by_name = [{s.setting.name: s for s in r.scores} for r in results]
+    names = list(dict.fromkeys(name for r in results for name in (s.setting.name for s in r.scores)))
+    scores, eligible = [], []
+    for name in names:
+        parts = [b[name] for b in by_name if name in b]
+        first = parts[0]
         n = sum(p.summary.n for p in parts)
         correct = sum(p.summary.correct for p in parts)
         seconds = sum((p.summary.seconds_per_answer or 0.0) * p.summary.n for p in parts)
@@ -391,10 +462,11 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
         low, high = scoring.wilson_interval(correct, n)
         summary = Summary("+".join(p.summary.task for p in parts), first.summary.config, n, correct, correct / n,
                           low, high, tokens / seconds if seconds > 0 else None, None, seconds_per_answer=seconds / n)
+        complete = len(parts) == len(results) and all(p.dropped_after is None for p in parts)
         scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
-                            sum(p.only_drafter for p in parts)))
-    eligible = [all(r.scores[i].summary.correct >= r.drafter.summary.correct - r.items // 100 for r in results)
-                for i in range(len(scores))]
+                            sum(p.only_drafter for p in parts), None if complete else n))
+        eligible.append(complete and all(b[name].summary.correct >= r.drafter.summary.correct - r.items // 100
+                                         for b, r in zip(by_name, results)))
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
                    scores=tuple(scores), chosen=select(scores, min_gain, eligible),
                    records=Path(os.path.commonpath([r.records.parent for r in results])))
@@ -513,5 +585,5 @@ def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | 
     return path
 
 
-__all__ = ["SWEEP_OPTIONS", "CalibrationResult", "Score", "Setting", "Sweep", "calibrate", "dev_task",
+__all__ = ["DROP_CHECK_EVERY", "SWEEP_OPTIONS", "CalibrationResult", "Score", "Setting", "Sweep", "calibrate", "dev_task",
            "load_dev_file", "normalize_text", "pool", "select", "settings", "write_calibration"]

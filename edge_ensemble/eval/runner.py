@@ -151,6 +151,7 @@ def run_eval(
     limit: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
+    bar: "Progress | None" = None,
 ) -> Path:
     """Generate and score every (item, config) pair not yet in ``out_dir/<task>.jsonl``; return that path.
 
@@ -158,7 +159,7 @@ def run_eval(
     item every config runs before the next item, so an interrupted run still compares configs on the same
     items; a config that builds on another's records of the whole run (``builds_on``: EAGER-adapt) runs after
     all of them, once its ``plan`` has read them. Each record is flushed and fsynced before the next generation
-    starts.
+    starts. ``bar``: a progress bar the caller keeps over several calls (its total is the caller's to set).
     """
     task = get_task(task) if isinstance(task, str) else task
     names = [config.name for config in configs]
@@ -179,7 +180,7 @@ def run_eval(
     earlier = [r for r in read_records(path) if r.get("task") == task.name]
     done = {(r.get("item"), r.get("config")) for r in earlier}
     _run_pass(task, path, earlier, protocol, [(item, c) for item in items for c in first
-                                              if (item.id, c.name) not in done], budget, progress)
+                                              if (item.id, c.name) not in done], budget, progress, bar)
     if second:
         run = [r for r in read_records(path) if r.get("task") == task.name]
         for config in second:
@@ -187,17 +188,19 @@ def run_eval(
         planned = {(r.get("item"), r.get("config")) for r in run
                    if any(r.get("config") == c.name and r.get("plan") == c.plan_signature for c in second)}  # type: ignore[attr-defined]
         _run_pass(task, path, run, protocol, [(item, c) for item in items for c in second
-                                              if (item.id, c.name) not in planned], budget, progress)
+                                              if (item.id, c.name) not in planned], budget, progress, bar)
     return path
 
 
 def _run_pass(task: Task, path: Path, earlier: Sequence[dict[str, Any]], protocol: Protocol,
-              todo: Sequence[tuple[Any, GenerationConfig]], budget: int | None, progress: bool) -> None:
+              todo: Sequence[tuple[Any, GenerationConfig]], budget: int | None, progress: bool,
+              bar: Progress | None = None) -> None:
     """Generate, score and append the records of ``todo``, each flushed and fsynced before the next starts."""
     if not todo:  # a finished file is only re-reported, whatever made it
         return
     check_same_protocol(path, earlier, protocol)
-    bar = Progress(len(todo), task.name, enabled=progress)
+    own_bar = bar is None
+    bar = bar if bar is not None else Progress(len(todo), task.name, enabled=progress)
     correct = 0
     try:
         with open(path, "a", encoding="utf-8") as out:
@@ -209,7 +212,8 @@ def _run_pass(task: Task, path: Path, earlier: Sequence[dict[str, Any]], protoco
                 correct += record["correct"]
                 bar.update(note=f"acc {correct}/{count}  {config.name}: {record['tokens_per_second'] or 0:.1f} tok/s")
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
 
 
 def check_same_protocol(path: Path, records: Sequence[dict[str, Any]], protocol: Protocol) -> None:

@@ -357,6 +357,16 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def sign_test_fewer(only_first: int, only_second: int) -> float:
+    """One-sided exact sign test on paired outcomes: the chance of ``only_first`` or fewer wins in
+    ``only_first + only_second`` fair coin tosses, i.e. how surprising it would be that the first configuration
+    is this far behind the second if the two were equally good."""
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"counts must be non-negative, got {only_first} and {only_second}")
+    n = only_first + only_second
+    return sum(math.comb(n, i) for i in range(only_first + 1)) / 2**n
+
+
 def mcnemar_exact(only_first: int, only_second: int) -> float:
     """Two-sided exact McNemar p-value for paired right/wrong outcomes.
 
