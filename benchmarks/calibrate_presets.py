@@ -5,8 +5,9 @@
 
 Each preset runs the drafter alone and the sweep (default: the calibrate command's, drafter weight 1, 1.5, 2, 3 x
 gate 0.3, 0.5, 0.7; ``--drafter-weights 2,3 --gates 0.3,0.5`` for a smaller one) on both slices, ARC first
-(short answers: cheap); a setting dropped there as clearly losing (``drop_level``) is not run on GSM8K, since the
-pooled rule would never choose it. The two slices are pooled (items added up) and the rule of
+(short answers: cheap). A setting that lost there by more than the pooled rule allows (one item per hundred) is
+not run on GSM8K, since the rule can no longer choose it; nor is one dropped there early as clearly losing
+(``drop_level``), which is a heuristic: a setting dropped after a bad start might have recovered. The two slices are pooled (items added up) and the rule of
 ``edge_ensemble.eval.calibrate`` picks one setting, written as ``[presets.<name>.calibrated]`` with its evidence. Resumable: the records are in
 results/calibrate/<preset>/<task>.jsonl, and a rerun only makes the missing ones. Prints the CPU seconds each
 (preset, slice) took, which is how the cost of the full run was estimated from a 3-item run.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from edge_ensemble.api import EnsembleConfig
 from edge_ensemble.errors import EdgeEnsembleError
-from edge_ensemble.eval.calibrate import Sweep, calibrate, pool, write_calibration
+from edge_ensemble.eval.calibrate import Sweep, calibrate, dropped_note, pool, write_calibration
 from edge_ensemble.eval.report import summary_markdown
 from edge_ensemble.eval.tasks import get_task
 from edge_ensemble.sources import Catalog
@@ -58,14 +59,15 @@ def main() -> None:
         results = []
         for task, start, limit in (d for d in DEV_SLICES if d[0] in args.tasks.split(",")):
             began = time.process_time()
-            skip = {s.setting.name for r in results for s in r.scores if s.dropped_after is not None}
+            skip = {s.setting.name for r in results for s in r.scores
+                    if s.dropped_after is not None or s.summary.correct < r.drafter.summary.correct - r.items // 100}
             results.append(calibrate(preset.members, get_task(task), args.out / preset.name, preset=preset.name,
                                      start=start, limit=args.limit or limit, sweep=sweep, base=base, skip=skip))
             print(f"{preset.name} {task}: {time.process_time() - began:.0f} CPU s for "
                   f"{results[-1].items} items x {len(results[-1].scores)} settings", flush=True)
         pooled = pool(results)
         print(f"\n## {preset.name}: {pooled.dev_set}\n\n" + summary_markdown([s.summary for s in pooled.scores])
-              + f"\nchosen: {pooled.chosen.setting.name}\n", flush=True)
+              + "\n" + dropped_note(pooled.scores) + f"chosen: {pooled.chosen.setting.name}\n", flush=True)
         if not args.no_write:
             # The records' path as it is in the repository, not on this machine.
             shipped = replace(pooled, records=Path("results/calibrate") / preset.name)

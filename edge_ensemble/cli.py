@@ -1049,10 +1049,12 @@ def _calibration_report(result: Any, out: Path, *, plot: bool) -> None:
     """OUT/summary.md (the summary table of the eval report) and, with matplotlib, OUT/calibrate.png."""
     import importlib.util
 
+    from .eval.calibrate import dropped_note
     from .eval.report import plot_accuracy_vs_speed, summary_markdown
 
     summaries = [s.summary for s in result.scores]
-    paths.write_text_atomic(out / "summary.md", f"# Calibration on {result.dev_set}\n\n" + summary_markdown(summaries))
+    paths.write_text_atomic(out / "summary.md", f"# Calibration on {result.dev_set}\n\n" + summary_markdown(summaries)
+                            + ("\n" + dropped_note(result.scores) if dropped_note(result.scores) else ""))
     if not plot:
         return
     if importlib.util.find_spec("matplotlib") is None:

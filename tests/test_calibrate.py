@@ -16,7 +16,7 @@ from edge_ensemble.cli import cli
 from edge_ensemble.config import load_config, resolve_settings
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval.calibrate import (
-    CalibrationResult, Score, Setting, Sweep, _run_dropping, _scores, load_dev_file, normalize_text, pool, select,
+    CalibrationResult, Score, Setting, Sweep, _run_dropping, _scores, dropped_note, load_dev_file, normalize_text, pool, select,
     write_calibration)
 from edge_ensemble.eval.runner import read_records
 from edge_ensemble.eval.configs import EngineConfig
@@ -468,6 +468,7 @@ def test_a_dropped_setting_is_never_chosen_even_pooled() -> None:
     assert [(s.setting.name, s.summary.n, s.dropped_after) for s in pooled.scores] == [
         ("single:d", 200, None), ("safe a", 200, None), ("safe b", 20, 20)]
     assert pooled.chosen is pooled.scores[1]
+    assert "safe b after 20 items" in dropped_note(pooled.scores) and dropped_note(pooled.scores[:2]) == ""
     # A setting not run on the second set at all is not chosen however well it did on the first.
     only_arc = result("arc", (score("single:d", 50, 1.0), score("safe c", 90, 1.0)))
     assert pool([only_arc, result("gsm8k", (score("single:d", 40, 1.0),))]).chosen.is_drafter
@@ -477,3 +478,30 @@ def test_the_drop_level_is_checked() -> None:
     with pytest.raises(UsageError, match="drop_level must be a number above 0.0 and at most 0.5"):
         Sweep(drop_level=0.9).validate()
     assert Sweep(drop_level=None).validate().drop_level is None
+
+
+def test_a_manifest_of_an_older_calibrate_with_the_same_options_resumes(tmp_path: Path, config_file: Path,
+                                                                        members: list[str]) -> None:
+    """Older manifests also listed options no setting reads (eager's); with the same values for the rest they
+    resume, and the manifest is rewritten in this version's form."""
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"prompt": "Hi", "answer": 1}])
+    out = tmp_path / "out"
+    args = ["calibrate", *model_args(members), "--file", str(dev), "--out", str(out),
+            "--drafter-weights", "2", "--gates", "0.5", "--no-plot", "--no-write", *COMMON]
+    assert invoke(args).exit_code == 0
+    manifest = out / "calibrate.json"
+    now = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**now, "options": {**now["options"], "max_branches": 8, "threshold": 1.75}}))
+    assert invoke(args).exit_code == 0 and json.loads(manifest.read_text()) == now
+    # One it did not record is named as such.
+    manifest.write_text(json.dumps({**now, "options": {k: v for k, v in now["options"].items() if k != "n_ctx"}}))
+    assert_usage_error(invoke(args), "an older calibrate that did not record n_ctx")
+
+
+def test_pool_refuses_sets_of_other_sweeps() -> None:
+    def result(*names: str) -> CalibrationResult:
+        scores = tuple(score(n, 10, 1.0) for n in names)
+        return CalibrationResult(("presets", "tiny"), "items", 100, "2026-01-02", scores, scores[0], Path("x.jsonl"))
+
+    with pytest.raises(UsageError, match="one sweep"):
+        pool([result("single:d", "safe a"), result("single:d", "safe z")])

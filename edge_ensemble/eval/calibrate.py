@@ -297,17 +297,21 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def _first_difference(earlier: Any, now: dict[str, Any]) -> str:
-    """What a calibration directory's manifest says that this run does not, for the refusal to resume it."""
-    if not isinstance(earlier, dict):
+def _first_difference(earlier: Any, now: dict[str, Any]) -> str | None:
+    """What a calibration directory's manifest says that this run does not (None: nothing this run's records
+    depend on). Only the keys this run records are compared: a manifest of an older calibrate also lists
+    options no setting reads, which change no record."""
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("options"), dict):
         return "an unreadable manifest (calibrate.json)"
     if earlier.get("members") != now["members"]:
         return f"other members ({earlier.get('members')}, not {now['members']})"
-    then, options = earlier.get("options") or {}, now["options"]
-    for key in sorted(set(then) | set(options)):
-        if then.get(key) != options.get(key):
-            return f"{key} = {then.get(key)} (this run: {options.get(key)})"
-    return "other settings"
+    then = earlier["options"]
+    for key, value in now["options"].items():
+        if key not in then:
+            return f"an older calibrate that did not record {key}"
+        if then[key] != value:
+            return f"{key} = {then[key]} (this run: {value})"
+    return None
 
 
 def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
@@ -317,12 +321,14 @@ def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
             earlier = json.loads(manifest.read_text("utf-8"))
         except (OSError, ValueError):
             earlier = None
-        if earlier != fingerprint:
-            raise UsageError(f"{out_dir} holds a calibration made with {_first_difference(earlier, fingerprint)}; "
+        difference = _first_difference(earlier, fingerprint)
+        if difference is not None:
+            raise UsageError(f"{out_dir} holds a calibration made with {difference}; "
                              "pass another --out (or move it away) so the two are not mixed")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths.write_text_atomic(manifest, json.dumps(fingerprint, indent=1) + "\n")
+        if earlier == fingerprint:
+            return
+    out_dir.mkdir(parents=True, exist_ok=True)  # new, or an older manifest of the same options: this run's form
+    paths.write_text_atomic(manifest, json.dumps(fingerprint, indent=1) + "\n")
 
 
 def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.PathLike[str], *,
@@ -387,7 +393,7 @@ def _run_dropping(task: Task, configs: Sequence[EngineConfig], out: Path, items:
         for lo in range(0, len(items), step):
             n = min(step, len(items) - lo)
             run_eval(task, alive, out, start=start + lo, limit=n, max_tokens=max_tokens, progress=progress, bar=bar)
-            if level is None:
+            if level is None or lo + n >= len(items):  # after the last item there is nothing left to spare
                 continue
             records = read_records(path)
             seen = set(ids[:lo + n])
@@ -446,11 +452,14 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
         raise UsageError("nothing to pool")
     if len({r.key for r in results}) != 1 or len({r.drafter.setting.name for r in results}) != 1:
         raise UsageError("pool needs calibrations of one ensemble")
+    by_name = [{s.setting.name: s for s in r.scores} for r in results]
+    names = list(by_name[0])
+    if any(not b.keys() <= by_name[0].keys() for b in by_name[1:]):
+        raise UsageError("pool needs calibrations of one sweep (the later sets may only skip settings)")
     # A setting dropped on one set (or skipped there, having been dropped on an earlier one) is shown with
     # the items it ran on and is never chosen.
-    by_name = [{s.setting.name: s for s in r.scores} for r in results]
-    names = list(dict.fromkeys(name for r in results for name in (s.setting.name for s in r.scores)))
-    scores, eligible = [], []
+    scores: list[Score] = []
+    eligible: list[bool] = []
     for name in names:
         parts = [b[name] for b in by_name if name in b]
         first = parts[0]
@@ -470,6 +479,13 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
                    scores=tuple(scores), chosen=select(scores, min_gain, eligible),
                    records=Path(os.path.commonpath([r.records.parent for r in results])))
+
+
+def dropped_note(scores: Sequence[Score]) -> str:
+    """A line naming the settings that did not run on every item (their rows count fewer), or "" when all did."""
+    dropped = [f"{s.setting.name} after {s.dropped_after} items" for s in scores if s.dropped_after is not None]
+    return (f"Not run on every item, so never chosen (dropped as clearly losing to the drafter alone, or skipped "
+            f"after losing on an earlier set): {'; '.join(dropped)}.\n") if dropped else ""
 
 
 # -- the config table -----------------------------------------------------------------------------------------
@@ -586,4 +602,4 @@ def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | 
 
 
 __all__ = ["DROP_CHECK_EVERY", "SWEEP_OPTIONS", "CalibrationResult", "Score", "Setting", "Sweep", "calibrate", "dev_task",
-           "load_dev_file", "normalize_text", "pool", "select", "settings", "write_calibration"]
+           "dropped_note", "load_dev_file", "normalize_text", "pool", "select", "settings", "write_calibration"]

@@ -151,7 +151,7 @@ def run_eval(
     limit: int | None = None,
     max_tokens: int | None = None,
     progress: bool = True,
-    bar: "Progress | None" = None,
+    bar: Progress | None = None,
 ) -> Path:
     """Generate and score every (item, config) pair not yet in ``out_dir/<task>.jsonl``; return that path.
 
