@@ -25,3 +25,15 @@ done
 
 # A 20-item HumanEval smoke run (README: "HumanEval, coder pair"); it writes its own summary.
 $EE eval humaneval -p coder --limit 20 --max-tokens 384 --out results/coder-humaneval-smoke
+
+# GSM8K at 512 tokens (issue 12). EAGER on the 0.5B: greedy, parallel M = 8, eager M = 8, then eager-adapt
+# (a second pass over the same 100 items; it needs every eager record first). Run on one core with one thread;
+# the README's figures were made this way, some item ranges in a second one-core process (--out elsewhere, then
+# share_records.py per configuration into this directory).
+$EE eval gsm8k -m qwen2.5-coder-0.5b-instruct --configs single,parallel,eager,eager-adapt --threshold 1.75 \
+    --start 0 --limit 100 --max-tokens 512 --threads 1 --out results/eager-gsm8k-0.5b-512 --no-plot
+# The coder pair at 512 tokens: the 0.5B alone is the run above's (same GGUF, same settings), copied.
+$PY benchmarks/share_records.py --task gsm8k --config single:Qwen2.5-Coder-0.5B-Instruct --limit 100 \
+    results/eager-gsm8k-0.5b-512 results/coder-512
+$EE eval gsm8k -p coder --configs single,safe-gated --limit 100 --max-tokens 512 --threads 1 --out results/coder-512 \
+    --no-plot
