@@ -18,6 +18,7 @@ import importlib.metadata
 import io
 import json
 import os
+import re
 import sys
 import warnings
 from dataclasses import asdict
@@ -908,9 +909,14 @@ _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown=
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Results directory [default: results/<preset or members>].")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot (no matplotlib needed).")
+@click.option("--shard", metavar="K/N", default=None,
+              help="Generate only every N-th item of the slice from the K-th (0-based): one of N processes or "
+              "machines, each with its own --out; join them with benchmarks/share_records.py. A second pass "
+              "(eager-adapt) still plans over the whole slice.")
 @_eval_options
 def eval_command(task: str, preset: str | None, members: tuple[str, ...], configs: str | None, head: str | None,
-                 start: int, limit: int | None, out_dir: str | None, no_plot: bool, options: dict[str, Any]) -> None:
+                 start: int, limit: int | None, out_dir: str | None, no_plot: bool, shard: str | None,
+                 options: dict[str, Any]) -> None:
     """Score each member alone and the ensemble policies on TASK; resumable.
 
     Writes one JSONL record per (item, configuration) to OUT/<task>.jsonl — a rerun skips what is done —
@@ -927,6 +933,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
 
     task_obj = get_task(task)
     task_obj.items(start, limit)  # fail on missing data before any model loads
+    split = _parse_shard(shard)
     catalog = _catalog()
     specs = list(members) or list(catalog.preset(preset or catalog.default_preset.name).members)
     label = preset or ("-".join(Path(m).stem for m in members) if members else catalog.default_preset.name)
@@ -949,7 +956,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
         raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated,"
                          f" {', '.join(BRANCH_CONFIGS)}, {', '.join(ROUTE_CONFIGS)}")
     try:
-        run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens)
+        run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens, shard=split)
     finally:
         for e in ensembles:
             e.close()
@@ -958,6 +965,16 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
                  sources=", ".join(p.name for p in paths))
     click.echo((out / "summary.md").read_text())
     click.echo(f"records: {results_path(out, task)}", err=True)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard K/N`` as (K, N), checked: N >= 1 and 0 <= K < N."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match or not 0 <= int(match[1]) < int(match[2]):
+        raise UsageError(f"--shard must be K/N with 0 <= K < N (0/2 and 1/2 split a run in two); got {text!r}")
+    return int(match[1]), int(match[2])
 
 
 # -- calibrate --------------------------------------------------------------------------------------------

@@ -201,6 +201,20 @@ def test_resume_regenerates_only_missing_records(gsm8k_configs: list[CannedConfi
     assert sum(c.calls for c in gsm8k_configs) == 5
 
 
+def test_shards_of_a_run_joined_equal_the_whole_run(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
+    whole = read_records(run_eval("gsm8k", gsm8k_configs, tmp_path / "whole", limit=5, progress=False))
+    for k in range(2):
+        run_eval("gsm8k", gsm8k_configs, tmp_path / f"shard{k}", limit=5, progress=False, shard=(k, 2))
+    assert {r["item"] for r in read_records(tmp_path / "shard1" / "gsm8k.jsonl")} == {"1", "3"}
+    for k in range(2):
+        for config in gsm8k_configs:
+            share_records(tmp_path / f"shard{k}" / "gsm8k.jsonl", tmp_path / "joined" / "gsm8k.jsonl", "gsm8k",
+                          config.name, limit=5)
+    def key(records: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {(r["item"], r["config"], r["output"]) for r in records}
+    assert key(read_records(tmp_path / "joined" / "gsm8k.jsonl")) == key(whole) and len(whole) == 10
+
+
 def test_resume_refuses_another_protocol(gsm8k_configs: list[CannedConfig], tmp_path: Path) -> None:
     path = run_eval("gsm8k", gsm8k_configs, tmp_path, limit=2, max_tokens=64, progress=False)
     before = path.read_text()
@@ -513,6 +527,21 @@ def test_eager_adapt_records_count_as_done_only_under_the_same_plan(tiny_bpe: Pa
                 e.close()
         return [r for r in read_records(path) if r["config"] == "eager-adapt"]
 
+    # One of two shards: it plans over the whole slice (item 1 gets all 6 saved on item 0) and generates only
+    # its own items.
+    (tmp_path / "shard").mkdir()
+    (tmp_path / "shard" / "gsm8k.jsonl").write_text("".join(json.dumps(_first_pass_record(str(i), n, 10 * n)) + "\n"
+                                                            for i, n in enumerate(used)))
+    configs, ensembles = build_configs([str(tiny_bpe)], ["eager", "eager-adapt"],
+                                       EnsembleConfig(n_ctx=2048, n_threads=1).validate(1))
+    try:
+        run_eval("gsm8k", configs, tmp_path / "shard", limit=2, max_tokens=8, progress=False, shard=(1, 2))
+    finally:
+        for e in ensembles:
+            e.close()
+    sharded = [r for r in read_records(tmp_path / "shard" / "gsm8k.jsonl") if r["config"] == "eager-adapt"]
+    assert [(r["item"], r["reallocated"]) for r in sharded] == [("1", 6)]
+
     two = run(2)
     assert len(two) == 3 and [r["reallocated"] for r in two[1:]] == [0, 6]  # the planless record is superseded
     assert len(run(2)) == 3  # the same plan: nothing regenerated
@@ -552,3 +581,16 @@ def test_sampled_configurations_are_seeded_per_item_and_reproducible(tiny_bpe: P
     assert [{k: r[k] for k in keep} for r in a] == [{k: r[k] for k in keep} for r in b]
     seeds = [r["settings"]["seed"] for r in a]
     assert len(set(seeds)) == len(seeds)  # per item and per configuration
+
+
+@pytest.mark.parametrize("shard", ["2/2", "1/0", "x", "1/2/3", "-1/2"])
+def test_a_bad_shard_is_one_line_before_any_model_loads(shard: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_ensemble.cli import cli
+
+    r = CliRunner().invoke(cli, ["eval", "gsm8k", "-m", str(tmp_path / "never-loaded.gguf"), "--limit", "1",
+                                 "--shard", shard, "--out", str(tmp_path / "out"), "--no-plot"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and "--shard must be K/N with 0 <= K < N" in lines[0], r.output
+    assert not (tmp_path / "out").exists()

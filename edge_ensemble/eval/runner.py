@@ -152,6 +152,7 @@ def run_eval(
     max_tokens: int | None = None,
     progress: bool = True,
     bar: Progress | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Generate and score every (item, config) pair not yet in ``out_dir/<task>.jsonl``; return that path.
 
@@ -160,6 +161,9 @@ def run_eval(
     items; a config that builds on another's records of the whole run (``builds_on``: EAGER-adapt) runs after
     all of them, once its ``plan`` has read them. Each record is flushed and fsynced before the next generation
     starts. ``bar``: a progress bar the caller keeps over several calls (its total is the caller's to set).
+    ``shard=(k, n)``: generate only the slice's items at positions k, k + n, k + 2n, ... (one of n processes or
+    machines splitting a run; join their records with :func:`share_records`); a second pass still plans over
+    the whole slice, so every shard needs the first pass's records of all of it.
     """
     task = get_task(task) if isinstance(task, str) else task
     names = [config.name for config in configs]
@@ -167,6 +171,7 @@ def run_eval(
         raise EdgeEnsembleError(f"config names must be distinct, got {names}")
     items = task.items(start, limit)
     budget = max_tokens if max_tokens is not None else task.max_tokens
+    mine = items if shard is None else items[shard[0]::shard[1]]
 
     path = results_path(out_dir, task.name)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -179,7 +184,7 @@ def run_eval(
     second = [c for c in configs if getattr(c, "builds_on", None) is not None]
     earlier = [r for r in read_records(path) if r.get("task") == task.name]
     done = {(r.get("item"), r.get("config")) for r in earlier}
-    _run_pass(task, path, earlier, protocol, [(item, c) for item in items for c in first
+    _run_pass(task, path, earlier, protocol, [(item, c) for item in mine for c in first
                                               if (item.id, c.name) not in done], budget, progress, bar)
     if second:
         run = [r for r in read_records(path) if r.get("task") == task.name]
@@ -187,7 +192,7 @@ def run_eval(
             config.plan(run, [i.id for i in items])  # type: ignore[attr-defined]
         planned = {(r.get("item"), r.get("config")) for r in run
                    if any(r.get("config") == c.name and r.get("plan") == c.plan_signature for c in second)}  # type: ignore[attr-defined]
-        _run_pass(task, path, run, protocol, [(item, c) for item in items for c in second
+        _run_pass(task, path, run, protocol, [(item, c) for item in mine for c in second
                                               if (item.id, c.name) not in planned], budget, progress, bar)
     return path
 
