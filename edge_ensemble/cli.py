@@ -1109,9 +1109,13 @@ _ROUTE_LOAD = (LOAD["n_ctx"], LOAD["n_threads"])
               help="Seed of the train / held-out / test split.")
 @click.option("--l2", type=click.FloatRange(min=0.0), default=None,
               help="L2 weight of the fit [default: the best on the held-out items of 0.01 ... 100].")
+@click.option("--shard", metavar="K/N", default=None,
+              help="Only build the features of every N-th item from the K-th into the cache (one of N processes "
+              "sharing it); then run without --shard to fit.")
 @_declared_flags(_ROUTE_LOAD, "options", defaults=False, shown={"n_ctx": "2048"})
 def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm8k: int, n_mbpp: int,
-                out: str | None, cache: str | None, seed: int, l2: float | None, options: dict[str, Any]) -> None:
+                out: str | None, cache: str | None, seed: int, l2: float | None, shard: str | None,
+                options: dict[str, Any]) -> None:
     """Teacher-force reference solutions through every expert, then fit the head and beta; resumable.
 
     Keeps the positions where exactly one expert's top token is the reference token, fits a multinomial
@@ -1122,13 +1126,18 @@ def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm
 
     if preset and members:
         raise UsageError("give either --preset or --model, not both")
+    split = _parse_shard(shard)
     catalog = _catalog()
     experts = list(members) or list(catalog.preset(preset or "coder").members)
     label = preset or ("-".join(Path(m).stem for m in members) if members else "coder")
     target = Path(out or f"route-head-{label}.npz")
     result = train_router(experts, router, target, gsm8k=n_gsm8k, mbpp=n_mbpp, seed=seed, l2=l2,
                           n_ctx=options.get("n_ctx", 2048), n_threads=options.get("n_threads"),
-                          cache_dir=Path(cache) if cache else None, progress=_route_progress())
+                          cache_dir=Path(cache) if cache else None, progress=_route_progress(), shard=split)
+    if result is None:
+        _note(f"shard {shard}: its features are cached; once every shard is done, run the same command without "
+              "--shard to fit the head")
+        return
     click.echo(result.markdown(), nl=False)
     _note(f"head: {target} (report: {target}.md); use it with --policy route --head {target}")
 

@@ -450,14 +450,16 @@ def train_router(experts: Sequence[object], router: object, out: Path | str, *, 
                  mbpp: int = MBPP_MAX, seed: int = 0, l2: float | None = None, n_ctx: int = 2048,
                  n_threads: int | None = None, cache_dir: Path | None = None, date: str | None = None,
                  items: Sequence[TrainItem] | None = None, progress: Progress | None = None,
-                 download: bool = True) -> TrainResult:
+                 download: bool = True, shard: tuple[int, int] | None = None) -> TrainResult | None:
     """Train a route head for ``experts`` (model specs, in the head's order) read by ``router`` (a spec; it may
     be one of the experts) and write it to ``out`` (with the report beside it, ``<out>.md``).
 
     ``items``: the training examples (default: :func:`training_items` with ``gsm8k`` and ``mbpp``); ``date``:
     what the head records as its training date (default: now, UTC, or ``$SOURCE_DATE_EPOCH``); ``cache_dir``: where item features are kept
     (default: the cache directory's ``route-features``); ``l2``: the fit's L2 weight (default: the best of
-    :data:`L2_GRID` on the held-out items)."""
+    :data:`L2_GRID` on the held-out items). ``shard=(k, n)``: only build the features of items k, k + n, ...
+    into the cache (one of n processes or machines sharing the work) and return None; a run without it then
+    fits from the cache."""
     from . import paths as _paths
     from .sources import Catalog, parse_spec, resolve
 
@@ -482,10 +484,13 @@ def train_router(experts: Sequence[object], router: object, out: Path | str, *, 
             if progress is not None:
                 progress(done, total, new, seconds)
 
-        feats = build_features(models, data, Path(cache_dir or _paths.cache_dir() / "route-features"), counting)
+        feats = build_features(models, data if shard is None else data[shard[0]::shard[1]],
+                               Path(cache_dir or _paths.cache_dir() / "route-features"), counting)
         feature_seconds = time.perf_counter() - t1
     finally:
         models.close()
+    if shard is not None:
+        return None
     when = date if date is not None else _training_date()
     spec_text = rspec.entry.key if rspec.entry is not None else str(router_path)
     result = fit_from_features(feats, models, seed=seed, l2=l2, date=when, training_data=describe_items(data),

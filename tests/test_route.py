@@ -391,6 +391,26 @@ def test_train_router_writes_a_head_the_policy_reads(tiny_bpe, tiny_bpe_b, tmp_p
     assert again.read_bytes() == out.read_bytes()
 
 
+def test_route_train_in_shards_then_one_fit_equals_one_run(tiny_bpe, tiny_bpe_b, tmp_path, monkeypatch):
+    items = greedy_items(tiny_bpe, tiny_bpe_b)
+    monkeypatch.setattr(route_train, "training_items", lambda gsm8k, mbpp: items)
+    args = ["route", "train", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--router", str(tiny_bpe),
+            "--cache", str(tmp_path / "shared"), "--n-ctx", "1024"]
+    for k in range(2):
+        r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "never.npz"), "--shard", f"{k}/2"])
+        assert r.exit_code == 0 and "once every shard is done" in r.output, r.output
+    assert not (tmp_path / "never.npz").exists()
+    assert len(list((tmp_path / "shared").rglob("*.npz"))) == len(items)
+    common = dict(cache_dir=tmp_path / "shared", n_ctx=1024, date="2026-01-02")
+    joined = train_router([str(tiny_bpe), str(tiny_bpe_b)], str(tiny_bpe), tmp_path / "joined.npz", **common)
+    assert joined.report["seconds"]["decoded_items"] == 0  # every item came from the shards
+    alone = train_router([str(tiny_bpe), str(tiny_bpe_b)], str(tiny_bpe), tmp_path / "alone.npz",
+                         **{**common, "cache_dir": tmp_path / "alone"})
+    assert (tmp_path / "joined.npz").read_bytes() == (tmp_path / "alone.npz").read_bytes()
+    r = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "x.npz"), "--shard", "3/2"])
+    assert r.exit_code == 2 and "--shard must be K/N" in r.output
+
+
 def test_route_train_refuses_experts_with_other_tokenizers(tiny_bpe, tiny_spm, tmp_path):
     from edge_ensemble.errors import IncompatibleMembersError
 
