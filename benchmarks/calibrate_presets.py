@@ -23,7 +23,8 @@ from pathlib import Path
 
 from edge_ensemble.api import EnsembleConfig
 from edge_ensemble.errors import EdgeEnsembleError
-from edge_ensemble.eval.calibrate import Sweep, calibrate, dropped_note, pool, write_calibration
+from edge_ensemble.eval.calibrate import (Sweep, calibrate, dropped_note, pool, within_allowance,
+                                         write_calibration)
 from edge_ensemble.eval.report import summary_markdown
 from edge_ensemble.eval.tasks import get_task
 from edge_ensemble.sources import Catalog
@@ -60,7 +61,7 @@ def main() -> None:
         for task, start, limit in (d for d in DEV_SLICES if d[0] in args.tasks.split(",")):
             began = time.process_time()
             skip = {s.setting.name for r in results for s in r.scores
-                    if s.dropped_after is not None or s.summary.correct < r.drafter.summary.correct - r.items // 100}
+                    if s.dropped_after is not None or not within_allowance(s, r)}
             results.append(calibrate(preset.members, get_task(task), args.out / preset.name, preset=preset.name,
                                      start=start, limit=args.limit or limit, sweep=sweep, base=base, skip=skip))
             print(f"{preset.name} {task}: {time.process_time() - began:.0f} CPU s for "

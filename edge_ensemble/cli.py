@@ -1070,8 +1070,9 @@ def _calibration_report(result: Any, out: Path, *, plot: bool) -> None:
     from .eval.report import plot_accuracy_vs_speed, summary_markdown
 
     summaries = [s.summary for s in result.scores]
+    note = dropped_note(result.scores)
     paths.write_text_atomic(out / "summary.md", f"# Calibration on {result.dev_set}\n\n" + summary_markdown(summaries)
-                            + ("\n" + dropped_note(result.scores) if dropped_note(result.scores) else ""))
+                            + ("\n" + note if note else ""))
     if not plot:
         return
     if importlib.util.find_spec("matplotlib") is None:

@@ -396,10 +396,13 @@ def _run_dropping(task: Task, configs: Sequence[EngineConfig], out: Path, items:
             if level is None or lo + n >= len(items):  # after the last item there is nothing left to spare
                 continue
             records = read_records(path)
-            seen = set(ids[:lo + n])
+            seen, names = set(ids[:lo + n]), {c.name for c in alive}
+            so_far = [r for r in records if r.get("task") == task.name and r.get("item") in seen
+                      and r.get("config") in names]
+            versus = {p.config: p for p in paired_comparisons(so_far) if p.baseline == drafter}
             for config in alive[1:]:
-                won, lost = _paired_so_far(records, task.name, config.name, drafter, seen)
-                if scoring.sign_test_fewer(won, lost) < level:
+                pair = versus.get(config.name)
+                if pair is not None and scoring.sign_test_fewer(pair.only_config, pair.only_baseline) < level:
                     dropped[config.name] = lo + n
             alive = [c for c in alive if c.name not in dropped]
             bar.total = bar.done + _pending(records, task.name, [c.name for c in alive], ids[lo + n:])
@@ -412,18 +415,6 @@ def _pending(records: Sequence[dict[str, Any]], task: str, names: Sequence[str],
     """How many (item, setting) pairs of ``ids`` x ``names`` have no record yet."""
     done = {(r.get("item"), r.get("config")) for r in records if r.get("task") == task}
     return sum((i, n) not in done for i in ids for n in names)
-
-
-def _paired_so_far(records: Sequence[dict[str, Any]], task: str, name: str, drafter: str,
-                   items: set[str]) -> tuple[int, int]:
-    """(items only ``name`` got right, items only the drafter alone got right) among ``items``."""
-    right: dict[str, dict[str, bool]] = {name: {}, drafter: {}}
-    for r in records:
-        if r.get("task") == task and r.get("config") in right and r.get("item") in items:
-            right[r["config"]][r["item"]] = bool(r["correct"])
-    shared = right[name].keys() & right[drafter].keys()
-    return (sum(right[name][i] and not right[drafter][i] for i in shared),
-            sum(right[drafter][i] and not right[name][i] for i in shared))
 
 
 def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: Sequence[str], task: str,
@@ -474,11 +465,16 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
         complete = len(parts) == len(results) and all(p.dropped_after is None for p in parts)
         scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
                             sum(p.only_drafter for p in parts), None if complete else n))
-        eligible.append(complete and all(b[name].summary.correct >= r.drafter.summary.correct - r.items // 100
-                                         for b, r in zip(by_name, results)))
+        eligible.append(complete and all(within_allowance(b[name], r) for b, r in zip(by_name, results)))
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
                    scores=tuple(scores), chosen=select(scores, min_gain, eligible),
                    records=Path(os.path.commonpath([r.records.parent for r in results])))
+
+
+def within_allowance(score: Score, result: CalibrationResult) -> bool:
+    """Whether ``score`` answers at most one item per hundred fewer than the drafter alone on ``result``'s set:
+    the condition :func:`pool` puts on every set."""
+    return score.summary.correct >= result.drafter.summary.correct - result.items // 100
 
 
 def dropped_note(scores: Sequence[Score]) -> str:
@@ -602,4 +598,4 @@ def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | 
 
 
 __all__ = ["DROP_CHECK_EVERY", "SWEEP_OPTIONS", "CalibrationResult", "Score", "Setting", "Sweep", "calibrate", "dev_task",
-           "dropped_note", "load_dev_file", "normalize_text", "pool", "select", "settings", "write_calibration"]
+           "dropped_note", "load_dev_file", "normalize_text", "pool", "select", "settings", "within_allowance", "write_calibration"]

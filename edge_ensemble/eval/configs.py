@@ -84,10 +84,10 @@ class EngineConfig:
         # The ensemble configurations share one loaded Ensemble: without this, the second and third
         # would find the item's prompt already cached by the first and look faster than they are.
         self.ensemble.reset_cache()
-        seed = self._seed(item)
-        out = _record_of(self._answer(messages, max_tokens, extract, seed))
+        seeded = self._seed(item)
+        out = _record_of(self._answer(messages, max_tokens, extract, seeded))
         if self.branching:  # what the run used, so that records made at other settings are told apart
-            out["settings"] = self._settings(**seed)
+            out["settings"] = self._settings(**seeded)
         return out
 
     def _seed(self, item: str | None) -> dict[str, int]:
