@@ -259,7 +259,8 @@ class Ensemble:
 
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                system: str | None = None, raw: str | None = None, time_limit: float | None = None,
-               extract: Callable[[str], str | None] | None = None, **options: Any) -> Iterator[Event]:
+               extract: Callable[[str], str | None] | None = None, keep_cache: bool = True,
+               **options: Any) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
         Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
@@ -269,6 +270,8 @@ class Ensemble:
         (``gate=0.3, draft_len=3``) in place of the ensemble's own. ``time_limit`` (seconds, prompt included)
         ends the answer with finish_reason ``"length"`` when it runs out. ``extract`` (eager): the answer of a
         branch's text (e.g. a number), which the branches vote on; without it the likeliest branch is chosen.
+        ``keep_cache=False`` frees the answer's cells when it ends, so the next answer prefills its whole prompt
+        (as after :meth:`reset_cache`, but for this answer's sequences only: others may be running beside it).
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
@@ -281,7 +284,7 @@ class Ensemble:
         gen = {name: o.check(options.get(name, o.default)) for name, o in GENERATION.items()}
         sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
         opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling,
-                                 time_limit=time_limit, extract=extract)
+                                 time_limit=time_limit, extract=extract, keep_cache=bool(keep_cache))
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
         have = self._members[0].model.options.n_seq_max if hasattr(self._members[0].backend, "model") else 1

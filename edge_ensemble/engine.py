@@ -127,6 +127,9 @@ class GenerationOptions:
     # where the branch with the best mean token log-probability is chosen.
     extract: Callable[[str], str | None] | None = None
     time_limit: float | None = None  # seconds from the start (prompt included), then finish_reason "length"
+    # False: the answer's cells are freed at its end, so the next answer prefills its prompt from scratch (what a
+    # fair benchmark of answers decoded side by side needs; reset_cache() does it for the whole ensemble).
+    keep_cache: bool = True
 
 
 def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,
@@ -160,10 +163,11 @@ def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | N
     return lanes
 
 
-def close_lanes(lanes: Sequence[Lane]) -> None:
-    """Give every lane's sequence back (cells kept for the next generation's shared prefix)."""
+def close_lanes(lanes: Sequence[Lane], *, keep_cache: bool = True) -> None:
+    """Give every lane's sequence back (cells kept for the next generation's shared prefix unless
+    ``keep_cache`` is False)."""
     for lane in lanes:
-        lane.close()
+        lane.close(keep_cache=keep_cache)
 
 
 class _TextStream:
@@ -220,7 +224,7 @@ def generate_events(
     try:
         done = yield from run(lanes, policy, policy_config, options, rng, stats, t0)
     finally:
-        close_lanes(lanes)  # before the last event: a caller who stops reading there leaves nothing open
+        close_lanes(lanes, keep_cache=options.keep_cache)  # before the last event: a caller who stops reading there leaves nothing open
     yield done
 
 

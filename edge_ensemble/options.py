@@ -235,8 +235,10 @@ LOAD_OPTIONS: tuple[Option, ...] = (
     Option("control_tokens_in_messages", bool, False,
            "Let control-token text typed in a message (e.g. <|im_start|>) become a real control token, as "
            "llama-cpp-python does; it lets a message forge turns (off: messages are plain text)."),
-    Option("parallel", int, 1, "Answers one thread may stream at once (the server's concurrent requests): each "
-           "member's context gets that many sequences and n_ctx cells for each.", range=(1, 64)),
+    Option("parallel", int, 1, "Answers made at once (the server's concurrent requests; in eval and calibrate, "
+           "items whose answers are decoded together, batched, for single, every-token and SAFE: faster per "
+           "answer on a CPU, with seconds per answer then shared): each member's context gets that many "
+           "sequences and n_ctx cells for each.", range=(1, 64)),
     Option("check_memory", bool, True, "Refuse models that would not fit in memory, before loading them.", cli=False),
 )
 GENERATION = by_name(GENERATION_OPTIONS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 
 from edge_ensemble.errors import EdgeEnsembleError
 from edge_ensemble.eval import tasks
+from edge_ensemble.eval.tasks import get_task
 from edge_ensemble.eval.report import (
     load_records,
     paired_comparisons,
@@ -594,3 +596,84 @@ def test_a_bad_shard_is_one_line_before_any_model_loads(shard: str, tmp_path: Pa
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and "--shard must be K/N with 0 <= K < N" in lines[0], r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_answers_decoded_together_equal_the_answers_decoded_alone(tiny_bpe: Path, tiny_spm_chat: Path,
+                                                                   tmp_path: Path) -> None:
+    """--parallel 3 on 7 items (chunks end part-full, members of two tokenizers, gated SAFE and each member
+    alone): the same records as one answer at a time, apart from the timing; the decodes were batched."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import build_configs
+
+    rounds = []
+
+    def run(parallel: int, out: Path) -> list[dict[str, Any]]:
+        base = EnsembleConfig(n_ctx=512, n_threads=1, parallel=parallel).validate(2)
+        configs, ensembles = build_configs([str(tiny_bpe), str(tiny_spm_chat)], ["single", "safe-gated"], base)
+        assert all(c.parallel == parallel for c in configs)
+        for c in configs:
+            c.decoding_together = _spying(c.decoding_together, rounds)  # type: ignore[method-assign]
+        try:
+            run_eval("gsm8k", configs, out, limit=7, max_tokens=12, progress=False)
+        finally:
+            for e in ensembles:
+                e.close()
+        return read_records(out / "gsm8k.jsonl")
+
+    alone, together = run(1, tmp_path / "alone"), run(3, tmp_path / "together")
+    key = lambda r: (r["item"], r["config"])  # noqa: E731
+    assert sorted(map(key, together)) == sorted(map(key, alone)) and len(alone) == 3 * 7
+    same = ("output", "extracted", "correct", "tokens", "finish_reason", "ensembled_fraction")
+    by_key = {key(r): r for r in alone}
+    assert [{k: r[k] for k in same} for r in sorted(together, key=key)] == \
+        [{k: by_key[key(r)][k] for k in same} for r in sorted(together, key=key)]
+    assert all(r["parallel"] == 3 for r in together) and all("parallel" not in r for r in alone)
+    assert "safe-gated (--parallel 3)" in report_markdown(together)
+    assert "side by side" not in report_markdown(alone)
+    assert rounds and all(r.served > r.batches for r in rounds)  # more than one answer per llama_decode
+
+
+def _spying(together: Any, seen: list[Any]) -> Any:
+    """``decoding_together`` that also appends its DecodeRounds to ``seen``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def spy() -> Any:
+        with together() as rounds:
+            seen.append(rounds)
+            yield rounds
+    return spy
+
+
+def test_a_failure_while_decoding_together_stops_every_answer_and_is_raised(tiny_bpe: Path, tmp_path: Path) -> None:
+    """One answer raising: the others are cancelled at their next token, no thread is left running, the error
+    reaches the caller, and the records written before it stay valid (a rerun resumes)."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import build_configs
+
+    base = EnsembleConfig(n_ctx=512, n_threads=1, parallel=4).validate(1)
+    configs, ensembles = build_configs([str(tiny_bpe)], ["single"], base)
+    config = configs[0]
+    calls = []
+    real = config.generate
+
+    def failing(messages: list[dict[str, str]], max_tokens: int, **kw: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("boom")
+        return real(messages, max_tokens, **kw)
+
+    config.generate = failing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            run_eval("gsm8k", configs, tmp_path, limit=12, max_tokens=40, progress=False)
+        assert [t.name for t in threading.enumerate() if t.name.startswith("eval-")] == []
+        written = read_records(tmp_path / "gsm8k.jsonl")
+        assert 1 <= len(written) < 12
+        config.generate = real  # type: ignore[method-assign]
+        run_eval("gsm8k", configs, tmp_path, limit=12, max_tokens=40, progress=False)
+    finally:
+        for e in ensembles:
+            e.close()
+    assert sorted(r["item"] for r in read_records(tmp_path / "gsm8k.jsonl")) == \
+        sorted(i.id for i in get_task("gsm8k").items(0, 12))

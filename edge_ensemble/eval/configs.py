@@ -8,14 +8,18 @@ model alone would see.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ..api import Ensemble, EnsembleConfig
 from ..branching import reallocate
 from ..errors import UsageError
+from ..rounds import DecodeRounds
+from .runner import Cancelled
 
 ENSEMBLE_CONFIGS = {
     # name: (policy, gate)
@@ -38,6 +42,9 @@ BRANCH_CONFIGS: dict[str, dict[str, Any]] = {
 }
 # Context for the branching configurations: up to 4 × M branches (eager-adapt) share one context.
 BRANCH_N_CTX = 16384
+# Policies whose answers the runner may decode side by side (--parallel): one sequence per member and answer.
+# The branching ones already batch their branches, route serializes its router's hidden-state decodes.
+TOGETHER_POLICIES = ("single", "every-token", "safe")
 
 
 @dataclass
@@ -53,6 +60,36 @@ class EngineConfig:
     builds_on: str | None = None
     _plan: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict, repr=False)
     plan_signature: str | None = None  # of the slice and first-pass sizes plan() read; kept in each record
+    _together: bool = field(default=False, repr=False)  # inside decoding_together()
+    _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def parallel(self) -> int:
+        """How many items' answers the runner may decode together (the ``parallel`` load option; 1 for the
+        policies that cannot share their decodes with other answers)."""
+        if self.config.policy in TOGETHER_POLICIES and self.builds_on is None:
+            return self.config.parallel
+        return 1
+
+    @contextlib.contextmanager
+    def decoding_together(self) -> Iterator[DecodeRounds]:
+        """While the block runs, threads inside ``rounds.taking_part()`` may call :meth:`generate` at once, their
+        decodes batched (:meth:`Ensemble.decode_together`). Every answer still prefills its prompt from scratch:
+        the cache is reset once here, and each answer frees its cells at its end. :meth:`cancel` ends the
+        answers in progress (they raise :class:`Cancelled`)."""
+        self.ensemble.config = self.config
+        self.ensemble.reset_cache()
+        self._cancel.clear()
+        with self.ensemble.decode_together() as rounds:
+            self._together = True
+            try:
+                yield rounds
+            finally:
+                self._together = False
+
+    def cancel(self) -> None:
+        """Stop the answers :meth:`decoding_together` is making, at their next token."""
+        self._cancel.set()
 
     @property
     def branching(self) -> bool:
@@ -80,10 +117,11 @@ class EngineConfig:
                  extract: Callable[[str], str | None] | None = None, item: str | None = None) -> dict[str, Any]:
         if self.builds_on is not None:
             return self._second_pass(messages, max_tokens, extract, item)
-        self.ensemble.config = self.config
-        # The ensemble configurations share one loaded Ensemble: without this, the second and third
-        # would find the item's prompt already cached by the first and look faster than they are.
-        self.ensemble.reset_cache()
+        if not self._together:  # (together: decoding_together() set both up for every answer)
+            self.ensemble.config = self.config
+            # The ensemble configurations share one loaded Ensemble: without this, the second and third
+            # would find the item's prompt already cached by the first and look faster than they are.
+            self.ensemble.reset_cache()
         seeded = self._seed(item)
         out = _record_of(self._answer(messages, max_tokens, extract, seeded))
         if self.branching:  # what the run used, so that records made at other settings are told apart
@@ -133,8 +171,20 @@ class EngineConfig:
 
     def _answer(self, messages: list[dict[str, str]], max_tokens: int, extract: Callable[[str], str | None] | None,
                 overrides: dict[str, Any]) -> Any:
-        return self.ensemble.generate(messages=messages, max_tokens=max_tokens, **self.sampling, **overrides,
-                                      **({"extract": extract} if self.branching else {}))
+        kwargs = {"messages": messages, "max_tokens": max_tokens, **self.sampling, **overrides,
+                  **({"extract": extract} if self.branching else {})}
+        if not self._together:
+            return self.ensemble.generate(**kwargs)
+        events = self.ensemble.stream(**kwargs, keep_cache=False)
+        try:
+            for event in events:
+                if self._cancel.is_set():
+                    raise Cancelled("the run is ending")
+                if event.result is not None:
+                    return event.result
+        finally:
+            events.close()  # type: ignore[attr-defined]  # (its lanes given back in this thread)
+        raise AssertionError("the answer's stream ended without a result")
 
 
 def _record_of(result: Any) -> dict[str, Any]:
@@ -207,10 +257,10 @@ def _branch_configs(members: Sequence[str], names: Sequence[str], base: Ensemble
         specs = list(members) if name == "eager-ensemble" else list(members[:1])
         n = len(specs)
         if n not in loaded:
-            cfg = replace(base, policy="eager", max_branches=4 * BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX))
+            cfg = replace(base, policy="eager", max_branches=4 * BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX), parallel=1)
             loaded[n] = Ensemble(specs, config=cfg.validate(n), progress=True)
             ensembles.append(loaded[n])
-        cfg = replace(base, policy="eager", max_branches=BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX),
+        cfg = replace(base, policy="eager", max_branches=BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX), parallel=1,
                       **BRANCH_CONFIGS[name]).validate(n)
         out.append(EngineConfig(name, loaded[n], cfg, sampling={"temperature": BRANCH_TEMPERATURE},
                                 builds_on="eager" if name == "eager-adapt" else None))
@@ -223,7 +273,7 @@ def _route_configs(members: Sequence[str], names: Sequence[str], base: EnsembleC
     states, which the other ensembles' contexts do not pay for)."""
     if head is None:
         raise UsageError(NEEDS_HEAD)
-    cfg = replace(base, policy="route", head=head).validate(len(members))
+    cfg = replace(base, policy="route", head=head, parallel=1).validate(len(members))
     routed = Ensemble(list(members), config=cfg, progress=True)
     ensembles.append(routed)
     return [EngineConfig(name, routed, replace(cfg, beta=ROUTE_CONFIGS[name]).validate(len(members)))

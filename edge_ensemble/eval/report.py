@@ -273,6 +273,20 @@ def _save(fig: Any, png_path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def together_note(records: Sequence[dict[str, Any]]) -> str:
+    """A line naming the configurations whose answers were decoded side by side (``--parallel``): their
+    seconds are wall time shared with the other answers of the batch, comparable only at the same width."""
+    widths: dict[str, set[int]] = {}
+    for r in records:
+        widths.setdefault(str(r.get("config")), set()).add(int(r.get("parallel") or 1))
+    shared = {c: w for c, w in widths.items() if w != {1}}
+    if not shared:
+        return ""
+    listed = ", ".join(f"{c} (--parallel {'/'.join(map(str, sorted(w)))})" for c, w in sorted(shared.items()))
+    return (f"Decoded side by side, several items at once: {listed}. Their tok/s and seconds per answer are wall "
+            "time shared with the other answers of each batch: compare them only at the same --parallel.\n")
+
+
 def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
                     summaries: Sequence[Summary] | None = None) -> str:
     """The whole report: how to read it, the per-configuration tables and the paired comparisons
@@ -289,6 +303,9 @@ def report_markdown(records: Iterable[dict[str, Any]], sources: str = "",
         "result early, as on ARC, can still be right).\n\n"
         + glance_markdown(summaries) + "\n" + summary_markdown(summaries)
     )
+    together = together_note(records)
+    if together:
+        text += "\n" + together
     branching = branching_markdown(records)
     if branching:
         text += ("\nBranching configurations (M answers per item, voted): cons@M = the voted answer right (the "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -27,6 +28,13 @@ class GenerationConfig(Protocol):
     def generate(self, messages: list[dict[str, str]], max_tokens: int) -> dict[str, Any]:
         """Return at least {"text", "tokens", "seconds", "ensembled_fraction"}."""
         ...
+
+    # Optional, for answers decoded side by side (see EngineConfig): ``parallel`` (items at once),
+    # ``decoding_together()`` (a context manager yielding the DecodeRounds) and ``cancel()``.
+
+
+class Cancelled(Exception):
+    """An answer decoded together with others stopped early because the run is ending (Ctrl-C, an error)."""
 
 
 # Bumped when how answers are produced or timed changes, so that a resumed run never mixes two ways:
@@ -200,25 +208,115 @@ def run_eval(
 def _run_pass(task: Task, path: Path, earlier: Sequence[dict[str, Any]], protocol: Protocol,
               todo: Sequence[tuple[Any, GenerationConfig]], budget: int | None, progress: bool,
               bar: Progress | None = None) -> None:
-    """Generate, score and append the records of ``todo``, each flushed and fsynced before the next starts."""
+    """Generate, score and append the records of ``todo``, each flushed and fsynced as soon as it is made.
+
+    A config whose ``parallel`` is above 1 decodes that many items' answers together (one thread each, their
+    decodes batched); the pairs then go in chunks of items, each chunk one config after another, so that an
+    interrupted run still compares the configs on nearly the same items."""
     if not todo:  # a finished file is only re-reported, whatever made it
         return
     check_same_protocol(path, earlier, protocol)
     own_bar = bar is None
     bar = bar if bar is not None else Progress(len(todo), task.name, enabled=progress)
-    correct = 0
     try:
         with open(path, "a", encoding="utf-8") as out:
-            for count, (item, config) in enumerate(todo, start=1):
-                record = _evaluate(task, item, config, budget)
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-                correct += record["correct"]
-                bar.update(note=f"acc {correct}/{count}  {config.name}: {record['tokens_per_second'] or 0:.1f} tok/s")
+            writer = _Writer(out, bar)
+            together = max(getattr(c, "parallel", 1) for _, c in todo)
+            if together == 1:
+                for item, config in todo:
+                    writer.write(_evaluate(task, item, config, budget))
+                return
+            for chunk in _item_chunks(todo, TOGETHER_CHUNK * together):
+                for name in dict.fromkeys(c.name for _, c in chunk):  # (names are distinct)
+                    config = next(c for _, c in chunk if c.name == name)
+                    items = [item for item, c in chunk if c.name == name]
+                    if getattr(config, "parallel", 1) > 1 and len(items) > 1:
+                        _evaluate_together(task, items, config, budget, writer)
+                    else:
+                        for item in items:
+                            writer.write(_evaluate(task, item, config, budget))
     finally:
         if own_bar:
             bar.close()
+
+
+# Items per chunk, in multiples of the answers decoded together: a chunk's last answers run with fewer beside
+# them, so longer chunks batch better; shorter ones keep the configs' item sets closer when a run is cut short.
+TOGETHER_CHUNK = 4
+
+
+class _Writer:
+    """Appends records to the open results file (flushed and fsynced each), from any thread, and moves the bar."""
+
+    def __init__(self, out: TextIO, bar: Progress) -> None:
+        self.out, self.bar = out, bar
+        self.lock = threading.Lock()
+        self.correct = self.count = 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.lock:
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self.out.flush()
+            os.fsync(self.out.fileno())
+            self.count += 1
+            self.correct += record["correct"]
+            self.bar.update(note=f"acc {self.correct}/{self.count}  {record['config']}: "
+                                 f"{record['tokens_per_second'] or 0:.1f} tok/s")
+
+
+def _item_chunks(todo: Sequence[tuple[Any, GenerationConfig]], size: int) -> list[list[tuple[Any, GenerationConfig]]]:
+    """``todo`` cut into runs of pairs covering ``size`` items each (in the order the items come)."""
+    chunks: list[list[tuple[Any, GenerationConfig]]] = []
+    seen: dict[Any, None] = {}
+    for pair in todo:
+        if pair[0].id not in seen and len(seen) % size == 0:
+            chunks.append([])
+        seen.setdefault(pair[0].id)
+        chunks[-1].append(pair)
+    return chunks
+
+
+def _evaluate_together(task: Task, items: Sequence[Any], config: GenerationConfig, budget: int | None,
+                       writer: _Writer) -> None:
+    """``config``'s answers to ``items``, ``config.parallel`` at a time, each by its own thread taking part in
+    the decode rounds (so their decodes go to llama.cpp together); each record is written as it is made. On an
+    error or Ctrl-C the answers in progress are cancelled, the threads joined, and the first error raised."""
+    pending = iter(items)
+    lock = threading.Lock()
+    failures: list[BaseException] = []
+
+    with config.decoding_together() as rounds:  # type: ignore[attr-defined]
+        def work() -> None:
+            while not failures:
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                try:
+                    with rounds.taking_part():
+                        record = _evaluate(task, item, config, budget)
+                        record["parallel"] = config.parallel  # type: ignore[attr-defined]  # seconds: shared
+                    writer.write(record)
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                    failures.append(exc)
+                    config.cancel()  # type: ignore[attr-defined]
+
+        threads = [threading.Thread(target=work, name=f"eval-{n}", daemon=True)
+                   for n in range(min(config.parallel, len(items)))]  # type: ignore[attr-defined]
+        for t in threads:
+            t.start()
+        try:
+            for t in threads:
+                t.join()
+        except BaseException:  # Ctrl-C: the answers in progress stop at their next token
+            failures.append(KeyboardInterrupt())
+            config.cancel()  # type: ignore[attr-defined]
+            for t in threads:
+                t.join()
+            raise
+    real = [f for f in failures if not isinstance(f, Cancelled)]
+    if real:
+        raise real[0]
 
 
 def check_same_protocol(path: Path, records: Sequence[dict[str, Any]], protocol: Protocol) -> None:
