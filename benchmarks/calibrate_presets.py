@@ -24,7 +24,7 @@ from pathlib import Path
 
 from edge_ensemble.api import EnsembleConfig
 from edge_ensemble.errors import EdgeEnsembleError
-from edge_ensemble.eval.calibrate import (Sweep, calibrate, dropped_note, pool, within_allowance,
+from edge_ensemble.eval.calibrate import (SWEEP_OPTIONS, Sweep, calibrate, dropped_note, pool, within_allowance,
                                          write_calibration)
 from edge_ensemble.eval.report import summary_markdown
 from edge_ensemble.eval.tasks import get_task
@@ -47,14 +47,14 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="only measure; leave presets.toml alone")
     parser.add_argument("--drafter-weights", help="comma-separated (default: the calibrate command's sweep)")
     parser.add_argument("--gates", help="comma-separated (default: the calibrate command's sweep)")
-    parser.add_argument("--drop-level", type=float, default=None, help="the calibrate command's --drop-level "
-                        "(default: its default; 0 = off)")
+    parser.add_argument("--drop-level", help="the calibrate command's --drop-level (default: its default; off: "
+                        "every setting runs on every item)")
     args = parser.parse_args()
-    chosen_sweep = {k: tuple(float(v) for v in getattr(args, k).split(","))
-                    for k in ("drafter_weights", "gates") if getattr(args, k)}
-    if args.drop_level is not None:
-        chosen_sweep["drop_level"] = args.drop_level or None
-    sweep = Sweep(**chosen_sweep).validate(lambda name: "--" + name.replace("_", "-"))
+    # Spelled and checked as the calibrate command's flags ("off" included).
+    options = {o.name: o for o in SWEEP_OPTIONS}
+    sweep = Sweep(**{k: options[k].from_text(getattr(args, k), "--" + k.replace("_", "-"))
+                     for k in ("drafter_weights", "gates", "drop_level") if getattr(args, k) is not None}).validate(
+        lambda name: "--" + name.replace("_", "-"))
 
     catalog = Catalog.load()
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, parallel=args.parallel)

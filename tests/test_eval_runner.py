@@ -677,3 +677,22 @@ def test_a_failure_while_decoding_together_stops_every_answer_and_is_raised(tiny
             e.close()
     assert sorted(r["item"] for r in read_records(tmp_path / "gsm8k.jsonl")) == \
         sorted(i.id for i in get_task("gsm8k").items(0, 12))
+
+
+def test_ensemble_branching_records_what_every_member_decoded(tiny_bpe_close: tuple[Path, Path], tmp_path: Path) -> None:
+    """eager-ensemble: besides the drafter's branch tokens (generated_tokens), the record keeps each member's
+    decoded tokens, so the verifiers' catch-up shows in the compute it spent."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval.configs import build_configs
+
+    configs, ensembles = build_configs([str(p) for p in tiny_bpe_close], ["eager-ensemble"],
+                                       EnsembleConfig(n_ctx=2048, n_threads=1).validate(2))
+    try:
+        path = run_eval("gsm8k", configs, tmp_path, limit=1, max_tokens=8, progress=False)
+    finally:
+        for e in ensembles:
+            e.close()
+    (record,) = read_records(path)
+    decoded = record["member_decoded_tokens"]
+    assert len(decoded) == 2 and all(n > 0 for n in decoded.values())
+    assert record["generated_tokens"] == sum(b["tokens"] - b["forked_at"] for b in record["branches"])

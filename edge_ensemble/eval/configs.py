@@ -200,7 +200,9 @@ def _record_of(result: Any) -> dict[str, Any]:
         out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
                             "origin": b.origin, "forked_at": b.forked_at, "votes": b.votes, "chosen": b.chosen}
                            for b in result.branches]
-        out["generated_tokens"] = s.generated_tokens
+        out["generated_tokens"] = s.generated_tokens  # the drafter's branches
+        if len(s.member_decoded_tokens) > 1:  # eager-ensemble: and what every member decoded (verifiers' catch-up)
+            out["member_decoded_tokens"] = dict(s.member_decoded_tokens)
     return out
 
 

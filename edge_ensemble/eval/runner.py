@@ -112,6 +112,7 @@ class Progress:
         self.start = time.monotonic()
         self._last_line = 0.0
         self.note = ""
+        self.correct = 0  # records scored right so far (a bar kept over several runs counts them all)
 
     def update(self, n: int = 1, note: str = "") -> None:
         self.done += n
@@ -251,16 +252,14 @@ class _Writer:
     def __init__(self, out: TextIO, bar: Progress) -> None:
         self.out, self.bar = out, bar
         self.lock = threading.Lock()
-        self.correct = self.count = 0
 
     def write(self, record: dict[str, Any]) -> None:
         with self.lock:
             self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
             self.out.flush()
             os.fsync(self.out.fileno())
-            self.count += 1
-            self.correct += record["correct"]
-            self.bar.update(note=f"acc {self.correct}/{self.count}  {record['config']}: "
+            self.bar.correct += record["correct"]
+            self.bar.update(note=f"acc {self.bar.correct}/{self.bar.done + 1}  {record['config']}: "
                                  f"{record['tokens_per_second'] or 0:.1f} tok/s")
 
 
@@ -386,7 +385,8 @@ def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) 
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "first_pass_branches",
-                     "plan", "settings", "routed_tokens", "catch_up_tokens", "catch_up_seconds"):
+                     "plan", "settings", "routed_tokens", "catch_up_tokens", "catch_up_seconds",
+                     "member_decoded_tokens"):
         if result.get(optional) is not None:
             record[optional] = result[optional]
     if result.get("branches"):  # cons@M is the voted answer's score; pass@M: any branch right
