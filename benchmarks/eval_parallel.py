@@ -57,8 +57,8 @@ def main() -> None:
         together_s, together = run(members, configs, args.parallel, args, Path(tmp) / "together")
     by_key = {(r["item"], r["config"]): r for r in alone}
     for name in configs:
-        a = [r for r in alone if r["config"].startswith(name)]
-        t = [r for r in together if r["config"].startswith(name)]
+        a = [r for r in alone if r["config"] == name or r["config"].startswith(name + ":")]
+        t = [r for r in together if r["config"] == name or r["config"].startswith(name + ":")]
         same = sum(r["output"] == by_key[(r["item"], r["config"])]["output"] for r in t)
         scored = sum(r["correct"] == by_key[(r["item"], r["config"])]["correct"] for r in t)
         rows.append(f"| {name} | {len(t)} | {sum(r['correct'] for r in a)} / {sum(r['correct'] for r in t)} | "
@@ -85,7 +85,8 @@ def main() -> None:
 def _argv(args: argparse.Namespace) -> list[str]:
     out = [f"-m {m}" for m in args.members or []]
     for flag in ("configs", "task", "start", "limit", "max_tokens", "parallel", "threads"):
-        out.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
+        if getattr(args, flag) is not None:
+            out.append(f"--{flag.replace('_', '-')} {getattr(args, flag)}")
     return out
 
 

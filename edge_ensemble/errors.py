@@ -55,3 +55,8 @@ def warn(message: str) -> None:
     import warnings
 
     warnings.warn(EdgeEnsembleWarning(message), stacklevel=3)
+
+
+class Cancelled(Exception):
+    """An answer decoded together with others (``eval --parallel``) stopped early because the run is ending
+    (Ctrl-C, another answer's error). Not an :class:`EdgeEnsembleError`: nothing for the user to fix."""

@@ -248,6 +248,8 @@ def test_a_resumed_calibration_must_match_the_options(tmp_path: Path, config_fil
     assert invoke(args).exit_code == 0
     assert_usage_error(invoke([*args, "--n-ctx", "512"]), "holds a calibration made with n_ctx = ")
     assert "(this run: 512)" in invoke([*args, "--n-ctx", "512"]).output
+    # Answers decoded side by side share their seconds (the tie-break): not mixed with answers made alone.
+    assert_usage_error(invoke([*args, "--parallel", "2"]), "holds a calibration made with parallel = 1 (this run: 2)")
     # An option no setting's policy reads (eager's threshold) changes no record: the run resumes.
     assert invoke([*args, "--threshold", "2.5"]).exit_code == 0
 

@@ -249,3 +249,15 @@ def test_idle_sequences_give_their_kept_cells_to_an_answer_that_needs_room(tiny_
         assert sorted(backend._free) == [0, 1]
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("members", [1, 2], ids=["one", "twins"])
+def test_keep_cache_false_frees_the_answers_cells_and_the_next_prefills_it_all(tiny_bpe, members):
+    """By default an answer's cells stay for the next one's shared prefix; keep_cache=False frees them (a model
+    listed twice shares one sequence, freed once), so the next answer decodes its whole prompt again."""
+    with Ensemble([tiny_bpe] * members, config=_cfg(policy="safe")) as ens:
+        model = ens._members[0].backend.model
+        first = ens.generate(messages=QUESTION, max_tokens=6, keep_cache=False)
+        assert model.cells_used == 0  # nothing for the next answer to reuse: it prefills its whole prompt
+        again = ens.generate(messages=QUESTION, max_tokens=6)
+        assert again.text == first.text and model.cells_used > 0  # kept (the default)

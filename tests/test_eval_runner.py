@@ -599,12 +599,15 @@ def test_a_bad_shard_is_one_line_before_any_model_loads(shard: str, tmp_path: Pa
 
 
 def test_answers_decoded_together_equal_the_answers_decoded_alone(tiny_bpe: Path, tiny_spm_chat: Path,
-                                                                   tmp_path: Path) -> None:
-    """--parallel 3 on 7 items (chunks end part-full, members of two tokenizers, gated SAFE and each member
-    alone): the same records as one answer at a time, apart from the timing; the decodes were batched."""
+                                                                   tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--parallel 3 on 7 items in chunks of 3 items (the last one alone; members of two tokenizers, gated SAFE
+    and each member alone): the same records as one answer at a time, apart from the timing, each labelled with
+    the width it was decoded at; the decodes were batched."""
     from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.eval import runner
     from edge_ensemble.eval.configs import build_configs
 
+    monkeypatch.setattr(runner, "TOGETHER_CHUNK", 1)
     rounds = []
 
     def run(parallel: int, out: Path) -> list[dict[str, Any]]:
@@ -627,10 +630,11 @@ def test_answers_decoded_together_equal_the_answers_decoded_alone(tiny_bpe: Path
     by_key = {key(r): r for r in alone}
     assert [{k: r[k] for k in same} for r in sorted(together, key=key)] == \
         [{k: by_key[key(r)][k] for k in same} for r in sorted(together, key=key)]
-    assert all(r["parallel"] == 3 for r in together) and all("parallel" not in r for r in alone)
+    assert all(r["decoded_together"] == 3 for r in together) and all("decoded_together" not in r for r in alone)
     assert "safe-gated (--parallel 3)" in report_markdown(together)
     assert "side by side" not in report_markdown(alone)
-    assert rounds and all(r.served > r.batches for r in rounds)  # more than one answer per llama_decode
+    assert len(rounds) == 3 * 3  # three configs, three chunks each
+    assert sum(r.served > r.batches for r in rounds) >= 6  # the full chunks: more than one answer per llama_decode
 
 
 def _spying(together: Any, seen: list[Any]) -> Any:
@@ -646,20 +650,20 @@ def _spying(together: Any, seen: list[Any]) -> Any:
 
 
 def test_a_failure_while_decoding_together_stops_every_answer_and_is_raised(tiny_bpe: Path, tmp_path: Path) -> None:
-    """One answer raising: the others are cancelled at their next token, no thread is left running, the error
-    reaches the caller, and the records written before it stay valid (a rerun resumes)."""
+    """One answer raising (item 5 of 12, four at a time): the error reaches the caller, no thread is left
+    running, the records written are valid and a rerun makes exactly the missing ones."""
     from edge_ensemble.api import EnsembleConfig
     from edge_ensemble.eval.configs import build_configs
 
+    items = get_task("gsm8k").items(0, 12)
+    poisoned = items[5].data["question"]
     base = EnsembleConfig(n_ctx=512, n_threads=1, parallel=4).validate(1)
     configs, ensembles = build_configs([str(tiny_bpe)], ["single"], base)
     config = configs[0]
-    calls = []
     real = config.generate
 
     def failing(messages: list[dict[str, str]], max_tokens: int, **kw: Any) -> dict[str, Any]:
-        calls.append(1)
-        if len(calls) == 6:
+        if any(poisoned in m["content"] for m in messages):
             raise RuntimeError("boom")
         return real(messages, max_tokens, **kw)
 
@@ -668,15 +672,50 @@ def test_a_failure_while_decoding_together_stops_every_answer_and_is_raised(tiny
         with pytest.raises(RuntimeError, match="boom"):
             run_eval("gsm8k", configs, tmp_path, limit=12, max_tokens=40, progress=False)
         assert [t.name for t in threading.enumerate() if t.name.startswith("eval-")] == []
-        written = read_records(tmp_path / "gsm8k.jsonl")
-        assert 1 <= len(written) < 12
+        written = {r["item"] for r in read_records(tmp_path / "gsm8k.jsonl")}
+        assert items[5].id not in written and len(written) < 12
         config.generate = real  # type: ignore[method-assign]
         run_eval("gsm8k", configs, tmp_path, limit=12, max_tokens=40, progress=False)
     finally:
         for e in ensembles:
             e.close()
-    assert sorted(r["item"] for r in read_records(tmp_path / "gsm8k.jsonl")) == \
-        sorted(i.id for i in get_task("gsm8k").items(0, 12))
+    assert sorted(r["item"] for r in read_records(tmp_path / "gsm8k.jsonl")) == sorted(i.id for i in items)
+
+
+def test_cancelled_answers_stop_at_their_next_token_and_are_not_recorded(tiny_bpe: Path, tmp_path: Path) -> None:
+    """cancel(): every answer decoding together raises Cancelled instead of finishing; the ensemble is usable
+    after the block (the answers gave their sequences back)."""
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.errors import Cancelled
+    from edge_ensemble.eval.configs import build_configs
+
+    base = EnsembleConfig(n_ctx=512, n_threads=1, parallel=2).validate(1)
+    (config,), ensembles = build_configs([str(tiny_bpe)], ["single"], base)
+    outcomes: list[str] = []
+    try:
+        with config.decoding_together() as rounds:
+            config.cancel()
+
+            def answer() -> None:
+                with rounds.taking_part():
+                    try:
+                        config.generate([{"role": "user", "content": "Count to one hundred."}], 200)
+                        outcomes.append("finished")
+                    except Cancelled:
+                        outcomes.append("cancelled")
+
+            threads = [threading.Thread(target=answer) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert outcomes == ["cancelled", "cancelled"]
+        model = ensembles[0]._members[0].backend.model
+        assert model.cells_used == 0  # keep_cache=False: nothing left behind
+        assert config.generate([{"role": "user", "content": "Hi"}], 4)["tokens"] > 0  # one at a time again
+    finally:
+        for e in ensembles:
+            e.close()
 
 
 def test_ensemble_branching_records_what_every_member_decoded(tiny_bpe_close: tuple[Path, Path], tmp_path: Path) -> None:

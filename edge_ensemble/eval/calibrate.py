@@ -286,7 +286,8 @@ def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Swee
     # Only what the settings' policies read: another policy's option (eager's threshold) changes no record.
     read = [o.name for name in _SETTING_POLICIES for o in POLICIES[name].options]
     return _plain({"members": calibration_key(None, members)[1],
-                   "options": {k: cfg[k] for k in dict.fromkeys((*read, "n_ctx")) if k not in swept}})
+                   # parallel: answers decoded side by side share their seconds (the tie-break) and batch numerics
+                   "options": {k: cfg[k] for k in dict.fromkeys((*read, "n_ctx", "parallel")) if k not in swept}})
 
 
 _SETTING_POLICIES = ("single", "safe")  # the policies a calibration's settings use (drafter alone; SAFE)
@@ -305,13 +306,16 @@ def _first_difference(earlier: Any, now: dict[str, Any]) -> str | None:
         return "an unreadable manifest (calibrate.json)"
     if earlier.get("members") != now["members"]:
         return f"other members ({earlier.get('members')}, not {now['members']})"
-    then = earlier["options"]
+    then = {**_UNRECORDED, **earlier["options"]}
     for key, value in now["options"].items():
         if key not in then:
             return f"an older calibrate that did not record {key}"
         if then[key] != value:
             return f"{key} = {then[key]} (this run: {value})"
     return None
+
+
+_UNRECORDED = {"parallel": 1}  # what a calibrate that did not record an option ran with
 
 
 def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:

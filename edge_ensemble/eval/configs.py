@@ -17,9 +17,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from ..api import Ensemble, EnsembleConfig
 from ..branching import reallocate
-from ..errors import UsageError
+from ..errors import Cancelled, UsageError
 from ..rounds import DecodeRounds
-from .runner import Cancelled
 
 ENSEMBLE_CONFIGS = {
     # name: (policy, gate)
@@ -80,12 +79,12 @@ class EngineConfig:
         self.ensemble.config = self.config
         self.ensemble.reset_cache()
         self._cancel.clear()
-        with self.ensemble.decode_together() as rounds:
-            self._together = True
-            try:
+        self._together = True
+        try:
+            with self.ensemble.decode_together() as rounds:
                 yield rounds
-            finally:
-                self._together = False
+        finally:  # (after decode_together() has waited for every thread of the rounds)
+            self._together = False
 
     def cancel(self) -> None:
         """Stop the answers :meth:`decoding_together` is making, at their next token."""

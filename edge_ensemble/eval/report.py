@@ -278,7 +278,7 @@ def together_note(records: Sequence[dict[str, Any]]) -> str:
     seconds are wall time shared with the other answers of the batch, comparable only at the same width."""
     widths: dict[str, set[int]] = {}
     for r in records:
-        widths.setdefault(str(r.get("config")), set()).add(int(r.get("parallel") or 1))
+        widths.setdefault(str(r.get("config")), set()).add(int(r.get("decoded_together") or 1))
     shared = {c: w for c, w in widths.items() if w != {1}}
     if not shared:
         return ""

@@ -11,12 +11,14 @@ import os
 import sys
 import threading
 import time
+import typing
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from edge_ensemble.errors import EdgeEnsembleError
+from edge_ensemble.errors import Cancelled, EdgeEnsembleError
 from edge_ensemble.eval.tasks import Task, get_task
 
 
@@ -29,12 +31,7 @@ class GenerationConfig(Protocol):
         """Return at least {"text", "tokens", "seconds", "ensembled_fraction"}."""
         ...
 
-    # Optional, for answers decoded side by side (see EngineConfig): ``parallel`` (items at once),
-    # ``decoding_together()`` (a context manager yielding the DecodeRounds) and ``cancel()``.
-
-
-class Cancelled(Exception):
-    """An answer decoded together with others stopped early because the run is ending (Ctrl-C, an error)."""
+    # Optional: ``parallel`` above 1 and the rest of TogetherConfig, to decode several items' answers at once.
 
 
 # Bumped when how answers are produced or timed changes, so that a resumed run never mixes two ways:
@@ -167,9 +164,9 @@ def run_eval(
 
     Items are taken in dataset order from ``start`` (``limit=None``: the task's development slice). For each
     item every config runs before the next item, so an interrupted run still compares configs on the same
-    items; a config that builds on another's records of the whole run (``builds_on``: EAGER-adapt) runs after
-    all of them, once its ``plan`` has read them. Each record is flushed and fsynced before the next generation
-    starts. ``bar``: a progress bar the caller keeps over several calls (its total is the caller's to set).
+    items (configs with ``parallel`` above 1: in chunks of items, see :func:`_run_pass`); a config that builds
+    on another's records of the whole run (``builds_on``: EAGER-adapt) runs after all of them, once its
+    ``plan`` has read them. Each record is flushed and fsynced as soon as it is made. ``bar``: a progress bar the caller keeps over several calls (its total is the caller's to set).
     ``shard=(k, n)``: generate only the slice's items at positions k, k + n, k + 2n, ... (one of n processes or
     machines splitting a run; join their records with :func:`share_records`); a second pass still plans over
     the whole slice, so every shard needs the first pass's records of all of it.
@@ -222,23 +219,28 @@ def _run_pass(task: Task, path: Path, earlier: Sequence[dict[str, Any]], protoco
     try:
         with open(path, "a", encoding="utf-8") as out:
             writer = _Writer(out, bar)
-            together = max(getattr(c, "parallel", 1) for _, c in todo)
-            if together == 1:
+            if all(_width(c) == 1 for _, c in todo):
                 for item, config in todo:
                     writer.write(_evaluate(task, item, config, budget))
                 return
-            for chunk in _item_chunks(todo, TOGETHER_CHUNK * together):
-                for name in dict.fromkeys(c.name for _, c in chunk):  # (names are distinct)
-                    config = next(c for _, c in chunk if c.name == name)
-                    items = [item for item, c in chunk if c.name == name]
-                    if getattr(config, "parallel", 1) > 1 and len(items) > 1:
-                        _evaluate_together(task, items, config, budget, writer)
+            for chunk in _item_chunks(todo, TOGETHER_CHUNK * max(_width(c) for _, c in todo)):
+                by_config: dict[str, tuple[GenerationConfig, list[Any]]] = {}  # (config names are distinct)
+                for item, config in chunk:
+                    by_config.setdefault(config.name, (config, []))[1].append(item)
+                for config, items in by_config.values():
+                    if _width(config) > 1:
+                        _evaluate_together(task, items, config, budget, writer)  # type: ignore[arg-type]
                     else:
                         for item in items:
                             writer.write(_evaluate(task, item, config, budget))
     finally:
         if own_bar:
             bar.close()
+
+
+def _width(config: GenerationConfig) -> int:
+    """How many items' answers ``config`` decodes together (1: one at a time)."""
+    return int(getattr(config, "parallel", 1))
 
 
 # Items per chunk, in multiples of the answers decoded together: a chunk's last answers run with fewer beside
@@ -275,16 +277,31 @@ def _item_chunks(todo: Sequence[tuple[Any, GenerationConfig]], size: int) -> lis
     return chunks
 
 
-def _evaluate_together(task: Task, items: Sequence[Any], config: GenerationConfig, budget: int | None,
+class TogetherConfig(GenerationConfig, typing.Protocol):  # (Protocol is this module's record protocol)
+    """A config that can decode several items' answers at once (see EngineConfig)."""
+
+    parallel: int
+
+    def decoding_together(self) -> AbstractContextManager[Any]:
+        """While it runs, threads taking part in the rounds it yields may call generate at once."""
+        ...
+
+    def cancel(self) -> None:
+        """End the answers in progress at their next token (they raise Cancelled)."""
+        ...
+
+
+def _evaluate_together(task: Task, items: Sequence[Any], config: TogetherConfig, budget: int | None,
                        writer: _Writer) -> None:
     """``config``'s answers to ``items``, ``config.parallel`` at a time, each by its own thread taking part in
-    the decode rounds (so their decodes go to llama.cpp together); each record is written as it is made. On an
-    error or Ctrl-C the answers in progress are cancelled, the threads joined, and the first error raised."""
+    the decode rounds only while it generates (so the answers' decodes go to llama.cpp together, and scoring,
+    which may run a sandboxed test, holds up no other answer); each record is written as soon as it is made.
+    On an error or Ctrl-C the answers in progress are cancelled, the threads joined, and the error raised."""
     pending = iter(items)
     lock = threading.Lock()
     failures: list[BaseException] = []
 
-    with config.decoding_together() as rounds:  # type: ignore[attr-defined]
+    with config.decoding_together() as rounds:
         def work() -> None:
             while not failures:
                 with lock:
@@ -293,25 +310,27 @@ def _evaluate_together(task: Task, items: Sequence[Any], config: GenerationConfi
                     return
                 try:
                     with rounds.taking_part():
-                        record = _evaluate(task, item, config, budget)
-                        record["parallel"] = config.parallel  # type: ignore[attr-defined]  # seconds: shared
+                        result, wall = _generate(task, item, config, budget)
+                    record = _record(task, item, config, budget, result, wall)
+                    record["decoded_together"] = config.parallel  # its seconds are shared with the others'
                     writer.write(record)
-                except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+                except BaseException as exc:  # noqa: BLE001 - raised again in the calling thread
                     failures.append(exc)
-                    config.cancel()  # type: ignore[attr-defined]
+                    config.cancel()
 
         threads = [threading.Thread(target=work, name=f"eval-{n}", daemon=True)
-                   for n in range(min(config.parallel, len(items)))]  # type: ignore[attr-defined]
-        for t in threads:
-            t.start()
+                   for n in range(min(config.parallel, len(items)))]
         try:
             for t in threads:
-                t.join()
-        except BaseException:  # Ctrl-C: the answers in progress stop at their next token
-            failures.append(KeyboardInterrupt())
-            config.cancel()  # type: ignore[attr-defined]
+                t.start()
             for t in threads:
                 t.join()
+        except BaseException as exc:  # Ctrl-C: the answers in progress stop at their next token
+            failures.append(exc)
+            config.cancel()
+            for t in threads:
+                if t.is_alive():
+                    t.join()
             raise
     real = [f for f in failures if not isinstance(f, Cancelled)]
     if real:
@@ -356,12 +375,25 @@ def share_records(source: Path, dest: Path, task: Task | str, config: str, *, st
 
 
 def _evaluate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) -> dict[str, Any]:
+    """One (item, config) pair's record: the answer generated, then scored."""
+    return _record(task, item, config, max_tokens, *_generate(task, item, config, max_tokens))
+
+
+def _generate(task: Task, item: Any, config: GenerationConfig, max_tokens: int) -> tuple[dict[str, Any], float]:
+    """``config``'s answer to ``item`` and the wall seconds it took."""
     messages = task.build_messages(item)
     began = time.perf_counter()
-    branching = getattr(config, "branching", False)
-    result = (config.generate(messages, max_tokens, extract=lambda text: task.vote_answer(item, text), item=item.id)
-              if branching else config.generate(messages, max_tokens))
-    wall = time.perf_counter() - began
+    if getattr(config, "branching", False):
+        result = config.generate(messages, max_tokens, extract=lambda text: task.vote_answer(item, text),  # type: ignore[call-arg]
+                                 item=item.id)
+    else:
+        result = config.generate(messages, max_tokens)
+    return result, time.perf_counter() - began
+
+
+def _record(task: Task, item: Any, config: GenerationConfig, max_tokens: int, result: dict[str, Any],
+            wall: float) -> dict[str, Any]:
+    """The record of ``result`` (``config``'s answer to ``item``), scored."""
     text = str(result.get("text", ""))
     tokens = int(result.get("tokens", 0))
     seconds = float(result.get("seconds", wall))
