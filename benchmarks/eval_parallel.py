@@ -23,6 +23,9 @@ from edge_ensemble.eval.configs import build_configs
 from edge_ensemble.eval.runner import read_records, run_eval
 
 
+HEADER = "# eval --parallel: answers one at a time against N at a time, same items, same process\n"
+
+
 def run(members: list[str], configs: list[str], parallel: int, args: argparse.Namespace, out: Path) -> tuple[float, list[dict]]:
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, parallel=parallel).validate(len(members))
     engine_configs, ensembles = build_configs(members, configs, base)
@@ -78,7 +81,9 @@ def main() -> None:
     )
     print(text)
     if args.out:
+        new = not args.out.exists()
         with open(args.out, "a", encoding="utf-8") as f:
+            f.write(HEADER if new else "")
             f.write(text)
 
 
