@@ -35,5 +35,10 @@ $EE eval gsm8k -m qwen2.5-coder-0.5b-instruct --configs single,parallel,eager,ea
 # The coder pair at 512 tokens: the 0.5B alone is the run above's (same GGUF, same settings), copied.
 $PY benchmarks/share_records.py --task gsm8k --config single:Qwen2.5-Coder-0.5B-Instruct --limit 100 \
     results/eager-gsm8k-0.5b-512 results/coder-512
+# (Run as two one-core processes: `taskset -c 0 ... --shard 0/2` into results/coder-512 and `taskset -c 1 ...
+# --shard 1/2` into a copy, results/coder-512-1, whose 1.5B and gated-SAFE records were then copied back with
+# share_records.py.)
 $EE eval gsm8k -p coder --configs single,safe-gated --limit 100 --max-tokens 512 --threads 1 --out results/coder-512 \
     --no-plot
+$PY benchmarks/make_eval_report.py --results results/coder-512 --md results/coder-512/summary.md \
+    --png results/coder-512/summary.png --readme README.md > /dev/null
