@@ -168,9 +168,11 @@ class Ensemble:
         # A server member (server:URL[=MODEL]) is resolved to the local GGUF its tokenizer is read from.
         servers = {i: parse_server_spec(str(s)) for i, s in enumerate(members) if is_server_spec(_spec_text(s))}
         specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
+        # route: the head is read before the models are located (which may download them), then checked
+        # against their files before any model loads; its router gives hidden states
+        head = _route_head(cfg, servers) if cfg.policy == "route" else None  # type: ignore[attr-defined]
         paths, names = self._resolve(specs, download=download, progress=progress)
-        # route: the head is checked against the files before any model loads; its router gives hidden states
-        router_path = _route_router(cfg, paths, names, servers) if cfg.policy == "route" else None  # type: ignore[attr-defined]
+        router_path = _route_router(head, cfg.head, paths, names) if head is not None else None  # type: ignore[attr-defined]
         if cfg.check_memory:
             local = [i for i in range(len(paths)) if i not in servers]
             self._check_memory([paths[i] for i in local], router_path)
@@ -477,19 +479,24 @@ def _sequences_needed(cfg: EnsembleConfig, n_members: int) -> int:
     return cfg.max_branches * n_members  # type: ignore[attr-defined]
 
 
-def _route_router(cfg: EnsembleConfig, paths: Sequence[Path], names: Sequence[str], servers: dict) -> Path:
-    """The router's file for policy route: the head (``cfg.head``) read, and checked against the members' GGUF
-    sha256 and the router's hidden size, before any model loads."""
+def _route_head(cfg: EnsembleConfig, servers: dict) -> Any:
+    """Policy route's head (``cfg.head``), read and checked as a file (a corrupt or truncated one fails here)."""
     from .policies.route import NEEDS_HEAD
-    from .routing import file_sha256, load_head
+    from .routing import load_head
 
-    head_path = cfg.head  # type: ignore[attr-defined]
-    if head_path is None:
+    if cfg.head is None:  # type: ignore[attr-defined]
         raise UsageError(NEEDS_HEAD)
     if servers:
         raise UsageError("policy route runs local models only (the router's hidden states are read in this process);"
                          " give the members as files or catalog names")
-    head = load_head(head_path)
+    return load_head(cfg.head)  # type: ignore[attr-defined]
+
+
+def _route_router(head: Any, head_path: str, paths: Sequence[Path], names: Sequence[str]) -> Path:
+    """The router's file for policy route: ``head`` checked against the members' GGUF sha256 and the router's
+    hidden size, before any model loads."""
+    from .routing import file_sha256
+
     where = f"route head {head_path}"
     router, _ = head.roles([file_sha256(p) for p in paths], list(names), where)
     probe = Model(paths[router], LoadOptions(vocab_only=True))

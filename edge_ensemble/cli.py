@@ -17,6 +17,7 @@ import functools
 import importlib.metadata
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -323,7 +324,8 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
     """
     text = clean_text(_read_prompt(prompt), "the prompt")
     if raw and settings.system:
-        raise UsageError("--raw takes no system prompt (-s): the raw text is the whole prompt")
+        raise UsageError("--raw takes no system prompt (-s, or system in the config file; -s '' clears it): "
+                         "the raw text is the whole prompt")
     system = clean_text(settings.system, "the system prompt") if settings.system else None
     messages = None if raw else (
         ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}])
@@ -926,21 +928,26 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     OUT/summary.png (with branching configurations also OUT/summary-branching.png: cons@M and pass@M
     against generated tokens).
     """
-    from .eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs
+    from .eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs, check_config_names
     from .eval.report import load_records, write_report
     from .eval.runner import results_path, run_eval
     from .eval.tasks import get_task
 
+    if preset and members:  # (the records would go to the preset's directory and mix with its own)
+        raise UsageError("give either --preset or --model, not both")
     task_obj = get_task(task)
-    task_obj.items(start, limit)  # fail on missing data before any model loads
+    if not task_obj.items(start, limit):  # (also: missing data fails here, before any model loads)
+        raise UsageError(f"{task} has no items from --start {start}")
     split = _parse_shard(shard)
     catalog = _catalog()
     specs = list(members) or list(catalog.preset(preset or catalog.default_preset.name).members)
     label = preset or ("-".join(Path(m).stem for m in members) if members else catalog.default_preset.name)
     out = Path(out_dir or Path("results") / label)
+    paths.check_out_dir(out)
     max_tokens = options.pop("max_tokens", None)
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     names = [c.strip() for c in configs.split(",")] if configs else None
+    check_config_names(names)
     branching = [n for n in names or () if n in BRANCH_CONFIGS]
     if branching and task == "humaneval":
         raise UsageError(f"{', '.join(branching)} vote over extracted answers, and humaneval has no answer to "
@@ -960,9 +967,9 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     finally:
         for e in ensembles:
             e.close()
-    paths = sorted(out.glob("*.jsonl"))
-    write_report(load_records(paths), out / "summary.md", None if no_plot else out / "summary.png",
-                 sources=", ".join(p.name for p in paths))
+    record_files = sorted(out.glob("*.jsonl"))
+    write_report(load_records(record_files), out / "summary.md", None if no_plot else out / "summary.png",
+                 sources=", ".join(p.name for p in record_files))
     click.echo((out / "summary.md").read_text())
     click.echo(f"records: {results_path(out, task)}", err=True)
 
@@ -1127,11 +1134,14 @@ def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm
 
     if preset and members:
         raise UsageError("give either --preset or --model, not both")
+    if l2 is not None and not math.isfinite(l2):  # (click's FloatRange lets nan and inf through)
+        raise UsageError(f"--l2 must be a finite number >= 0; got {l2}")
     split = _parse_shard(shard)
     catalog = _catalog()
     experts = list(members) or list(catalog.preset(preset or "coder").members)
     label = preset or ("-".join(Path(m).stem for m in members) if members else "coder")
     target = Path(out or f"route-head-{label}.npz")
+    paths.check_out_dir(target.parent, "--out")  # (now, not after hours of features)
     result = train_router(experts, router, target, gsm8k=n_gsm8k, mbpp=n_mbpp, seed=seed, l2=l2,
                           n_ctx=options.get("n_ctx", 2048), n_threads=options.get("n_threads"),
                           cache_dir=Path(cache) if cache else None, progress=_route_progress(), shard=split)

@@ -66,6 +66,8 @@ class Option:
             text = "one of " + ", ".join(self.choices)
         elif self.item is str:
             text = "a string or a list of strings"
+        elif self.type is str:
+            text = "a string"
         else:
             number = "a whole number" if int in (self.type, self.item) else "a number"
             text = number if self.type is not tuple else f"a list of {number.split(' ', 1)[1]}s"

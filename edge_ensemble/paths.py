@@ -8,6 +8,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from .errors import UsageError
+
 CACHE_ENV = "EDGE_ENSEMBLE_CACHE"
 CONFIG_ENV = "EDGE_ENSEMBLE_CONFIG"
 
@@ -31,6 +33,30 @@ def config_path() -> Path:
         return Path(os.environ[CONFIG_ENV]).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base).expanduser() / "edge-ensemble" / "config.toml"
+
+
+def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:
+    """Refuse, before any work (and without creating anything), an output directory that cannot be made or
+    written: a :class:`UsageError` naming ``flag``, the path and the reason."""
+    wanted = Path(path).expanduser()
+    probe = wanted
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is" if probe == wanted else f"is under {probe}, which is"
+        raise UsageError(f"{flag} {path} {where} not a directory; pass another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: cannot write to {probe}; pass another {flag}")
+
+
+def make_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """``path`` created if missing (parents too); an OS refusal is a :class:`UsageError` naming ``flag``."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create it ({e.strerror or e}); pass another {flag}") from None
+    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:

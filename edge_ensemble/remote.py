@@ -67,8 +67,11 @@ def parse_server_spec(spec: str) -> ServerSpec:
     """``server:http://host:port[=MODEL]`` -> :class:`ServerSpec`; a malformed spec is a UsageError."""
     rest = spec[len(SERVER_PREFIX):]
     url, sep, model = rest.partition("=")
-    parts = urlsplit(url)
     hint = "; write server:http://HOST:PORT or server:http://HOST:PORT=MODEL (a catalog name or a GGUF path)"
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # e.g. an unclosed IPv6 bracket
+        raise UsageError(f"member {spec!r}: not a valid address ({e}){hint}") from None
     if parts.scheme != "http" or not parts.hostname:
         raise UsageError(f"member {spec!r}: the server address must be http://HOST:PORT{hint}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:

@@ -412,8 +412,21 @@ def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: S
     """Load the experts and the router (hidden states on; the same model when the router is an expert)."""
     shas = [file_sha256(p) for p in expert_paths]
     router_sha = file_sha256(router_path)
+    if len(expert_paths) < 2:
+        raise UsageError("route train: give two or more experts (-m ... -m ..., or a preset): a head chooses between them")
     if len(set(shas)) != len(shas):
         raise UsageError("route train: an expert is listed twice; give each expert once")
+    prints = set()
+    for path in {*expert_paths, router_path}:  # vocabularies only: a mismatch is refused before any full load
+        probe = Model(path, LoadOptions(vocab_only=True))
+        try:
+            prints.add(probe.tokenizer_fingerprint)
+        finally:
+            probe.close()
+    if len(prints) > 1:
+        raise IncompatibleMembersError("route train needs the router and every expert to share one tokenizer "
+                                       "(as the `coder` preset's models do): routing across tokenizers is not "
+                                       "supported")
     loaded: list[Model] = []
     try:
         router = Model(router_path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads, hidden_states=True))
@@ -425,11 +438,6 @@ def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: S
             else:
                 experts.append(Model(path, LoadOptions(n_ctx=n_ctx, n_threads=n_threads)))
                 loaded.append(experts[-1])
-        prints = {m.tokenizer_fingerprint for m in loaded}
-        if len(prints) > 1:
-            raise IncompatibleMembersError("route train needs the router and every expert to share one tokenizer "
-                                           "(as the `coder` preset's models do): routing across tokenizers is not "
-                                           "supported")
     except BaseException:
         for m in loaded:
             m.close()

@@ -81,7 +81,7 @@ MAX_STOPS = 16
 
 
 # The server's own limits, declared once: the serve command's flags and the checks derive from these.
-MAX_QUEUE = Option("max_queue", int, 8, "Requests that may wait while one answer is made; one more gets 429 with "
+MAX_QUEUE = Option("max_queue", int, 8, "Requests that may wait beyond the --parallel answers being made; one more gets 429 with "
                    "Retry-After.", range=(0, 100_000))
 TIME_LIMIT = Option("time_limit", float, 300.0, "Seconds per answer (prompt included); then it ends with "
                     "finish_reason 'length'.", range=(0.0, 1e6), above=True)

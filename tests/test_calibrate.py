@@ -507,3 +507,22 @@ def test_pool_refuses_sets_of_other_sweeps() -> None:
 
     with pytest.raises(UsageError, match="one sweep"):
         pool([result("single:d", "safe a"), result("single:d", "safe z")])
+
+
+def test_a_missing_model_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path: Path, config_file: Path,
+                                                                        members: list[str]) -> None:
+    """The manifest is written only once the models have loaded: a typo in a member, fixed, then resumes."""
+    out = tmp_path / "out"
+    typo = invoke(["calibrate", "-m", members[0], "-m", str(tmp_path / "typo.gguf"), "--task", "gsm8k",
+                   "--limit", "1", "--out", str(out), "--no-write", *COMMON])
+    assert typo.exit_code != 0 and "typo.gguf" in typo.output and "Traceback" not in typo.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("where, needle", [("file/out", "not a directory"), ("file", "is a file")])
+def test_an_out_directory_that_cannot_be_made_is_one_line_before_any_load(where: str, needle: str, tmp_path: Path,
+                                                                          config_file: Path, members: list[str]) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    result = invoke(["calibrate", *model_args(members), "--task", "gsm8k", "--limit", "1",
+                     "--out", str(tmp_path / where), "--no-write", *COMMON])
+    assert_usage_error(result, "--out", needle)

@@ -585,6 +585,76 @@ def test_sampled_configurations_are_seeded_per_item_and_reproducible(tiny_bpe: P
     assert len(set(seeds)) == len(seeds)  # per item and per configuration
 
 
+def test_no_member_alone_is_loaded_when_no_single_configuration_is_asked_for(tiny_bpe: Path, tiny_spm_chat: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the ensembles the configurations use are loaded (a member alone costs its load and, with
+    --parallel, its context's room for every sequence)."""
+    from edge_ensemble.api import Ensemble, EnsembleConfig
+    from edge_ensemble.eval import configs as configs_module
+
+    loaded: list[tuple[int, str]] = []
+    original = Ensemble.__init__
+
+    def counting(self: Ensemble, members: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, members, *args, **kwargs)
+        loaded.append((len(self.members), self.config.policy))
+
+    monkeypatch.setattr(Ensemble, "__init__", counting)
+    configs, ensembles = configs_module.build_configs([str(tiny_bpe), str(tiny_spm_chat)], ["safe-gated"],
+                                                      EnsembleConfig(n_ctx=512, n_threads=1).validate(2))
+    try:
+        assert [c.name for c in configs] == ["safe-gated"]
+        assert len(ensembles) == 1 and len(loaded) == 1 and loaded[0][0] == 2
+    finally:
+        for e in ensembles:
+            e.close()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--configs", "safe,sfae"], "--configs: unknown 'sfae'"),
+    (["--configs", "single,"], "--configs: unknown ''"),
+    (["-p", "tiny"], "either --preset or --model"),
+    (["--start", "100000"], "no items from --start 100000"),
+    (["--out", "{tmp}/file/out"], "not a directory"),
+])
+def test_bad_eval_usage_is_one_line_before_any_model_loads(args: list[str], needle: str, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from edge_ensemble.cli import cli
+
+    (tmp_path / "file").write_text("not a directory")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+    r = CliRunner().invoke(cli, ["eval", "gsm8k", "-m", str(tmp_path / "never-loaded.gguf"), "--limit", "1",
+                                 *out, "--no-plot", *args])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_single_names_a_member_by_display_name_or_by_its_spec(tiny_bpe: Path, tiny_spm_chat: Path) -> None:
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.errors import UsageError
+    from edge_ensemble.eval.configs import build_configs
+
+    base = EnsembleConfig(n_ctx=256, n_threads=1).validate(2)
+    configs, ensembles = build_configs([str(tiny_bpe), str(tiny_spm_chat)], [f"single:{tiny_spm_chat}"], base)
+    try:
+        assert len(configs) == 1 and configs[0].ensemble.members[0].name != "" and len(ensembles) == 1
+        by_name = configs[0].name
+    finally:
+        for e in ensembles:
+            e.close()
+    configs, ensembles = build_configs([str(tiny_bpe), str(tiny_spm_chat)], [by_name], base)
+    try:
+        assert [c.name for c in configs] == [by_name]
+    finally:
+        for e in ensembles:
+            e.close()
+    with pytest.raises(UsageError, match="single:nobody names no member; the members alone are single:"):
+        build_configs([str(tiny_bpe)], ["single:nobody"], base.validate(1))
+
+
 @pytest.mark.parametrize("shard", ["2/2", "1/0", "x", "1/2/3", "-1/2"])
 def test_a_bad_shard_is_one_line_before_any_model_loads(shard: str, tmp_path: Path) -> None:
     from click.testing import CliRunner

@@ -43,6 +43,8 @@ def test_check_names_the_allowed_values_and_the_value_given() -> None:
     assert message(WEIGHTS, (1, math.inf)).startswith("weights must be")
     assert message(WEIGHTS, []).startswith("weights must be")
     assert message(SHARPEN, "max") == "sharpen must be one of prefix, none; got 'max'"
+    from edge_ensemble.policies.route import HEAD
+    assert message(HEAD, 3) == "head must be a string; got 3"
     assert message(STOP, [1]) == "stop must be a string or a list of strings; got [1]"
 
 

@@ -80,7 +80,7 @@ def test_server_spec_syntax() -> None:
     assert parse_server_spec("server:http://box:9000/").model is None
     assert parse_server_spec("server:http://box=/m/a.gguf").port == 80
     for bad in ("server:box:8080", "server:https://box:1", "server:http://box:1/v1", "server:http://box:x",
-                "server:http://box:1="):
+                "server:http://box:1=", "server:http://[::1"):
         with pytest.raises(UsageError, match="server:http://HOST:PORT"):
             parse_server_spec(bad)
 

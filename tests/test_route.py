@@ -287,6 +287,22 @@ def test_bad_head_files_fail_in_one_line_before_any_model_loads(tiny_bpe, tiny_b
         assert r.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), (name, r.output)
         assert words in lines[0] and "route train" in lines[0], (name, lines[0])
     assert loads == []  # nothing loaded half-way
+    def never(*args, **kwargs):
+        raise AssertionError("the members were located (a download, on a fresh machine) before the head was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(Ensemble, "_resolve", never)
+        for name in ("truncated.npz", "corrupt.npz", "missing.npz"):
+            with pytest.raises(HeadFileError, match=cases[name]):
+                Ensemble([str(tiny_bpe), str(tiny_bpe_b)], policy="route", head=str(tmp_path / name))
+    for value in ("nan", "inf"):
+        r = CliRunner().invoke(cli, ["route", "train", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--l2", value,
+                                     "--out", str(tmp_path / "never.npz")])
+        assert r.exit_code == 2 and "--l2 must be a finite number" in r.output, r.output
+    r = CliRunner().invoke(cli, ["route", "train", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b),
+                                 "--out", str(tmp_path / "good.npz" / "head.npz")])
+    assert r.exit_code == 2 and "not a directory" in r.output, r.output
+    assert loads == []
     for name in ("truncated.npz", "corrupt.npz", "missing.npz"):  # eval checks the file before any ensemble loads
         r = CliRunner().invoke(cli, ["eval", "gsm8k", "-m", str(tiny_bpe), "-m", str(tiny_bpe_b), "--configs",
                                      "single,route", "--head", str(tmp_path / name), "--limit", "1",
@@ -411,11 +427,24 @@ def test_route_train_in_shards_then_one_fit_equals_one_run(tiny_bpe, tiny_bpe_b,
     assert r.exit_code == 2 and "--shard must be K/N" in r.output
 
 
-def test_route_train_refuses_experts_with_other_tokenizers(tiny_bpe, tiny_spm, tmp_path):
+def test_route_train_refuses_experts_with_other_tokenizers_or_one_expert_before_a_full_load(tiny_bpe, tiny_spm,
+                                                                                           monkeypatch):
     from edge_ensemble.errors import IncompatibleMembersError
 
+    loads: list[Path] = []
+    real_init = Model.__init__
+
+    def counting_init(self, path, options=LoadOptions()):
+        if not options.vocab_only:
+            loads.append(Path(path))
+        real_init(self, path, options)
+
+    monkeypatch.setattr(Model, "__init__", counting_init)
     with pytest.raises(IncompatibleMembersError, match="share one tokenizer"):
         load_models([tiny_bpe, tiny_spm], tiny_bpe, ["a", "b"], "a", n_ctx=256)
+    with pytest.raises(UsageError, match="two or more experts"):
+        load_models([tiny_bpe], tiny_bpe, ["a"], "a", n_ctx=256)
+    assert loads == []
 
 
 def test_training_data_are_outside_the_evaluation_slices():

@@ -318,21 +318,31 @@ def _first_difference(earlier: Any, now: dict[str, Any]) -> str | None:
 _UNRECORDED = {"parallel": 1}  # what a calibrate that did not record an option ran with
 
 
-def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> bool:
+    """Refuse an ``out_dir`` that holds another calibration, or that cannot be written; True when its manifest
+    must be (re)written (see :func:`_write_manifest`). Writes nothing: a run that fails before its first record
+    (a missing model) must not leave a manifest that blocks the corrected rerun."""
+    paths.check_out_dir(out_dir)
     manifest = out_dir / "calibrate.json"
-    if manifest.exists():
-        try:
-            earlier = json.loads(manifest.read_text("utf-8"))
-        except (OSError, ValueError):
-            earlier = None
-        difference = _first_difference(earlier, fingerprint)
-        if difference is not None:
-            raise UsageError(f"{out_dir} holds a calibration made with {difference}; "
-                             "pass another --out (or move it away) so the two are not mixed")
-        if earlier == fingerprint:
-            return
-    out_dir.mkdir(parents=True, exist_ok=True)  # new, or an older manifest of the same options: this run's form
-    paths.write_text_atomic(manifest, json.dumps(fingerprint, indent=1) + "\n")
+    if not manifest.exists():
+        return True
+    try:
+        earlier = json.loads(manifest.read_text("utf-8"))
+    except (OSError, ValueError):
+        earlier = None
+    difference = _first_difference(earlier, fingerprint)
+    if difference is not None:
+        raise UsageError(f"{out_dir} holds a calibration made with {difference}; "
+                         "pass another --out (or move it away) so the two are not mixed")
+    return earlier != fingerprint  # an older manifest of the same options: rewritten in this run's form
+
+
+def _write_manifest(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    paths.make_out_dir(out_dir)
+    try:
+        paths.write_text_atomic(out_dir / "calibrate.json", json.dumps(fingerprint, indent=1) + "\n")
+    except OSError as e:
+        raise UsageError(f"--out {out_dir}: cannot write calibrate.json ({e.strerror or e}); pass another --out") from None
 
 
 def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.PathLike[str], *,
@@ -356,13 +366,16 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
     if not items:
         raise UsageError(f"{dev_set.name} has no items from {start}")
     out = Path(out_dir)
-    _check_resume(out, _fingerprint(specs, base, sweep))
+    fingerprint = _fingerprint(specs, base, sweep)
+    rewrite = _check_resume(out, fingerprint)
     ensembles: list[Ensemble] = []
     try:
         single = Ensemble([specs[0]], config=replace(base, policy="single"), progress=progress)
         ensembles.append(single)
         full = Ensemble(specs, config=base, progress=progress)
         ensembles.append(full)
+        if rewrite:  # (once the models have loaded: see _check_resume)
+            _write_manifest(out, fingerprint)
         drafter = Setting(f"single:{single.members[0].name}", {"policy": "single"})
         every = [drafter, *(s for s in settings(sweep, len(specs), base.sharpen) if s.name not in skip)]  # type: ignore[attr-defined]
         configs = [EngineConfig(drafter.name, single, single.config)] + [

@@ -205,12 +205,23 @@ def _record_of(result: Any) -> dict[str, Any]:
     return out
 
 
+def check_config_names(names: Sequence[str] | None) -> None:
+    """Refuse, before any model loads, a configuration name that is none of ours (``single:<member>`` is
+    checked against the members once they are loaded)."""
+    known = ("single", *ENSEMBLE_CONFIGS, *BRANCH_CONFIGS, *ROUTE_CONFIGS)
+    unknown = [n for n in names or () if n not in known and not n.startswith("single:")]
+    if unknown:
+        raise UsageError(f"--configs: unknown {', '.join(map(repr, unknown))}; use single, "
+                         f"single:<member>, {', '.join(known[1:])} (comma-separated)")
+
+
 def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig,
                   head: str | None = None) -> tuple[list[EngineConfig], list[Ensemble]]:
     """The requested configurations (all when ``names`` is None): ``single:<member>`` for each member, then
     every-token, safe (faithful) and safe-gated, and with a route ``head`` route (its fitted beta) and route-b0
     (beta 0). Returns them and the ensembles to close afterwards."""
     wanted = list(names) if names else None
+    check_config_names(wanted)
     if wanted and "eager-ensemble" in wanted and len(members) < 2:  # (before any model loads)
         raise UsageError("eager-ensemble branches where the members disagree: give it two or more models (-m ... -m ...)")
     if wanted and "eager-adapt" in wanted and "eager" not in wanted:
@@ -219,14 +230,25 @@ def build_configs(members: Sequence[str], names: Sequence[str] | None, base: Ens
     configs: list[EngineConfig] = []
     full = None
     try:
-        for spec in members:
+        # A member alone is loaded only to learn its name when some single configuration is asked for.
+        singles = wanted is None or any(n == "single" or n.startswith("single:") for n in wanted)
+        matched: set[str] = set()
+        alone: list[str] = []  # every member's single:<name>, for the message below
+        for spec in members if singles else ():
             single = Ensemble([spec], config=replace(base, policy="single"), progress=True)
             name = f"single:{single.members[0].name}"
-            if wanted is None or name in wanted or "single" in wanted:
+            alone.append(name)
+            asked = {name, f"single:{spec}"} & set(wanted or ())  # its display name or the spec it was given by
+            matched |= asked
+            if wanted is None or asked or "single" in wanted:
                 ensembles.append(single)
                 configs.append(EngineConfig(name, single, single.config))
             else:
                 single.close()
+        unmatched = [n for n in wanted or () if n.startswith("single:") and n not in matched]
+        if unmatched:
+            raise UsageError(f"--configs: {', '.join(unmatched)} names no member; the members alone are "
+                             f"{', '.join(alone)} (or single for each)")
         for name, (policy, gate) in ENSEMBLE_CONFIGS.items():
             if wanted is not None and name not in wanted:
                 continue

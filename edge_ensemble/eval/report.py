@@ -356,7 +356,7 @@ def write_report(records: Iterable[dict[str, Any]], md_path: str | os.PathLike[s
     md = Path(md_path)
     md.parent.mkdir(parents=True, exist_ok=True)
     summaries = summarize(records)
-    md.write_text(report_markdown(records, sources, summaries), encoding="utf-8")
+    write_text_atomic(md, report_markdown(records, sources, summaries))  # (a Ctrl-C leaves the old one whole)
     if png_path is not None:
         plot_accuracy_vs_speed(summaries, png_path)
         plot_branching(records, branching_png(png_path))

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from edge_ensemble import paths
 from edge_ensemble.errors import Cancelled, EdgeEnsembleError
 from edge_ensemble.eval.tasks import Task, get_task
 
@@ -179,8 +180,7 @@ def run_eval(
     budget = max_tokens if max_tokens is not None else task.max_tokens
     mine = items if shard is None else items[shard[0]::shard[1]]
 
-    path = results_path(out_dir, task.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = results_path(paths.make_out_dir(out_dir), task.name)
     repair_tail(path)
     protocol = (HARNESS_VERSION, task.prompt_version, budget)
     # A configuration that builds on another's records of the whole run (EAGER-adapt on eager's) goes second,

@@ -26,7 +26,7 @@ from .base import UNION_K, WEIGHTS, PolicyBase
 # EAGER's options, with the authors' names and defaults (their main script: threshold 2.5, 32 sequences) except
 # where a laptop or a small model needs others (said at each).
 MAX_BRANCHES = Option("max_branches", int, 8, "most answers per prompt (branches live + finished); each "
-                      "is a sequence of one context (8 on a 2-core CPU: the batch speed-up tops out there).",
+                      "is a sequence of one context (8 on a 2-core CPU: the batch speed-up grows slowly beyond it).",
                       range=(1, 64))
 # The authors' 2.5 nats was set on larger models; a small model's top-20 entropies rarely reach it (Qwen2.5-Coder-0.5B
 # on GSM8K: 99th percentile 1.75, maximum 2.39 — benchmarks/results/entropy-probe-0.5b.md), so the default is 1.75.
