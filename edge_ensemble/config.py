@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import paths
 from .api import ENSEMBLE_OPTIONS, EnsembleConfig
-from .errors import UsageError
+from .errors import EdgeEnsembleError, UsageError
 from .sources import Catalog, ModelSpec, parse_spec
 from .options import GENERATION, GENERATION_OPTIONS, Option, with_options
 
@@ -233,7 +233,13 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
         file_values.pop("preset", None)
         file_values.pop("members", None)
     catalog = catalog or Catalog.load()
-    members, preset = _members({**file_values, **given}, catalog)
+    try:
+        members, preset = _members({**file_values, **given}, catalog)
+    except EdgeEnsembleError as e:  # the ensemble came from the file: say so, the user never typed it
+        if "preset" in given or "members" in given or not ({"preset", "members"} & set(file_values)):
+            raise
+        key = "members" if "members" in file_values else "preset"
+        raise type(e)(f"config file {config.path}: {key}: {e}") from None
     # The user's own calibration of this ensemble, else the one the preset ships with (below the file's keys).
     calibration = config.calibrations.get(calibration_key(preset, members))
     shipped: dict[str, Any] = {}

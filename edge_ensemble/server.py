@@ -139,10 +139,9 @@ def _library_error(exc: EdgeEnsembleError) -> ApiError:
 
 
 # Library option names -> the request field they come from.
-_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
-           "top_k": "edge_ensemble.top_k", "policy": "edge_ensemble.policy", "draft_len": "edge_ensemble.draft_len",
-           "gate": "edge_ensemble.gate", "gate_entropy": "edge_ensemble.gate_entropy",
-           "sharpen": "edge_ensemble.sharpen", "weights": "edge_ensemble.weights", "stop": "stop"}
+_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
+           **{name: f"edge_ensemble.{name}" for name in EXTENSION_FIELDS}}
+LOADED_FOR = ("eager", "route")  # policies whose contexts are set up at load: a request cannot switch to them
 _INTERNAL = ApiError(500, "internal server error (logged on the server)", type="server_error")
 
 
@@ -336,6 +335,22 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
     else:
         arguments["raw"] = _prompt(body, options)
     return Call(kind, stream, include_usage, arguments, time_limit, max_tokens)
+
+
+def _check_loaded_for(call: Call, config: Any) -> None:
+    """Refuse, with advice a client can act on, a request for a policy (or more branches) that needs models
+    loaded another way than this server's (the library's own message addresses a Python caller)."""
+    running = config.policy
+    asked = call.arguments.get("policy", running)
+    if asked in LOADED_FOR and asked != running:
+        raise ApiError(400, f"edge_ensemble.policy {asked!r} needs a server started with --policy {asked} (its models"
+                       f" are loaded for it); this server runs {running!r}", param="edge_ensemble.policy",
+                       code="invalid_value")
+    branches = call.arguments.get("max_branches")
+    if asked == "eager" and isinstance(branches, int) and not isinstance(branches, bool) and branches > config.max_branches:
+        raise ApiError(400, f"edge_ensemble.max_branches {branches} is more than this server's --max-branches "
+                       f"{config.max_branches}; ask for at most that many", param="edge_ensemble.max_branches",
+                       code="invalid_value")
 
 
 # -- the worker: up to `parallel` answers, interleaved, in arrival order -------------------------------------
@@ -714,6 +729,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
 
     async def answer(request: "Request", kind: str) -> "Response":
         call = parse_request(kind, await read_json(request), opts)
+        _check_loaded_for(call, ensemble.config)
         try:
             events = ensemble.stream(**call.arguments)  # validates the values; the work starts in the worker
         except EdgeEnsembleError as exc:

@@ -364,6 +364,21 @@ def test_bad_config_file(model_args: list[str], tmp_path: Path, monkeypatch: pyt
     assert_error(invoke(["run", *args, "Hi"]), 2, str(config), *fragments)
 
 
+@pytest.mark.parametrize("text, fragment", [
+    ('preset = "nosuch"\n', "preset: unknown preset 'nosuch'"),
+    ('members = ["nosuch-model"]\n', "members: unknown model 'nosuch-model'"),
+])
+def test_an_ensemble_from_the_config_file_is_blamed_on_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 text: str, fragment: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(text)
+    monkeypatch.setenv("EDGE_ENSEMBLE_CONFIG", str(config))
+    result = invoke(["run", *COMMON, "Hi"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and f"config file {config}: {fragment}" in line, line
+
+
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("edge-ensemble")
     if not script.exists():

@@ -282,6 +282,14 @@ def test_context_overflow_is_a_400(tiny_ensemble):
      "edge_ensemble.policy"),
     (json.dumps({"model": MODEL, "messages": HELLO, "edge_ensemble": {"policy": "route", "head": "/etc/passwd"}}),
      400, "edge_ensemble.head"),  # a request may not make the server open a file
+    (json.dumps({"model": MODEL, "messages": HELLO, "edge_ensemble": {"policy": "eager"}}), 400,
+     "edge_ensemble.policy"),  # its contexts would need a sequence per branch: a server started with --policy eager
+    (json.dumps({"model": MODEL, "messages": HELLO, "edge_ensemble": {"policy": "route"}}), 400,
+     "edge_ensemble.policy"),
+    (json.dumps({"model": MODEL, "messages": HELLO, "edge_ensemble": {"draft_len": 0}}), 400,
+     "edge_ensemble.draft_len"),
+    (json.dumps({"model": MODEL, "messages": HELLO, "edge_ensemble": {"union_k": 0}}), 400,
+     "edge_ensemble.union_k"),
     (json.dumps({"model": "other", "messages": HELLO}), 404, "model"),
     (json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}), 413, None),
 ])
@@ -660,3 +668,19 @@ def test_edge_ensemble_serve_command(tiny_bpe, tmp_path):
     assert proc.returncode == 130, err  # interrupted, as the CLI reports Ctrl-C; the shutdown itself was clean
     assert "Application shutdown complete" in err
     assert f"serving 'tiny-bpe' on http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+
+
+def test_an_eager_server_answers_eager_requests_up_to_its_own_max_branches(tiny_bpe, llama_quiet):
+    config = EnsembleConfig(n_ctx=512, n_threads=1, check_memory=False, policy="eager", max_branches=2)
+    with Ensemble([tiny_bpe], config=config) as ens:
+        running = Running(create_app(ens, ServerOptions(model_id=MODEL, max_tokens=8)))
+        try:
+            body = {"model": MODEL, "messages": HELLO, "edge_ensemble": {"max_branches": 2, "threshold": 0.0}}
+            status, _, data = running.request("POST", "/v1/chat/completions", json.dumps(body))
+            assert status == 200 and data["edge_ensemble"]["stats"]["policy"] == "eager", data
+            body["edge_ensemble"]["max_branches"] = 3
+            status, _, data = running.request("POST", "/v1/chat/completions", json.dumps(body))
+            assert status == 400 and _error(data)["param"] == "edge_ensemble.max_branches", data
+            assert "--max-branches 2" in _error(data)["message"]
+        finally:
+            running.stop()
