@@ -733,7 +733,11 @@ def info(name: str) -> None:
     """
     from .sources import model_status, parse_spec, resolve
 
-    spec = parse_spec(name, _catalog())
+    catalog = _catalog()
+    if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
+        raise UsageError(f"{name} is a preset, not a model; its members are {', '.join(catalog.preset(name).members)}"
+                         f" (`edge-ensemble models path {catalog.preset(name).members[0]}`)")
+    spec = parse_spec(name, catalog)
     entry = spec.entry
     if entry is None:
         path = resolve(spec, download=False, progress=False)
@@ -831,7 +835,11 @@ def model_path(name: str) -> None:
     """Print the path of NAME's GGUF file; fails if it is not on disk (nothing is downloaded)."""
     from .sources import model_status, parse_spec, resolve
 
-    spec = parse_spec(name, _catalog())
+    catalog = _catalog()
+    if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
+        raise UsageError(f"{name} is a preset, not a model; its members are {', '.join(catalog.preset(name).members)}"
+                         f" (`edge-ensemble models path {catalog.preset(name).members[0]}`)")
+    spec = parse_spec(name, catalog)
     entry = spec.entry
     if entry is None:
         click.echo(resolve(spec, download=False, progress=False))
@@ -974,6 +982,15 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     click.echo(f"records: {results_path(out, task)}", err=True)
 
 
+def _unwritable(directory: Path) -> bool:
+    """Whether a file could not be created in ``directory`` (made first if missing)."""
+    try:
+        paths.check_out_dir(directory)
+    except UsageError:
+        return True
+    return False
+
+
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
     """``--shard K/N`` as (K, N), checked: N >= 1 and 0 <= K < N."""
     if text is None:
@@ -1040,6 +1057,11 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
                  if o.name in POLICY_OPTIONS and o.name not in ("policy", "weights", "gate")}
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **from_file, **options}).validate(
         len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
+    if write:  # found now, not after the sweep (a rerun would resume, but a user should not have to)
+        target = paths.config_path()
+        if paths.read_only(target) if target.exists() else _unwritable(target.parent):
+            raise UsageError(f"cannot write the config file {target}; make it writable, set $EDGE_ENSEMBLE_CONFIG "
+                             "to another file, or pass --no-write")
     result = calibrate(specs, dev, out, preset=chosen_preset.name if chosen_preset else None, start=start,
                        limit=limit, sweep=Sweep(**sweep).validate(lambda n: _SWEEP_FLAGS[n]), base=base,
                        max_tokens=max_tokens, dev_file=dev_file)

@@ -59,6 +59,12 @@ def make_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> Path:
     return out
 
 
+def read_only(path: Path) -> bool:
+    """Whether the existing file ``path`` is not to be written: no write bit at all (root may write anything, so
+    the bits are the owner's statement), or no write access."""
+    return not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path``, then rename it over ``path``: never a half file.
 
@@ -72,8 +78,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "it is a directory; give a file name", str(path))
-    # Root may write anything: the permission bits are the owner's statement that the file is read-only.
-    if st is not None and (not st.st_mode & 0o222 or not os.access(target, os.W_OK)):
+    if st is not None and read_only(target):
         raise PermissionError(errno.EACCES, "the file is read-only; choose another file or make it writable"
                               f" (chmod u+w {path})", str(path))
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -196,7 +196,7 @@ def load_head(path: str | os.PathLike[str], *, router_sha: str | None = None,
             hidden_size=int(meta["hidden_size"]), training_data=str(meta.get("training_data", "")),
             date=str(meta.get("date", "")), seed=int(meta.get("seed", 0)),
             heldout_accuracy=meta.get("heldout_accuracy"), extra=dict(meta.get("extra") or {}))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # (OverflowError: a hidden size of 1e400)
         raise HeadFileError(f"{where} has incomplete metadata ({_first_line(e)}); {TRAIN_HINT}") from None
     k, d = len(experts), head.hidden_size
     if (head.W.shape != (k, d) or head.b.shape != (k,) or k < 1 or len(head.expert_names) != k

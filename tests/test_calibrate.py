@@ -526,3 +526,15 @@ def test_an_out_directory_that_cannot_be_made_is_one_line_before_any_load(where:
     result = invoke(["calibrate", *model_args(members), "--task", "gsm8k", "--limit", "1",
                      "--out", str(tmp_path / where), "--no-write", *COMMON])
     assert_usage_error(result, "--out", needle)
+
+
+def test_a_read_only_config_file_is_found_before_the_sweep(tmp_path: Path, config_file: Path,
+                                                           members: list[str]) -> None:
+    config_file.chmod(0o444)
+    try:
+        result = invoke(["calibrate", *model_args(members), "--task", "gsm8k", "--limit", "1",
+                         "--out", str(tmp_path / "out"), *COMMON])
+    finally:
+        config_file.chmod(0o644)
+    assert_usage_error(result, "cannot write the config file", "--no-write")
+    assert not (tmp_path / "out").exists()

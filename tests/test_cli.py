@@ -379,6 +379,11 @@ def test_an_ensemble_from_the_config_file_is_blamed_on_the_file(tmp_path: Path, 
     assert "\n" not in line and f"config file {config}: {fragment}" in line, line
 
 
+def test_an_empty_model_name_and_a_preset_as_a_model_are_one_line() -> None:
+    assert_error(invoke(["run", "-m", "", "Hi"]), 1, "an empty model name")
+    assert_error(invoke(["models", "path", "tiny"]), 2, "tiny is a preset, not a model", "models path qwen2.5-coder")
+
+
 def test_console_script_error_has_no_traceback(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("edge-ensemble")
     if not script.exists():

@@ -4,6 +4,7 @@ lazy catch-up of lagging experts, the training set build, and bad head files at 
 from __future__ import annotations
 
 import dataclasses
+import json
 import zipfile
 from pathlib import Path
 
@@ -113,8 +114,12 @@ def test_load_head_refuses_bad_files_in_one_line(tmp_path):
     bad_shape = RouterHead(np.zeros((2, 8), np.float32), np.zeros(2, np.float32), 0.0, "r" * 64, ("e" * 64, "f" * 64),
                            ("e", "f"), hidden_size=9)
     bad_shape.save(tmp_path / "inconsistent.npz")
+    with np.load(tmp_path / "good.npz") as saved:
+        meta = json.loads(str(saved["meta"][()]))
+        np.savez(tmp_path / "huge.npz", W=saved["W"], b=saved["b"],
+                 meta=np.array(json.dumps({**meta, "hidden_size": 1}).replace('"hidden_size": 1', '"hidden_size": 1e400')))
     cases = {"missing.npz": "not found", "truncated.npz": "corrupt or truncated", "garbage.npz": "not an .npz",
-             "other.npz": "not a route head", "inconsistent.npz": "inconsistent"}
+             "other.npz": "not a route head", "inconsistent.npz": "inconsistent", "huge.npz": "incomplete metadata"}
     for name, words in cases.items():
         with pytest.raises(HeadFileError) as err:
             load_head(tmp_path / name)

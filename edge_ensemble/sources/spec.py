@@ -69,6 +69,9 @@ def parse_spec(spec: SpecLike, catalog: Catalog | None = None) -> ModelSpec:
     if isinstance(spec, ModelSpec):
         return spec
     text = os.fspath(spec)
+    if not text.strip():
+        raise ModelSourceError("an empty model name; give a GGUF path, hf:org/repo/file.gguf or a catalog name "
+                               "(see `edge-ensemble models list`)")
     if text.startswith(SERVER_PREFIX):  # a member served by llama-server: edge_ensemble.remote reads the rest
         return ModelSpec(text, "server", text[len(SERVER_PREFIX):])
     if text.startswith(HUB_PREFIX):
