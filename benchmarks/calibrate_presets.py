@@ -2,7 +2,8 @@
 
     taskset -c 1 python benchmarks/calibrate_presets.py --threads 1      # tiny, coder, trio: GSM8K 0-199 + ARC 0-299
     taskset -c 1 python benchmarks/calibrate_presets.py --presets tiny --limit 3 --no-write --threads 1  # timing
-    ... --parallel 8   # eight items' answers decoded together: about 1.4x the answers per CPU second here
+    ... --parallel 8   # eight items' answers decoded together: about 1.2x the answers per CPU second here
+    ... --screen gsm8k=60   # on GSM8K, after 60 items only the best setting so far goes on beside the drafter
 
 Each preset runs the drafter alone and the sweep (default: the calibrate command's, drafter weight 1, 1.5, 2, 3 x
 gate 0.3, 0.5, 0.7; ``--drafter-weights 2,3 --gates 0.3,0.5`` for a smaller one) on both slices, ARC first
@@ -49,6 +50,9 @@ def main() -> None:
     parser.add_argument("--gates", help="comma-separated (default: the calibrate command's sweep)")
     parser.add_argument("--drop-level", help="the calibrate command's --drop-level (default: its default; off: "
                         "every setting runs on every item)")
+    parser.add_argument("--screen", default="", metavar="TASK=N,...", help="the calibrate command's --screen, per "
+                        "slice (e.g. gsm8k=60: the slice where the settings differ; ARC's answers are nearly the "
+                        "drafter's own, so screening there would choose on noise)")
     args = parser.parse_args()
     # Spelled and checked as the calibrate command's flags ("off" included).
     options = {o.name: o for o in SWEEP_OPTIONS}
@@ -56,6 +60,7 @@ def main() -> None:
                      for k in ("drafter_weights", "gates", "drop_level") if getattr(args, k) is not None}).validate(
         lambda name: "--" + name.replace("_", "-"))
 
+    screens = _screens(args.screen, [t for t, _, _ in DEV_SLICES], options["screen"])
     catalog = Catalog.load()
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, parallel=args.parallel)
     for name in args.presets.split(","):
@@ -66,7 +71,8 @@ def main() -> None:
             skip = {s.setting.name for r in results for s in r.scores
                     if s.dropped_after is not None or not within_allowance(s, r)}
             results.append(calibrate(preset.members, get_task(task), args.out / preset.name, preset=preset.name,
-                                     start=start, limit=args.limit or limit, sweep=sweep, base=base, skip=skip))
+                                     start=start, limit=args.limit or limit, base=base, skip=skip,
+                                     sweep=replace(sweep, screen=screens.get(task))))
             print(f"{preset.name} {task}: {time.process_time() - began:.0f} CPU s for "
                   f"{results[-1].items} items x {len(results[-1].scores)} settings", flush=True)
         pooled = pool(results)
@@ -76,6 +82,17 @@ def main() -> None:
             # The records' path as it is in the repository, not on this machine.
             shipped = replace(pooled, records=Path("results/calibrate") / preset.name)
             write_calibration(shipped, args.presets_toml, table=("presets", preset.name, "calibrated"))
+
+
+def _screens(text: str, tasks: list[str], option) -> dict[str, int]:
+    """``gsm8k=60,arc-challenge=100`` as {task: items}, each value checked as the calibrate command's --screen."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        task, sep, value = part.partition("=")
+        if not sep or task not in tasks:
+            raise ValueError(f"--screen takes TASK=N with TASK one of {', '.join(tasks)}; got {part!r}")
+        out[task] = option.from_text(value, "--screen")
+    return out
 
 
 if __name__ == "__main__":

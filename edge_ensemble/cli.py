@@ -1033,7 +1033,8 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     with the evidence. The drafter alone is kept unless an ensemble setting
     answers at least --min-gain items more right (ties: fewer seconds per
     answer); a setting clearly losing to the drafter alone is dropped early
-    (--drop-level). Records: OUT/<task>.jsonl (a rerun skips what is done);
+    (--drop-level), and with --screen N only the best setting after N items goes on
+    beside the drafter. Records: OUT/<task>.jsonl (a rerun skips what is done);
     OUT/summary.md and OUT/calibrate.png.
     """
     from .eval.calibrate import Sweep, calibrate, dev_task, write_calibration
@@ -1084,7 +1085,8 @@ def _calibration_rows(result: Any) -> list[tuple[str, ...]]:
         s = score.summary
         versus = "-" if score.is_drafter else f"+{score.only_setting} -{score.only_drafter}"
         mark = ("<- chosen" if score is result.chosen
-                else f"dropped after {score.dropped_after} items" if score.dropped_after is not None else "")
+                else f"{'screened out' if score.screened_out else 'dropped'} after {score.dropped_after} items"
+                if score.dropped_after is not None else "")
         rows.append((score.setting.name, f"{s.correct}/{s.n}", f"{100 * s.accuracy:.1f}%",
                      f"{100 * s.ci_low:.1f}-{100 * s.ci_high:.1f}%", f"{s.tokens_per_second or 0:.1f}",
                      f"{s.seconds_per_answer or 0:.2f}", versus, mark))

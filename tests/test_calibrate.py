@@ -430,7 +430,7 @@ def test_a_losing_setting_is_dropped_early_and_a_resume_drops_it_again(tmp_path:
     task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 46)]))
     items = task.items(0, None)
     configs = canned_sweep()
-    path, dropped = _run_dropping(task, configs, tmp_path / "out", items, 0, None, False, 0.01)
+    path, dropped, _ = _run_dropping(task, configs, tmp_path / "out", items, 0, None, False, 0.01)
     # After 20 items the loser is behind 0 to 8 (sign test p = 0.004): it runs on no further item.
     assert dropped == {"safe loser": 20}
     assert [c.calls for c in configs] == [45, 45, 20]
@@ -449,7 +449,7 @@ def test_records_of_a_run_without_dropping_are_scored_as_a_dropping_run_would(tm
     task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 46)]))
     items = task.items(0, None)
     first = canned_sweep()
-    path, dropped = _run_dropping(task, first, tmp_path / "out", items, 0, None, False, None)
+    path, dropped, _ = _run_dropping(task, first, tmp_path / "out", items, 0, None, False, None)
     assert dropped == {} and [c.calls for c in first] == [45, 45, 45]
     assert _run_dropping(task, canned_sweep(), tmp_path / "out", items, 0, None, False, 0.01)[1] == {"safe loser": 20}
 
@@ -538,3 +538,29 @@ def test_a_read_only_config_file_is_found_before_the_sweep(tmp_path: Path, confi
         config_file.chmod(0o644)
     assert_usage_error(result, "cannot write the config file", "--no-write")
     assert not (tmp_path / "out").exists()
+
+
+def test_screening_keeps_the_best_setting_and_a_resume_screens_the_same(tmp_path: Path) -> None:
+    """After 10 items only the setting ahead goes on beside the drafter; the choice is made on every item."""
+    task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 31)]))
+    items = task.items(0, None)
+    configs = [CannedSetting("single:d", lambda i: i % 2 == 0),
+               CannedSetting("safe late", lambda i: i % 2 == 0 or i == 25),  # level after 10, one better later
+               CannedSetting("safe early", lambda i: i % 2 == 0 or i == 3),  # one better within the first 10
+               CannedSetting("safe worse", lambda i: i % 4 == 0)]
+    path, dropped, screened = _run_dropping(task, configs, tmp_path / "out", items, 0, None, False, None, screen=10)
+    assert dropped == {"safe late": 10, "safe worse": 10} and screened == {"safe late", "safe worse"}
+    assert [c.calls for c in configs] == [30, 10, 30, 10]
+    again = [CannedSetting(c.name, c.right) for c in configs]
+    assert _run_dropping(task, again, tmp_path / "out", items, 0, None, False, None, screen=10)[1:] == (dropped, screened)
+    assert [c.calls for c in again] == [0, 0, 0, 0]
+    every = [Setting(c.name, {"policy": "single" if c.name.startswith("single") else "safe"}) for c in configs]
+    scores = _scores(read_records(path), every, [i.id for i in items], task.name, dropped, screened)
+    assert select(scores, min_gain=1) is scores[2]
+    assert scores[1].evidence()["screened_out_after"] == 10 and "dropped_after" not in scores[1].evidence()
+    assert "safe late after 10 items (screened out)" in dropped_note(scores)
+
+
+def test_the_screen_is_checked() -> None:
+    with pytest.raises(UsageError, match="screen"):
+        Sweep(screen=0).validate()

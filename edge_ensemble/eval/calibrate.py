@@ -16,6 +16,10 @@ A setting that is clearly losing is dropped early (``drop_level``): every 20 ite
 paired record against the drafter alone so far is significantly worse (a one-sided sign test on the items
 exactly one of the two got right, below ``drop_level``) runs on no further item and is never a candidate. Most
 of a sweep's cost is its losing settings, and they tend to show it early; ``--drop-level off`` runs everything.
+``screen`` (off by default) goes further: after that many items only the ensemble setting with the most items
+right so far (ties: fewer seconds per answer, then the earlier one) goes on beside the drafter alone, so the
+sweep costs about the drafter, the settings on the screened items, and one setting on the rest; the choice is
+still made by the rule above on every item, so a setting that led by luck is still only chosen if it holds up.
 
 ``min_gain`` is the guard against noise: the best of a dozen settings beats the drafter by an item or two
 by luck alone on a few hundred items, so raise it (``--min-gain 3``) when a false win would cost more than a
@@ -76,6 +80,9 @@ SWEEP_OPTIONS: tuple[Option, ...] = (
     Option("drop_level", float, 0.01, "Stop running an ensemble setting once a one-sided sign test against the "
            "drafter alone on the items so far is below this (checked every 20 items); off: every setting runs on "
            "every item.", range=(0.0, 0.5), above=True, off=True),
+    Option("screen", int, None, "After this many items only the best ensemble setting so far goes on, beside the "
+           "drafter alone: a cheaper sweep whose choice is still measured on every item; off: every setting runs "
+           "on every item.", range=(1, 1 << 20), off=True, shown_default="off"),
 )
 DROP_CHECK_EVERY = 20  # items between two checks of drop_level (a check is cheap; fewer looks, fewer false drops)
 USER_FILE_MAX_TOKENS = 256  # a user file's answers are short: the prompt asks for the answer alone
@@ -113,7 +120,8 @@ class Score:
     summary: Summary
     only_setting: int = 0  # items this setting got right and the drafter alone wrong
     only_drafter: int = 0
-    dropped_after: int | None = None  # items it ran on before drop_level stopped it (None: it ran on all)
+    dropped_after: int | None = None  # items it ran on before drop_level or screen stopped it (None: it ran on all)
+    screened_out: bool = False  # stopped by screen (another setting was ahead), not as clearly losing
 
     @property
     def is_drafter(self) -> bool:
@@ -129,7 +137,7 @@ class Score:
         if not self.is_drafter:
             row.update(only_setting=self.only_setting, only_drafter=self.only_drafter)
         if self.dropped_after is not None:
-            row["dropped_after"] = self.dropped_after
+            row["screened_out_after" if self.screened_out else "dropped_after"] = self.dropped_after
         return row
 
 
@@ -382,12 +390,12 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
             EngineConfig(s.name, full, replace(base, **{k: tuple(v) if k == "weights" else v
                                                         for k, v in s.values.items()}).validate(len(specs)))
             for s in every[1:]]
-        path, dropped = _run_dropping(dev_set, configs, out, items, start, max_tokens, progress,
-                                      sweep.drop_level)  # type: ignore[attr-defined]
+        path, dropped, screened = _run_dropping(dev_set, configs, out, items, start, max_tokens, progress,
+                                                sweep.drop_level, sweep.screen)  # type: ignore[attr-defined]
     finally:
         for e in ensembles:
             e.close()
-    scores = _scores(read_records(path), every, [item.id for item in items], dev_set.name, dropped)
+    scores = _scores(read_records(path), every, [item.id for item in items], dev_set.name, dropped, screened)
     return CalibrationResult(
         key=calibration_key(preset, specs), dev_set=_describe(dev_set, dev_file, items, start), items=len(items),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), scores=tuple(scores),
@@ -395,37 +403,55 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
 
 
 def _run_dropping(task: Task, configs: Sequence[EngineConfig], out: Path, items: Sequence[Item], start: int,
-                  max_tokens: int | None, progress: bool, level: float | None) -> tuple[Path, dict[str, int]]:
+                  max_tokens: int | None, progress: bool, level: float | None,
+                  screen: int | None = None) -> tuple[Path, dict[str, int], set[str]]:
     """Run ``configs`` (the drafter alone first) on ``items`` in chunks of :data:`DROP_CHECK_EVERY`; after each,
-    drop the ensemble settings that lose to the drafter alone below ``level``. Returns the records' path and the
-    dropped settings with the items each ran on. A resumed run replays the same checks on the same records, so
-    it drops the same settings at the same points."""
+    drop the ensemble settings that lose to the drafter alone below ``level``, and after ``screen`` items all
+    but the best ensemble setting. Returns the records' path, the stopped settings with the items each ran on,
+    and which of them were screened out. A resumed run replays the same checks on the same records, so it stops
+    the same settings at the same points."""
     path = results_path(out, task.name)
     ids = [item.id for item in items]
     drafter, alive = configs[0].name, list(configs)
     dropped: dict[str, int] = {}
+    screened: set[str] = set()
     bar = Progress(_pending(read_records(path), task.name, [c.name for c in alive], ids), task.name, enabled=progress)
-    step = DROP_CHECK_EVERY if level is not None else len(items)
+    checks = set(range(DROP_CHECK_EVERY, len(items), DROP_CHECK_EVERY)) if level is not None else set()
+    if screen is not None and screen < len(items):
+        checks.add(screen)
     try:
-        for lo in range(0, len(items), step):
-            n = min(step, len(items) - lo)
-            run_eval(task, alive, out, start=start + lo, limit=n, max_tokens=max_tokens, progress=progress, bar=bar)
-            if level is None or lo + n >= len(items):  # after the last item there is nothing left to spare
-                continue
+        lo = 0
+        for hi in sorted(checks | {len(items)}):
+            run_eval(task, alive, out, start=start + lo, limit=hi - lo, max_tokens=max_tokens, progress=progress,
+                     bar=bar)
+            lo = hi
+            if hi >= len(items):  # after the last item there is nothing left to spare
+                break
             records = read_records(path)
-            seen, names = set(ids[:lo + n]), {c.name for c in alive}
+            seen, names = set(ids[:hi]), {c.name for c in alive}
             so_far = [r for r in records if r.get("task") == task.name and r.get("item") in seen
                       and r.get("config") in names]
-            versus = {p.config: p for p in paired_comparisons(so_far) if p.baseline == drafter}
-            for config in alive[1:]:
-                pair = versus.get(config.name)
-                if pair is not None and scoring.sign_test_fewer(pair.only_config, pair.only_baseline) < level:
-                    dropped[config.name] = lo + n
+            if level is not None and hi % DROP_CHECK_EVERY == 0:
+                versus = {p.config: p for p in paired_comparisons(so_far) if p.baseline == drafter}
+                for config in alive[1:]:
+                    pair = versus.get(config.name)
+                    if pair is not None and scoring.sign_test_fewer(pair.only_config, pair.only_baseline) < level:
+                        dropped[config.name] = hi
+            if hi == screen:
+                summaries = {x.config: x for x in summarize(so_far)}
+                rest = [(i, c) for i, c in enumerate(alive[1:]) if c.name not in dropped and c.name in summaries]
+                if rest:
+                    best = min(rest, key=lambda ic: (-summaries[ic[1].name].correct,
+                                                     summaries[ic[1].name].seconds_per_answer or 0.0, ic[0]))[1]
+                    for _, config in rest:
+                        if config is not best:
+                            dropped[config.name] = hi
+                            screened.add(config.name)
             alive = [c for c in alive if c.name not in dropped]
-            bar.total = bar.done + _pending(records, task.name, [c.name for c in alive], ids[lo + n:])
+            bar.total = bar.done + _pending(records, task.name, [c.name for c in alive], ids[hi:])
     finally:
         bar.close()
-    return path, dropped
+    return path, dropped, screened
 
 
 def _pending(records: Sequence[dict[str, Any]], task: str, names: Sequence[str], ids: Sequence[str]) -> int:
@@ -435,7 +461,7 @@ def _pending(records: Sequence[dict[str, Any]], task: str, names: Sequence[str],
 
 
 def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: Sequence[str], task: str,
-            dropped: dict[str, int]) -> list[Score]:
+            dropped: dict[str, int], screened: Collection[str] = ()) -> list[Score]:
     """Each setting's summary on exactly these items (a results file may hold others from earlier sweeps); a
     dropped setting's on the items it ran on before it was dropped (records of later items from an earlier run
     without dropping are left out, so a resumed run scores what a fresh one would)."""
@@ -448,7 +474,8 @@ def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: 
     if missing:  # run_eval writes every pair: only a file changed under us gets here
         raise EdgeEnsembleError(f"no records of {', '.join(missing)} in the results; rerun calibrate")
     return [Score(s, summaries[s.name], paired[s.name].only_config if s.name in paired else 0,
-                  paired[s.name].only_baseline if s.name in paired else 0, dropped.get(s.name)) for s in every]
+                  paired[s.name].only_baseline if s.name in paired else 0, dropped.get(s.name), s.name in screened)
+            for s in every]
 
 
 def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> CalibrationResult:
@@ -481,7 +508,8 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
                           low, high, tokens / seconds if seconds > 0 else None, None, seconds_per_answer=seconds / n)
         complete = len(parts) == len(results) and all(p.dropped_after is None for p in parts)
         scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
-                            sum(p.only_drafter for p in parts), None if complete else n))
+                            sum(p.only_drafter for p in parts), None if complete else n,
+                            any(p.screened_out for p in parts)))
         eligible.append(complete and all(within_allowance(b[name], r) for b, r in zip(by_name, results)))
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
                    scores=tuple(scores), chosen=select(scores, min_gain, eligible),
@@ -496,9 +524,11 @@ def within_allowance(score: Score, result: CalibrationResult) -> bool:
 
 def dropped_note(scores: Sequence[Score]) -> str:
     """A line naming the settings that did not run on every item (their rows count fewer), or "" when all did."""
-    dropped = [f"{s.setting.name} after {s.dropped_after} items" for s in scores if s.dropped_after is not None]
-    return (f"Not run on every item, so never chosen (dropped as clearly losing to the drafter alone, or skipped "
-            f"after losing on an earlier set): {'; '.join(dropped)}.\n") if dropped else ""
+    dropped = [f"{s.setting.name} after {s.dropped_after} items{' (screened out)' if s.screened_out else ''}"
+               for s in scores if s.dropped_after is not None]
+    return (f"Not run on every item, so never chosen (dropped as clearly losing to the drafter alone, skipped "
+            f"after losing on an earlier set, or screened out: another setting was ahead after the screening "
+            f"items): {'; '.join(dropped)}.\n") if dropped else ""
 
 
 # -- the config table -----------------------------------------------------------------------------------------
