@@ -9,7 +9,8 @@ Each preset runs the drafter alone and the sweep (default: the calibrate command
 gate 0.3, 0.5, 0.7; ``--drafter-weights 2,3 --gates 0.3,0.5`` for a smaller one) on both slices, ARC first
 (short answers: cheap). A setting that lost there by more than the pooled rule allows (one item per hundred) is
 not run on GSM8K, since the rule can no longer choose it; nor is one dropped there early as clearly losing
-(``drop_level``), which is a heuristic: a setting dropped after a bad start might have recovered. The two slices are pooled (items added up) and the rule of
+(``drop_level``), which is a heuristic: a setting dropped after a bad start might have recovered; nor, with
+``--screen``, one screened out on an earlier slice. The two slices are pooled (items added up) and the rule of
 ``edge_ensemble.eval.calibrate`` picks one setting, written as ``[presets.<name>.calibrated]`` with its evidence. Resumable: the records are in
 results/calibrate/<preset>/<task>.jsonl, and a rerun only makes the missing ones. Prints the CPU seconds each
 (preset, slice) took, which is how the cost of the full run was estimated from a 3-item run.
@@ -60,7 +61,8 @@ def main() -> None:
                      for k in ("drafter_weights", "gates", "drop_level") if getattr(args, k) is not None}).validate(
         lambda name: "--" + name.replace("_", "-"))
 
-    screens = _screens(args.screen, [t for t, _, _ in DEV_SLICES], options["screen"])
+    tasks = [t for t, _, _ in DEV_SLICES if t in args.tasks.split(",")]
+    screens = _screens(args.screen, tasks, options["screen"])
     catalog = Catalog.load()
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, parallel=args.parallel)
     for name in args.presets.split(","):
@@ -85,13 +87,15 @@ def main() -> None:
 
 
 def _screens(text: str, tasks: list[str], option) -> dict[str, int]:
-    """``gsm8k=60,arc-challenge=100`` as {task: items}, each value checked as the calibrate command's --screen."""
+    """``gsm8k=60,arc-challenge=100`` as {task: items} for the slices being run (``tasks``), each value checked as
+    the calibrate command's --screen."""
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         task, sep, value = part.partition("=")
+        task = task.strip()
         if not sep or task not in tasks:
             raise ValueError(f"--screen takes TASK=N with TASK one of {', '.join(tasks)}; got {part!r}")
-        out[task] = option.from_text(value, "--screen")
+        out[task] = option.from_text(value.strip(), "--screen")
     return out
 
 

@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="append the table to this markdown file")
     args = ap.parse_args()
     members = args.members or ["qwen2.5-coder-0.5b-instruct"]
-    configs = args.configs.split(",")
+    configs = [c.strip() for c in args.configs.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         alone_s, alone = run(members, configs, 1, args, Path(tmp) / "alone")

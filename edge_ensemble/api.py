@@ -167,10 +167,10 @@ class Ensemble:
                  " or fewer")
         # A server member (server:URL[=MODEL]) is resolved to the local GGUF its tokenizer is read from.
         servers = {i: parse_server_spec(str(s)) for i, s in enumerate(members) if is_server_spec(_spec_text(s))}
-        specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
-        # route: the head is read before the models are located (which may download them), then checked
-        # against their files before any model loads; its router gives hidden states
+        # route: the head is read before the models are located (which may download them or ask a server), then
+        # checked against their files before any model loads; its router gives hidden states
         head = _route_head(cfg, servers) if cfg.policy == "route" else None  # type: ignore[attr-defined]
+        specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
         paths, names = self._resolve(specs, download=download, progress=progress)
         router_path = _route_router(head, cfg.head, paths, names) if head is not None else None  # type: ignore[attr-defined]
         if cfg.check_memory:

@@ -983,7 +983,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
 
 
 def _unwritable(directory: Path) -> bool:
-    """Whether a file could not be created in ``directory`` (made first if missing)."""
+    """Whether a file could not be created in ``directory`` (or in the directory it would be made as)."""
     try:
         paths.check_out_dir(directory)
     except UsageError:
@@ -1060,7 +1060,8 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
         len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     if write:  # found now, not after the sweep (a rerun would resume, but a user should not have to)
         target = paths.config_path()
-        if paths.read_only(target) if target.exists() else _unwritable(target.parent):
+        real = Path(os.path.realpath(target))  # (written through a symlink, via a temp file beside it)
+        if (real.exists() and paths.read_only(real)) or _unwritable(real.parent):
             raise UsageError(f"cannot write the config file {target}; make it writable, set $EDGE_ENSEMBLE_CONFIG "
                              "to another file, or pass --no-write")
     result = calibrate(specs, dev, out, preset=chosen_preset.name if chosen_preset else None, start=start,
@@ -1085,7 +1086,7 @@ def _calibration_rows(result: Any) -> list[tuple[str, ...]]:
         s = score.summary
         versus = "-" if score.is_drafter else f"+{score.only_setting} -{score.only_drafter}"
         mark = ("<- chosen" if score is result.chosen
-                else f"{'screened out' if score.screened_out else 'dropped'} after {score.dropped_after} items"
+                else f"{'screened out' if score.screened_out else 'dropped'}: ran on {score.dropped_after} items"
                 if score.dropped_after is not None else "")
         rows.append((score.setting.name, f"{s.correct}/{s.n}", f"{100 * s.accuracy:.1f}%",
                      f"{100 * s.ci_low:.1f}-{100 * s.ci_high:.1f}%", f"{s.tokens_per_second or 0:.1f}",
@@ -1165,7 +1166,8 @@ def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm
     experts = list(members) or list(catalog.preset(preset or "coder").members)
     label = preset or ("-".join(Path(m).stem for m in members) if members else "coder")
     target = Path(out or f"route-head-{label}.npz")
-    paths.check_out_dir(target.parent, "--out")  # (now, not after hours of features)
+    if split is None:  # (a shard only fills the cache; a fit writes the head: checked now, not after hours)
+        paths.check_out_dir(target.parent, "--out")
     result = train_router(experts, router, target, gsm8k=n_gsm8k, mbpp=n_mbpp, seed=seed, l2=l2,
                           n_ctx=options.get("n_ctx", 2048), n_threads=options.get("n_threads"),
                           cache_dir=Path(cache) if cache else None, progress=_route_progress(), shard=split)

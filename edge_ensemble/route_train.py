@@ -407,13 +407,16 @@ def report_markdown(r: dict) -> str:
 # -- the whole run ----------------------------------------------------------------------------------------------
 
 
+TWO_EXPERTS = "route train: give two or more experts (-m ... -m ..., or a preset): a head chooses between them"
+
+
 def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: Sequence[str], router_name: str, *,
                 n_ctx: int = 2048, n_threads: int | None = None) -> Models:
     """Load the experts and the router (hidden states on; the same model when the router is an expert)."""
     shas = [file_sha256(p) for p in expert_paths]
     router_sha = file_sha256(router_path)
     if len(expert_paths) < 2:
-        raise UsageError("route train: give two or more experts (-m ... -m ..., or a preset): a head chooses between them")
+        raise UsageError(TWO_EXPERTS)
     if len(set(shas)) != len(shas):
         raise UsageError("route train: an expert is listed twice; give each expert once")
     prints = set()
@@ -472,8 +475,8 @@ def train_router(experts: Sequence[object], router: object, out: Path | str, *, 
     from .sources import Catalog, parse_spec, resolve
 
     t0 = time.perf_counter()
-    if not experts:
-        raise UsageError("route train needs at least one expert")
+    if len(experts) < 2:  # (before anything is located or downloaded)
+        raise UsageError(TWO_EXPERTS)
     catalog = Catalog.load()
     specs = [parse_spec(s, catalog) for s in experts]  # type: ignore[arg-type]
     rspec = parse_spec(router, catalog)  # type: ignore[arg-type]

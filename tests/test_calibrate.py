@@ -470,7 +470,7 @@ def test_a_dropped_setting_is_never_chosen_even_pooled() -> None:
     assert [(s.setting.name, s.summary.n, s.dropped_after) for s in pooled.scores] == [
         ("single:d", 200, None), ("safe a", 200, None), ("safe b", 20, 20)]
     assert pooled.chosen is pooled.scores[1]
-    assert "safe b after 20 items" in dropped_note(pooled.scores) and dropped_note(pooled.scores[:2]) == ""
+    assert "safe b ran on 20 items" in dropped_note(pooled.scores) and dropped_note(pooled.scores[:2]) == ""
     # A setting not run on the second set at all is not chosen however well it did on the first.
     only_arc = result("arc", (score("single:d", 50, 1.0), score("safe c", 90, 1.0)))
     assert pool([only_arc, result("gsm8k", (score("single:d", 40, 1.0),))]).chosen.is_drafter
@@ -558,9 +558,28 @@ def test_screening_keeps_the_best_setting_and_a_resume_screens_the_same(tmp_path
     scores = _scores(read_records(path), every, [i.id for i in items], task.name, dropped, screened)
     assert select(scores, min_gain=1) is scores[2]
     assert scores[1].evidence()["screened_out_after"] == 10 and "dropped_after" not in scores[1].evidence()
-    assert "safe late after 10 items (screened out)" in dropped_note(scores)
+    assert "safe late ran on 10 items (screened out)" in dropped_note(scores)
 
 
 def test_the_screen_is_checked() -> None:
     with pytest.raises(UsageError, match="screen"):
         Sweep(screen=0).validate()
+
+
+def test_a_manifest_without_records_blocks_no_rerun_and_is_checked_again_at_write(tmp_path: Path) -> None:
+    """A run that failed on its first item (say its prompt overflowed --n-ctx) leaves a manifest and no record:
+    a rerun with other options may replace it; once a record is there, it may not."""
+    from edge_ensemble.eval.calibrate import _check_resume, _write_manifest
+
+    out = tmp_path / "out"
+    first = {"members": ["a", "b"], "options": {"n_ctx": 2048, "parallel": 1}}
+    other = {"members": ["a", "b"], "options": {"n_ctx": 8192, "parallel": 1}}
+    assert _check_resume(out, first) and not out.exists()
+    _write_manifest(out, first)
+    assert _check_resume(out, other)  # no records yet: replaced
+    _write_manifest(out, other)
+    (out / "gsm8k.jsonl").write_text('{"item": "1"}\n')
+    with pytest.raises(UsageError, match="n_ctx = 8192 \\(this run: 2048\\)"):
+        _check_resume(out, first)
+    with pytest.raises(UsageError, match="holds a calibration made with"):
+        _write_manifest(out, first)

@@ -51,7 +51,7 @@ from typing import Any, Callable, Collection, Sequence
 from edge_ensemble import paths
 from edge_ensemble.api import Ensemble, EnsembleConfig
 from edge_ensemble.config import calibration_key, parse_calibrations, toml_key
-from edge_ensemble.errors import EdgeEnsembleError, UsageError
+from edge_ensemble.errors import EdgeEnsembleError, UsageError, warn
 from edge_ensemble.eval import scoring
 from edge_ensemble.eval.configs import EngineConfig
 from edge_ensemble.eval.report import Summary, paired_comparisons, summarize
@@ -137,6 +137,7 @@ class Score:
         if not self.is_drafter:
             row.update(only_setting=self.only_setting, only_drafter=self.only_drafter)
         if self.dropped_after is not None:
+            # the items it ran on (pooled: over every set), as the row's n
             row["screened_out_after" if self.screened_out else "dropped_after"] = self.dropped_after
         return row
 
@@ -170,7 +171,7 @@ class CalibrationResult:
 
 
 RULE = ("drafter alone unless an ensemble setting answers at least min_gain more items right; then most right, "
-        "ties to fewer seconds per answer; settings dropped early as losing are never chosen")
+        "ties to fewer seconds per answer; settings dropped early as losing or screened out are never chosen")
 
 
 # -- development sets -----------------------------------------------------------------------------------------
@@ -327,9 +328,10 @@ _UNRECORDED = {"parallel": 1}  # what a calibrate that did not record an option 
 
 
 def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> bool:
-    """Refuse an ``out_dir`` that holds another calibration, or that cannot be written; True when its manifest
-    must be (re)written (see :func:`_write_manifest`). Writes nothing: a run that fails before its first record
-    (a missing model) must not leave a manifest that blocks the corrected rerun."""
+    """Refuse an ``out_dir`` whose records were made another way, or that cannot be written; True when its
+    manifest must be (re)written (see :func:`_write_manifest`). Writes nothing: a run that fails before its
+    first record (a missing model) must not leave a manifest that blocks the corrected rerun, and a manifest
+    with no record beside it (a run that failed on its first item) blocks nothing."""
     paths.check_out_dir(out_dir)
     manifest = out_dir / "calibrate.json"
     if not manifest.exists():
@@ -339,13 +341,20 @@ def _check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> bool:
     except (OSError, ValueError):
         earlier = None
     difference = _first_difference(earlier, fingerprint)
-    if difference is not None:
+    if difference is not None and _holds_records(out_dir):
         raise UsageError(f"{out_dir} holds a calibration made with {difference}; "
                          "pass another --out (or move it away) so the two are not mixed")
     return earlier != fingerprint  # an older manifest of the same options: rewritten in this run's form
 
 
+def _holds_records(out_dir: Path) -> bool:
+    return any(p.stat().st_size > 0 for p in out_dir.glob("*.jsonl"))
+
+
 def _write_manifest(out_dir: Path, fingerprint: dict[str, Any]) -> None:
+    """Write the manifest, checked again first: another run may have begun in this directory while the models
+    loaded."""
+    _check_resume(out_dir, fingerprint)
     paths.make_out_dir(out_dir)
     try:
         paths.write_text_atomic(out_dir / "calibrate.json", json.dumps(fingerprint, indent=1) + "\n")
@@ -373,6 +382,8 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
     items = dev_set.items(start, limit)
     if not items:
         raise UsageError(f"{dev_set.name} has no items from {start}")
+    if sweep.screen is not None and sweep.screen >= len(items):  # type: ignore[attr-defined]
+        warn(f"--screen {sweep.screen} is not below the {len(items)} items: every setting runs on every item")  # type: ignore[attr-defined]
     out = Path(out_dir)
     fingerprint = _fingerprint(specs, base, sweep)
     rewrite = _check_resume(out, fingerprint)
@@ -405,7 +416,7 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
 def _run_dropping(task: Task, configs: Sequence[EngineConfig], out: Path, items: Sequence[Item], start: int,
                   max_tokens: int | None, progress: bool, level: float | None,
                   screen: int | None = None) -> tuple[Path, dict[str, int], set[str]]:
-    """Run ``configs`` (the drafter alone first) on ``items`` in chunks of :data:`DROP_CHECK_EVERY`; after each,
+    """Run ``configs`` (the drafter alone first) on ``items`` in chunks; every :data:`DROP_CHECK_EVERY` items
     drop the ensemble settings that lose to the drafter alone below ``level``, and after ``screen`` items all
     but the best ensemble setting. Returns the records' path, the stopped settings with the items each ran on,
     and which of them were screened out. A resumed run replays the same checks on the same records, so it stops
@@ -524,7 +535,7 @@ def within_allowance(score: Score, result: CalibrationResult) -> bool:
 
 def dropped_note(scores: Sequence[Score]) -> str:
     """A line naming the settings that did not run on every item (their rows count fewer), or "" when all did."""
-    dropped = [f"{s.setting.name} after {s.dropped_after} items{' (screened out)' if s.screened_out else ''}"
+    dropped = [f"{s.setting.name} ran on {s.dropped_after} items{' (screened out)' if s.screened_out else ''}"
                for s in scores if s.dropped_after is not None]
     return (f"Not run on every item, so never chosen (dropped as clearly losing to the drafter alone, skipped "
             f"after losing on an earlier set, or screened out: another setting was ahead after the screening "
