@@ -51,8 +51,9 @@ def test_answers_decoded_together_equal_each_alone(pair, policy):
     alone = [pair.generate(**c) for c in calls]
     assert [r.text for r in together] == [r.text for r in alone]
     assert [r.stats.tokens for r in together] == [r.stats.tokens for r in alone]
-    # Batched: on average each llama_decode served well over one answer.
-    assert rounds.served >= 2 * rounds.batches, (rounds.served, rounds.batches)
+    # Batched: on average each llama_decode served well over one answer (how many depends on thread timing:
+    # 173 of 87 was seen on a loaded CI machine, so the bar is 1.5, far above the 1.0 of no batching).
+    assert rounds.served >= 1.5 * rounds.batches, (rounds.served, rounds.batches)
     assert all(isinstance(m.backend, type(pair._members[0].backend)) for m in pair._members)
     assert type(pair._members[0].backend).__name__ == "LocalBackend"  # the wrappers are gone afterwards
 
@@ -117,7 +118,7 @@ def test_real_model_answers_decoded_together_equal_each_alone(real_models, llama
         together, rounds = _together(ens, calls)
         alone = [ens.generate(**c) for c in calls]
         assert_same_up_to_late_near_ties([r.text for r in together], [r.text for r in alone])
-        assert rounds.served >= 2 * rounds.batches
+        assert rounds.served >= 1.5 * rounds.batches, (rounds.served, rounds.batches)
 
 
 def test_backend_calls_outside_the_batch_are_serialized_with_the_rounds(pair):
