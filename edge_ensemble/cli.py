@@ -1,4 +1,4 @@
-"""The command line: ``edge-ensemble chat | run | serve | models | presets``.
+"""The command line: ``edge-ensemble chat | run | serve | models | presets | eval | calibrate | route | doctor``.
 
 A thin click layer over :class:`edge_ensemble.api.Ensemble`. The options shared by ``chat`` and ``run`` are
 defined once (:func:`settings_options`) and merged with the user config file into one validated
@@ -890,6 +890,56 @@ def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) ->
 
 
 # -- eval -------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("model", required=False)
+def doctor(model: str | None) -> None:
+    """Check that llama.cpp runs on this machine: decode a 200-token prompt of MODEL in a separate process.
+
+    MODEL is a catalog name or a .gguf path; by default the default preset's drafter, or else the smallest
+    catalog model on disk. If llama.cpp crashes (a build that uses instructions this CPU or virtual machine
+    does not allow), this says so and prints the command that builds it again here. Exit 1 if the check fails.
+    """
+    from . import doctor as checks
+
+    path = _doctor_model(model)
+    features = checks.build_features()
+    click.echo(f"edge-ensemble {__version__}, llama-cpp-python {checks.llama_version()}, "
+               f"Python {sys.version.split()[0]}, {sys.platform} {os.uname().machine if hasattr(os, 'uname') else ''}")
+    click.echo(f"llama.cpp built for: {' '.join(features) or 'no optional CPU features'}"
+               f" (this CPU has AMX: {'yes' if checks.cpu_has_amx() else 'no'})")
+    click.echo(f"test decode of {path.name}, {checks.PROMPT_TOKENS} prompt tokens, in a child process ...")
+    result = checks.decode_check(path)
+    if not result.ok:
+        raise EdgeEnsembleError(f"llama.cpp failed the test decode ({result.detail}): "
+                                + checks.advice(result, features))
+    click.echo(f"ok: {result.detail}")
+
+
+def _doctor_model(name: str | None) -> Path:
+    """The GGUF file doctor decodes: ``name`` (catalog name or path), or a model already on disk."""
+    from .sources import model_status, parse_spec, resolve
+
+    catalog = _catalog()
+    if name is not None:
+        spec = parse_spec(name, catalog)
+        if spec.entry is None:
+            return resolve(spec, download=False, progress=False)
+        st = model_status(spec.entry)
+        if not st.present:
+            raise ModelSourceError(f"model '{spec.entry.key}' is not on disk; fetch it with "
+                                   f"`edge-ensemble models pull {spec.entry.key}`, or give a .gguf path")
+        return st.path
+    preset = catalog.presets.get(catalog.default) if catalog.default else None
+    drafter = catalog.find(str(preset.members[0])) if preset is not None and preset.members else None
+    entries = ([drafter] if drafter is not None else []) + sorted(catalog.models.values(), key=lambda e: e.size or 0)
+    for entry in entries:
+        st = model_status(entry)
+        if st.present:
+            return st.path
+    raise ModelSourceError("no catalog model is on disk to test with; fetch a small one with "
+                           "`edge-ensemble models pull smollm2-135m-instruct`, or give a .gguf path")
 
 
 # Evaluations keep the context their recorded runs used; their token budget is each task's own.
