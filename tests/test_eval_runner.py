@@ -263,6 +263,13 @@ def test_share_records_copies_one_config_once(gsm8k_configs: list[CannedConfig],
 
     with pytest.raises(EdgeEnsembleError, match="no gsm8k records of nobody"):
         share_records(source, dest, "gsm8k", "nobody")
+    # Under another name: the records, renamed, with their first name kept; counted against the new name.
+    assert share_records(source, dest, "gsm8k", "solo", limit=2, as_config="alone") == 2
+    assert share_records(source, dest, "gsm8k", "solo", limit=2, as_config="alone") == 0
+    renamed = [r for r in read_records(dest) if r["config"] == "alone"]
+    assert [r["shared_from"] for r in renamed] == [f"{source}: solo"] * 2
+    assert [{**r, "config": "solo"} for r in renamed] == [
+        {**r, "shared_from": f"{source}: solo"} for r in read_records(source) if r["config"] == "solo"][:2]
     other = run_eval("gsm8k", gsm8k_configs, tmp_path / "c", limit=2, max_tokens=99, progress=False)
     with pytest.raises(EdgeEnsembleError, match="--max-tokens 99"):
         share_records(source, other, "gsm8k", "solo")

@@ -349,12 +349,15 @@ def check_same_protocol(path: Path, records: Sequence[dict[str, Any]], protocol:
 
 
 def share_records(source: Path, dest: Path, task: Task | str, config: str, *, start: int = 0,
-                  limit: int | None = None) -> int:
+                  limit: int | None = None, as_config: str | None = None) -> int:
     """Append to ``dest`` the records of ``config`` in ``source`` for the items of the slice that ``dest``
     lacks, and return how many. Both files must hold records made the same way (see :func:`protocol_of`).
 
     For a member that two result sets share (same GGUF, same settings): its single-model answers do not
-    depend on which other models were loaded, so generating them twice only costs time.
+    depend on which other models were loaded, so generating them twice only costs time. ``as_config`` files
+    them under another name: the same settings that another command names otherwise (eval's ``safe-gated`` is
+    calibrate's ``safe w=1 gate=0.5`` on equal weights); the caller vouches for that, and each such record
+    keeps its first name as ``shared_from``.
     """
     task = get_task(task) if isinstance(task, str) else task
     wanted = {item.id for item in task.items(start, limit)}
@@ -366,8 +369,10 @@ def share_records(source: Path, dest: Path, task: Task | str, config: str, *, st
     repair_tail(dest)
     theirs = [r for r in read_records(dest) if r.get("task") == task.name]
     check_same_protocol(dest, theirs, protocol)
-    have = {r.get("item") for r in theirs if r.get("config") == config}
-    new = [r for r in ours if r["item"] in wanted and r["item"] not in have]
+    name = as_config or config
+    have = {r.get("item") for r in theirs if r.get("config") == name}
+    new = [r if name == config else {**r, "config": name, "shared_from": f"{source}: {config}"}
+           for r in ours if r["item"] in wanted and r["item"] not in have]
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "a", encoding="utf-8") as out:
         out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
