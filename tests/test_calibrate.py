@@ -470,7 +470,8 @@ def test_a_dropped_setting_is_never_chosen_even_pooled() -> None:
     assert [(s.setting.name, s.summary.n, s.dropped_after) for s in pooled.scores] == [
         ("single:d", 200, None), ("safe a", 200, None), ("safe b", 20, 20)]
     assert pooled.chosen is pooled.scores[1]
-    assert "safe b ran on 20 items" in dropped_note(pooled.scores) and dropped_note(pooled.scores[:2]) == ""
+    assert "safe b ran on 20 items: 20 of arc items (dropped), not run on gsm8k items" in dropped_note(pooled.scores)
+    assert dropped_note(pooled.scores[:2]) == ""
     # A setting not run on the second set at all is not chosen however well it did on the first.
     only_arc = result("arc", (score("single:d", 50, 1.0), score("safe c", 90, 1.0)))
     assert pool([only_arc, result("gsm8k", (score("single:d", 40, 1.0),))]).chosen.is_drafter

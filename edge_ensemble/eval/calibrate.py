@@ -122,6 +122,7 @@ class Score:
     only_drafter: int = 0
     dropped_after: int | None = None  # items it ran on before drop_level or screen stopped it (None: it ran on all)
     screened_out: bool = False  # stopped by screen (another setting was ahead), not as clearly losing
+    ran_on: str = ""  # pooled and not run on every item: where it ran and where it stopped, set by set
 
     @property
     def is_drafter(self) -> bool:
@@ -139,6 +140,8 @@ class Score:
         if self.dropped_after is not None:
             # the items it ran on (pooled: over every set), as the row's n
             row["screened_out_after" if self.screened_out else "dropped_after"] = self.dropped_after
+        if self.ran_on:
+            row["ran_on"] = self.ran_on
         return row
 
 
@@ -520,11 +523,26 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
         complete = len(parts) == len(results) and all(p.dropped_after is None for p in parts)
         scores.append(Score(first.setting, summary, sum(p.only_setting for p in parts),
                             sum(p.only_drafter for p in parts), None if complete else n,
-                            any(p.screened_out for p in parts)))
+                            any(p.screened_out for p in parts), "" if complete else _ran_on(name, by_name, results)))
         eligible.append(complete and all(within_allowance(b[name], r) for b, r in zip(by_name, results)))
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
                    scores=tuple(scores), chosen=select(scores, min_gain, eligible),
                    records=Path(os.path.commonpath([r.records.parent for r in results])))
+
+
+def _ran_on(name: str, by_name: Sequence[dict[str, Score]], results: Sequence[CalibrationResult]) -> str:
+    """Where a pooled setting ran, set by set: "all arc-challenge items 0-299, 60 of gsm8k items 0-199
+    (screened out)"."""
+    out = []
+    for b, r in zip(by_name, results):
+        part = b.get(name)
+        if part is None:
+            out.append(f"not run on {r.dev_set}")
+        elif part.dropped_after is None:
+            out.append(f"all {r.dev_set}")
+        else:
+            out.append(f"{part.dropped_after} of {r.dev_set} ({'screened out' if part.screened_out else 'dropped'})")
+    return ", ".join(out)
 
 
 def within_allowance(score: Score, result: CalibrationResult) -> bool:
@@ -535,7 +553,8 @@ def within_allowance(score: Score, result: CalibrationResult) -> bool:
 
 def dropped_note(scores: Sequence[Score]) -> str:
     """A line naming the settings that did not run on every item (their rows count fewer), or "" when all did."""
-    dropped = [f"{s.setting.name} ran on {s.dropped_after} items{' (screened out)' if s.screened_out else ''}"
+    dropped = [f"{s.setting.name} ran on {s.dropped_after} items"
+               + (f": {s.ran_on}" if s.ran_on else " (screened out)" if s.screened_out else "")
                for s in scores if s.dropped_after is not None]
     return (f"Not run on every item, so never chosen (dropped as clearly losing to the drafter alone, skipped "
             f"after losing on an earlier set, or screened out: another setting was ahead after the screening "
