@@ -7,7 +7,7 @@ defined once (:func:`settings_options`) and merged with the user config file int
 Every error is one line ``error: ...`` on stderr, never a traceback (:class:`_Cli` is the one place that
 turns exceptions into exit codes): 0 success; 1 the command could not be carried out (model unknown,
 missing or unreadable, not enough memory, prompt longer than the context, failed download); 2 usage (bad
-option, option value or config file); 130 interrupted with Ctrl-C.
+option, option value or config file); 3 llama.cpp crashed in ``doctor``'s test decode; 130 interrupted with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from .api import ENSEMBLE_OPTIONS, Ensemble, EnsembleConfig, MemberInfo
 from .chat import clean_text
 from .config import KEYS, Calibration, Settings, load_config, resolve_settings, OPTIONS as KEY_OPTIONS
 from .engine import Event, GenerationResult
-from .errors import EdgeEnsembleError, EdgeEnsembleWarning, ModelLoadError, ModelSourceError, UsageError
+from .errors import (EdgeEnsembleError, EdgeEnsembleWarning, LlamaCrashError, ModelLoadError, ModelSourceError,
+                     UsageError)
 from .options import GENERATION, GENERATION_OPTIONS, LOAD, LOAD_OPTIONS, Option
 from .policies import POLICY, POLICY_OPTIONS, policies_reading
 from .server import SERVER_LIMITS
@@ -899,7 +900,8 @@ def doctor(model: str | None) -> None:
 
     MODEL is a catalog name or a .gguf path; by default the default preset's drafter, or else the smallest
     catalog model on disk. If llama.cpp crashes (a build that uses instructions this CPU or virtual machine
-    does not allow), this says so and prints the command that builds it again here. Exit 1 if the check fails.
+    does not allow), this says so and prints the command that builds it again here. Exit 3 if llama.cpp crashed,
+    1 if the check failed otherwise (no such model, not a GGUF file, no result in time).
     """
     from . import doctor as checks
 
@@ -912,17 +914,22 @@ def doctor(model: str | None) -> None:
     click.echo(f"test decode of {path.name}, {checks.PROMPT_TOKENS} prompt tokens, in a child process ...")
     result = checks.decode_check(path)
     if not result.ok:
-        raise EdgeEnsembleError(f"llama.cpp failed the test decode ({result.detail}): "
-                                + checks.advice(result, features))
+        error = LlamaCrashError if result.crashed else EdgeEnsembleError
+        raise error(f"llama.cpp {'crashed in' if result.crashed else 'failed'} the test decode ({result.detail}): "
+                    + checks.advice(result, features))
     click.echo(f"ok: {result.detail}")
 
 
 def _doctor_model(name: str | None) -> Path:
     """The GGUF file doctor decodes: ``name`` (catalog name or path), or a model already on disk."""
+    from .remote import declared_model
     from .sources import model_status, parse_spec, resolve
 
     catalog = _catalog()
     if name is not None:
+        if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
+            raise UsageError(f"{name} is a preset, not a model; test one of its members "
+                             f"({', '.join(catalog.preset(name).members)})")
         spec = parse_spec(name, catalog)
         if spec.entry is None:
             return resolve(spec, download=False, progress=False)
@@ -932,8 +939,10 @@ def _doctor_model(name: str | None) -> Path:
                                    f"`edge-ensemble models pull {spec.entry.key}`, or give a .gguf path")
         return st.path
     preset = catalog.presets.get(catalog.default) if catalog.default else None
-    drafter = catalog.find(str(preset.members[0])) if preset is not None and preset.members else None
-    entries = ([drafter] if drafter is not None else []) + sorted(catalog.models.values(), key=lambda e: e.size or 0)
+    # (a server member's declared model, if any: its vocab file is a local GGUF of the same model)
+    drafter = catalog.find(declared_model(preset.members[0]) or "") if preset is not None and preset.members else None
+    by_size = sorted(catalog.models.values(), key=lambda e: e.size or math.inf)
+    entries = ([drafter] if drafter is not None else []) + by_size
     for entry in entries:
         st = model_status(entry)
         if st.present:

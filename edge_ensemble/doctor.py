@@ -12,6 +12,7 @@ The fix is to build llama-cpp-python again with the AMX flags turned off (:func:
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import re
 import shlex
@@ -24,6 +25,7 @@ from pathlib import Path
 
 # gcc and clang flags that keep AMX instructions out of a -march=native build (given before -march=native).
 NO_AMX_FLAGS = ("-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16")
+CRASH_SIGNALS = (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGFPE)  # faults of the code itself
 PROMPT_TOKENS = 200  # enough for llama.cpp to take its batched matrix path (short prompts ran fine on AMX)
 TIMEOUT_S = 300.0
 
@@ -45,7 +47,8 @@ class DecodeCheck:
 
     ok: bool
     detail: str  # what happened, one line: "200 prompt tokens in 1.3 s", "Segmentation fault", "exit 1: ..."
-    crashed: bool = False  # killed by a signal (a fault in native code), as opposed to a Python error or a hang
+    crashed: bool = False  # killed by a fault in native code (CRASH_SIGNALS): not an error, a hang or the OOM killer
+    timed_out: bool = False
 
 
 def llama_version() -> str:
@@ -77,27 +80,32 @@ def cpu_has_amx() -> bool:
 
 
 def decode_check(model: Path, *, tokens: int = PROMPT_TOKENS, timeout: float = TIMEOUT_S,
-                child_code: str = _CHILD) -> DecodeCheck:
+                 child_code: str | None = None) -> DecodeCheck:
     """Decode ``tokens`` prompt tokens of ``model`` in a child process and report how that went.
 
-    ``child_code`` is the program the child runs (``sys.argv[1:]`` = model path, token count); only tests pass
-    another, to make a real child crash without needing a broken build.
+    ``child_code`` is the program the child runs (``sys.argv[1:]`` = model path, token count; default: the real
+    test decode); only tests pass another, to make a real child crash without needing a broken build.
     """
     began = time.perf_counter()
+    # GGML_NO_BACKTRACE: on a crash ggml would start gdb for a backtrace, which can keep the pipes open.
+    env = {**os.environ, "GGML_NO_BACKTRACE": "1"}
     try:
-        done = subprocess.run([sys.executable, "-c", child_code, str(model), str(tokens)], capture_output=True,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-c", child_code or _CHILD, str(model), str(tokens)],
+                              capture_output=True, text=True, errors="replace", timeout=timeout,
+                              stdin=subprocess.DEVNULL, env=env)
     except subprocess.TimeoutExpired:
-        return DecodeCheck(False, f"no result after {timeout:.0f} s (the child process was stopped)")
-    if done.returncode < 0:  # killed by a signal: a fault in native code
+        return DecodeCheck(False, f"no result after {timeout:g} s (the child process was stopped)", timed_out=True)
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    last = f": {lines[-1]}" if lines else ""
+    if done.returncode < 0:  # killed by a signal
+        number = -done.returncode
         try:
-            name = signal.strsignal(-done.returncode) or signal.Signals(-done.returncode).name
+            name = signal.strsignal(number) or signal.Signals(number).name
         except ValueError:
-            name = f"signal {-done.returncode}"
-        return DecodeCheck(False, name, crashed=True)
+            name = f"signal {number}"
+        return DecodeCheck(False, f"{name}{last}", crashed=number in CRASH_SIGNALS)
     if done.returncode != 0:
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        return DecodeCheck(False, f"exit {done.returncode}: {lines[-1].strip() if lines else 'no message'}")
+        return DecodeCheck(False, f"exit {done.returncode}{last or ': no message'}")
     try:
         n, seconds = done.stdout.split()[-2:]
         return DecodeCheck(True, f"{int(n)} prompt tokens in {float(seconds):.2f} s")
@@ -105,16 +113,16 @@ def decode_check(model: Path, *, tokens: int = PROMPT_TOKENS, timeout: float = T
         return DecodeCheck(True, f"decoded in {time.perf_counter() - began:.1f} s")
 
 
-def rebuild_command(version: str | None = None) -> str:
-    """The shell command that builds the installed llama-cpp-python again, here, without AMX.
+def rebuild_command(version: str | None = None, *, no_amx: bool = True) -> str:
+    """The shell command that builds the installed llama-cpp-python again, here (``no_amx``: without AMX).
 
     ``--no-cache-dir``: the cached wheel is the one that crashes, and pip's cache key ignores ``CMAKE_ARGS``.
     """
-    flags = " ".join(NO_AMX_FLAGS)
-    cmake = f"-DCMAKE_C_FLAGS='{flags}' -DCMAKE_CXX_FLAGS='{flags}'"
+    flags = " ".join(NO_AMX_FLAGS)  # (no quote, $ or backslash in them: safe inside double quotes)
+    cmake = f"CMAKE_ARGS=\"-DCMAKE_C_FLAGS='{flags}' -DCMAKE_CXX_FLAGS='{flags}'\" " if no_amx else ""
     pin = f"=={version}" if version and version != "not installed" else ""
-    return (f"CMAKE_ARGS={shlex.quote(cmake)} {shlex.quote(sys.executable)} -m pip install --no-cache-dir "
-            f"--force-reinstall --no-deps llama-cpp-python{pin}")
+    return (f"{cmake}{shlex.quote(sys.executable)} -m pip install --no-cache-dir --force-reinstall --no-deps "
+            f"llama-cpp-python{pin}")
 
 
 def advice(check: DecodeCheck, features: list[str]) -> str:
@@ -123,6 +131,9 @@ def advice(check: DecodeCheck, features: list[str]) -> str:
         return ("this llama.cpp build uses AMX, whose instructions fault in some virtual machines; build it "
                 f"again without AMX: {rebuild_command(llama_version())}")
     if check.crashed:
-        return ("llama.cpp itself crashed on this CPU; build llama-cpp-python again here "
-                "(pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python) and run this again")
+        return ("llama.cpp itself crashed on this CPU; build llama-cpp-python again here and run this again: "
+                f"{rebuild_command(llama_version(), no_amx=False)}")
+    if check.timed_out:
+        return ("the machine may be too busy (another model running?) or too short of memory; try again when "
+                "it is idle, or with a smaller model (`edge-ensemble doctor smollm2-135m-instruct`)")
     return "check that the file is a GGUF model llama.cpp can load (`edge-ensemble models info FILE`)"

@@ -31,6 +31,13 @@ class IncompatibleMembersError(EdgeEnsembleError):
     """Members that cannot be combined into one ensemble (the message says why)."""
 
 
+class LlamaCrashError(EdgeEnsembleError):
+    """llama.cpp crashed in a child process (``edge-ensemble doctor``): exit 3, so scripts can tell a build to
+    redo from a missing model or a bad file (exit 1)."""
+
+    exit_code = 3
+
+
 class HeadFileError(EdgeEnsembleError):
     """A route head file that is missing, corrupt, or made for other models (the fix: `route train`)."""
 

@@ -371,7 +371,7 @@ def share_records(source: Path, dest: Path, task: Task | str, config: str, *, st
     check_same_protocol(dest, theirs, protocol)
     name = as_config or config
     have = {r.get("item") for r in theirs if r.get("config") == name}
-    new = [r if name == config else {**r, "config": name, "shared_from": f"{source}: {config}"}
+    new = [r if name == config else {**r, "config": name, "shared_from": r.get("shared_from", f"{source}: {config}")}
            for r in ours if r["item"] in wanted and r["item"] not in have]
     dest.parent.mkdir(parents=True, exist_ok=True)
     with open(dest, "a", encoding="utf-8") as out:
