@@ -26,9 +26,9 @@ from pathlib import Path
 
 from edge_ensemble.api import EnsembleConfig
 from edge_ensemble.errors import EdgeEnsembleError
-from edge_ensemble.eval.calibrate import (SWEEP_OPTIONS, Sweep, calibrate, dropped_note, pool, within_allowance,
-                                         write_calibration)
-from edge_ensemble.eval.report import summary_markdown
+from edge_ensemble import paths
+from edge_ensemble.eval.calibrate import (SWEEP_OPTIONS, Sweep, calibrate, dropped_note, pool, sweep_table,
+                                         within_allowance, write_calibration)
 from edge_ensemble.eval.tasks import get_task
 from edge_ensemble.sources import Catalog
 
@@ -77,13 +77,32 @@ def main() -> None:
                                      sweep=replace(sweep, screen=screens.get(task))))
             print(f"{preset.name} {task}: {time.process_time() - began:.0f} CPU s for "
                   f"{results[-1].items} items x {len(results[-1].scores)} settings", flush=True)
-        pooled = pool(results)
-        print(f"\n## {preset.name}: {pooled.dev_set}\n\n" + summary_markdown([s.summary for s in pooled.scores])
-              + "\n" + dropped_note(pooled.scores) + f"chosen: {pooled.chosen.setting.name}\n", flush=True)
+        pooled = pool(results) if len(results) > 1 else results[0]
+        report = _report(preset.name, results, pooled, args.out / preset.name)
+        print("\n" + report, flush=True)
         if not args.no_write:
             # The records' path as it is in the repository, not on this machine.
             shipped = replace(pooled, records=Path("results/calibrate") / preset.name)
             write_calibration(shipped, args.presets_toml, table=("presets", preset.name, "calibrated"))
+
+
+def _report(name: str, results: list, pooled, out: Path) -> str:
+    """The sweep's tables, each set and pooled, with the choice: printed, and written to OUT/summary.md with
+    OUT/calibrate.png (accuracy against tok/s per setting, a panel per set; with matplotlib)."""
+    parts = [f"# Calibration of `{name}`: {pooled.dev_set}\n"]
+    for r in ([*results, pooled] if pooled is not results[0] else results):
+        parts.append(f"\n## {r.dev_set}{' (pooled: the choice)' if r is pooled and len(results) > 1 else ''}\n\n"
+                     + sweep_table(r))
+    parts.append("\n" + dropped_note(pooled.scores) + f"\nchosen: {pooled.chosen.setting.name}\n")
+    report = "".join(parts)
+    paths.write_text_atomic(out / "summary.md", report)
+    try:
+        from edge_ensemble.eval.report import plot_accuracy_vs_speed
+
+        plot_accuracy_vs_speed([s.summary for r in (*results, pooled) for s in r.scores], out / "calibrate.png")
+    except ImportError:
+        print("plot skipped: matplotlib is not installed (pip install 'edge-ensemble[eval]')", file=sys.stderr)
+    return report
 
 
 def _screens(text: str, tasks: list[str], option) -> dict[str, int]:

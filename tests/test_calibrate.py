@@ -17,6 +17,7 @@ from edge_ensemble.config import load_config, resolve_settings
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval.calibrate import (
     CalibrationResult, Score, Setting, Sweep, _run_dropping, _scores, dropped_note, load_dev_file, normalize_text, pool, select,
+    sweep_table,
     write_calibration)
 from edge_ensemble.eval.runner import read_records
 from edge_ensemble.eval.configs import EngineConfig
@@ -302,6 +303,24 @@ def test_a_calibration_written_into_the_catalog_is_the_presets_default(tmp_path:
     assert settings.calibration.date == "2026-01-02T03:04:05+00:00"
 
 
+def test_the_preset_script_writes_each_set_and_the_pooled_choice(tmp_path: Path) -> None:
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "calibrate_presets.py"
+    spec = importlib.util.spec_from_file_location("calibrate_presets", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a, b = fake_result(("presets", "tiny"), 0.4), replace(fake_result(("presets", "tiny"), 0.4), dev_set="other items 0-2")
+    pooled = pool([a, b])
+    report = module._report("tiny", [a, b], pooled, tmp_path)
+    assert (tmp_path / "summary.md").read_text() == report
+    heads = [line for line in report.splitlines() if line.startswith("## ")]
+    assert heads == ["## dev.jsonl items 0-2", "## other items 0-2",
+                     "## dev.jsonl items 0-2 + other items 0-2 (pooled: the choice)"]
+    assert report.rstrip().endswith(f"chosen: {pooled.chosen.setting.name}")
+    assert (tmp_path / "calibrate.png").stat().st_size > 1000
+
+
 def test_a_bad_calibration_table_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text('[calibrated.presets.tiny]\ngate = 3\n')
@@ -475,6 +494,19 @@ def test_a_dropped_setting_is_never_chosen_even_pooled() -> None:
     # A setting not run on the second set at all is not chosen however well it did on the first.
     only_arc = result("arc", (score("single:d", 50, 1.0), score("safe c", 90, 1.0)))
     assert pool([only_arc, result("gsm8k", (score("single:d", 40, 1.0),))]).chosen.is_drafter
+
+
+def test_the_sweep_table_shows_the_paired_record_and_the_choice() -> None:
+    drafter = score("single:d", 50, 1.0)
+    winner = replace(score("safe w=2 gate=0.5", 53, 1.5), only_setting=8, only_drafter=5)
+    stopped = replace(score("safe w=3 gate=0.3", 9, 1.2, n=20), dropped_after=20, screened_out=True)
+    result = CalibrationResult(("presets", "tiny"), "arc items", 100, "2026-01-02", (drafter, winner, stopped), winner,
+                               Path("out/x.jsonl"))
+    rows = sweep_table(result).splitlines()
+    assert len(rows) == 5 and rows[0].startswith("| setting | right | accuracy")
+    assert rows[2].startswith("| single:d | 50/100 | 50.0% |") and rows[2].endswith("|  |  |  |")
+    assert "| +8 -5 | 0.58 | **chosen** |" in rows[3]  # McNemar: 8 against 5 is no evidence
+    assert rows[4].endswith("| screened out (ran on 20 items) |")
 
 
 def test_the_drop_level_is_checked() -> None:

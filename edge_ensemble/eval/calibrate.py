@@ -561,6 +561,27 @@ def dropped_note(scores: Sequence[Score]) -> str:
             f"items): {'; '.join(dropped)}.\n") if dropped else ""
 
 
+def sweep_table(result: CalibrationResult) -> str:
+    """``result``'s settings as a markdown table: accuracy with its 95 % interval, speed, and the paired record
+    against the drafter alone (items only this setting / only the drafter got right, exact McNemar p)."""
+    lines = ["| setting | right | accuracy | 95% CI | tok/s | s/answer | vs drafter (+won -lost) | McNemar p | |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for score in result.scores:
+        s = score.summary
+        if score.is_drafter:
+            versus, p = "", ""
+        else:
+            versus = f"+{score.only_setting} -{score.only_drafter}"
+            p = f"{scoring.mcnemar_exact(score.only_setting, score.only_drafter):.2f}"
+        mark = ("**chosen**" if score is result.chosen
+                else f"{'screened out' if score.screened_out else 'dropped'} ({score.ran_on or f'ran on {score.dropped_after} items'})"
+                if score.dropped_after is not None else "")
+        lines.append(f"| {score.setting.name} | {s.correct}/{s.n} | {100 * s.accuracy:.1f}% | "
+                     f"{100 * s.ci_low:.1f}–{100 * s.ci_high:.1f}% | {s.tokens_per_second or 0:.1f} | "
+                     f"{s.seconds_per_answer or 0:.2f} | {versus} | {p} | {mark} |")
+    return "\n".join(lines) + "\n"
+
+
 # -- the config table -----------------------------------------------------------------------------------------
 
 
