@@ -1154,15 +1154,16 @@ def _calibration_rows(result: Any) -> list[tuple[str, ...]]:
 
 
 def _calibration_report(result: Any, out: Path, *, plot: bool) -> None:
-    """OUT/summary.md (the summary table of the eval report) and, with matplotlib, OUT/calibrate.png."""
+    """OUT/summary.md (the sweep table, with the paired record against the drafter) and, with matplotlib,
+    OUT/calibrate.png."""
     import importlib.util
 
-    from .eval.calibrate import dropped_note
-    from .eval.report import plot_accuracy_vs_speed, summary_markdown
+    from .eval.calibrate import dropped_note, sweep_table
+    from .eval.report import plot_accuracy_vs_speed
 
     summaries = [s.summary for s in result.scores]
     note = dropped_note(result.scores)
-    paths.write_text_atomic(out / "summary.md", f"# Calibration on {result.dev_set}\n\n" + summary_markdown(summaries)
+    paths.write_text_atomic(out / "summary.md", f"# Calibration on {result.dev_set}\n\n" + sweep_table(result)
                             + ("\n" + note if note else ""))
     if not plot:
         return

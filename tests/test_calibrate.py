@@ -186,7 +186,8 @@ def test_calibrate_writes_a_config_the_next_run_picks_up(tmp_path: Path, config_
     assert chosen["correct"] == 3 and 0 < chosen["ci95"][0] < chosen["ci95"][1] == 1.0
     assert data["evidence"][0]["correct"] < 3 and data["config_file"] == str(config_file)
     assert "chosen: safe w=" in result.stderr and "calibrate.png" not in result.stderr
-    assert (out / "summary.md").exists() and (out / "calibrate.png").exists()
+    assert (out / "calibrate.png").exists()
+    assert f"| {data['chosen']} | 3/3 | 100.0% |" in (out / "summary.md").read_text()
     records = (out / f"{load_dev_file(dev).name}.jsonl").read_text().splitlines()
     assert len(records) == 9
 
