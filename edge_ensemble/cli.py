@@ -287,6 +287,8 @@ def footer(result: GenerationResult, calibration: Calibration | None = None) -> 
     if s.routed_tokens and sum(s.routed_tokens.values()):
         total = sum(s.routed_tokens.values())
         parts.append("written by " + ", ".join(f"{n} {c / total:.0%}" for n, c in s.routed_tokens.items()))
+        if s.route_decisions < total:
+            parts.append(f"router consulted at {s.route_decisions / total:.0%} of tokens")
     parts.append(s.policy)
     if result.finish_reason == "length":
         parts.append("cut at max tokens or context")
@@ -969,10 +971,10 @@ _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown=
 @click.option("--configs", default=None, metavar="LIST",
               help="Comma-separated configurations: single (each member alone), single:<member>, every-token, "
                    "safe (faithful), safe-gated; branching (named only): parallel, eager, eager-adapt, "
-                   "eager-ensemble (M = 8 at temperature 0.6); with --head: route (fitted beta), route-b0 "
-                   "[default: all but the branching ones].")
+                   "eager-ensemble (M = 8 at temperature 0.6); with --head: route (fitted beta), route-b0, "
+                   "route-gated (router consulted where the expert's top-1 < 0.5) [default: all but the branching ones].")
 @click.option("--head", type=click.Path(dir_okay=False), default=None,
-              help="A route head (`edge-ensemble route train`): adds the route and route-b0 configurations.")
+              help="A route head (`edge-ensemble route train`): adds the route, route-b0 and route-gated configurations.")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First item (dataset order).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Number of items [default: the development slice].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,

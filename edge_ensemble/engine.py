@@ -58,6 +58,7 @@ class GenerationStats:
     branches: int = 0  # answers a branching policy (eager) generated; 0 for the others
     generated_tokens: int = 0  # tokens decoded across all branches, shared prefixes once (eager); ``tokens``: the chosen one's
     routed_tokens: dict[str, int] = field(default_factory=dict)  # route: tokens each expert wrote
+    route_decisions: int = 0  # route: tokens the router was consulted for (every one unless --route-gate)
     catch_up_tokens: int = 0  # route: lagging tokens experts fed in bulk when chosen again
     catch_up_seconds: float = 0.0  # route: time of those catch-up decodes
 
@@ -287,6 +288,7 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     stats.verification_calls = ps.verification_calls
     stats.unreliable_positions = ps.unreliable
     stats.routed_tokens = dict(ps.routed)
+    stats.route_decisions = ps.route_decisions
     stats.catch_up_tokens = ps.catch_up_tokens
     stats.catch_up_seconds = round(ps.catch_up_seconds, 4)
     stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}

@@ -41,9 +41,10 @@ def n_embd(path: Path) -> int:
 
 
 def route(members: list[Member], head_file: Path, messages=STORY, max_tokens: int = 64, beta: float | None = None,
-          overlap: bool = False):
+          overlap: bool = False, gate: float | None = None):
     events = list(generate_events(members, messages, policy="route",
-                                  policy_config=PolicyConfig(head=str(head_file), beta=beta, overlap=overlap),
+                                  policy_config=PolicyConfig(head=str(head_file), beta=beta, overlap=overlap,
+                                                             route_gate=gate),
                                   options=GenerationOptions(max_tokens=max_tokens)))
     return events[-1].result
 
@@ -169,9 +170,15 @@ def test_hidden_state_taken_while_routing_equals_a_direct_decode(tiny_pair, tiny
             np.testing.assert_allclose(seen[k], direct, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("router_is_expert0,overlap", [(True, False), (False, False), (False, True)])
+# The median of the tiny models' top-1 probabilities along a story: a gate there routes some tokens, not all.
+TINY_GATE = 0.4
+
+
+@pytest.mark.parametrize("router_is_expert0,overlap,gate", [(True, False, None), (False, False, None),
+                                                            (False, True, None), (True, False, TINY_GATE),
+                                                            (False, False, TINY_GATE)])
 def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, tiny_bpe_b, tmp_path, router_is_expert0,
-                                                                    overlap):
+                                                                    overlap, gate):
     expert0, other = (tiny_bpe, tiny_bpe_b) if router_is_expert0 else (tiny_bpe_b, tiny_bpe)
     d = n_embd(tiny_bpe)
     head = tmp_path / "always0.npz"
@@ -181,7 +188,7 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
     members = [Member(a, name="a"), Member(b, name="b")]
     for prompt in ("Tell me a long story.", "def fib(n):", "東京は日本の首都で、", "A sunny day 🌞🏖️ at the beach"):
         ask = [{"role": "user", "content": prompt}]
-        result = route(members, head, ask, max_tokens=48, beta=0.0, overlap=overlap)
+        result = route(members, head, ask, max_tokens=48, beta=0.0, overlap=overlap, gate=gate)
         want_tokens, want_text = greedy_tokens(expert0, ask, 48)
         lane = next(m for m in members if m.model.path == expert0).last_lane
         got = list(lane.cached[len(lane.prompt):])
@@ -193,22 +200,28 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
     b.close()
 
 
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap,gate", [(False, None), (True, None), (False, TINY_GATE)])
 def test_after_500_tokens_of_switching_every_cache_equals_a_fresh_decode(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path,
-                                                                         overlap):
+                                                                         overlap, gate):
     result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path, beta=0.5), max_tokens=500,
-                   overlap=overlap)
+                   overlap=overlap, gate=gate)
     assert result.stats.tokens == 500, result.finish_reason
     switches = len(result.provenance) - 1
-    assert switches >= 100 and min(result.stats.routed_tokens.values()) >= 100
+    if gate is None:
+        assert result.stats.route_decisions == 500
+        assert switches >= 100 and min(result.stats.routed_tokens.values()) >= 100
+    else:  # the router consulted at the unsure tokens only, still switching often
+        assert 50 <= result.stats.route_decisions <= 450, result.stats.route_decisions
+        assert switches >= 20 and min(result.stats.routed_tokens.values()) >= 20
     if overlap:  # the one other expert follows every token: it never lags
         assert result.stats.catch_up_tokens == 0
         assert tiny_pair[1].last_lane.decoded_tokens >= 500
     else:
         assert result.stats.catch_up_tokens > 0 and result.stats.catch_up_seconds > 0
-    router = tiny_pair[0]  # it reads every token: it holds the whole text
-    text_tokens = list(router.model.tokens(router.last_lane.seq)[len(router.last_lane.prompt):])
-    assert router.model.detokenize(text_tokens) == result.text.encode()
+    # Ungated the router reads every token; gated it lags, and the expert that wrote last holds the whole text.
+    holder = max(tiny_pair, key=lambda m: len(m.model.tokens(m.last_lane.seq)))
+    text_tokens = list(holder.model.tokens(holder.last_lane.seq)[len(holder.last_lane.prompt):])
+    assert holder.model.detokenize(text_tokens) == result.text.encode()
     for m in tiny_pair:
         lane = m.last_lane
         cached = list(m.model.tokens(lane.seq))
@@ -241,6 +254,27 @@ def test_route_needs_the_router_loaded_with_hidden_states(tiny_bpe, tiny_bpe_b, 
         route([Member(a, name="a"), Member(b, name="b")], switching_head(tiny_bpe, tiny_bpe_b, tmp_path))
     a.close()
     b.close()
+
+
+def test_route_gate_and_overlap_exclude_each_other(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path):
+    with pytest.raises(UsageError, match="--route-gate and --overlap do not go together"):
+        route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path), overlap=True, gate=0.5)
+
+
+def test_eval_route_configurations_are_built_from_one_head(tiny_bpe, tiny_bpe_b, tmp_path):
+    from edge_ensemble.eval.configs import build_configs
+
+    head = switching_head(tiny_bpe, tiny_bpe_b, tmp_path, beta=0.5)
+    configs, ensembles = build_configs([str(tiny_bpe), str(tiny_bpe_b)], ["route", "route-b0", "route-gated"],
+                                       EnsembleConfig(n_ctx=512), head=str(head))
+    try:
+        by_name = {c.name: c.config for c in configs}
+        assert [(by_name[n].beta, by_name[n].route_gate) for n in ("route", "route-b0", "route-gated")] == [
+            (None, None), (0.0, None), (None, 0.5)]
+        assert len({id(c.ensemble) for c in configs}) == 1  # one route-loaded ensemble serves all three
+    finally:
+        for e in ensembles:
+            e.close()
 
 
 def test_the_api_loads_the_router_with_hidden_states_and_routes(tiny_bpe, tiny_bpe_b, tmp_path):

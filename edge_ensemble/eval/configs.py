@@ -26,8 +26,11 @@ ENSEMBLE_CONFIGS = {
     "safe": ("safe", None),
     "safe-gated": ("safe", 0.5),
 }
-# FusionRoute over every member with a trained head (--head): beta as fitted, and pure routing.
-ROUTE_CONFIGS: dict[str, float | None] = {"route": None, "route-b0": 0.0}
+# FusionRoute over every member with a trained head (--head): beta as fitted, pure routing, and gated (the router
+# consulted only where the expert writing is unsure; beta as fitted there). name: options over the route policy.
+ROUTE_GATE = 0.5  # as SAFE's default gate
+ROUTE_CONFIGS: dict[str, dict[str, Any]] = {"route": {}, "route-b0": {"beta": 0.0},
+                                            "route-gated": {"route_gate": ROUTE_GATE}}
 NEEDS_HEAD = "the route configurations need a head: --head FILE (train one with `edge-ensemble route train`)"
 # Branching configurations over the drafter alone (eager-ensemble: over every member), at the authors'
 # temperature. M = BRANCHES answers per item; "parallel" samples them independently in one batch.
@@ -194,6 +197,7 @@ def _record_of(result: Any) -> dict[str, Any]:
            "finish_reason": result.finish_reason}
     if s.routed_tokens:
         out["routed_tokens"] = dict(s.routed_tokens)
+        out["route_decisions"] = s.route_decisions
         out["catch_up_tokens"], out["catch_up_seconds"] = s.catch_up_tokens, s.catch_up_seconds
     if result.branches:
         out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
@@ -218,8 +222,8 @@ def check_config_names(names: Sequence[str] | None) -> None:
 def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig,
                   head: str | None = None) -> tuple[list[EngineConfig], list[Ensemble]]:
     """The requested configurations (all when ``names`` is None): ``single:<member>`` for each member, then
-    every-token, safe (faithful) and safe-gated, and with a route ``head`` route (its fitted beta) and route-b0
-    (beta 0). Returns them and the ensembles to close afterwards."""
+    every-token, safe (faithful) and safe-gated, and with a route ``head`` route (its fitted beta), route-b0 (beta 0)
+    and route-gated (:data:`ROUTE_CONFIGS`). Returns them and the ensembles to close afterwards."""
     wanted = list(names) if names else None
     check_config_names(wanted)
     if wanted and "eager-ensemble" in wanted and len(members) < 2:  # (before any model loads)
@@ -299,5 +303,5 @@ def _route_configs(members: Sequence[str], names: Sequence[str], base: EnsembleC
     cfg = replace(base, policy="route", head=head, parallel=1).validate(len(members))
     routed = Ensemble(list(members), config=cfg, progress=True)
     ensembles.append(routed)
-    return [EngineConfig(name, routed, replace(cfg, beta=ROUTE_CONFIGS[name]).validate(len(members)))
+    return [EngineConfig(name, routed, replace(cfg, **ROUTE_CONFIGS[name]).validate(len(members)))
             for name in names]

@@ -422,7 +422,7 @@ def _record(task: Task, item: Any, config: GenerationConfig, max_tokens: int, re
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "first_pass_branches",
-                     "plan", "settings", "routed_tokens", "catch_up_tokens", "catch_up_seconds",
+                     "plan", "settings", "routed_tokens", "route_decisions", "catch_up_tokens", "catch_up_seconds",
                      "member_decoded_tokens"):
         if result.get(optional) is not None:
             record[optional] = result[optional]

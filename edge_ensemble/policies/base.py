@@ -51,6 +51,7 @@ class PolicyStats:
     verified_positions: int = 0
     unreliable: int = 0  # positions to check that no verifier could be asked about reliably
     routed: dict[str, int] = field(default_factory=dict)  # route: tokens each expert wrote
+    route_decisions: int = 0  # route: tokens the head chose the expert for (all of them unless gated)
     catch_up_tokens: int = 0  # route: lagging tokens an expert fed in bulk when chosen again
     catch_up_calls: int = 0
     catch_up_seconds: float = 0.0

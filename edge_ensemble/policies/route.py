@@ -9,6 +9,12 @@ Per token:
    also an expert, needs no second decode;
 4. the token is the argmax (or a sample) of log π_I + β·log π_router; β = 0 is pure routing.
 
+With ``route_gate`` g the router is consulted only where it may matter (SAFE's entropy gating applied to routing):
+the expert the head chose last goes on alone while its top-1 probability is at least g, the router lags, and at
+the first unsure token the router catches up in one bulk decode, the head decides, and β applies. On a CPU the
+router's step per token is most of route's cost over its strongest expert (a 0.5B router beside a 1.5B expert:
+about 1.6× the expert alone); gated, it is paid at the unsure tokens only, in bulk.
+
 With ``overlap`` the router's step and the step of the expert chosen last (other than the router) run at the same
 time in two threads: both read the same new token, so on two cores a token costs about the slower of the two
 instead of their sum, and that expert is ready if it is chosen again.
@@ -36,6 +42,9 @@ HEAD = Option("head", str, None, "The selection head (.npz) `edge-ensemble route
               shown_default="none", metavar="FILE")
 BETA = Option("beta", float, None, "Weight of the router's own log-probabilities added to the chosen expert's; "
               "0 = pure routing.", range=(0.0, 20.0), shown_default="the head's fitted value")
+ROUTE_GATE = Option("route_gate", float, None, "Consult the router only where the expert writing now is unsure (its "
+                    "top-1 probability below this); elsewhere that expert goes on alone. Off: the router decides "
+                    "every token.", range=(0.0, 1.0), off=True, shown_default="off")
 OVERLAP = Option("overlap", bool, False, "Decode each token with the router and the expert chosen last at the same "
                  "time, in two threads (for two or more cores: give each model half of them, e.g. --threads 1 on 2).")
 
@@ -66,7 +75,7 @@ def head_roles(head: RouterHead, lanes: list[Lane], where: str) -> tuple[int, li
 class RoutePolicy(PolicyBase):
     """One expert writes each token, chosen by the head from the router's hidden state."""
 
-    options = (HEAD, BETA, OVERLAP)
+    options = (HEAD, BETA, ROUTE_GATE, OVERLAP)
 
     def __init__(self, lanes, config, sampling, rng) -> None:  # type: ignore[no-untyped-def]
         super().__init__(lanes, config, sampling, rng)
@@ -88,6 +97,11 @@ class RoutePolicy(PolicyBase):
         self.stats.routed = {lane.name: 0 for lane in self.experts}
         # overlap: the expert (other than the router) that decodes each new token alongside the router
         self.follow = next((e for e in self.experts if e.backend is not self.router.backend), None)
+        self.gate: float | None = config.route_gate
+        if self.gate is not None and config.overlap:
+            raise UsageError("--route-gate and --overlap do not go together: gated, the router does not step with "
+                             "every token (give one of them)")
+        self.current: Lane | None = None  # gated: the expert the head chose last, which writes while it is sure
 
     def start(self) -> None:
         self.tokens: list[int] = []  # accepted tokens after the prompt (shared ids)
@@ -159,23 +173,48 @@ class RoutePolicy(PolicyBase):
         self.ready[id(follow.backend)] = out["dist"]
 
     def step(self, budget: int) -> list[Piece]:
+        if self.gate is not None and self.current is not None:
+            logits = self._current_logits()
+            if FullDist(logits).top1 >= self.gate:  # sure: it goes on alone, the router lags
+                return self._emit(self.current, FullDist(logits, self.temperature))
+        if self.pending is None:  # gated, the router lagged: it catches up in one decode
+            self.pending = self._route_step()
         router_dist, hidden = self.pending
         i = self.head.select(hidden)
         expert = self.experts[i]
+        self.stats.route_decisions += 1
         logits = self._expert_logits(expert, router_dist)
         # The router as the chosen expert: log π + β log π would only sharpen its own distribution.
         beta = 0.0 if expert.backend is self.router.backend else self.beta
         dist = FullDist(logits if beta == 0.0 else combine(logits, router_dist.logits, beta).astype(np.float32),
                         self.temperature)
-        tok = self.pick(dist)
-        self.stats.routed[expert.name] += 1
         if expert.backend is not self.router.backend:
             self.follow = expert
+        self.current = expert
+        return self._emit(expert, dist)
+
+    def _current_logits(self) -> np.ndarray:
+        """Gated: the next-token logits of the expert writing now, after the text."""
+        assert self.current is not None
+        if self.current.backend is self.router.backend:
+            return self.pending[0].logits  # type: ignore[index]  # (the router stepped with it)
+        return self.ready[id(self.current.backend)].logits  # type: ignore[attr-defined]
+
+    def _emit(self, expert: Lane, dist: FullDist) -> list[Piece]:
+        """Pick the token from ``dist`` as ``expert``'s, append it, and advance what the next token needs."""
+        tok = self.pick(dist)
+        self.stats.routed[expert.name] += 1
         if expert.member.is_eog(tok):
             return [Piece(b"", "route", expert.name, end=True)]
         if self.router.room < 1:
             raise ContextFull
         self.tokens.append(tok)
         self.ready = {}
-        self._advance()
+        if self.gate is None:
+            self._advance()
+        elif expert.backend is self.router.backend:  # the router writes: its own step is the next decision's
+            self.pending = self._route_step()
+        else:  # only the expert writing now steps; the router catches up when next consulted
+            self.pending = None
+            self.ready[id(expert.backend)] = self._catch_up(expert)
         return [Piece(expert.member.token_bytes(tok), "route", expert.name)]
