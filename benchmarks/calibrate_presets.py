@@ -123,3 +123,6 @@ if __name__ == "__main__":
         main()
     except (EdgeEnsembleError, ValueError) as exc:  # a bad sweep value, an unknown preset: one line
         sys.exit(f"error: {exc}")
+    except KeyboardInterrupt:  # the records so far are kept: a rerun goes on from them
+        print("interrupted; rerun the same command to go on", file=sys.stderr)
+        sys.exit(130)
