@@ -132,7 +132,8 @@ def cli() -> None:
     \b
     Exit codes: 0 ok; 1 the command failed (model missing or unreadable,
     not enough memory, prompt longer than the context, download failed);
-    2 bad usage (options, values, config file); 130 interrupted (Ctrl-C).
+    2 bad usage (options, values, config file); 3 llama.cpp crashed (doctor);
+    130 interrupted (Ctrl-C).
     """
 
 
