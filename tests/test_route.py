@@ -174,6 +174,31 @@ def test_hidden_state_taken_while_routing_equals_a_direct_decode(tiny_pair, tiny
 TINY_GATE = 0.4
 
 
+def test_gated_the_head_decides_on_the_router_state_of_the_whole_text(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path,
+                                                                       monkeypatch):
+    """Gated, the router lags between decisions: each decision must still read the hidden state after every
+    token so far (its bulk catch-up), never a stale one."""
+    from edge_ensemble.policies.route import RoutePolicy
+
+    running: list[RoutePolicy] = []
+    real_step = RoutePolicy.step
+    monkeypatch.setattr(RoutePolicy, "step", lambda self, budget: (running.append(self), real_step(self, budget))[1])
+    seen: list[tuple[int, np.ndarray]] = []
+    real_select = RouterHead.select
+    monkeypatch.setattr(RouterHead, "select",
+                        lambda self, h: (seen.append((len(running[-1].tokens), np.array(h))), real_select(self, h))[1])
+    result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path), max_tokens=80, gate=TINY_GATE)
+    assert 5 <= len(seen) < result.stats.tokens and len(seen) == result.stats.route_decisions
+    holder = max(tiny_pair, key=lambda m: len(m.model.tokens(m.last_lane.seq)))
+    tokens = list(holder.model.tokens(holder.last_lane.seq)[len(holder.last_lane.prompt):])
+    prompt = tiny_pair[0].last_lane.prompt
+    with Model(tiny_bpe, LoadOptions(n_ctx=2048, hidden_states=True)) as fresh:
+        for k, hidden in seen:
+            fresh.reset()
+            direct = fresh.decode_many([SeqRequest(0, prompt + tokens[:k], "last")]).hidden[0][-1]
+            np.testing.assert_allclose(hidden, direct, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("router_is_expert0,overlap,gate", [(True, False, None), (False, False, None),
                                                             (False, True, None), (True, False, TINY_GATE),
                                                             (False, False, TINY_GATE)])
@@ -186,6 +211,7 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
     a = Model(tiny_bpe, LoadOptions(n_ctx=2048, hidden_states=True))
     b = Model(tiny_bpe_b, LoadOptions(n_ctx=2048))
     members = [Member(a, name="a"), Member(b, name="b")]
+    decisions: list[bool] = []
     for prompt in ("Tell me a long story.", "def fib(n):", "東京は日本の首都で、", "A sunny day 🌞🏖️ at the beach"):
         ask = [{"role": "user", "content": prompt}]
         result = route(members, head, ask, max_tokens=48, beta=0.0, overlap=overlap, gate=gate)
@@ -196,8 +222,12 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
         assert result.text == want_text
         assert set(result.stats.routed_tokens.values()) >= {0} and sum(result.stats.routed_tokens.values()) >= result.stats.tokens
         assert {s.winner for s in result.provenance} <= {"a" if router_is_expert0 else "b"}
+        if gate is not None:  # the gate took effect: some tokens went to the expert alone, some to the head
+            decisions.append(result.stats.route_decisions < sum(result.stats.routed_tokens.values()))
+            decisions.append(result.stats.route_decisions > 1)
     a.close()
     b.close()
+    assert gate is None or any(decisions[0::2]) and any(decisions[1::2])
 
 
 @pytest.mark.parametrize("overlap,gate", [(False, None), (True, None), (False, TINY_GATE)])

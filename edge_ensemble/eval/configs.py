@@ -199,6 +199,9 @@ def _record_of(result: Any) -> dict[str, Any]:
         out["routed_tokens"] = dict(s.routed_tokens)
         out["route_decisions"] = s.route_decisions
         out["catch_up_tokens"], out["catch_up_seconds"] = s.catch_up_tokens, s.catch_up_seconds
+        # what each model decoded and how long it took: the router's own (bulk, when gated) catch-up included
+        out["member_decoded_tokens"] = dict(s.member_decoded_tokens)
+        out["member_decode_seconds"] = dict(s.member_decode_seconds)
     if result.branches:
         out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
                             "origin": b.origin, "forked_at": b.forked_at, "votes": b.votes, "chosen": b.chosen}

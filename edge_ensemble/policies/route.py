@@ -206,7 +206,8 @@ class RoutePolicy(PolicyBase):
         self.stats.routed[expert.name] += 1
         if expert.member.is_eog(tok):
             return [Piece(b"", "route", expert.name, end=True)]
-        if self.router.room < 1:
+        # The model that decodes the new token next: the router, or gated the expert writing (the router lags).
+        if (self.router if self.gate is None else expert).room < 1:
             raise ContextFull
         self.tokens.append(tok)
         self.ready = {}
