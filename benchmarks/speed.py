@@ -1,6 +1,8 @@
 """Speed benchmark: every policy on the same prompts, same models, same run.
 
     python benchmarks/speed.py --preset tiny --max-tokens 256 --out benchmarks/results/speed-tiny
+    python benchmarks/speed.py --preset coder --head results/route/head-gsm8k100.npz --threads 1 --overlap \
+        --out benchmarks/results/speed-coder-route     # + route, route gated, route with overlap (one thread each)
 
 Measures, per policy: tokens/s (generated tokens / generation wall time, prompt excluded), E/T, draft
 acceptance, verification calls, the share of wall time spent outside llama_decode (Python work), and peak
@@ -41,12 +43,19 @@ PROMPTS = [
 ]
 
 CONFIGS = [
-    # (label, policy, gate)
-    ("single (drafter alone)", "single", 0.5),
-    ("every-token (UniTE)", "every-token", 0.5),
-    ("safe (faithful)", "safe", None),
-    ("safe + gate 0.5 (default)", "safe", 0.5),
+    # (label, options over the base config)
+    ("single (drafter alone)", {"policy": "single"}),
+    ("every-token (UniTE)", {"policy": "every-token"}),
+    ("safe (faithful)", {"policy": "safe", "gate": None}),
+    ("safe + gate 0.5 (default)", {"policy": "safe", "gate": 0.5}),
 ]
+# With --head: over a second ensemble of the same members whose router gives hidden states (which costs the
+# router's steps something, so the configurations above do not pay for it).
+ROUTE_CONFIGS = [
+    ("route (beta fitted)", {"policy": "route"}),
+    ("route, gated 0.5", {"policy": "route", "route_gate": 0.5}),
+]
+OVERLAP_CONFIG = ("route, overlap", {"policy": "route", "overlap": True})  # --overlap: two models at once
 
 
 def run(args: argparse.Namespace) -> None:
@@ -56,27 +65,35 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, check_memory=True)
     ens = Ensemble(members, config=base, progress=True)
+    runs = [(label, ens, replace(base, **o).validate(len(members))) for label, o in CONFIGS]
+    routed = None
+    if args.head:
+        routed = Ensemble(members, config=replace(base, policy="route", head=args.head), progress=True)
+        for label, o in ROUTE_CONFIGS + ([OVERLAP_CONFIG] if args.overlap else []):
+            runs.append((label, routed, replace(base, head=args.head, **o).validate(len(members))))
     names = [m.name for m in ens.members]
     records = []
     prompts = PROMPTS[: args.prompts]
     profiler = cProfile.Profile() if args.profile else None
     # Warm-up: first decode pays page-ins of the mmapped weights.
     ens.generate(prompts[0], max_tokens=8, policy="every-token")
+    if routed is not None:
+        routed.generate(prompts[0], max_tokens=8)
     for i, prompt in enumerate(prompts):
-        for label, policy, gate in CONFIGS:
-            ens.config = replace(base, policy=policy, gate=gate).validate(len(names))
-            before = {m.name: m.model.llama_decode_seconds for m in ens._members}
-            if profiler and policy == "safe" and gate is not None:
+        for label, target, config in runs:
+            target.config = config
+            before = {m.name: m.model.llama_decode_seconds for m in target._members}
+            if profiler and config.policy == "safe" and config.gate is not None:
                 profiler.enable()
             t0 = time.perf_counter()
-            result = ens.generate(prompt, max_tokens=args.max_tokens)
+            result = target.generate(prompt, max_tokens=args.max_tokens)
             wall = time.perf_counter() - t0
             if profiler:
                 profiler.disable()
-            in_llama = sum(m.model.llama_decode_seconds - before[m.name] for m in ens._members)
+            in_llama = sum(m.model.llama_decode_seconds - before[m.name] for m in target._members)
             s = result.stats
             rec = {
-                "prompt": i, "config": label, "policy": policy, "gate": gate, "tokens": s.tokens,
+                "prompt": i, "config": label, "policy": config.policy, "gate": config.gate, "tokens": s.tokens,
                 "generation_seconds": s.generation_seconds, "prompt_seconds": s.prompt_seconds,
                 "tokens_per_second": s.tokens_per_second, "ensembled_fraction": s.ensembled_fraction,
                 "overridden_tokens": s.overridden_tokens, "draft_acceptance_rate": s.draft_acceptance_rate,
@@ -85,14 +102,19 @@ def run(args: argparse.Namespace) -> None:
                 "llama_decode_seconds": in_llama, "python_share": 1 - in_llama / wall if wall else 0.0,
                 "peak_memory_mb": s.peak_memory_mb, "finish_reason": result.finish_reason,
             }
+            if s.routed_tokens:
+                rec.update(routed_tokens=s.routed_tokens, route_decisions=s.route_decisions,
+                           catch_up_tokens=s.catch_up_tokens)
             records.append(rec)
             print(f"[{i}] {label:28s} {s.tokens:4d} tok {s.tokens_per_second:6.1f} tok/s  E/T {s.ensembled_fraction:.3f}"
                   f"  python {rec['python_share']:.1%}", file=sys.stderr, flush=True)
     ens.close()
+    if routed is not None:
+        routed.close()
     with open(out.with_suffix(".jsonl"), "w") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
-    md = summary(records, names, args)
+    md = summary(records, names, args, [label for label, _, _ in runs])
     if profiler:
         buf = io.StringIO()
         pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(15)
@@ -101,13 +123,13 @@ def run(args: argparse.Namespace) -> None:
     print(md)
 
 
-def summary(records: list[dict], names: list[str], args: argparse.Namespace) -> str:
+def summary(records: list[dict], names: list[str], args: argparse.Namespace, labels: list[str]) -> str:
     rows = []
     by = {}
     for r in records:
         by.setdefault(r["config"], []).append(r)
     ref = None
-    for label, *_ in CONFIGS:
+    for label in labels:
         rs = by[label]
         tokens = sum(r["tokens"] for r in rs)
         secs = sum(r["generation_seconds"] for r in rs)
@@ -121,7 +143,7 @@ def summary(records: list[dict], names: list[str], args: argparse.Namespace) -> 
         rows.append(f"| {label} | {tokens} | {tps:.1f} | {tps / ref:.2f}× | {et:.3f} | "
                     f"{(sum(acc) / len(acc)) if acc else float('nan'):.2f} | {vcalls} | {py:.1%} |")
     peak = max(r["peak_memory_mb"] for r in records)
-    by_label = {label: sum(r["tokens"] for r in by[label]) / sum(r["generation_seconds"] for r in by[label]) for label, *_ in CONFIGS}
+    by_label = {label: sum(r["tokens"] for r in by[label]) / sum(r["generation_seconds"] for r in by[label]) for label in labels}
     gated = by_label["safe + gate 0.5 (default)"]
     lines = [
         f"# Speed: {' + '.join(names)}",
@@ -142,6 +164,13 @@ def summary(records: list[dict], names: list[str], args: argparse.Namespace) -> 
         f"Peak RSS of the process: {peak:.0f} MB.",
         "",
     ]
+    routes = [label for label in labels if by[label][0]["policy"] == "route"]
+    if routes:
+        alone = by_label["single (drafter alone)"]
+        lines += ["Route, time per token against the drafter alone (the issue's goal: at most 1.15×): "
+                  + "; ".join(f"{label} **{alone / by_label[label]:.2f}×** (router consulted at "
+                              f"{sum(r['route_decisions'] for r in by[label]) / max(1, sum(r['tokens'] for r in by[label])):.0%}"
+                              " of tokens)" for label in routes) + ".", ""]
     return "\n".join(lines)
 
 
@@ -153,6 +182,9 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--profile", action="store_true", help="cProfile the gated SAFE runs")
+    p.add_argument("--head", help="a route head for these members: adds the route configurations")
+    p.add_argument("--overlap", action="store_true", help="with --head, also route with --overlap (give --threads 1 "
+                   "on two cores: two models then decode at once)")
     p.add_argument("--out", default=None, help="output path without suffix [default: benchmarks/results/speed-<preset>]")
     args = p.parse_args()
     args.out = args.out or f"benchmarks/results/speed-{args.preset}"
