@@ -334,8 +334,9 @@ def test_a_bad_calibration_table_is_one_line(tmp_path: Path) -> None:
 
 def test_pool_adds_up_the_development_sets() -> None:
     a, b = fake_result(("presets", "tiny"), 0.4), fake_result(("presets", "tiny"), 0.4)
-    pooled = pool([a, replace(b, dev_set="other items 0-2")])
+    pooled = pool([a, replace(b, dev_set="other items 0-2", date="2026-01-03T00:00:00+00:00")])
     assert pooled.items == 6 and pooled.dev_set == "dev.jsonl items 0-2 + other items 0-2"
+    assert pooled.date == "2026-01-03T00:00:00+00:00"  # the calibration is as of its last set
     assert [(s.summary.correct, s.summary.n) for s in pooled.scores] == [(2, 6), (4, 6)]
     assert pooled.chosen is pooled.scores[1]
     with pytest.raises(UsageError, match="one ensemble"):

@@ -526,6 +526,7 @@ def pool(results: Sequence[CalibrationResult], min_gain: int = 1) -> Calibration
                             any(p.screened_out for p in parts), "" if complete else _ran_on(name, by_name, results)))
         eligible.append(complete and all(within_allowance(b[name], r) for b, r in zip(by_name, results)))
     return replace(results[0], dev_set=" + ".join(r.dev_set for r in results), items=sum(r.items for r in results),
+                   date=max(r.date for r in results),  # (ISO dates in UTC compare as text) when the last set ended
                    scores=tuple(scores), chosen=select(scores, min_gain, eligible),
                    records=Path(os.path.commonpath([r.records.parent for r in results])))
 
