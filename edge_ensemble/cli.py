@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import platform
 import re
 import sys
 import warnings
@@ -911,7 +912,7 @@ def doctor(model: str | None) -> None:
     path = _doctor_model(model)
     features = checks.build_features()
     click.echo(f"edge-ensemble {__version__}, llama-cpp-python {checks.llama_version()}, "
-               f"Python {sys.version.split()[0]}, {sys.platform} {os.uname().machine if hasattr(os, 'uname') else ''}")
+               f"Python {sys.version.split()[0]}, {sys.platform} {platform.machine()}")
     click.echo(f"llama.cpp built for: {' '.join(features) or 'no optional CPU features'}"
                f" (this CPU has AMX: {'yes' if checks.cpu_has_amx() else 'no'})")
     click.echo(f"test decode of {path.name}, {checks.PROMPT_TOKENS} prompt tokens, in a child process ...")

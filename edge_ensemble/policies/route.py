@@ -174,9 +174,11 @@ class RoutePolicy(PolicyBase):
 
     def step(self, budget: int) -> list[Piece]:
         if self.gate is not None and self.current is not None:
-            logits = self._current_logits()
-            if FullDist(logits).top1 >= self.gate:  # sure: it goes on alone, the router lags
-                return self._emit(self.current, FullDist(logits, self.temperature))
+            own = self._current_dist()
+            if own.top1 >= self.gate:  # sure: it goes on alone, the router lags
+                # (the row is at temperature 1; greedy or 1 picks from it as it is, without another copy)
+                return self._emit(self.current, own if self.temperature in (0.0, 1.0)
+                                  else FullDist(own.logits, self.temperature))
         if self.pending is None:  # gated, the router lagged: it catches up in one decode
             self.pending = self._route_step()
         router_dist, hidden = self.pending
@@ -193,12 +195,12 @@ class RoutePolicy(PolicyBase):
         self.current = expert
         return self._emit(expert, dist)
 
-    def _current_logits(self) -> np.ndarray:
-        """Gated: the next-token logits of the expert writing now, after the text."""
+    def _current_dist(self) -> FullDist:
+        """Gated: the next-token distribution (temperature 1) of the expert writing now, after the text."""
         assert self.current is not None
         if self.current.backend is self.router.backend:
-            return self.pending[0].logits  # type: ignore[index]  # (the router stepped with it)
-        return self.ready[id(self.current.backend)].logits  # type: ignore[attr-defined]
+            return self.pending[0]  # type: ignore[index,return-value]  # (the router stepped with it)
+        return self.ready[id(self.current.backend)]  # type: ignore[return-value]
 
     def _emit(self, expert: Lane, dist: FullDist) -> list[Piece]:
         """Pick the token from ``dist`` as ``expert``'s, append it, and advance what the next token needs."""
