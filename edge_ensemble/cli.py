@@ -23,7 +23,7 @@ import platform
 import re
 import sys
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -227,9 +227,16 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def open_ensemble(settings: Settings) -> Ensemble:
-    """Load the members (fetching catalog models on first use, with progress on stderr)."""
-    return Ensemble(list(settings.members), config=settings.ensemble, progress=True)
+def open_ensemble(settings: Settings, *, per_request_policy: bool = False) -> Ensemble:
+    """Load the members (fetching catalog models on first use, with progress on stderr).
+
+    Under the ``single`` policy (a flag, the config file, or a calibration that kept the drafter alone) only the
+    drafter is loaded: the verifiers would never be read, yet cost their download, load time and memory. Not
+    with ``per_request_policy`` (the server, whose requests may ask for another policy)."""
+    members, config = list(settings.members), settings.ensemble
+    if config.policy == "single" and not per_request_policy:
+        members, config = members[:1], replace(config, weights=None)
+    return Ensemble(members, config=config, progress=True)
 
 
 def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]] | None, *,
@@ -434,7 +441,7 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
     options = ServerOptions(model_id=name, api_key=api_key, **limits, max_tokens=g.max_tokens,
                             temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
                             system=clean_text(settings.system, "the system prompt") if settings.system else None)
-    run_server(functools.partial(open_ensemble, settings), options, host=host, port=port)
+    run_server(functools.partial(open_ensemble, settings, per_request_policy=True), options, host=host, port=port)
 
 
 def _read_prompt(prompt: str | None) -> str:

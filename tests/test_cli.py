@@ -277,6 +277,7 @@ def test_config_file_and_flag_precedence(models: list[str], tmp_path: Path, monk
 
     data = json.loads(invoke(["run", "--json", "Hi"]).stdout)
     assert data["policy"] == "single" and data["stats"]["members"] == ["tiny-bpe"]
+    assert [m["name"] for m in data["members"]] == ["tiny-bpe"]  # single: the verifier is not even loaded
     assert data["config"]["draft_len"] == 3 and data["config"]["gate"] is None  # "off" = faithful SAFE
     assert data["generation"]["max_tokens"] == 7 and data["config"]["union_k"] == 10  # a built-in default
 
