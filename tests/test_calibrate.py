@@ -466,6 +466,22 @@ def test_a_losing_setting_is_dropped_early_and_a_resume_drops_it_again(tmp_path:
     assert "dropped_after" in scores[2].evidence() and "dropped_after" not in scores[1].evidence()
 
 
+def test_a_second_record_of_one_item_is_not_counted(tmp_path: Path) -> None:
+    task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 21)]))
+    items = task.items(0, None)
+    configs = canned_sweep()[:2]
+    path, _, _ = _run_dropping(task, configs, tmp_path / "out", items, 0, None, False, None)
+    every = [Setting(c.name, {"policy": "single" if c.name.startswith("single") else "safe"}) for c in configs]
+    before = _scores(read_records(path), every, [i.id for i in items], task.name, {})
+    records = read_records(path)
+    wrong = next(r for r in records if r["config"] == "single:d" and not r["correct"])
+    with path.open("a", encoding="utf-8") as f:  # a later answer to the same item, right this time
+        f.write(json.dumps({**wrong, "correct": True}) + "\n")
+    after = _scores(read_records(path), every, [i.id for i in items], task.name, {})
+    assert [(s.summary.n, s.summary.correct) for s in after] == [(s.summary.n, s.summary.correct) for s in before]
+    assert after[0].summary.n == 20
+
+
 def test_records_of_a_run_without_dropping_are_scored_as_a_dropping_run_would(tmp_path: Path) -> None:
     task = load_dev_file(write_jsonl(tmp_path / "dev.jsonl", [{"prompt": f"q{i}", "answer": i} for i in range(1, 46)]))
     items = task.items(0, None)

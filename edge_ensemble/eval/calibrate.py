@@ -482,6 +482,12 @@ def _scores(records: Sequence[dict[str, Any]], every: Sequence[Setting], items: 
     names = {s.name for s in every}
     ran = {s.name: set(items[:dropped.get(s.name, len(items))]) for s in every}
     mine = [r for r in records if r.get("task") == task and r.get("config") in names and r.get("item") in ran[r["config"]]]
+    # Two processes writing one results file (a record shared in beside a run that had the same item in flight)
+    # may leave two answers to one item: the first one written counts, as a resume would have skipped the second.
+    first: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in mine:
+        first.setdefault((r["config"], r["item"]), r)
+    mine = list(first.values())
     summaries = {s.config: s for s in summarize(mine)}
     paired = {p.config: p for p in paired_comparisons(mine) if p.baseline == every[0].name}
     missing = [s.name for s in every if s.name not in summaries]
