@@ -353,7 +353,9 @@ def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l
         "token_accuracy_test": {
             **{name: float(all_right[:, k].mean()) for k, name in enumerate(models.expert_names)},
             "route beta=0": float(table[np.arange(len(chosen)), chosen, 0].sum() / n),
-            f"route beta={beta}": float(table[np.arange(len(chosen)), chosen, g].sum() / n),
+            # (a fitted beta of 0 is the row above: not listed twice)
+            **({f"route beta={beta} (fitted)": float(table[np.arange(len(chosen)), chosen, g].sum() / n)}
+               if g else {}),
             "oracle (any expert right)": float(all_right.any(axis=1).sum() / n),
         } if len(chosen) else {},
     }

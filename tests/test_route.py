@@ -430,6 +430,10 @@ def test_training_set_and_head_are_deterministic_and_the_build_resumes(tiny_bpe,
         heads.append((tmp_path / name).read_bytes())
     assert heads[0] == heads[1]
     assert result.report["positions"]["informative_train"] > 0
+    accuracy = result.report["token_accuracy_test"]
+    if accuracy:  # a fitted beta of 0 is the "route beta=0" row itself, not listed a second time
+        assert "route beta=0" in accuracy
+        assert len([k for k in accuracy if k.endswith("(fitted)")]) == (result.head.beta != 0)
     assert fit_from_features(second, models, seed=4, date=DATE).report["items"]["test"] >= 1
 
 
