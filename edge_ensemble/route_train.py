@@ -332,6 +332,10 @@ def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l
     g = models.grid.index(beta)
     n = max(len(chosen), 1)
     all_right = table[:, :, 0]
+
+    def routed(column: int) -> float:  # share of test reference tokens ranked first by the chosen experts
+        return float(table[np.arange(len(chosen)), chosen, column].sum() / n)
+
     report = {
         "items": {"train": len(split.train), "heldout": len(split.heldout), "test": len(split.test),
                   "skipped": len(paths) - len(records)},
@@ -352,10 +356,8 @@ def fit_from_features(paths: Sequence[Path], models: Models, *, seed: int = 0, l
         # Teacher-forced share of test reference tokens ranked first: each expert alone, routing, the oracle.
         "token_accuracy_test": {
             **{name: float(all_right[:, k].mean()) for k, name in enumerate(models.expert_names)},
-            "route beta=0": float(table[np.arange(len(chosen)), chosen, 0].sum() / n),
-            # (a fitted beta of 0 is the row above: not listed twice)
-            **({f"route beta={beta} (fitted)": float(table[np.arange(len(chosen)), chosen, g].sum() / n)}
-               if g else {}),
+            "route beta=0": routed(0),
+            **({f"route beta={beta} (fitted)": routed(g)} if beta != 0.0 else {}),  # 0 is the row above
             "oracle (any expert right)": float(all_right.any(axis=1).sum() / n),
         } if len(chosen) else {},
     }
