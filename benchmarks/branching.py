@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_ensemble.decisions import Sampling
 from edge_ensemble.member import Member
-from edge_ensemble.policies.eager import EagerConfig, EagerRun
+from edge_ensemble.policies.eager import EagerOptions, EagerPolicy
 from edge_ensemble.runtime import LoadOptions, Model, usable_cores
 from edge_ensemble.sources import parse_spec, resolve
 
@@ -36,14 +36,14 @@ PROMPTS = [
 ]
 
 
-def batched(model: Model, prompt: list[int], config: EagerConfig, temperature: float, seed: int,
+def batched(model: Model, prompt: list[int], config: EagerOptions, temperature: float, seed: int,
             max_tokens: int) -> tuple[float, int, list[list[int]]]:
     """One EAGER run (parallel or eager): seconds, tokens generated, each branch's tokens."""
     model.reset()
     member = Member(model, name="m")
     lane = member.open_lane(prompt)
     t0 = time.perf_counter()
-    branches = EagerRun(lane, config, Sampling(temperature=temperature, seed=seed), np.random.default_rng(seed)).run(max_tokens)
+    branches = EagerPolicy(lane, config, Sampling(temperature=temperature, seed=seed), np.random.default_rng(seed)).run_branches(max_tokens)
     seconds = time.perf_counter() - t0
     lane.close()
     return seconds, sum(len(b.tokens) for b in branches), [b.tokens for b in branches]
@@ -76,9 +76,9 @@ def main() -> None:
     records = []
     for i, text in enumerate(PROMPTS):
         prompt = model.prompt_tokens(model.render_chat([{"role": "user", "content": text}]))
-        for name, cfg in (("parallel", EagerConfig(max_branches=args.branches, initial_branches=args.branches,
+        for name, cfg in (("parallel", EagerOptions(max_branches=args.branches, initial_branches=args.branches,
                                                    threshold=None)),
-                          ("eager", EagerConfig(max_branches=args.branches, threshold=args.threshold))):
+                          ("eager", EagerOptions(max_branches=args.branches, threshold=args.threshold))):
             seconds, tokens, answers = batched(model, prompt, cfg, args.temperature, i, args.max_tokens)
             alone = one_by_one(model, prompt, answers)
             records.append({"prompt": i, "config": name, "branches": len(answers), "tokens": tokens,

@@ -9,60 +9,140 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 import weakref
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .decisions import Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
-from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
+from .errors import BusyError, IncompatibleMembersError, UsageError, warn
 from .backends import LocalBackend
-from .gguf import check_gguf
 from .member import Member
-from .options import GENERATION, LOAD, Option, check_names, replace_checked, values_of, with_options
-from .policies import POLICY, POLICY_OPTIONS, PolicyConfig
-from .policies.safe import DRAFT_LEN
+from .memory import check_memory
+from .options import GENERATION, LOAD, Option, check_names
+from .policies import POLICY, LoadNeeds, MemberFile, registry
 from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
 from .rounds import DecodeRounds, LockedBackend, SharedBackend
-from .runtime import LoadOptions, Model, available_memory_bytes, usable_cores
+from .runtime import LoadOptions, Model, usable_cores
 from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
-MAX_DRAFT_LEN = int(DRAFT_LEN.range[1])  # type: ignore[index]  # the most logits rows one decode asks for
+
+class _LiveOptions(Mapping[str, Option]):
+    """A name -> :class:`Option` table read from the policy registry at each use (a plugin may register a policy
+    after this module is imported): the policy, every policy's options, and ``fixed`` ones."""
+
+    def __init__(self, before: dict[str, Option], after: dict[str, Option]) -> None:
+        self._before, self._after = before, after
+
+    def _table(self) -> dict[str, Option]:
+        return {**self._before, **registry.policy_options(), **self._after}
+
+    def __getitem__(self, name: str) -> Option:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
 
 # What an ensemble is made with: its policy, every policy's options (a call may override those) and the load
 # options (fixed once the models are loaded).
-ENSEMBLE_OPTIONS: dict[str, Option] = {"policy": POLICY, **POLICY_OPTIONS, **LOAD}
+ENSEMBLE_OPTIONS: Mapping[str, Option] = _LiveOptions({"policy": POLICY}, LOAD)
 # What one call (stream / generate) may set: the generation options, and the policy with its options.
-CALL_OPTIONS: dict[str, Option] = {**GENERATION, "policy": POLICY, **POLICY_OPTIONS}
+CALL_OPTIONS: Mapping[str, Option] = _LiveOptions({**GENERATION, "policy": POLICY}, {})
 
 
-@with_options(*ENSEMBLE_OPTIONS.values())
+@dataclass(frozen=True, init=False)
 class EnsembleConfig:
-    """Everything that shapes an ensemble (fields: :data:`ENSEMBLE_OPTIONS`), validated once by :meth:`validate`.
+    """Everything that shapes an ensemble, by option name (:data:`ENSEMBLE_OPTIONS`): the policy, the values given
+    for policy options (each policy reads its own, :meth:`policy_options`) and the load options. Checked once by
+    :meth:`validate`. ``EnsembleConfig(gate=None, n_ctx=2048)``; ``dataclasses.replace(cfg, gate=0.3)`` works.
 
     ``gate=None`` is faithful SAFE (every chunk verified); ``union_k`` is the number of candidates each member
     adds to the union (sampling's ``top_k`` is a per-call option)."""
 
+    given: Mapping[str, Any]  # the options given, by name (those not given take their policy's default)
+
+    def __init__(self, given: Mapping[str, Any] | None = None, **options: Any) -> None:
+        values = {**(given or {}), **options}
+        check_names(values, ENSEMBLE_OPTIONS)
+        object.__setattr__(self, "given", values)
+
+    def __getattr__(self, name: str) -> Any:
+        # A policy option's value: as given, else the default of the policy that reads it. (Fields and the
+        # properties below never come here.)
+        given = self.__dict__.get("given", {})
+        if name in given:
+            return given[name]
+        decl = registry.declaration(name, given.get("policy", POLICY.default))
+        if decl is None:
+            raise AttributeError(f"EnsembleConfig has no option {name!r}")
+        return decl.default
+
+    def _load(self, name: str) -> Any:
+        return self.given.get(name, LOAD[name].default)
+
+    @property
+    def policy(self) -> str:
+        return self.given.get("policy", POLICY.default)
+
+    @property
+    def n_ctx(self) -> int:
+        return self._load("n_ctx")
+
+    @property
+    def n_threads(self) -> int | None:
+        return self._load("n_threads")
+
+    @property
+    def n_gpu_layers(self) -> int:
+        return self._load("n_gpu_layers")
+
+    @property
+    def flash_attn(self) -> bool:
+        return self._load("flash_attn")
+
+    @property
+    def control_tokens_in_messages(self) -> bool:
+        return self._load("control_tokens_in_messages")
+
+    @property
+    def parallel(self) -> int:
+        return self._load("parallel")
+
+    @property
+    def check_memory(self) -> bool:
+        return self._load("check_memory")
+
     def validate(self, n_members: int, where: Callable[[str], str] = str) -> "EnsembleConfig":
         """This config with every value checked and normalised; a :class:`UsageError` names the allowed values
-        and the value given (``where(name)``: how the user wrote the option, e.g. its flag)."""
+        and the value given (``where(name)``: how the user wrote the option, e.g. its flag). A policy option is
+        checked as the chosen policy declares it (another policy's, for a name the chosen one does not read)."""
         if n_members < 1:
             raise UsageError("an ensemble needs at least one member")
-        cfg = replace_checked(self, ENSEMBLE_OPTIONS, where)
-        weights = cfg.weights  # type: ignore[attr-defined]  # (the fields come from the declarations)
+        policy = POLICY.check(self.policy, where("policy"))
+        checked = {}
+        for name, value in self.given.items():
+            decl = POLICY if name == "policy" else LOAD.get(name) or registry.declaration(name, policy)
+            assert decl is not None  # (the constructor refused names that are no option)
+            checked[name] = decl.check(value, where(name))
+        cfg = EnsembleConfig(checked)
+        weights = checked.get("weights")
         if weights is not None and len(weights) != n_members:
             raise UsageError(f"{where('weights')}: give one per member ({n_members}); got {len(weights)}")
+        registry.get(policy).check(cfg.policy_options(), n_members, where)
         return cfg
 
-    def policy_config(self) -> PolicyConfig:
-        """The values the policies read."""
-        return PolicyConfig(**values_of(self, POLICY_OPTIONS.values()))
+    def policy_options(self, policy: str | None = None) -> Any:
+        """The ``Options`` of ``policy`` (default: the chosen one) from the values given."""
+        return registry.make_options(policy or self.policy, dict(self.given))
 
 
 @dataclass
@@ -77,54 +157,6 @@ class MemberInfo:
     chat_template: bool
     size_bytes: int = 0
     extra: dict = field(default_factory=dict)
-
-
-# ggml types llama.cpp's CPU backend may repack into a second, interleaved copy at load: Q4_0, Q8_0, Q4_K, IQ4_NL.
-_REPACKED_TYPES = frozenset({2, 8, 12, 20})
-_MiB = 1 << 20
-
-
-def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_batch, *,
-                          hidden_states: bool = False) -> int:
-    """An upper bound of the memory one member can hold resident, from its GGUF header alone.
-
-    Weights (the mapped file) and their repacked copies; the f16 KV cache for ``n_ctx``; llama.cpp's compute
-    buffer at its worst — the f32 attention scores of a full batch against a full context (every head, plus
-    the mask) or the logits of the most rows a decode asks for, whichever is larger, plus the layer
-    activations; the output buffer holding those logits; and our per-token tables. Checked against measured peaks in
-    tests/test_faults.py. ``hidden_states`` (a router): llama.cpp then outputs logits and the hidden state at every
-    row of a batch, not only at the rows asked for.
-    """
-    repacked = sum(t.nbytes for t in check_gguf(path)
-                   if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
-    probe = Model(path, LoadOptions(vocab_only=True))
-    try:
-        arch = probe.architecture
-
-        def meta_int(key: str, default: int) -> int:
-            v = probe.metadata(f"{arch}.{key}")
-            try:
-                return int(v) if v is not None else default
-            except ValueError:
-                return default
-
-        n_layer = meta_int("block_count", 0)
-        n_embd = meta_int("embedding_length", 0)
-        n_ff = meta_int("feed_forward_length", 4 * n_embd)
-        n_head = max(1, meta_int("attention.head_count", 1))
-        n_head_kv = meta_int("attention.head_count_kv", n_head)
-        k_dim = meta_int("attention.key_length", n_embd // n_head)
-        v_dim = meta_int("attention.value_length", k_dim)
-        n_vocab = probe.n_vocab
-    finally:
-        probe.close()
-    kv = n_layer * n_ctx * n_head_kv * (k_dim + v_dim) * 2  # K and V, f16
-    # Logits are computed and kept only for the rows a decode asks for: at most a whole draft plus one.
-    logits = (n_batch * (n_vocab + n_embd) if hidden_states else min(n_batch, MAX_DRAFT_LEN + 1) * n_vocab) * 4
-    scores = n_batch * n_ctx * (n_head + 1) * 4
-    compute = max(scores, logits) + n_batch * (4 * n_embd + 2 * n_ff) * 4
-    tables = n_vocab * 128 + 32 * _MiB  # token bytes, masks, probability rows on the Python side
-    return path.stat().st_size + repacked + kv + compute + logits + tables
 
 
 class Ensemble:
@@ -165,24 +197,29 @@ class Ensemble:
             warn(f"{cfg.n_threads} threads (--threads / n_threads) is more than the {usable_cores()} CPU cores this"
                  f" process may use: llama.cpp's spinning threads then slow each other down; use {usable_cores()}"
                  " or fewer")
+        policy = registry.get(cfg.policy)
         # A server member (server:URL[=MODEL]) is resolved to the local GGUF its tokenizer is read from.
         servers = {i: parse_server_spec(str(s)) for i, s in enumerate(members) if is_server_spec(_spec_text(s))}
-        # route: the head is read before the models are located (which may download them or ask a server), then
-        # checked against their files before any model loads; its router gives hidden states
-        head = _route_head(cfg, servers) if cfg.policy == "route" else None  # type: ignore[attr-defined]
+        if servers and policy.local_only:  # (before a server is asked for its model)
+            raise UsageError(f"policy {policy.name} runs local models only ({policy.local_only}); give the members"
+                             " as files or catalog names")
         specs = [(servers[i].model or server_model_path(servers[i])) if i in servers else s for i, s in enumerate(members)]
         paths, names = self._resolve(specs, download=download, progress=progress)
-        router_path = _route_router(head, cfg.head, paths, names) if head is not None else None  # type: ignore[attr-defined]
+        self._files = [MemberFile(name, path, remote=i in servers) for i, (path, name) in enumerate(zip(paths, names))]
+        # What the policy reads once (a route head, checked against the files), before any model loads.
+        options_ = cfg.policy_options()
+        self._prepared: dict[tuple[str, Any], Any] = {(cfg.policy, options_): policy.prepare(options_, self._files)}
+        self._needs = needs = policy.load_needs(options_, len(paths), self._prepared[(cfg.policy, options_)])
+        hidden_paths = [paths[i] for i in needs.hidden_states]
         if cfg.check_memory:
-            local = [i for i in range(len(paths)) if i not in servers]
-            self._check_memory([paths[i] for i in local], router_path)
+            check_memory([p for i, p in enumerate(paths) if i not in servers], hidden_paths, cfg.n_ctx, cfg.parallel)
         loaded: list[tuple[Path, LocalBackend]] = []
         remote: dict[str, RemoteBackend] = {}
         try:
             for i, (path, name) in enumerate(zip(paths, names)):
                 # The same weights listed twice are loaded once: both members then read one model's logits
                 # (identical by construction, where two loads would differ by batch-split noise).
-                backend = None if i in servers else next((b for p, b in loaded if _same_file(p, path)), None)
+                backend = None if i in servers else next((b for p, b in loaded if same_file(p, path)), None)
                 if i in servers:  # one backend per server, whichever members name it
                     url = servers[i].url
                     backend = remote.get(url) or RemoteBackend(servers[i], path, n_probs=cfg.union_k, declared=specs[i])
@@ -192,15 +229,15 @@ class Ensemble:
                     backend = LocalBackend(Model(path, LoadOptions(
                         n_ctx=cfg.n_ctx * cfg.parallel, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
                         flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
-                        n_seq_max=cfg.parallel * _sequences_needed(cfg, len(paths)),
-                        hidden_states=router_path is not None and _same_file(path, router_path))), seq_ctx=cfg.n_ctx)
+                        n_seq_max=cfg.parallel * needs.sequences,
+                        hidden_states=any(same_file(path, h) for h in hidden_paths))), seq_ctx=cfg.n_ctx)
                     loaded.append((path, backend))
                 model = backend.model
                 self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members])))
                 _check_combinable(self._members[-1])
                 # (Several sequences share one context: positions are per sequence, so the sum may pass the
                 # trained context.)
-                if i not in servers and 0 < model.n_ctx_train < cfg.n_ctx and _sequences_needed(cfg, len(paths)) == 1:
+                if i not in servers and 0 < model.n_ctx_train < cfg.n_ctx and needs.sequences == 1:
                     warn(f"n_ctx {cfg.n_ctx} (--n-ctx) is more than {self._members[-1].name}'s trained context of"
                          f" {model.n_ctx_train} tokens: text past {model.n_ctx_train} tokens will be poor; use"
                          f" --n-ctx {model.n_ctx_train} or less")
@@ -231,21 +268,6 @@ class Ensemble:
         parsed = [parse_spec(spec, catalog) for spec in specs]  # every spec checked before anything downloads
         paths = [resolve(spec, download=download, progress=progress) for spec in parsed]
         return paths, [spec.display_name for spec in parsed]
-
-    def _check_memory(self, paths: Sequence[Path], router_path: Path | None) -> None:
-        available = available_memory_bytes()
-        if available is None:
-            return
-        unique = list(dict.fromkeys(os.path.realpath(p) for p in paths))  # one load per file
-        router = os.path.realpath(router_path) if router_path is not None else None
-        need = sum(estimate_memory_bytes(Path(p), self.config.n_ctx * self.config.parallel, hidden_states=p == router)
-                   for p in unique)
-        if need > available:
-            raise ModelLoadError(
-                f"not enough memory: the {len(paths)} model(s) need about {need / 2**30:.1f} GiB "
-                f"(weights, KV cache and buffers at n_ctx {self.config.n_ctx} x parallel {self.config.parallel}) but"
-                f" {available / 2**30:.1f} GiB is available; use smaller models, a smaller --n-ctx or --parallel"
-            )
 
     # -- use -----------------------------------------------------------------------------------------------
 
@@ -289,16 +311,29 @@ class Ensemble:
                                  time_limit=time_limit, extract=extract, keep_cache=bool(keep_cache))
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
-        have = self._members[0].model.options.n_seq_max if hasattr(self._members[0].backend, "model") else 1
-        if _sequences_needed(cfg, len(self._members)) > have // self.config.parallel:
-            raise UsageError(f"policy eager with max_branches={cfg.max_branches} needs contexts with more sequences"  # type: ignore[attr-defined]
-                             " than these models were loaded with; create the Ensemble with policy='eager' and at"
-                             " least that max_branches")
+        policy_options, prepared = self._prepare_call(cfg)
         stream: list[Iterator[Event]] = []
         stream.append(self._one_at_a_time(lambda: generate_events(
-            self._members, msgs, raw=raw_text, policy=cfg.policy, policy_config=cfg.policy_config(), options=opts),
-            stream))
+            self._members, msgs, raw=raw_text, policy=cfg.policy, policy_options=policy_options, prepared=prepared,
+            options=opts), stream))
         return stream[0]
+
+    def _prepare_call(self, cfg: EnsembleConfig) -> tuple[Any, Any]:
+        """The policy's options for a call and what the policy prepared for them (once per policy and options);
+        refused in one line when these models were not loaded for what they need."""
+        policy, options = registry.get(cfg.policy), cfg.policy_options()
+        key = (cfg.policy, options)
+        if key not in self._prepared:
+            prepared = policy.prepare(options, self._files)
+            needs = policy.load_needs(options, len(self._files), prepared)
+            have = self._needs
+            if needs.sequences > have.sequences or not needs.hidden_states <= have.hidden_states:
+                what = (f"{needs.sequences} sequences per member context (these models were loaded with "
+                        f"{have.sequences})" if needs.sequences > have.sequences else "a member loaded with hidden states")
+                raise UsageError(f"policy {policy.name} with these options needs {what}: create the Ensemble with "
+                                 f"policy={policy.name!r} and these options")
+            self._prepared[key] = prepared
+        return options, self._prepared[key]
 
     def complete(self, text: str, **kwargs: object) -> GenerationResult:
         """Complete raw ``text`` (no chat template) and return the whole result; ``stream(raw=text)`` streams it.
@@ -429,7 +464,7 @@ class Ensemble:
         self.close()
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
     """True when two paths hold the same bytes: the same file, or equal size and equal sha256."""
     try:
         if os.path.samefile(a, b):
@@ -468,44 +503,6 @@ def _busy_message(parallel: int) -> str:
                 " before asking for another")
     return (f"this thread is already streaming {parallel} answers from this ensemble (parallel={parallel});"
             " finish or close() one of them before asking for another")
-
-
-def _sequences_needed(cfg: EnsembleConfig, n_members: int) -> int:
-    """Sequences each member's context must hold for one answer: one, or for eager one per branch for every
-    member (a model listed twice forks its branches in one context). ``parallel`` answers need that many
-    times as many."""
-    if cfg.policy != "eager":  # type: ignore[attr-defined]
-        return 1
-    return cfg.max_branches * n_members  # type: ignore[attr-defined]
-
-
-def _route_head(cfg: EnsembleConfig, servers: dict) -> Any:
-    """Policy route's head (``cfg.head``), read and checked as a file (a corrupt or truncated one fails here)."""
-    from .policies.route import NEEDS_HEAD
-    from .routing import load_head
-
-    if cfg.head is None:  # type: ignore[attr-defined]
-        raise UsageError(NEEDS_HEAD)
-    if servers:
-        raise UsageError("policy route runs local models only (the router's hidden states are read in this process);"
-                         " give the members as files or catalog names")
-    return load_head(cfg.head)  # type: ignore[attr-defined]
-
-
-def _route_router(head: Any, head_path: str, paths: Sequence[Path], names: Sequence[str]) -> Path:
-    """The router's file for policy route: ``head`` checked against the members' GGUF sha256 and the router's
-    hidden size, before any model loads."""
-    from .routing import file_sha256
-
-    where = f"route head {head_path}"
-    router, _ = head.roles([file_sha256(p) for p in paths], list(names), where)
-    probe = Model(paths[router], LoadOptions(vocab_only=True))
-    try:
-        n_embd = int(probe.metadata(f"{probe.architecture}.embedding_length") or 0)
-    finally:
-        probe.close()
-    head.check_hidden_size(n_embd, names[router], where)
-    return paths[router]
 
 
 def _check_combinable(member: Member) -> None:

@@ -1,7 +1,8 @@
 """The generation loop: prompts in, a stream of events out, with stops, UTF-8-safe text and statistics.
 
-This is the single place where a policy is chosen (through :func:`policies.make_policy`) and where its
-accepted pieces turn into text. Every policy yields the same :class:`Event` type.
+This is the single place where a policy runs (its class from :mod:`edge_ensemble.policies.registry`) and where
+its accepted pieces turn into text. Every policy's answer streams as the same :class:`Event` type; a branching
+policy's answers are voted here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Generator, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -19,7 +20,7 @@ from .decisions import Sampling
 from .errors import ContextOverflowError
 from .member import Lane, Member
 from .options import GENERATION
-from .policies import ContextFull, PolicyConfig, make_policy
+from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, registry
 
 
 @dataclass
@@ -33,7 +34,8 @@ class Span:
 
 @dataclass
 class GenerationStats:
-    """Figures of one generation."""
+    """Figures of one generation: those of every policy, and the policy's own (:attr:`policy_stats`, e.g.
+    SAFE's ``draft_acceptance_rate`` or route's ``routed_tokens``), readable as attributes too."""
 
     policy: str
     members: list[str]
@@ -42,28 +44,35 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     tokens_per_second: float = 0.0
-    drafted_tokens: int = 0
-    draft_acceptance_rate: float | None = None
-    ensembled_tokens: int = 0
+    ensembled_tokens: int = 0  # tokens more than one member chose
     ensembled_fraction: float = 0.0  # E/T
-    overridden_tokens: int = 0  # ensembled tokens that differ from the drafter's own choice
-    verification_calls: int = 0
-    # Positions the gate or a faithful cycle wanted checked but that were left to the drafter because a
-    # re-tokenizing verifier's view of them was unreliable (mid-character, a token boundary it does not share).
-    unreliable_positions: int = 0
     shared_tokenizer: dict[str, bool] = field(default_factory=dict)  # member -> uses the drafter's token ids
     member_decode_seconds: dict[str, float] = field(default_factory=dict)
     member_decoded_tokens: dict[str, int] = field(default_factory=dict)
     peak_memory_mb: float = 0.0
-    branches: int = 0  # answers a branching policy (eager) generated; 0 for the others
-    generated_tokens: int = 0  # tokens decoded across all branches, shared prefixes once (eager); ``tokens``: the chosen one's
-    routed_tokens: dict[str, int] = field(default_factory=dict)  # route: tokens each expert wrote
-    route_decisions: int = 0  # route: tokens the router was consulted for (every one unless --route-gate)
-    catch_up_tokens: int = 0  # route: lagging tokens experts fed in bulk when chosen again
-    catch_up_seconds: float = 0.0  # route: time of those catch-up decodes
+    branches: int = 0  # answers a branching policy generated; 0 for the others
+    generated_tokens: int = 0  # tokens decoded across all branches, shared prefixes once; ``tokens``: the chosen one's
+    policy_stats: dict[str, Any] = field(default_factory=dict)  # the policy's own figures (PolicyStats.figures)
+
+    def __getattr__(self, name: str) -> Any:
+        # (only called for names that are not fields: the policy's own figures)
+        figures = self.__dict__.get("policy_stats") or {}
+        if name in figures:
+            return figures[name]
+        raise AttributeError(f"{type(self).__name__} of policy {self.__dict__.get('policy')!r} has no {name!r}")
+
+    def figure(self, name: str, default: Any = None) -> Any:
+        """A policy's own figure, or ``default`` when this policy does not report it."""
+        return self.policy_stats.get(name, default)
+
+    def summary(self) -> list[str]:
+        """The policy's own parts of the footer line (e.g. ``drafts accepted 93%``)."""
+        return registry.get(self.policy).Stats().summary(self.policy_stats) if self.policy in registry.names() else []
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.update(out.pop("policy_stats"))  # the policy's figures at the top level, as every key is
+        return out
 
 
 @dataclass
@@ -131,6 +140,11 @@ class GenerationOptions:
     # False: the answer's cells are freed at its end, so the next answer prefills its prompt from scratch (what a
     # fair benchmark of answers decoded side by side needs; reset_cache() does it for the whole ensemble).
     keep_cache: bool = True
+
+
+def member_files(members: Sequence[Member]) -> list[MemberFile]:
+    """What :meth:`Policy.prepare` may know of loaded members."""
+    return [MemberFile(m.name, m.model.path, remote=not hasattr(m.backend, "feed_hidden")) for m in members]
 
 
 def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,
@@ -208,31 +222,39 @@ def generate_events(
     messages: Sequence[dict[str, str]] | None = None,
     *,
     raw: str | None = None,
-    policy: str = "safe",
-    policy_config: PolicyConfig = PolicyConfig(),
+    policy: str = DEFAULT_POLICY,
+    policy_options: Any = None,
+    prepared: Any = None,
     options: GenerationOptions = GenerationOptions(),
 ) -> Iterator[Event]:
-    """Stream one answer to a conversation (``messages``) or a continuation of ``raw`` text. The generator
-    may be closed early (Ctrl-C): its lanes are given back, and caches stay consistent because every lane
-    re-synchronises its sequence against the tokens it should hold."""
+    """Stream one answer to a conversation (``messages``) or a continuation of ``raw`` text. ``policy_options``:
+    the policy's ``Options`` (or a mapping of option values, checked here; None: its defaults); ``prepared``: what
+    :meth:`Policy.prepare` read once for the loaded ensemble (None: prepared here, for this answer). The generator may be closed early (Ctrl-C): its
+    lanes are given back, and caches stay consistent because every lane re-synchronises its sequence against the
+    tokens it should hold."""
+    cls = registry.get(policy)
+    if policy_options is None or isinstance(policy_options, Mapping):
+        policy_options = registry.make_options(policy, dict(policy_options or {}))
+    active = list(members[:1]) if cls.drafter_only else list(members)
+    if prepared is None:
+        prepared = cls.prepare(policy_options, member_files(active))
     rng = np.random.default_rng(options.sampling.seed)
-    active = list(members[:1]) if policy == "single" else list(members)
     stats = GenerationStats(policy=policy, members=[m.name for m in active])
 
     t0 = time.perf_counter()
     lanes = open_lanes(active, messages, raw=raw)
-    run = _run_branches if policy == "eager" else _run
     try:
-        done = yield from run(lanes, policy, policy_config, options, rng, stats, t0)
+        runner = cls(lanes, policy_options, options.sampling, rng, prepared)
+        run = _run_branches if cls.branches else _run
+        done = yield from run(lanes, runner, options, stats, t0)
     finally:
         close_lanes(lanes, keep_cache=options.keep_cache)  # before the last event: a caller who stops reading there leaves nothing open
     yield done
 
 
-def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
-         rng: np.random.Generator, stats: GenerationStats, t0: float) -> Generator[Event, None, Event]:
+def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: GenerationStats,
+         t0: float) -> Generator[Event, None, Event]:
     """The loop of :func:`generate_events` over open lanes; returns the last event (with the result)."""
-    runner = make_policy(policy, lanes, policy_config, options.sampling, rng)
     runner.start()
     t1 = time.perf_counter()
     stats.prompt_seconds = t1 - t0
@@ -245,18 +267,21 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     finish = "length"
     tokens = 0
     deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
+    steps = runner.generate(options.max_tokens)
     try:
         while tokens < options.max_tokens and time.perf_counter() < deadline:
             try:
-                pieces = runner.step(options.max_tokens - tokens)
+                pieces = next(steps, None)
             except (ContextFull, ContextOverflowError):
                 finish = "length"
+                break
+            if pieces is None:
                 break
             ended = False
             for piece in pieces:
                 if piece.end:
                     ended = True
-                    if piece.kind == "ensemble":
+                    if piece.kind == "ensemble":  # the members chose to end: that choice counts as a token
                         tokens += 1
                         spans.append(Span("ensemble", "", piece.winner))
                     break
@@ -275,22 +300,12 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
         if tail:
             yield Event(tail, "draft")
     finally:
+        steps.close()
         t2 = time.perf_counter()
         stats.generation_seconds = t2 - t1
-    ps = runner.stats
     stats.tokens = tokens
     stats.tokens_per_second = tokens / stats.generation_seconds if stats.generation_seconds > 0 else 0.0
-    stats.drafted_tokens = ps.drafted
-    stats.draft_acceptance_rate = (ps.accepted_drafts / ps.drafted) if ps.drafted else None
-    stats.ensembled_tokens = ps.ensembled
-    stats.ensembled_fraction = ps.ensembled / tokens if tokens else 0.0
-    stats.overridden_tokens = ps.overrides
-    stats.verification_calls = ps.verification_calls
-    stats.unreliable_positions = ps.unreliable
-    stats.routed_tokens = dict(ps.routed)
-    stats.route_decisions = ps.route_decisions
-    stats.catch_up_tokens = ps.catch_up_tokens
-    stats.catch_up_seconds = round(ps.catch_up_seconds, 4)
+    _policy_figures(stats, runner, tokens)
     stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
     stats.member_decode_seconds = {lane.name: round(lane.decode_seconds - prefill_seconds[lane.name], 4) for lane in lanes}
     stats.member_decoded_tokens = {lane.name: lane.decoded_tokens - prefill_tokens[lane.name] for lane in lanes}
@@ -301,20 +316,25 @@ def _run(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: G
     return Event("", "done", finish_reason=finish, result=result)
 
 
-def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, options: GenerationOptions,
-                  rng: np.random.Generator, stats: GenerationStats, t0: float) -> Generator[Event, None, Event]:
-    """EAGER: every branch to its end (all live ones in one batch per step), then the vote; the chosen answer
-    is streamed at the end. Returns the last event, whose result lists every branch."""
-    from .branching import majority_vote
-    from .policies.eager import EagerRun
+def _policy_figures(stats: GenerationStats, runner: Policy, tokens: int) -> None:
+    """The policy's own figures, and E/T from its ensembled count."""
+    stats.ensembled_tokens = runner.stats.ensembled
+    stats.ensembled_fraction = runner.stats.ensembled / tokens if tokens else 0.0
+    stats.policy_stats = runner.stats.figures(tokens)
 
-    runner = EagerRun(lanes, policy_config, options.sampling, rng)
+
+def _run_branches(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: GenerationStats,
+                  t0: float) -> Generator[Event, None, Event]:
+    """A branching policy: every branch to its end (``run_branches``), then the vote; the chosen answer is
+    streamed at the end. Returns the last event, whose result lists every branch."""
+    from .branching import majority_vote
+
     t1 = time.perf_counter()
     stats.prompt_seconds = t1 - t0
     stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
     try:
         deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
-        branches = runner.run(options.max_tokens, deadline=deadline)
+        branches = runner.run_branches(options.max_tokens, deadline=deadline)
     finally:
         stats.generation_seconds = time.perf_counter() - t1
     infos: list[BranchInfo] = []
@@ -341,8 +361,8 @@ def _run_branches(lanes: list[Lane], policy: str, policy_config: PolicyConfig, o
     stats.generated_tokens = generated
     stats.branches = len(infos)
     stats.tokens_per_second = generated / stats.generation_seconds if stats.generation_seconds > 0 else 0.0
-    stats.ensembled_tokens = runner.stats.ensembled
-    stats.verification_calls = runner.ensemble_checks
+    _policy_figures(stats, runner, best.tokens)
+    stats.ensembled_fraction = 0.0  # (branches started at the members' alternative are not tokens of the answer)
     stats.shared_tokenizer = {lane.name: i == 0 or lane.follows_drafter for i, lane in enumerate(lanes)}
     stats.member_decode_seconds = {lane.name: round(lane.decode_seconds, 4) for lane in lanes}
     stats.member_decoded_tokens = {lane.name: lane.decoded_tokens for lane in lanes}

@@ -37,12 +37,18 @@ class Option:
     range: tuple[float, float] | None = None
     above: bool = False  # the lower bound itself is not allowed (top_p > 0, weights > 0)
     choices: tuple[str, ...] = ()
+    choices_of: Callable[[], Sequence[str]] | None = None  # choices known only at run time (registered policies)
     off: bool = False
     item: type | None = None  # the item type of a tuple option
     alias: str = ""  # the config key and flag when they differ from the name (n_threads -> threads)
     shown_default: str = ""  # how --help shows a default that is not a plain value ("all cores")
     cli: bool = True  # False: an API-only option, without flag or config key
     metavar: str = ""  # how --help names the value when not by its type (FILE)
+
+    @property
+    def allowed_choices(self) -> tuple[str, ...]:
+        """The values a string option may take (empty: any string)."""
+        return tuple(self.choices_of()) if self.choices_of is not None else self.choices
 
     @property
     def key(self) -> str:
@@ -62,8 +68,8 @@ class Option:
         """What a value must be, e.g. ``a whole number between 1 and 64`` (``off_text``: how None is spelled)."""
         if self.type is bool:
             text = "true or false"
-        elif self.choices:
-            text = "one of " + ", ".join(self.choices)
+        elif self.allowed_choices:
+            text = "one of " + ", ".join(self.allowed_choices)
         elif self.item is str:
             text = "a string or a list of strings"
         elif self.type is str:
@@ -142,7 +148,7 @@ class Option:
         if kind is bool:
             return value if isinstance(value, bool) else _BAD
         if kind is str:
-            return value if isinstance(value, str) and (not self.choices or value in self.choices) else _BAD
+            return value if isinstance(value, str) and (not self.allowed_choices or value in self.allowed_choices) else _BAD
         if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
             return _BAD  # True is an int to Python, never a number to a user
         value = kind(value)

@@ -173,20 +173,19 @@ def test_two_interleaved_generations_on_one_context_equal_each_alone(tiny_bpe_cl
     two sequences) write exactly what each writes alone, and give their sequences back."""
     from edge_ensemble.engine import GenerationOptions, generate_events
     from edge_ensemble.member import Member
-    from edge_ensemble.policies import PolicyConfig
 
     models = [Model(p, LoadOptions(n_ctx=1024, n_seq_max=2)) for p in tiny_bpe_close]
     members = [Member(m, name=f"m{i}") for i, m in enumerate(models)]
-    cfg, opts = PolicyConfig(gate=None), GenerationOptions(max_tokens=40)
+    cfg, opts = dict(gate=None), GenerationOptions(max_tokens=40)
     asks = [[{"role": "user", "content": "Tell me about the sea."}], [{"role": "user", "content": "Count to ten, please."}]]
     alone = []
     for ask in asks:
         for m in models:
             m.reset()
-        alone.append(list(generate_events(members, ask, policy_config=cfg, options=opts))[-1].result.text)
+        alone.append(list(generate_events(members, ask, policy_options=cfg, options=opts))[-1].result.text)
     for m in models:
         m.reset()
-    streams = [generate_events(members, ask, policy_config=cfg, options=opts) for ask in asks]
+    streams = [generate_events(members, ask, policy_options=cfg, options=opts) for ask in asks]
     done: list[str | None] = [None, None]
     while any(d is None for d in done):  # one event of each in turn
         for i, s in enumerate(streams):

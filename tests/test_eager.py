@@ -8,8 +8,7 @@ import numpy as np
 from edge_ensemble.decisions import Sampling
 from edge_ensemble.engine import GenerationOptions, generate_events
 from edge_ensemble.member import Member
-from edge_ensemble.policies import PolicyConfig
-from edge_ensemble.policies.eager import EagerConfig, EagerRun
+from edge_ensemble.policies.eager import EagerOptions, EagerPolicy
 from edge_ensemble.runtime import LoadOptions, Model
 
 ASK = [{"role": "user", "content": "Tell me a story about a lighthouse."}]
@@ -24,11 +23,11 @@ def test_one_branch_is_plain_sampling_with_the_same_seed(tiny_bpe):
     model = Model(tiny_bpe, LoadOptions(n_ctx=1024, n_seq_max=2))
     member, lane = _lane(model)
     sampling = Sampling(temperature=0.6, seed=7)
-    branches = EagerRun(lane, EagerConfig(max_branches=1, threshold=0.0), sampling, np.random.default_rng(7)).run(40)
+    branches = EagerPolicy(lane, EagerOptions(max_branches=1, threshold=0.0), sampling, np.random.default_rng(7)).run_branches(40)
     lane.close()
     assert len(branches) == 1
     model.reset()
-    single = list(generate_events([member], ASK, policy="single", policy_config=PolicyConfig(),
+    single = list(generate_events([member], ASK, policy="single", policy_options={},
                                   options=GenerationOptions(max_tokens=40, sampling=sampling)))[-1].result
     assert model.detokenize(branches[0].tokens) == single.text.encode()
     model.close()
@@ -37,8 +36,8 @@ def test_one_branch_is_plain_sampling_with_the_same_seed(tiny_bpe):
 def test_branches_fork_at_high_entropy_and_each_equals_its_prefix_decoded_alone(tiny_bpe):
     model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
     member, lane = _lane(model)
-    run = EagerRun(lane, EagerConfig(max_branches=4, threshold=0.0, percentile=0.0), Sampling(), np.random.default_rng(0))
-    branches = run.run(24)
+    run = EagerPolicy(lane, EagerOptions(max_branches=4, threshold=0.0, percentile=0.0), Sampling(), np.random.default_rng(0))
+    branches = run.run_branches(24)
     lane.close()
     assert len(branches) == 4 and all(b.finish_reason in ("stop", "length") for b in branches)
     assert run.batched_steps < sum(len(b.tokens) for b in branches)  # live branches shared each llama_decode
@@ -72,12 +71,12 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     models = [Model(p, LoadOptions(n_ctx=2048, n_seq_max=4)) for p in tiny_bpe_close]
     members = [Member(m, name=f"m{i}") for i, m in enumerate(models)]
     lanes = [m.open_lane(m.backend.chat_prompt(ASK), follows_drafter=i > 0, by_id=True) for i, m in enumerate(members)]
-    cfg = EagerConfig(max_branches=4, threshold=None, ensemble_gate=1.0)  # no entropy forks; check every token
-    run = EagerRun(lanes, cfg, Sampling(), np.random.default_rng(0))
-    branches = run.run(20)
+    cfg = EagerOptions(max_branches=4, threshold=None, ensemble_gate=1.0)  # no entropy forks; check every token
+    run = EagerPolicy(lanes, cfg, Sampling(), np.random.default_rng(0))
+    branches = run.run_branches(20)
     origins = [b.origin for b in branches]
     assert origins[0] == "root" and "ensemble" in origins and "entropy" not in origins
-    assert run.ensemble_checks > 0
+    assert run.stats.ensemble_checks > 0
     for b in branches[1:]:  # each ensemble branch starts with a token the drafter did not choose there
         parent = branches[b.parent]
         assert b.tokens[: b.forked_at] == parent.tokens[: b.forked_at]
@@ -88,7 +87,7 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     # Sampled: the parent may take a token other than the drafter's top-1; a branch still starts only where the
     # union's best differs from the drafter's top-1, and never with the parent's own token.
     lanes = [m.open_lane(m.backend.chat_prompt(ASK), follows_drafter=i > 0, by_id=True) for i, m in enumerate(members)]
-    sampled = EagerRun(lanes, cfg, Sampling(temperature=1.0), np.random.default_rng(3)).run(20)
+    sampled = EagerPolicy(lanes, cfg, Sampling(temperature=1.0), np.random.default_rng(3)).run_branches(20)
     prompt = list(lanes[0].prompt)
     for lane in lanes:
         lane.close()
@@ -107,21 +106,20 @@ def test_ensemble_branching_forks_where_the_members_disagree(tiny_bpe_close):
     twin = Member(members[0].backend, name="twin")  # the same loaded model listed twice
     lanes = [members[0].open_lane(members[0].backend.chat_prompt(ASK), by_id=True)]
     lanes.append(twin.open_lane(lanes[0].prompt, follows_drafter=True, by_id=True, twin_of=lanes[0]))
-    alone = EagerRun(lanes, cfg, Sampling(), np.random.default_rng(0)).run(20)
+    alone = EagerPolicy(lanes, cfg, Sampling(), np.random.default_rng(0)).run_branches(20)
     assert len(alone) == 1
     for m in models:
         m.close()
 
 
 def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
-    from edge_ensemble.policies import PolicyConfig
 
     model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
     member = Member(model, name="m")
-    cfg = PolicyConfig(max_branches=4, threshold=0.0, percentile=0.0)
+    cfg = dict(max_branches=4, threshold=0.0, percentile=0.0)
     first_char = lambda text: text[:1] or None  # noqa: E731 - a stand-in extractor: the answer is the first character
     opts = GenerationOptions(max_tokens=16, sampling=Sampling(temperature=0.6, seed=1), extract=first_char)
-    events = list(generate_events([member], ASK, policy="eager", policy_config=cfg, options=opts))
+    events = list(generate_events([member], ASK, policy="eager", policy_options=cfg, options=opts))
     result = events[-1].result
     assert "".join(e.text for e in events) == result.text
     assert len(result.branches) == 4 == result.stats.branches
@@ -140,18 +138,18 @@ def test_eager_through_the_engine_votes_and_lists_every_branch(tiny_bpe):
 def test_parallel_is_m_independent_answers_in_one_batch(tiny_bpe):
     model = Model(tiny_bpe, LoadOptions(n_ctx=2048, n_seq_max=4))
     member, lane = _lane(model)
-    greedy = EagerConfig(max_branches=4, threshold=None, initial_branches=4)
-    branches = EagerRun(lane, greedy, Sampling(), np.random.default_rng(0)).run(20)
+    greedy = EagerOptions(max_branches=4, threshold=None, initial_branches=4)
+    branches = EagerPolicy(lane, greedy, Sampling(), np.random.default_rng(0)).run_branches(20)
     assert [b.origin for b in branches] == ["root", "parallel", "parallel", "parallel"]
     assert len({tuple(b.tokens) for b in branches}) == 1  # greedy: four copies of one answer
     model.reset()
-    single = list(generate_events([member], ASK, policy="single", policy_config=PolicyConfig(),
+    single = list(generate_events([member], ASK, policy="single", policy_options={},
                                   options=GenerationOptions(max_tokens=20)))[-1].result
     assert model.detokenize(branches[0].tokens) == single.text.encode()
     model.reset()
     member, lane = _lane(model)
-    run = EagerRun(lane, greedy, Sampling(temperature=0.9, seed=3), np.random.default_rng(3))
-    sampled = run.run(20)
+    run = EagerPolicy(lane, greedy, Sampling(temperature=0.9, seed=3), np.random.default_rng(3))
+    sampled = run.run_branches(20)
     assert len({tuple(b.tokens) for b in sampled}) > 1  # independent samples
     assert run.batched_steps <= 20  # one decode per step for all four
     model.close()
@@ -162,8 +160,8 @@ def test_a_branch_that_fills_the_context_ends_alone(tiny_bpe):
     gives its cells back, and the others go on (until they too run out of room)."""
     model = Model(tiny_bpe, LoadOptions(n_ctx=256, n_seq_max=4))
     member, lane = _lane(model)
-    run = EagerRun(lane, EagerConfig(max_branches=4, threshold=0.0, percentile=0.0), Sampling(), np.random.default_rng(0))
-    branches = run.run(400)  # far more than the context holds
+    run = EagerPolicy(lane, EagerOptions(max_branches=4, threshold=0.0, percentile=0.0), Sampling(), np.random.default_rng(0))
+    branches = run.run_branches(400)  # far more than the context holds
     lane.close()
     assert len(branches) == 4 and all(b.finish_reason == "length" for b in branches)
     lengths = sorted(len(b.tokens) for b in branches)

@@ -9,7 +9,6 @@ import pytest
 from edge_ensemble.api import Ensemble, EnsembleConfig
 from edge_ensemble.engine import GenerationOptions, generate_events
 from edge_ensemble.member import Member
-from edge_ensemble.policies import PolicyConfig
 from edge_ensemble.runtime import LoadOptions, Model
 
 QUESTION = [{"role": "user", "content": "Explain in two sentences why the sky is blue."}]
@@ -85,7 +84,7 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
     monkeypatch.setattr(Model, "trim", counting_trim)
     members = [Member(Model(p, LoadOptions(n_ctx=3072)), name=n) for p, n in ((tiny_bpe, "bpe"), (tiny_spm, "spm"))]
     events = list(generate_events(members, [{"role": "user", "content": "Tell me a long story."}], policy="safe",
-                                  policy_config=PolicyConfig(gate=None), options=GenerationOptions(max_tokens=2000)))
+                                  policy_options=dict(gate=None), options=GenerationOptions(max_tokens=2000)))
     result = events[-1].result
     assert result.stats.tokens >= 1500, f"stopped early: {result.finish_reason} after {result.stats.tokens}"
     assert trims["n"] >= 200

@@ -15,7 +15,7 @@ from edge_ensemble.config import KEYS, OPTIONS, Generation
 from edge_ensemble.engine import GenerationOptions
 from edge_ensemble.errors import UsageError
 from edge_ensemble.options import GENERATION, LOAD, Option, check_names
-from edge_ensemble.policies import POLICIES, POLICY_OPTIONS, PolicyConfig, policies_reading
+from edge_ensemble.policies import declarations, registry
 from edge_ensemble.runtime import LoadOptions
 
 DRAFT = Option("draft_len", int, 5, "Tokens drafted per chunk.", range=(1, 64))
@@ -74,10 +74,15 @@ def test_unknown_names_are_listed_with_the_valid_ones() -> None:
 
 
 def test_the_holders_of_options_are_built_from_the_declarations() -> None:
-    assert {f.name: f.default for f in dataclasses.fields(PolicyConfig)} == {
-        o.name: o.default for o in POLICY_OPTIONS.values()}
-    assert {f.name: f.default for f in dataclasses.fields(EnsembleConfig)} == {
-        o.name: o.default for o in ENSEMBLE_OPTIONS.values()}
+    # Each policy's Options dataclass: a field per declaration, its default the declaration's.
+    for cls in registry.policies().values():
+        assert {f.name: f.default for f in dataclasses.fields(cls.Options)} == {
+            o.name: o.default for o in declarations(cls.Options)}
+    # An EnsembleConfig not given an option reads its declared default (a policy option: the chosen policy's).
+    config = EnsembleConfig()
+    for name, o in ENSEMBLE_OPTIONS.items():
+        declared = registry.declaration(name, config.policy) if name in registry.policy_options() else o
+        assert declared is not None and getattr(config, name) == declared.default
     assert {f.name: f.default for f in dataclasses.fields(Generation)} == {o.name: o.default for o in GENERATION.values()}
     # One default for max_tokens: the CLI's, the API's and the engine's are the declaration's.
     assert GenerationOptions().max_tokens == Generation().max_tokens == GENERATION["max_tokens"].default == 512
@@ -87,13 +92,14 @@ def test_the_holders_of_options_are_built_from_the_declarations() -> None:
 
 
 def test_each_policy_declares_what_it_reads() -> None:
-    assert POLICIES["single"].options == ()
-    assert {o.name for o in POLICIES["every-token"].options} == {"union_k", "weights"}
-    assert policies_reading(POLICY_OPTIONS["union_k"]) == ["every-token", "safe", "eager"]
-    assert policies_reading(POLICY_OPTIONS["max_branches"]) == ["eager"]
-    assert policies_reading(POLICY_OPTIONS["draft_len"]) == ["safe"]
+    policies = registry.policies()
+    assert declarations(policies["single"].Options) == ()
+    assert {o.name for o in declarations(policies["every-token"].Options)} == {"union_k", "weights"}
+    assert registry.policies_reading("union_k") == ["every-token", "safe", "eager"]
+    assert registry.policies_reading("max_branches") == ["eager"]
+    assert registry.policies_reading("draft_len") == ["safe"]
     # The union size has its own name; top_k is sampling's, per call, and nowhere a policy option.
-    assert "top_k" not in POLICY_OPTIONS and "top_k" not in ENSEMBLE_OPTIONS and "top_k" in CALL_OPTIONS
+    assert "top_k" not in registry.policy_options() and "top_k" not in ENSEMBLE_OPTIONS and "top_k" in CALL_OPTIONS
     assert set(CALL_OPTIONS) & set(LOAD) == set()
 
 

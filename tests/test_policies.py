@@ -14,7 +14,6 @@ from edge_ensemble.decisions import EOG, Sampling
 from edge_ensemble.dist import FullDist, TopDist
 from edge_ensemble.engine import GenerationOptions, generate_events
 from edge_ensemble.member import Member
-from edge_ensemble.policies import PolicyConfig
 
 from fake_backend import FakeBackend
 
@@ -23,9 +22,9 @@ ASK = [{"role": "user", "content": "q"}]
 
 
 def run(members, *, policy="safe", gate=None, tie=0.1, draft_len=5, max_tokens=20, weights=None, sampling=None):
-    cfg = PolicyConfig(gate=gate, tie_tolerance=tie, draft_len=draft_len, weights=weights)
+    cfg = dict(gate=gate, tie_tolerance=tie, draft_len=draft_len, weights=weights)
     opts = GenerationOptions(max_tokens=max_tokens, sampling=sampling or Sampling())
-    events = list(generate_events(members, ASK, policy=policy, policy_config=cfg, options=opts))
+    events = list(generate_events(members, ASK, policy=policy, policy_options=cfg, options=opts))
     return events[-1].result
 
 
@@ -201,10 +200,10 @@ def test_two_generations_on_one_ensemble_are_two_lanes():
     d = FakeBackend(ABC, script_for(b"A"), name="d")
     v = FakeBackend(ABC, script_for(b"B"), name="v")
     members = [Member(d), Member(v)]
-    cfg = PolicyConfig(gate=None)
-    alone = [e for e in generate_events(members, ASK, policy_config=cfg)][-1].result.text
-    first = generate_events(members, ASK, policy_config=cfg)
-    second = generate_events(members, ASK, policy_config=cfg)
+    cfg = dict(gate=None)
+    alone = [e for e in generate_events(members, ASK, policy_options=cfg)][-1].result.text
+    first = generate_events(members, ASK, policy_options=cfg)
+    second = generate_events(members, ASK, policy_options=cfg)
     a = next(first)
     lane_a = members[0].last_lane
     b = next(second)  # both are open now, on different sequences

@@ -114,7 +114,6 @@ def test_drafting_in_one_call_changes_no_greedy_result(swerve: tuple[bytes, ...]
     from edge_ensemble.decisions import EOG
     from edge_ensemble.engine import GenerationOptions, generate_events
     from edge_ensemble.member import Member
-    from edge_ensemble.policies import PolicyConfig
 
     pieces = [b"A", b"B", b"C", b" "]
     script = {b"": {b"A": 0.9, b"B": 0.1}, b"A": {b"B": 0.9}, b"AB": {b"C": 0.5, b" ": 0.45},
@@ -126,9 +125,9 @@ def test_drafting_in_one_call_changes_no_greedy_result(swerve: tuple[bytes, ...]
         d = backend(pieces, script, name="d", kind="top", **kw)
         v = FakeBackend(pieces, verifier, name="v", kind="top")
         for gate in (0.5, None):
-            cfg = PolicyConfig(gate=gate, draft_len=4)
+            cfg = dict(gate=gate, draft_len=4)
             events = list(generate_events([Member(d), Member(v)], [{"role": "user", "content": "q"}],
-                                          policy_config=cfg, options=GenerationOptions(max_tokens=20)))
+                                          policy_options=cfg, options=GenerationOptions(max_tokens=20)))
             r = events[-1].result
             results.append((gate, r.text, [(s.kind, s.text) for s in r.provenance]))
         if backend is DraftingFake:

@@ -18,7 +18,6 @@ from edge_ensemble.cli import cli
 from edge_ensemble.engine import GenerationOptions, generate_events
 from edge_ensemble.errors import HeadFileError, UsageError
 from edge_ensemble.member import Member
-from edge_ensemble.policies import PolicyConfig
 from edge_ensemble.route_train import TrainItem, build_features, fit_from_features, load_models, train_router
 from edge_ensemble.routing import RouterHead, file_sha256, fit_beta, fit_head, load_head
 from edge_ensemble.runtime import LoadOptions, Model, SeqRequest
@@ -43,7 +42,7 @@ def n_embd(path: Path) -> int:
 def route(members: list[Member], head_file: Path, messages=STORY, max_tokens: int = 64, beta: float | None = None,
           overlap: bool = False, gate: float | None = None):
     events = list(generate_events(members, messages, policy="route",
-                                  policy_config=PolicyConfig(head=str(head_file), beta=beta, overlap=overlap,
+                                  policy_options=dict(head=str(head_file), beta=beta, overlap=overlap,
                                                              route_gate=gate),
                                   options=GenerationOptions(max_tokens=max_tokens)))
     return events[-1].result

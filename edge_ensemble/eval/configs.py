@@ -9,44 +9,23 @@ model alone would see.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
 from ..api import Ensemble, EnsembleConfig
 from ..branching import reallocate
 from ..errors import Cancelled, UsageError
+from ..policies import EvalConfig, Policy, registry
 from ..rounds import DecodeRounds
 
-ENSEMBLE_CONFIGS = {
-    # name: (policy, gate)
-    "every-token": ("every-token", 0.5),
-    "safe": ("safe", None),
-    "safe-gated": ("safe", 0.5),
-}
-# FusionRoute over every member with a trained head (--head): beta as fitted, pure routing, and gated (the router
-# consulted only where the expert writing is unsure; beta as fitted there). name: options over the route policy.
-ROUTE_GATE = 0.5  # as SAFE's default gate
-ROUTE_CONFIGS: dict[str, dict[str, Any]] = {"route": {}, "route-b0": {"beta": 0.0},
-                                            "route-gated": {"route_gate": ROUTE_GATE}}
-NEEDS_HEAD = "the route configurations need a head: --head FILE (train one with `edge-ensemble route train`)"
-# Branching configurations over the drafter alone (eager-ensemble: over every member), at the authors'
-# temperature. M = BRANCHES answers per item; "parallel" samples them independently in one batch.
-BRANCHES = 8
-BRANCH_TEMPERATURE = 0.6
-BRANCH_CONFIGS: dict[str, dict[str, Any]] = {
-    "parallel": {"initial_branches": BRANCHES, "threshold": None},
-    "eager": {},
-    "eager-adapt": {},  # a second pass over eager's records: the budget saved re-spent (EngineConfig.plan)
-    "eager-ensemble": {},
-}
-# Context for the branching configurations: up to 4 × M branches (eager-adapt) share one context.
-BRANCH_N_CTX = 16384
-# Policies whose answers the runner may decode side by side (--parallel): one sequence per member and answer.
-# The branching ones already batch their branches, route serializes its router's hidden-state decodes.
-TOGETHER_POLICIES = ("single", "every-token", "safe")
+
+def offered() -> dict[str, tuple[type[Policy], EvalConfig]]:
+    """Every configuration the registered policies offer, by name, in registry order."""
+    return {c.name: (cls, c) for cls in registry.policies().values() for c in cls.eval_configs}
 
 
 @dataclass
@@ -58,8 +37,7 @@ class EngineConfig:
     config: EnsembleConfig
 
     sampling: dict[str, Any] = field(default_factory=dict)  # per-call generation options (branching: temperature)
-    # EAGER-adapt: a second pass over the records this configuration's first pass (eager) made on the run's items
-    builds_on: str | None = None
+    offer: EvalConfig | None = None  # what the policy offered (None: a configuration made by hand)
     _plan: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict, repr=False)
     plan_signature: str | None = None  # of the slice and first-pass sizes plan() read; kept in each record
     _together: bool = field(default=False, repr=False)  # inside decoding_together()
@@ -69,9 +47,15 @@ class EngineConfig:
     def parallel(self) -> int:
         """How many items' answers the runner may decode together (the ``parallel`` load option; 1 for the
         policies that cannot share their decodes with other answers)."""
-        if self.config.policy in TOGETHER_POLICIES and self.builds_on is None:
+        if registry.get(self.config.policy).batchable and self.builds_on is None:
             return self.config.parallel
         return 1
+
+    @property
+    def builds_on(self) -> str | None:
+        """The configuration whose records a second pass re-spends the saved budget of (EAGER-adapt), or None."""
+        second = self.offer.second_pass if self.offer is not None else None
+        return second.builds_on if second is not None else None
 
     @contextlib.contextmanager
     def decoding_together(self) -> Iterator[DecodeRounds]:
@@ -96,7 +80,7 @@ class EngineConfig:
     @property
     def branching(self) -> bool:
         """Whether answers are voted over branches (the runner then passes the task's extractor)."""
-        return self.config.policy == "eager"  # type: ignore[attr-defined]
+        return registry.get(self.config.policy).branches
 
     def plan(self, records: Sequence[dict[str, Any]], items: Sequence[str]) -> None:
         """EAGER-adapt's re-allocation over the run, as the authors do it once every prompt has had its first
@@ -108,7 +92,8 @@ class EngineConfig:
         if missing:
             raise UsageError(f"{self.name} re-spends what {self.builds_on} saved on the run's items, but {len(missing)}"
                              f" of them (item {missing[0]}, ...) have no {self.builds_on} record")
-        m = self.config.max_branches  # type: ignore[attr-defined]
+        assert self.offer is not None and self.offer.second_pass is not None
+        m = self.offer.second_pass.cap(self.config.policy_options())
         used = [len(first[i].get("branches") or ()) for i in items]
         extra = reallocate(used, [u >= m for u in used], m)
         self._plan = {i: (first[i], e) for i, e in zip(items, extra)}
@@ -139,14 +124,15 @@ class EngineConfig:
         return {"seed": int.from_bytes(hashlib.sha256(f"{self.name}:{item}".encode()).digest()[:4], "big")}
 
     def _settings(self, **overrides: Any) -> dict[str, Any]:
-        c = self.config
-        return {"max_branches": c.max_branches, "threshold": c.threshold,  # type: ignore[attr-defined]
-                "percentile": c.percentile, "entropy": c.entropy, **self.sampling, **overrides}  # type: ignore[attr-defined]
+        options = self.config.policy_options()
+        names = self.offer.record_settings if self.offer is not None else ()
+        return {**{n: getattr(options, n) for n in names}, **self.sampling, **overrides}
 
     def _second_pass(self, messages: list[dict[str, str]], max_tokens: int,
                      extract: Callable[[str], str | None] | None, item: str | None) -> dict[str, Any]:
         """An item's EAGER-adapt answer: its first-pass answer again, or for an item that was given more
-        sequences, a rerun with them at a threshold 10 % lower (the authors' retry); the cost of both passes."""
+        sequences, a rerun with the options the second pass gives them (EAGER-adapt: at a threshold 10 % lower, the
+        authors' retry); the cost of both passes."""
         if item not in self._plan:
             raise UsageError(f"{self.name}: plan() the run before generating (item {item} not planned)")
         first, extra = self._plan[item]
@@ -156,12 +142,10 @@ class EngineConfig:
                     "ensembled_fraction": first.get("ensembled_fraction"), "generated_tokens": first["generated_tokens"],
                     "branches": [{k: v for k, v in b.items() if k != "correct"} for b in first["branches"]],
                     "settings": first.get("settings"), "reallocated": 0, "plan": self.plan_signature}
-        m = self.config.max_branches + extra  # type: ignore[attr-defined]
-        threshold = self.config.threshold  # type: ignore[attr-defined]
-        threshold = None if threshold is None else round(threshold * 0.9, 6)
+        assert self.offer is not None and self.offer.second_pass is not None
         self.ensemble.config = self.config
         self.ensemble.reset_cache()
-        overrides = {"max_branches": m, "threshold": threshold, **self._seed(item)}
+        overrides = {**self.offer.second_pass.retry(self.config.policy_options(), extra), **self._seed(item)}
         out = _record_of(self._answer(messages, max_tokens, extract, overrides))
         out["seconds"] += first["seconds"]
         out["generated_tokens"] += first["generated_tokens"]
@@ -195,10 +179,9 @@ def _record_of(result: Any) -> dict[str, Any]:
     out = {"text": result.text, "tokens": s.tokens, "seconds": s.generation_seconds + s.prompt_seconds,
            "prompt_seconds": s.prompt_seconds, "ensembled_fraction": s.ensembled_fraction,
            "finish_reason": result.finish_reason}
-    if s.routed_tokens:
-        out["routed_tokens"] = dict(s.routed_tokens)
-        out["route_decisions"] = s.route_decisions
-        out["catch_up_tokens"], out["catch_up_seconds"] = s.catch_up_tokens, s.catch_up_seconds
+    if s.figure("routed_tokens"):
+        out.update({k: s.policy_stats[k] for k in ("routed_tokens", "route_decisions", "catch_up_tokens",
+                                                   "catch_up_seconds")})
         # what each model decoded and how long it took: the router's own (bulk, when gated) catch-up included
         out["member_decoded_tokens"] = dict(s.member_decoded_tokens)
         out["member_decode_seconds"] = dict(s.member_decode_seconds)
@@ -213,63 +196,50 @@ def _record_of(result: Any) -> dict[str, Any]:
 
 
 def check_config_names(names: Sequence[str] | None) -> None:
-    """Refuse, before any model loads, a configuration name that is none of ours (``single:<member>`` is
-    checked against the members once they are loaded)."""
-    known = ("single", *ENSEMBLE_CONFIGS, *BRANCH_CONFIGS, *ROUTE_CONFIGS)
-    unknown = [n for n in names or () if n not in known and not n.startswith("single:")]
+    """Refuse, before any model loads, a configuration name that is none of ours (``NAME:<member>`` of a
+    configuration run by each member alone is checked against the members once they are loaded)."""
+    known = list(offered())
+    each = [n for n, (_, c) in offered().items() if c.each_member]
+    unknown = [n for n in names or () if n not in known and n.split(":", 1)[0] not in each]
     if unknown:
-        raise UsageError(f"--configs: unknown {', '.join(map(repr, unknown))}; use single, "
-                         f"single:<member>, {', '.join(known[1:])} (comma-separated)")
+        raise UsageError(f"--configs: unknown {', '.join(map(repr, unknown))}; use "
+                         f"{', '.join(f'{n}, {n}:<member>' for n in each)}, "
+                         f"{', '.join(n for n in known if n not in each)} (comma-separated)")
 
 
 def build_configs(members: Sequence[str], names: Sequence[str] | None, base: EnsembleConfig,
-                  head: str | None = None) -> tuple[list[EngineConfig], list[Ensemble]]:
-    """The requested configurations (all when ``names`` is None): ``single:<member>`` for each member, then
-    every-token, safe (faithful) and safe-gated, and with a route ``head`` route (its fitted beta), route-b0 (beta 0)
-    and route-gated (:data:`ROUTE_CONFIGS`). Returns them and the ensembles to close afterwards."""
+                  **given: Any) -> tuple[list[EngineConfig], list[Ensemble]]:
+    """The requested configurations (those offered by default when ``names`` is None): each member alone, then
+    every policy's configurations in registry order (SAFE's faithful and gated; with a route ``head=`` given, the
+    route ones; branching ones only when named). ``given``: option values over ``base`` (``head=FILE``). Returns
+    them and the ensembles to close afterwards."""
     wanted = list(names) if names else None
     check_config_names(wanted)
-    if wanted and "eager-ensemble" in wanted and len(members) < 2:  # (before any model loads)
-        raise UsageError("eager-ensemble branches where the members disagree: give it two or more models (-m ... -m ...)")
-    if wanted and "eager-adapt" in wanted and "eager" not in wanted:
-        raise UsageError("eager-adapt re-spends the sequences eager saved on the same items: add eager to --configs")
+    base = dataclasses.replace(base, **given) if given else base
+    chosen = _chosen(wanted, base, len(members))
     ensembles: list[Ensemble] = []
     configs: list[EngineConfig] = []
-    full = None
     try:
-        # A member alone is loaded only to learn its name when some single configuration is asked for.
-        singles = wanted is None or any(n == "single" or n.startswith("single:") for n in wanted)
-        matched: set[str] = set()
-        alone: list[str] = []  # every member's single:<name>, for the message below
-        for spec in members if singles else ():
-            single = Ensemble([spec], config=replace(base, policy="single"), progress=True)
-            name = f"single:{single.members[0].name}"
-            alone.append(name)
-            asked = {name, f"single:{spec}"} & set(wanted or ())  # its display name or the spec it was given by
-            matched |= asked
-            if wanted is None or asked or "single" in wanted:
-                ensembles.append(single)
-                configs.append(EngineConfig(name, single, single.config))
-            else:
-                single.close()
-        unmatched = [n for n in wanted or () if n.startswith("single:") and n not in matched]
-        if unmatched:
-            raise UsageError(f"--configs: {', '.join(unmatched)} names no member; the members alone are "
-                             f"{', '.join(alone)} (or single for each)")
-        for name, (policy, gate) in ENSEMBLE_CONFIGS.items():
-            if wanted is not None and name not in wanted:
+        for cls, offer in chosen:
+            if offer.each_member:
+                configs += _each_member(members, wanted, base, cls, offer, ensembles)
+        loaded: dict[Any, Ensemble] = {}
+        for cls, offer in chosen:
+            if offer.each_member:
                 continue
-            if full is None:
-                full = Ensemble(list(members), config=base, progress=True)
-                ensembles.append(full)
-            cfg = replace(base, policy=policy, gate=gate).validate(len(members))
-            configs.append(EngineConfig(name, full, cfg))
-        routes = [n for n in ROUTE_CONFIGS if (wanted is None and head is not None) or (wanted and n in wanted)]
-        if routes:
-            configs += _route_configs(members, routes, base, head, ensembles)
-        branching = [n for n in BRANCH_CONFIGS if wanted is not None and n in wanted]
-        if branching:
-            configs += _branch_configs(members, branching, base, ensembles)
+            specs = list(members[:1]) if offer.drafter_only else list(members)
+            n_ctx = max(base.n_ctx, offer.min_n_ctx)
+            # Configurations whose load needs nothing of their own share one ensemble (only their options change
+            # between calls); one that loads for its policy (branches, hidden states) gets its own, loaded once.
+            own = bool(offer.load) or cls.hidden_states
+            key = (len(specs), cls.name if own else None, tuple(sorted(offer.load.items())), n_ctx)
+            if key not in loaded:
+                load_cfg = dataclasses.replace(base, **({"policy": cls.name, **offer.options, **offer.load} if own else {}),
+                                               n_ctx=n_ctx)
+                loaded[key] = Ensemble(specs, config=load_cfg.validate(len(specs)), progress=True)
+                ensembles.append(loaded[key])
+            cfg = dataclasses.replace(base, policy=cls.name, **offer.load, n_ctx=n_ctx, **offer.options).validate(len(specs))
+            configs.append(EngineConfig(offer.name, loaded[key], cfg, sampling=dict(offer.sampling), offer=offer))
     except BaseException:
         for e in ensembles:
             e.close()
@@ -277,34 +247,49 @@ def build_configs(members: Sequence[str], names: Sequence[str] | None, base: Ens
     return configs, ensembles
 
 
-def _branch_configs(members: Sequence[str], names: Sequence[str], base: EnsembleConfig,
-                    ensembles: list[Ensemble]) -> list[EngineConfig]:
-    """The requested branching configurations: one eager-loaded ensemble of the drafter alone (every member
-    for eager-ensemble), each configuration a set of eager options over it."""
-    loaded: dict[int, Ensemble] = {}
+def _chosen(wanted: list[str] | None, base: EnsembleConfig, n_members: int) -> list[tuple[type[Policy], EvalConfig]]:
+    """The offered configurations asked for (or offered by default), refused in one line, before any model
+    loads, where one cannot run as asked."""
     out = []
-    for name in names:
-        specs = list(members) if name == "eager-ensemble" else list(members[:1])
-        n = len(specs)
-        if n not in loaded:
-            cfg = replace(base, policy="eager", max_branches=4 * BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX), parallel=1)
-            loaded[n] = Ensemble(specs, config=cfg.validate(n), progress=True)
-            ensembles.append(loaded[n])
-        cfg = replace(base, policy="eager", max_branches=BRANCHES, n_ctx=max(base.n_ctx, BRANCH_N_CTX), parallel=1,
-                      **BRANCH_CONFIGS[name]).validate(n)
-        out.append(EngineConfig(name, loaded[n], cfg, sampling={"temperature": BRANCH_TEMPERATURE},
-                                builds_on="eager" if name == "eager-adapt" else None))
+    for name, (cls, offer) in offered().items():
+        asked = wanted is not None and (name in wanted or (offer.each_member and any(
+            n.split(":", 1)[0] == name for n in wanted)))
+        missing = [msg for option, msg in offer.requires.items() if base.given.get(option) is None]
+        if not asked and (wanted is not None or not offer.by_default or missing):
+            continue
+        if missing:
+            raise UsageError(missing[0])
+        if n_members < offer.needs_members:
+            count = {2: "two", 3: "three"}.get(offer.needs_members, str(offer.needs_members))
+            raise UsageError(f"{name} needs {count} or more models: give them with -m ... -m ...")
+        second = offer.second_pass
+        if second is not None and second.builds_on not in (wanted or ()):
+            raise UsageError(f"{name} re-spends the sequences {second.builds_on} saved on the same items: add "
+                             f"{second.builds_on} to --configs")
+        out.append((cls, offer))
     return out
 
 
-def _route_configs(members: Sequence[str], names: Sequence[str], base: EnsembleConfig, head: str | None,
-                   ensembles: list[Ensemble]) -> list[EngineConfig]:
-    """The route configurations over one route-loaded ensemble of every member (its router gives hidden
-    states, which the other ensembles' contexts do not pay for)."""
-    if head is None:
-        raise UsageError(NEEDS_HEAD)
-    cfg = replace(base, policy="route", head=head, parallel=1).validate(len(members))
-    routed = Ensemble(list(members), config=cfg, progress=True)
-    ensembles.append(routed)
-    return [EngineConfig(name, routed, replace(cfg, **ROUTE_CONFIGS[name]).validate(len(members)))
-            for name in names]
+def _each_member(members: Sequence[str], wanted: list[str] | None, base: EnsembleConfig, cls: type[Policy],
+                 offer: EvalConfig, ensembles: list[Ensemble]) -> list[EngineConfig]:
+    """``NAME:<member>`` for each member alone (NAME alone: all of them), each its own one-member ensemble, so
+    that its numbers are exactly what a user of that model alone would see."""
+    configs: list[EngineConfig] = []
+    matched: set[str] = set()
+    alone: list[str] = []  # every member's NAME:<member>, for the message below
+    for spec in members:
+        ens = Ensemble([spec], config=dataclasses.replace(base, policy=cls.name, **offer.options), progress=True)
+        name = f"{offer.name}:{ens.members[0].name}"
+        alone.append(name)
+        asked = {name, f"{offer.name}:{spec}"} & set(wanted or ())  # its display name or the spec it was given by
+        matched |= asked
+        if wanted is None or asked or offer.name in wanted:
+            ensembles.append(ens)
+            configs.append(EngineConfig(name, ens, ens.config, offer=offer))
+        else:
+            ens.close()
+    unmatched = [n for n in wanted or () if n.split(":", 1)[0] == offer.name and ":" in n and n not in matched]
+    if unmatched:
+        raise UsageError(f"--configs: {', '.join(unmatched)} names no member; the members alone are "
+                         f"{', '.join(alone)} (or {offer.name} for each)")
+    return configs

@@ -1,10 +1,32 @@
-"""What every policy shares: the accepted-piece type, the context a policy runs in, the policy protocol."""
+"""What a policy is: the plugin base class every policy module fills in, and what policies share.
+
+A policy is one class (a subclass of :class:`Policy`) that declares, in one place:
+
+- ``name`` and a one-line ``summary`` (``--policy NAME``, ``presets``, ``--help``);
+- ``Options``: a frozen dataclass whose fields carry their :class:`~edge_ensemble.options.Option` declaration
+  (:func:`option`), so the flag, config key, API keyword and server field of each option derive from it; names
+  are scoped per policy (two policies may both call an option ``gate``);
+- ``Stats``: the figures it counts as it runs (a dataclass the engine passes through, :class:`PolicyStats`);
+- capabilities the rest of the program asks instead of comparing names (:attr:`Policy.drafter_only`,
+  :attr:`Policy.batchable`, :attr:`Policy.shared_tokenizer`, :attr:`Policy.hidden_states`,
+  :attr:`Policy.branches`);
+- :meth:`Policy.prepare`, run once per loaded ensemble (reading and checking a file it needs), and
+  :meth:`Policy.load_needs` (what the members' contexts must hold);
+- the generation: :meth:`Policy.start` then :meth:`Policy.generate`, which yields the accepted pieces of each
+  step (a branching policy returns whole answers from :meth:`Policy.run_branches` instead);
+- ``eval_configs``: the named configurations ``edge-ensemble eval --configs`` offers for it.
+
+The registry (:mod:`edge_ensemble.policies.registry`) holds the policy classes; nothing outside ``policies/``
+names one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Protocol, Sequence
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 
@@ -14,8 +36,29 @@ from ..dist import Dist
 from ..member import Lane
 from ..options import Option
 
-if TYPE_CHECKING:
-    from . import PolicyConfig
+# The key of an Option declaration in a policy's option field's metadata.
+_OPTION = "edge_ensemble.option"
+
+
+def option(declaration: Option) -> Any:
+    """A field of a policy's ``Options`` dataclass declared by ``declaration`` (its default is the default)."""
+    return field(default=declaration.default, metadata={_OPTION: declaration})
+
+
+def declarations(options_class: type) -> tuple[Option, ...]:
+    """The :class:`Option` declarations of a policy's ``Options`` dataclass, in field order."""
+    out = []
+    for f in dataclasses.fields(options_class):
+        decl = f.metadata.get(_OPTION)
+        if not isinstance(decl, Option) or decl.name != f.name:
+            raise TypeError(f"{options_class.__qualname__}.{f.name}: declare it with option(Option({f.name!r}, ...))")
+        out.append(decl)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a policy that has none."""
 
 
 class ContextFull(Exception):
@@ -27,67 +70,139 @@ class Piece:
     """One accepted token of the shared text."""
 
     data: bytes  # the text it adds (b"" for end-of-generation)
-    kind: str  # "draft" (drafter's token accepted), "ensemble" (chosen from the union), "single"
-    winner: str | None = None  # member whose candidate won an ensembled token
+    kind: str  # "draft" (drafter's token accepted), "ensemble" (chosen from the union), "single", "route"
+    winner: str | None = None  # member whose candidate won an ensembled token (route: the expert that wrote it)
     end: bool = False  # end of generation
 
 
-# Options every ensembling policy reads (a policy lists the ones it uses in its ``options``).
+@dataclass
+class PolicyStats:
+    """What a policy counts as it runs. ``ensembled`` (tokens chosen by more than one member) is every policy's,
+    for E/T; a policy subclasses this with its own counters and says in :meth:`figures` how they are reported."""
+
+    ensembled: int = 0
+
+    def figures(self, tokens: int) -> dict[str, Any]:
+        """The policy's own figures of an answer of ``tokens`` tokens, by their public names (JSON keys)."""
+        return {}
+
+    def summary(self, figures: dict[str, Any]) -> list[str]:
+        """Parts of the one-line footer after an answer, from :meth:`figures`'s output."""
+        return []
+
+
+@dataclass(frozen=True)
+class MemberFile:
+    """What a policy may know of a member before the models load (for :meth:`Policy.prepare`)."""
+
+    name: str
+    path: Path  # the local GGUF (for a server member, the file its tokenizer is read from)
+    remote: bool = False  # a model in a running llama-server
+
+
+@dataclass(frozen=True)
+class LoadNeeds:
+    """What the members' contexts must be loaded with for one answer of a policy."""
+
+    sequences: int = 1  # sequences each member's context needs per answer (branches)
+    hidden_states: frozenset[int] = frozenset()  # members (by index) whose contexts output hidden states
+
+
+@dataclass(frozen=True)
+class SecondPass:
+    """An eval configuration that re-spends, on a second pass, the budget another configuration (``builds_on``)
+    saved over the run's items (EAGER-adapt): ``cap(options)`` is the most sequences an item's first pass may
+    use, ``retry(options, extra)`` the option values an item given ``extra`` more sequences is rerun with."""
+
+    builds_on: str
+    cap: Callable[[Any], int]
+    retry: Callable[[Any, int], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """A named configuration ``edge-ensemble eval`` offers for a policy: its options over the run's base config."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)  # option values over the base (this policy's)
+    drafter_only: bool = False  # over the first member alone (else every member)
+    each_member: bool = False  # run for each member alone, named NAME:<member> (NAME: all of them)
+    by_default: bool = True  # part of the run when --configs is not given
+    sampling: dict[str, Any] = field(default_factory=dict)  # per-call generation options (e.g. temperature)
+    load: dict[str, Any] = field(default_factory=dict)  # options the shared ensemble is loaded with (once)
+    needs_members: int = 1  # the fewest members it makes sense with
+    min_n_ctx: int = 0  # the ensemble is loaded with at least this context
+    record_settings: tuple[str, ...] = ()  # option values kept in each record (told apart from other settings)
+    requires: dict[str, str] = field(default_factory=dict)  # option -> the message when it is not given
+    second_pass: SecondPass | None = None
+
+
+# Options every ensembling policy reads (a policy lists the ones it uses in its ``Options``).
 UNION_K = Option("union_k", int, 10, "Candidates each member adds to the union the ensemble picks from.",
                  range=(1, 1000))
 WEIGHTS = Option("weights", tuple, None, "Member weights, one per member, e.g. 2,1.", item=float,
                  range=(0.0, math.inf), above=True, shown_default="equal")
 
 
-@dataclass
-class PolicyStats:
-    """Counts a policy keeps as it runs."""
+class Policy:
+    """A decoding strategy over :class:`~edge_ensemble.member.Lane` objects (one per member for this generation,
+    the first one drafting). It never touches a model: everything it asks goes through a lane to its backend.
 
-    drafted: int = 0
-    accepted_drafts: int = 0
-    ensembled: int = 0
-    overrides: int = 0  # ensembled tokens that differ from what the drafter / primary would have chosen
-    verification_calls: int = 0
-    verified_positions: int = 0
-    unreliable: int = 0  # positions to check that no verifier could be asked about reliably
-    routed: dict[str, int] = field(default_factory=dict)  # route: tokens each expert wrote
-    route_decisions: int = 0  # route: tokens the head chose the expert for (all of them unless gated)
-    catch_up_tokens: int = 0  # route: lagging tokens an expert fed in bulk when chosen again
-    catch_up_calls: int = 0
-    catch_up_seconds: float = 0.0
+    A subclass sets the class attributes below and implements :meth:`start` and :meth:`step` (or, for a
+    branching policy, :meth:`run_branches`); it is registered with
+    :func:`edge_ensemble.policies.registry.register` (built-ins) or an entry point in the group
+    ``edge_ensemble.policies`` (third parties)."""
 
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    Stats: ClassVar[type[PolicyStats]] = PolicyStats
 
-class Policy(Protocol):
-    """A decoding strategy. ``start`` runs after the prompts are in the caches; ``step`` returns the next
-    accepted pieces (at most ``budget`` of them, at least one)."""
+    # Capabilities: what the engine, the API, the server and eval ask instead of a policy's name.
+    drafter_only: ClassVar[bool] = False  # only the first member takes part (the others are not even loaded)
+    batchable: ClassVar[bool] = True  # its answers may be decoded side by side with others (eval --parallel)
+    shared_tokenizer: ClassVar[bool] = False  # every member must use the drafter's token ids
+    hidden_states: ClassVar[bool] = False  # it reads a member's hidden states (set up when the models load)
+    branches: ClassVar[bool] = False  # it makes several answers and votes (run_branches, not step)
+    local_only: ClassVar[str] = ""  # why it runs local models only (empty: a member may be in a llama-server)
+    max_logits_rows: ClassVar[int] = 1  # the most logits rows one decode asks for, whatever the options (memory)
+    eval_configs: ClassVar[tuple[EvalConfig, ...]] = ()
 
-    stats: PolicyStats
+    # -- once per loaded ensemble --------------------------------------------------------------------------
 
-    def start(self) -> None: ...
+    @classmethod
+    def check(cls, options: Any, n_members: int, where: Any = str) -> None:
+        """Refuse option values that are wrong together (each alone is checked by its declaration); ``where(name)``
+        names an option as the user wrote it."""
 
-    def step(self, budget: int) -> list[Piece]: ...
+    @classmethod
+    def prepare(cls, options: Any, members: Sequence[MemberFile]) -> Any:
+        """What the policy reads once per loaded ensemble, before the models load (a trained head), checked
+        against the members' files; passed to every answer's policy object as ``prepared``."""
+        return None
 
+    @classmethod
+    def load_needs(cls, options: Any, n_members: int, prepared: Any) -> LoadNeeds:
+        """What the members' contexts need for one answer with these options."""
+        return LoadNeeds()
 
-class PolicyBase:
-    """Helpers for policies: the ensemble decision at one position and drafter token choice.
+    # -- one answer ----------------------------------------------------------------------------------------
 
-    A policy works on :class:`~edge_ensemble.member.Lane` objects (one per member for this generation, the
-    first one drafting), never on models: everything it asks goes through the lane to the member's backend."""
-
-    # The options this policy reads; the CLI flags, config keys and API keywords derive from them.
-    options: ClassVar[tuple[Option, ...]] = ()
-
-    def __init__(self, lanes: Sequence[Lane], config: PolicyConfig, sampling: Sampling, rng: np.random.Generator) -> None:
+    def __init__(self, lanes: Sequence[Lane], options: Any, sampling: Sampling, rng: np.random.Generator,
+                 prepared: Any = None) -> None:
         self.lanes = list(lanes)
-        self.config = config
+        self.options = options
         self.sampling = sampling
         self.rng = rng
-        self.stats = PolicyStats()
-        if config.weights is not None:
-            for lane, w in zip(self.lanes, config.weights):
+        self.prepared = prepared
+        self.stats = self.Stats()
+        weights = getattr(options, "weights", None)
+        if weights is not None:
+            for lane, w in zip(self.lanes, weights):
                 lane.weight = w
+        union_k = getattr(options, "union_k", UNION_K.default)
         for lane in self.lanes:
-            lane.k = config.union_k  # per generation: a call may override the union size
+            lane.k = union_k  # per generation: a call may override the union size
         # When every member shares the drafter's tokenizer, candidates are token ids (set on the lanes).
         self.by_id = all(lane.by_id for lane in self.lanes)
         # A member sharing an earlier member's backend (the same weights listed twice) never decodes: it
@@ -95,35 +210,63 @@ class PolicyBase:
         self.twin: list[int | None] = [next((j for j in range(i) if self.lanes[j].backend is lane.backend), None)
                                        for i, lane in enumerate(self.lanes)]
 
-    def union(self, dists: Sequence[Dist], sharpen: bool = True) -> tuple[list[Key], np.ndarray, np.ndarray]:
-        """Union distribution of the members' candidates, sharpened as configured (SAFE) or not (UniTE)."""
+    def start(self) -> None:
+        """Runs after the lanes are open, before the first step (prefills are timed as the prompt's)."""
+
+    def step(self, budget: int) -> list[Piece]:
+        """The next accepted pieces: at least one, at most ``budget``."""
+        raise NotImplementedError(f"policy {self.name} makes whole answers (run_branches), not steps")
+
+    def generate(self, max_tokens: int) -> Iterator[list[Piece]]:
+        """The pieces each step accepts, until ``max_tokens`` or an end piece (the caller may stop earlier). May
+        raise :class:`ContextFull`."""
+        emitted = 0
+        while emitted < max_tokens:
+            pieces = self.step(max_tokens - emitted)
+            emitted += len(pieces)
+            yield pieces
+            if any(p.end for p in pieces):
+                return
+
+    def run_branches(self, max_tokens: int, deadline: float = float("inf")) -> list[Any]:
+        """A branching policy's whole answers (objects with the fields of :class:`~edge_ensemble.engine.Branch`
+        the engine reads: index, parent, forked_at, tokens, finish_reason, origin, mean_logprob)."""
+        raise NotImplementedError(f"policy {self.name} does not branch")
+
+    # -- helpers for ensembling policies -------------------------------------------------------------------
+
+    def union(self, dists: Sequence[Dist], sharpen: str | None = None,
+              sharpen_lambda: float = 0.0) -> tuple[list[Key], np.ndarray, np.ndarray]:
+        """Union distribution of the members' candidates: SAFE's sharpening ``sharpen`` ("prefix", "geometric",
+        "none") or none at all (None: UniTE's plain union)."""
         views = [
             MemberView(top=lane.top_keys(d), prob_of=(lambda key, lane=lane, d=d: lane.prob_of(d, key)), weight=lane.weight)
             for lane, d in zip(self.lanes, dists)
         ]
-        if sharpen and not self.by_id:
+        if sharpen is not None and not self.by_id:
             # SAFE across tokenizers compares whole text only: a candidate that starts or stops inside a
             # character (a byte-level fragment) means different things to different vocabularies, and
             # choosing one would push the drafter onto a fragment path (SAFE only asks at positions where the
             # drafted piece is whole text, see alignment.reliable_view).
             for v in views:
                 v.top = {k: p for k, p in v.top.items() if k == EOG or is_whole_text(k)}
-        keys, p, q = union_distribution(views, geometric=sharpen and self.config.sharpen == "geometric")
-        if sharpen and self.config.sharpen == "prefix":
+        keys, p, q = union_distribution(views, geometric=sharpen == "geometric")
+        if sharpen == "prefix":
             texts = [k if k == EOG else self.lanes[0].key_bytes(k) for k in keys]
-            p = sharpen_prefix_mass(keys, p, views[0].top, self.config.sharpen_lambda, texts)
+            p = sharpen_prefix_mass(keys, p, views[0].top, sharpen_lambda, texts)
         return keys, p, q
 
-    def ensemble_choice(self, dists: Sequence[Dist], sharpen: bool = True, prefer: Key | None = None) -> tuple[Key, str]:
+    def ensemble_choice(self, dists: Sequence[Dist], sharpen: str | None = None, sharpen_lambda: float = 0.0,
+                        prefer: Key | None = None, tolerance: float = 0.0) -> tuple[Key, str]:
         """Pick the ensembled candidate and the member whose candidate it was (highest own probability).
-        Greedy: ``prefer`` (the drafted candidate) wins near-ties (``config.tie_tolerance``). Sampling applies
-        top-k / top-p to the union distribution."""
-        keys, p, q = self.union(dists, sharpen)
+        Greedy: ``prefer`` (the drafted candidate) wins near-ties (``tolerance``). Sampling applies top-k / top-p
+        to the union distribution."""
+        keys, p, q = self.union(dists, sharpen, sharpen_lambda)
         if not keys:  # every member proposed only empty control tokens: end the answer
             return EOG, self.lanes[0].name
         if not self.sampling.greedy:
             p = filter_probs(p, self.sampling.top_k, self.sampling.top_p)
-        i = choose(keys, p, None if self.sampling.greedy else self.rng, prefer=prefer, tolerance=self.config.tie_tolerance)
+        i = choose(keys, p, None if self.sampling.greedy else self.rng, prefer=prefer, tolerance=tolerance)
         winner = self.lanes[int(np.argmax(q[:, i]))].name
         return keys[i], winner
 
@@ -148,4 +291,3 @@ class PolicyBase:
             raise ContextFull
         row = len(target) - 1
         return lane.feed(target, rows=[row], temperature=self.temperature)[row]
-

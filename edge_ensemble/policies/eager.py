@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,8 +20,9 @@ from ..decisions import EOG, Sampling, entropy, softmax
 from ..dist import Dist, FullDist
 from ..errors import UsageError
 from ..member import Lane
-from ..options import Option, with_options
-from .base import UNION_K, WEIGHTS, PolicyBase
+from ..options import Option
+from .base import UNION_K, WEIGHTS, EvalConfig, LoadNeeds, Policy, PolicyStats, SecondPass, option
+from .registry import register
 
 
 # EAGER's options, with the authors' names and defaults (their main script: threshold 2.5, 32 sequences) except
@@ -45,13 +47,54 @@ INITIAL_BRANCHES = Option("initial_branches", int, 1, "answers started at once (
 ENSEMBLE_GATE = Option("ensemble_gate", float, 0.5, "eager with several members: where the drafter's top-1 "
                        "probability is below this, the members' best other candidate starts a branch; off: never.",
                        range=(0.0, 1.0), off=True)
-EAGER_OPTIONS = (MAX_BRANCHES, THRESHOLD, PERCENTILE, ENTROPY, MAX_TOKENS_WITHOUT_BRANCH, INITIAL_BRANCHES,
-                 ENSEMBLE_GATE, UNION_K, WEIGHTS)
+
+@dataclass(frozen=True)
+class EagerOptions:
+    """EAGER's options."""
+
+    max_branches: int = option(MAX_BRANCHES)
+    threshold: float | None = option(THRESHOLD)
+    percentile: float = option(PERCENTILE)
+    entropy: str = option(ENTROPY)
+    max_tokens_without_branch: int = option(MAX_TOKENS_WITHOUT_BRANCH)
+    initial_branches: int = option(INITIAL_BRANCHES)
+    ensemble_gate: float | None = option(ENSEMBLE_GATE)
+    union_k: int = option(UNION_K)
+    weights: tuple[float, ...] | None = option(WEIGHTS)
 
 
-@with_options(*EAGER_OPTIONS)
-class EagerConfig:
-    """EAGER's knobs (fields: :data:`EAGER_OPTIONS`); a :class:`PolicyConfig` holds them too."""
+@dataclass
+class EagerStats(PolicyStats):
+    """Counts of an EAGER run (``ensembled``: branches started at the members' alternative)."""
+
+    ensemble_checks: int = 0  # positions where the members were asked for an alternative
+
+    def figures(self, tokens: int) -> dict[str, Any]:
+        return {"verification_calls": self.ensemble_checks}
+
+
+def _adapt_retry(options: EagerOptions, extra: int) -> dict[str, Any]:
+    """EAGER-adapt's rerun of an item given ``extra`` sequences: with them, at a threshold 10 % lower (the
+    authors' retry)."""
+    threshold = None if options.threshold is None else round(options.threshold * 0.9, 6)
+    return {"max_branches": options.max_branches + extra, "threshold": threshold}
+
+
+# Eval's branching configurations over the drafter alone (eager-ensemble: over every member), at the authors'
+# temperature. M = BRANCHES answers per item; "parallel" samples them independently in one batch.
+BRANCHES = 8
+BRANCH_TEMPERATURE = 0.6
+# Context for the branching configurations: up to 4 × M branches (eager-adapt) share one context.
+BRANCH_N_CTX = 16384
+
+
+def _branching(name: str, options: dict[str, Any], **kwargs: Any) -> EvalConfig:
+    """An eval configuration of EAGER's: M branches at the authors' temperature, on an ensemble loaded once for
+    up to 4 × M (eager-adapt's reruns), its settings recorded so that records of other settings are told apart."""
+    return EvalConfig(name, {"max_branches": BRANCHES, **options}, by_default=False,
+                      sampling={"temperature": BRANCH_TEMPERATURE}, load={"max_branches": 4 * BRANCHES, "parallel": 1},
+                      min_n_ctx=BRANCH_N_CTX, record_settings=("max_branches", "threshold", "percentile", "entropy"),
+                      **kwargs)
 
 
 @dataclass
@@ -76,25 +119,45 @@ class Branch:
         return self.logprob / max(len(self.tokens), 1)
 
 
-class EagerRun(PolicyBase):
+@register
+class EagerPolicy(Policy):
     """Runs EAGER to completion over the drafter's lane (the first), with the other lanes as the ensemble
-    that proposes alternatives: :meth:`run` returns every branch. ``config``: an :class:`EagerConfig` or a
-    ``PolicyConfig`` (both hold :data:`EAGER_OPTIONS`)."""
+    that proposes alternatives: :meth:`run_branches` returns every branch."""
 
-    options = EAGER_OPTIONS
+    name = "eager"
+    summary = "branch at uncertain tokens, then vote"
+    Options = EagerOptions
+    Stats = EagerStats
+    options: EagerOptions
+    stats: EagerStats
+    branches = True
+    batchable = False  # its branches are batched already, one context's sequences
+    eval_configs = (
+        _branching("parallel", {"initial_branches": BRANCHES, "threshold": None}, drafter_only=True),
+        _branching("eager", {}, drafter_only=True),
+        # a second pass over eager's records: the budget saved re-spent (eval's EngineConfig.plan)
+        _branching("eager-adapt", {}, drafter_only=True,
+                   second_pass=SecondPass("eager", lambda o: o.max_branches, _adapt_retry)),
+        _branching("eager-ensemble", {}, needs_members=2),
+    )
 
-    def __init__(self, lanes: Lane | list[Lane], config: EagerConfig, sampling: Sampling, rng: np.random.Generator) -> None:
-        super().__init__([lanes] if isinstance(lanes, Lane) else lanes, config, sampling, rng)  # type: ignore[arg-type]
+    @classmethod
+    def load_needs(cls, options: EagerOptions, n_members: int, prepared: Any) -> LoadNeeds:
+        # one sequence per branch for every member (a model listed twice forks its branches in one context)
+        return LoadNeeds(sequences=options.max_branches * n_members)
+
+    def __init__(self, lanes: Lane | list[Lane], options: EagerOptions, sampling: Sampling, rng: np.random.Generator,
+                 prepared: Any = None) -> None:
+        super().__init__([lanes] if isinstance(lanes, Lane) else lanes, options, sampling, rng, prepared)
         if len(self.lanes) > 1 and not self.by_id:
             raise UsageError("ensemble branching needs every member to share the drafter's tokenizer (as the "
                              "`coder` preset does); run eager with one model or such members")
         self.root = self.lanes[0]
-        self.eager = config
+        self.eager = options
         self.history = EntropyHistory()
         self.branches: list[Branch] = []
         self.since_branch = 0
         self.batched_steps = 0
-        self.ensemble_checks = 0
 
     def _entropy(self, dist: Dist) -> float:
         """The model's own entropy at this position: before the sampling temperature (as vLLM's logprobs, which
@@ -105,7 +168,7 @@ class EagerRun(PolicyBase):
             probs = dist.sampling_probs()
         return entropy(probs) if self.eager.entropy == "full" else topn_entropy(probs, TOP20)
 
-    def run(self, max_tokens: int, deadline: float = float("inf")) -> list[Branch]:
+    def run_branches(self, max_tokens: int, deadline: float = float("inf")) -> list[Branch]:
         """Every branch to its end (or ``max_tokens``, or ``deadline`` on the perf_counter clock: then the live
         ones end with finish_reason "length")."""
         lane = self.root
@@ -159,9 +222,9 @@ class EagerRun(PolicyBase):
         top-1 — that candidate, to start a branch; None where they agree, where the parent takes that token
         anyway (``tok``, sampled), or where it is end-of-generation. Each verifier brings its branch lane up
         to the branch's text first (a lagging catch-up in one decode)."""
-        self.ensemble_checks += 1
+        self.stats.ensemble_checks += 1
         dists = [b.dist] + [self.next_dist(v, b.tokens) for v in b.verifier_lanes]
-        keys, p, _ = self.union(dists, sharpen=False)
+        keys, p, _ = self.union(dists)
         if not len(keys):
             return None
         best = keys[int(np.argmax(p))]

@@ -4,17 +4,48 @@ measure that."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..alignment import complete_utf8_len
 from ..decisions import EOG
-from .base import UNION_K, WEIGHTS, Piece, PolicyBase
+from .base import UNION_K, WEIGHTS, EvalConfig, Piece, Policy, PolicyStats, option
+from .registry import register
 
 
-class EveryTokenPolicy(PolicyBase):
+@dataclass(frozen=True)
+class EveryTokenOptions:
+    """every-token's options."""
+
+    union_k: int = option(UNION_K)
+    weights: tuple[float, ...] | None = option(WEIGHTS)
+
+
+@dataclass
+class EveryTokenStats(PolicyStats):
+    """Counts of an every-token answer (``ensembled``: every token the members were asked about)."""
+
+    overrides: int = 0  # ensembled tokens that differ from what the primary would have chosen
+    verification_calls: int = 0
+
+    def figures(self, tokens: int) -> dict[str, Any]:
+        return {"overridden_tokens": self.overrides, "verification_calls": self.verification_calls}
+
+
+@register
+class EveryTokenPolicy(Policy):
     """All members are consulted at every token. The primary (first) member keeps the tokens it chose
     itself, as a drafter does; members with its tokenizer follow those ids, the others re-tokenize the
     shared text canonically."""
 
-    options = (UNION_K, WEIGHTS)
+    name = "every-token"
+    summary = "all members choose every token (UniTE's union)"
+    Options = EveryTokenOptions
+    Stats = EveryTokenStats
+    options: EveryTokenOptions
+    stats: EveryTokenStats
+    # the gate of the old eval table is SAFE's, which every-token never read
+    eval_configs = (EvalConfig("every-token"),)
 
     def start(self) -> None:
         self.p_tokens: list[int] = []
@@ -44,7 +75,7 @@ class EveryTokenPolicy(PolicyBase):
                 return [Piece(b"", "draft", end=True)]
             return [self._accept(primary.key_bytes(own_key), [own_tok], "draft")]
         self.stats.verification_calls += len(self.lanes) - 1
-        key, winner = self.ensemble_choice(dists, sharpen=False)  # plain UniTE: no SAFE sharpening
+        key, winner = self.ensemble_choice(dists)  # plain UniTE: no SAFE sharpening
         self.stats.ensembled += 1
         if key != own_key:
             self.stats.overrides += 1

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -36,7 +38,8 @@ from ..errors import UsageError
 from ..member import Lane
 from ..options import Option
 from ..routing import RouterHead, file_sha256, load_head
-from .base import ContextFull, Piece, PolicyBase
+from .base import ContextFull, EvalConfig, LoadNeeds, MemberFile, Piece, Policy, PolicyStats, option
+from .registry import register
 
 HEAD = Option("head", str, None, "The selection head (.npz) `edge-ensemble route train` wrote for these models.",
               shown_default="none", metavar="FILE")
@@ -61,44 +64,131 @@ def combine(expert_logits: np.ndarray, router_logits: np.ndarray, beta: float) -
     return log_softmax(expert_logits) + beta * log_softmax(router_logits)
 
 
-def head_roles(head: RouterHead, lanes: list[Lane], where: str) -> tuple[int, list[int]]:
-    """The router's and the experts' lane indices (by GGUF sha256), checked against the head."""
-    paths = []
-    for lane in lanes:
-        model = getattr(lane.backend, "model", None)
-        if model is None or not hasattr(lane.backend, "feed_hidden"):
-            raise UsageError(f"policy route runs local models only; {lane.name} is not one")
-        paths.append(model.path)
-    return head.roles([file_sha256(p) for p in paths], [lane.name for lane in lanes], where)
+@dataclass(frozen=True)
+class RouteOptions:
+    """FusionRoute's options."""
+
+    head: str | None = option(HEAD)
+    beta: float | None = option(BETA)
+    route_gate: float | None = option(ROUTE_GATE)
+    overlap: bool = option(OVERLAP)
 
 
-class RoutePolicy(PolicyBase):
+@dataclass
+class RouteStats(PolicyStats):
+    """Counts of a routed answer."""
+
+    routed: dict[str, int] = field(default_factory=dict)  # tokens each expert wrote
+    route_decisions: int = 0  # tokens the head chose the expert for (all of them unless gated)
+    catch_up_tokens: int = 0  # lagging tokens an expert fed in bulk when chosen again
+    catch_up_calls: int = 0
+    catch_up_seconds: float = 0.0
+
+    def figures(self, tokens: int) -> dict[str, Any]:
+        return {"routed_tokens": dict(self.routed), "route_decisions": self.route_decisions,
+                "catch_up_tokens": self.catch_up_tokens, "catch_up_seconds": round(self.catch_up_seconds, 4)}
+
+    def summary(self, figures: dict[str, Any]) -> list[str]:
+        routed = figures.get("routed_tokens") or {}
+        total = sum(routed.values())
+        if not total:
+            return []
+        parts = ["written by " + ", ".join(f"{n} {c / total:.0%}" for n, c in routed.items())]
+        if figures.get("route_decisions", total) < total:
+            parts.append(f"router consulted at {figures['route_decisions'] / total:.0%} of tokens")
+        return parts
+
+
+def _hidden_size(path: Any) -> int:
+    """A model's hidden size (n_embd) from its file's metadata, without loading its weights."""
+    from ..runtime import LoadOptions, Model
+
+    probe = Model(path, LoadOptions(vocab_only=True))
+    try:
+        return int(probe.metadata(f"{probe.architecture}.embedding_length") or 0)
+    finally:
+        probe.close()
+
+
+@dataclass(frozen=True)
+class Roles:
+    """A head read once per loaded ensemble, and which members (by index) are its router and its experts."""
+
+    head: RouterHead
+    router: int
+    experts: list[int]
+
+
+# The route configurations eval offers given a head (--head): beta as fitted, pure routing, and gated (the router
+# consulted only where the expert writing is unsure; beta as fitted there).
+ROUTE_GATE_EVAL = 0.5  # as SAFE's default gate
+_EVAL_NEEDS_HEAD = {"head": "the route configurations need a head: --head FILE (train one with `edge-ensemble route train`)"}
+
+
+@register
+class RoutePolicy(Policy):
     """One expert writes each token, chosen by the head from the router's hidden state."""
 
-    options = (HEAD, BETA, ROUTE_GATE, OVERLAP)
+    name = "route"
+    summary = "a trained head picks the member that writes each token (FusionRoute)"
+    Options = RouteOptions
+    Stats = RouteStats
+    options: RouteOptions
+    stats: RouteStats
+    prepared: Roles
+    shared_tokenizer = True
+    hidden_states = True
+    batchable = False  # the router's hidden-state decodes are serialized, not batched
+    local_only = "the router's hidden states are read in this process"
+    eval_configs = (EvalConfig("route", {}, requires=_EVAL_NEEDS_HEAD, load={"parallel": 1}),
+                    EvalConfig("route-b0", {"beta": 0.0}, requires=_EVAL_NEEDS_HEAD, load={"parallel": 1}),
+                    EvalConfig("route-gated", {"route_gate": ROUTE_GATE_EVAL}, requires=_EVAL_NEEDS_HEAD,
+                               load={"parallel": 1}))
 
-    def __init__(self, lanes, config, sampling, rng) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(lanes, config, sampling, rng)
-        if config.head is None:
+    @classmethod
+    def check(cls, options: RouteOptions, n_members: int, where: Any = str) -> None:
+        if options.head is None:
             raise UsageError(NEEDS_HEAD)
+
+    @classmethod
+    def prepare(cls, options: RouteOptions, members: Sequence[MemberFile]) -> Roles:
+        """The head read and checked once: against the members' GGUF sha256 (which is the router, which the
+        experts) and the router's hidden size, before any model loads."""
+        cls.check(options, len(members))
+        remote = next((m for m in members if m.remote), None)
+        if remote is not None:
+            raise UsageError(f"policy route runs local models only; {remote.name} is not one")
+        head = load_head(options.head)  # type: ignore[arg-type]  # (check() refused None)
+        where = f"route head {options.head}"
+        router, experts = head.roles([file_sha256(m.path) for m in members], [m.name for m in members], where)
+        head.check_hidden_size(_hidden_size(members[router].path), members[router].name, where)
+        return Roles(head, router, experts)
+
+    @classmethod
+    def load_needs(cls, options: RouteOptions, n_members: int, prepared: Roles) -> LoadNeeds:
+        return LoadNeeds(hidden_states=frozenset({prepared.router}))
+
+    def __init__(self, lanes: Sequence[Lane], options: RouteOptions, sampling: Any, rng: np.random.Generator,
+                 prepared: Roles | None = None) -> None:
+        super().__init__(lanes, options, sampling, rng, prepared)
+        if prepared is None:
+            raise UsageError(f"policy route reads its head once, when the models load: create the Ensemble with "
+                             f"policy='route' and head=FILE (the CLI does)")
         if not self.by_id:
             raise UsageError("policy route needs the router and every expert to share one tokenizer (as the `coder`"
                              " preset does): routing across tokenizers is not supported")
-        self.head = load_head(config.head)
-        where = f"route head {config.head}"
-        r, experts = head_roles(self.head, self.lanes, where)
-        self.router = self.lanes[r]
-        self.experts = [self.lanes[i] for i in experts]
-        if not self.router.backend.hidden_states:  # type: ignore[attr-defined]
+        self.head = prepared.head
+        self.router = self.lanes[prepared.router]
+        self.experts = [self.lanes[i] for i in prepared.experts]
+        if not getattr(self.router.backend, "hidden_states", False):
             raise UsageError(f"policy route needs the router ({self.router.name}) loaded with hidden states: create"
                              " the Ensemble with policy='route' and head=FILE (the CLI does)")
-        self.head.check_hidden_size(self.router.member.model.n_embd, self.router.name, where)
-        self.beta = self.head.beta if config.beta is None else config.beta
+        self.beta = self.head.beta if options.beta is None else options.beta
         self.stats.routed = {lane.name: 0 for lane in self.experts}
         # overlap: the expert (other than the router) that decodes each new token alongside the router
         self.follow = next((e for e in self.experts if e.backend is not self.router.backend), None)
-        self.gate: float | None = config.route_gate
-        if self.gate is not None and config.overlap:
+        self.gate: float | None = options.route_gate
+        if self.gate is not None and options.overlap:
             raise UsageError("--route-gate and --overlap do not go together: gated, the router does not step with "
                              "every token (give one of them)")
         self.current: Lane | None = None  # gated: the expert the head chose last, which writes while it is sure
@@ -150,7 +240,7 @@ class RoutePolicy(PolicyBase):
         """After a token: the router's next step, and with ``overlap`` the followed expert's step on the same
         token at the same time (separate llama.cpp contexts; the decode calls release the GIL). Both are done
         when this returns, so no decode outlives the step."""
-        follow = self.follow if self.config.overlap else None
+        follow = self.follow if self.options.overlap else None
         if follow is None:
             self.pending = self._route_step()
             return

@@ -14,14 +14,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from ..alignment import reliable_view, token_ending_at
-from ..decisions import EOG, consensus, filter_probs, speculative_accept_probability
+from ..decisions import EOG, Gate, consensus, filter_probs, speculative_accept_probability
 from ..member import Lane
 from ..options import Option
-from .base import UNION_K, WEIGHTS, ContextFull, Piece, PolicyBase
+from .base import UNION_K, WEIGHTS, ContextFull, EvalConfig, Piece, Policy, PolicyStats, option
+from .registry import register
 
 DRAFT_LEN = Option("draft_len", int, 5, "Tokens drafted per chunk.", range=(1, 64))
 GATE = Option("gate", float, 0.5, "Verify only where the drafter's top-1 probability is below this; off verifies "
@@ -38,6 +40,49 @@ TIE_TOLERANCE = Option("tie_tolerance", float, 0.1, "A verifier agrees with a dr
                        range=(0.0, 1.0))
 
 
+@dataclass(frozen=True)
+class SafeOptions:
+    """SAFE's options."""
+
+    draft_len: int = option(DRAFT_LEN)
+    gate: float | None = option(GATE)
+    gate_entropy: float | None = option(GATE_ENTROPY)
+    union_k: int = option(UNION_K)
+    sharpen: str = option(SHARPEN)
+    sharpen_lambda: float = option(SHARPEN_LAMBDA)
+    tie_tolerance: float = option(TIE_TOLERANCE)
+    weights: tuple[float, ...] | None = option(WEIGHTS)
+
+    @property
+    def gating(self) -> Gate:
+        """The confidence gate from ``gate`` and ``gate_entropy`` (both None: faithful SAFE)."""
+        return Gate(self.gate, self.gate_entropy)
+
+
+@dataclass
+class SafeStats(PolicyStats):
+    """Counts of a SAFE answer."""
+
+    drafted: int = 0
+    accepted_drafts: int = 0
+    overrides: int = 0  # ensembled tokens that differ from what the drafter would have chosen
+    verification_calls: int = 0
+    verified_positions: int = 0
+    unreliable: int = 0  # positions to check that no verifier could be asked about reliably
+
+    def figures(self, tokens: int) -> dict[str, Any]:
+        return {"drafted_tokens": self.drafted,
+                "draft_acceptance_rate": (self.accepted_drafts / self.drafted) if self.drafted else None,
+                "overridden_tokens": self.overrides, "verification_calls": self.verification_calls,
+                # Positions the gate or a faithful cycle wanted checked but that were left to the drafter because a
+                # re-tokenizing verifier's view of them was unreliable (mid-character, a boundary it does not share).
+                "unreliable_positions": self.unreliable}
+
+    def summary(self, figures: dict[str, Any]) -> list[str]:
+        rate = figures.get("draft_acceptance_rate")
+        return [] if rate is None else [f"drafts accepted {rate:.0%}"]
+
+
 @dataclass
 class Verdict:
     """Outcome of verifying one draft: how many drafted tokens stand, what replaces the next one (the
@@ -48,10 +93,19 @@ class Verdict:
     confirmed: dict[int, str] = field(default_factory=dict)
 
 
-class SafePolicy(PolicyBase):
-    """SAFE with UniTE's union; gated when ``config.gate`` is enabled."""
+@register
+class SafePolicy(Policy):
+    """SAFE with UniTE's union; gated when ``options.gate`` is enabled."""
 
-    options = (DRAFT_LEN, GATE, GATE_ENTROPY, UNION_K, SHARPEN, SHARPEN_LAMBDA, TIE_TOLERANCE, WEIGHTS)
+    name = "safe"
+    summary = "the drafter writes, the others verify where it is unsure"
+    Options = SafeOptions
+    Stats = SafeStats
+    options: SafeOptions
+    stats: SafeStats
+    eval_configs = (EvalConfig("safe", {"gate": None}), EvalConfig("safe-gated", {"gate": 0.5}))
+    # A verification asks for logits at every drafted position and the next one; a call may raise draft_len.
+    max_logits_rows = int(DRAFT_LEN.range[1]) + 1  # type: ignore[index]
 
     def start(self) -> None:
         self.d_tokens: list[int] = []  # the drafter's accepted tokens (after its prompt)
@@ -81,7 +135,7 @@ class SafePolicy(PolicyBase):
         d = self.drafter
         if self.pending is None:
             self._sync_drafter()
-        n = min(self.config.draft_len, budget, d.room)
+        n = min(self.options.draft_len, budget, d.room)
         if n < 1:
             raise ContextFull
         drafts, dists = self._draft(n)
@@ -99,7 +153,7 @@ class SafePolicy(PolicyBase):
         """Up to n drafted tokens. With the gate on, drafting stops at the first unsure token *before*
         decoding it: only it will be checked, so nothing after it is drafted in vain."""
         d = self.drafter
-        gate = self.config.gating
+        gate = self.options.gating
         drafts, dists = [], []
         dist = self.pending
         self.pending = None
@@ -122,11 +176,11 @@ class SafePolicy(PolicyBase):
         return drafts, dists
 
     def _confident(self, dist) -> bool:
-        gate = self.config.gating
+        gate = self.options.gating
         return gate.confident(dist.top1, dist.entropy() if gate.max_entropy is not None else 0.0)
 
     def _positions_to_check(self, dists) -> list[int]:
-        gate = self.config.gating
+        gate = self.options.gating
         if not gate.enabled:
             return list(range(len(dists)))
         return [j for j, dist in enumerate(dists) if not self._confident(dist)]
@@ -177,7 +231,8 @@ class SafePolicy(PolicyBase):
                 agree = [True] + [self._agrees(v, vd[j], key, p) for v, vd, p in zip(self.verifiers, vdists, ps[1:])]
                 if consensus(ps, agree, weights):
                     continue
-                chosen, winner = self.ensemble_choice(all_dists, prefer=key)
+                chosen, winner = self.ensemble_choice(all_dists, self.options.sharpen, self.options.sharpen_lambda,
+                                                      prefer=key, tolerance=self.options.tie_tolerance)
             else:
                 chosen, winner = self._speculative(key, drafts[j], all_dists)
                 if chosen is None:
@@ -195,14 +250,14 @@ class SafePolicy(PolicyBase):
         """Unanimity test for one verifier: the drafted key is its argmax, or within the tie tolerance."""
         if verifier.argmax_key(dist) == key or (key != EOG and verifier.first_token(key) == dist.argmax):
             return True
-        return p_key >= (1.0 - self.config.tie_tolerance) * dist.top1
+        return p_key >= (1.0 - self.options.tie_tolerance) * dist.top1
 
     def _speculative(self, key, drafted: int, all_dists):
         """Sampling form: accept the drafted key with probability min(1, P_ens / P_proposal), where
         P_proposal is the probability the drafter really drew it with; otherwise sample from the residual
         max(P_ens - P_proposal, 0) over the union, as speculative sampling does."""
         d = self.drafter
-        keys, p, q = self.union(all_dists)
+        keys, p, q = self.union(all_dists, self.options.sharpen, self.options.sharpen_lambda)
         p = filter_probs(p, self.sampling.top_k, self.sampling.top_p) if len(keys) else p
         if key not in keys:
             keys, p, q = keys + [key], np.append(p, 0.0), np.hstack([q, np.zeros((q.shape[0], 1))])

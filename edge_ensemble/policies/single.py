@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from .base import ContextFull, Piece, PolicyBase
+from .base import ContextFull, EvalConfig, Piece, Policy
+from .registry import register
 
 
-class SinglePolicy(PolicyBase):
+@register
+class SinglePolicy(Policy):
     """Decode with the first member only, one token per decode call."""
+
+    name = "single"
+    summary = "the first member alone"
+    drafter_only = True
+    eval_configs = (EvalConfig("single", each_member=True),)  # single:<member>: each member alone
 
     def start(self) -> None:
         self.pending = self.next_dist(self.lanes[0], [])
