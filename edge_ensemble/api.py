@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import weakref
@@ -25,7 +26,7 @@ from .backends import LocalBackend
 from .member import Member
 from .memory import check_memory
 from .options import GENERATION, LOAD, Option, check_names
-from .policies import POLICY, LoadNeeds, MemberFile, registry
+from .policies import POLICY, MemberFile, registry
 from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
 from .rounds import DecodeRounds, LockedBackend, SharedBackend
 from .runtime import LoadOptions, Model, usable_cores

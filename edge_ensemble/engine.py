@@ -144,7 +144,8 @@ class GenerationOptions:
 
 def member_files(members: Sequence[Member]) -> list[MemberFile]:
     """What :meth:`Policy.prepare` may know of loaded members."""
-    return [MemberFile(m.name, m.model.path, remote=not hasattr(m.backend, "feed_hidden")) for m in members]
+    return [MemberFile(m.name, getattr(getattr(m.backend, "model", None), "path", None),
+                       remote=not hasattr(m.backend, "feed_hidden")) for m in members]
 
 
 def open_lanes(members: Sequence[Member], messages: Sequence[dict[str, str]] | None = None, *,

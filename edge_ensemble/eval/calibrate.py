@@ -58,7 +58,7 @@ from edge_ensemble.eval.report import Summary, paired_comparisons, summarize
 from edge_ensemble.eval.runner import Progress, read_records, results_path, run_eval
 from edge_ensemble.eval.tasks import Item, Task, get_task
 from edge_ensemble.options import Option, replace_checked, with_options
-from edge_ensemble.policies import POLICIES
+from edge_ensemble.policies import declarations, registry
 from edge_ensemble.sources import ModelSpec, SpecLike, parse_spec
 
 if sys.version_info >= (3, 11):
@@ -296,7 +296,7 @@ def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Swee
     cfg = asdict(base)
     swept = {"weights", "gate", *(("sharpen",) if sweep.sharpen_modes else ())}  # type: ignore[attr-defined]
     # Only what the settings' policies read: another policy's option (eager's threshold) changes no record.
-    read = [o.name for name in _SETTING_POLICIES for o in POLICIES[name].options]
+    read = [o.name for name in _SETTING_POLICIES for o in declarations(registry.get(name).Options)]
     return _plain({"members": calibration_key(None, members)[1],
                    # parallel: answers decoded side by side share their seconds (the tie-break) and batch numerics
                    "options": {k: cfg[k] for k in dict.fromkeys((*read, "n_ctx", "parallel")) if k not in swept}})

@@ -35,3 +35,15 @@ def make_policy(name: str, lanes: Any, options: Any, sampling: Any, rng: Any, pr
 
 __all__ = ["DEFAULT_POLICY", "POLICY", "ContextFull", "EvalConfig", "LoadNeeds", "MemberFile", "NoOptions", "Piece",
            "Policy", "PolicyStats", "declarations", "make_policy", "option", "policy_help", "register", "registry"]
+
+
+def policies_reading(option: Option) -> list[str]:
+    """The names of the policies that read an option of ``option``'s name."""
+    return registry.policies_reading(option.name)
+
+
+def __getattr__(name: str) -> Any:
+    # POLICY_OPTIONS: one declaration per policy option name, read from the registry when asked for.
+    if name == "POLICY_OPTIONS":
+        return registry.policy_options()
+    raise AttributeError(name)

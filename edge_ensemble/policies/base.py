@@ -96,7 +96,7 @@ class MemberFile:
     """What a policy may know of a member before the models load (for :meth:`Policy.prepare`)."""
 
     name: str
-    path: Path  # the local GGUF (for a server member, the file its tokenizer is read from)
+    path: Path | None  # the local GGUF (a server member: the file its tokenizer is read from; None: no file)
     remote: bool = False  # a model in a running llama-server
 
 

@@ -26,6 +26,7 @@ experts comes from the head file (the sha256 of their GGUF files), not from the 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -99,6 +100,21 @@ class RouteStats(PolicyStats):
         return parts
 
 
+_heads: dict[tuple[str, int, int], RouterHead] = {}
+
+
+def _read_head(path: str) -> RouterHead:
+    """The head file read and checked once per version of the file (``check`` and ``prepare`` both ask)."""
+    try:
+        st = os.stat(os.path.expanduser(path))
+        key = (os.path.realpath(os.path.expanduser(path)), st.st_size, st.st_mtime_ns)
+    except OSError:
+        return load_head(path)  # (its own one-line message for a missing file)
+    if key not in _heads:
+        _heads[key] = load_head(path)
+    return _heads[key]
+
+
 def _hidden_size(path: Any) -> int:
     """A model's hidden size (n_embd) from its file's metadata, without loading its weights."""
     from ..runtime import LoadOptions, Model
@@ -147,8 +163,11 @@ class RoutePolicy(Policy):
 
     @classmethod
     def check(cls, options: RouteOptions, n_members: int, where: Any = str) -> None:
+        """A head is given, and it is a readable head file (before the members are located, which may download
+        them)."""
         if options.head is None:
             raise UsageError(NEEDS_HEAD)
+        _read_head(options.head)
 
     @classmethod
     def prepare(cls, options: RouteOptions, members: Sequence[MemberFile]) -> Roles:
@@ -158,7 +177,7 @@ class RoutePolicy(Policy):
         remote = next((m for m in members if m.remote), None)
         if remote is not None:
             raise UsageError(f"policy route runs local models only; {remote.name} is not one")
-        head = load_head(options.head)  # type: ignore[arg-type]  # (check() refused None)
+        head = _read_head(options.head)  # type: ignore[arg-type]  # (check() refused None)
         where = f"route head {options.head}"
         router, experts = head.roles([file_sha256(m.path) for m in members], [m.name for m in members], where)
         head.check_hidden_size(_hidden_size(members[router].path), members[router].name, where)
@@ -172,8 +191,8 @@ class RoutePolicy(Policy):
                  prepared: Roles | None = None) -> None:
         super().__init__(lanes, options, sampling, rng, prepared)
         if prepared is None:
-            raise UsageError(f"policy route reads its head once, when the models load: create the Ensemble with "
-                             f"policy='route' and head=FILE (the CLI does)")
+            raise UsageError("policy route reads its head once, when the models load: create the Ensemble with "
+                             "policy='route' and head=FILE (the CLI does)")
         if not self.by_id:
             raise UsageError("policy route needs the router and every expert to share one tokenizer (as the `coder`"
                              " preset does): routing across tokenizers is not supported")
