@@ -96,13 +96,14 @@ def run(args: argparse.Namespace) -> None:
                 "prompt": i, "config": label, "policy": config.policy, "gate": config.gate, "tokens": s.tokens,
                 "generation_seconds": s.generation_seconds, "prompt_seconds": s.prompt_seconds,
                 "tokens_per_second": s.tokens_per_second, "ensembled_fraction": s.ensembled_fraction,
-                "overridden_tokens": s.overridden_tokens, "draft_acceptance_rate": s.draft_acceptance_rate,
-                "verification_calls": s.verification_calls, "member_decode_seconds": s.member_decode_seconds,
+                "overridden_tokens": s.figure("overridden_tokens", 0),
+                "draft_acceptance_rate": s.figure("draft_acceptance_rate"),
+                "verification_calls": s.figure("verification_calls", 0), "member_decode_seconds": s.member_decode_seconds,
                 "member_decoded_tokens": s.member_decoded_tokens, "wall_seconds": wall,
                 "llama_decode_seconds": in_llama, "python_share": 1 - in_llama / wall if wall else 0.0,
-                "peak_memory_mb": s.peak_memory_mb, "finish_reason": result.finish_reason,
+                "peak_memory_mb": s.peak_memory_mb, "finish_reason": result.finish_reason, "text": result.text,
             }
-            if s.routed_tokens:
+            if s.figure("routed_tokens"):
                 rec.update(routed_tokens=s.routed_tokens, route_decisions=s.route_decisions,
                            catch_up_tokens=s.catch_up_tokens)
             records.append(rec)
