@@ -16,7 +16,7 @@ import weakref
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .decisions import Sampling
 from .engine import Event, GenerationOptions, GenerationResult, generate_events
@@ -24,126 +24,17 @@ from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, UsageError, warn
 from .backends import LocalBackend
 from .member import Member
-from .memory import check_memory
-from .options import GENERATION, LOAD, Option, check_names
-from .policies import POLICY, MemberFile, registry
+from .ensemble_config import CALL_OPTIONS, ENSEMBLE_OPTIONS, EnsembleConfig
+from .memory import check_memory, estimate_memory_bytes
+from .options import GENERATION, LOAD, check_names
+from .policies import MemberFile, registry
 from .remote import RemoteBackend, is_server_spec, parse_server_spec, server_model_path
 from .rounds import DecodeRounds, LockedBackend, SharedBackend
 from .runtime import LoadOptions, Model, usable_cores
 from .sources import Catalog, ModelSpec, SpecLike, parse_spec, resolve
 
-
-class _LiveOptions(Mapping[str, Option]):
-    """A name -> :class:`Option` table read from the policy registry at each use (a plugin may register a policy
-    after this module is imported): the policy, every policy's options, and ``fixed`` ones."""
-
-    def __init__(self, before: dict[str, Option], after: dict[str, Option]) -> None:
-        self._before, self._after = before, after
-
-    def _table(self) -> dict[str, Option]:
-        return {**self._before, **registry.policy_options(), **self._after}
-
-    def __getitem__(self, name: str) -> Option:
-        return self._table()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
-# What an ensemble is made with: its policy, every policy's options (a call may override those) and the load
-# options (fixed once the models are loaded).
-ENSEMBLE_OPTIONS: Mapping[str, Option] = _LiveOptions({"policy": POLICY}, LOAD)
-# What one call (stream / generate) may set: the generation options, and the policy with its options.
-CALL_OPTIONS: Mapping[str, Option] = _LiveOptions({**GENERATION, "policy": POLICY}, {})
-
-
-@dataclass(frozen=True, init=False)
-class EnsembleConfig:
-    """Everything that shapes an ensemble, by option name (:data:`ENSEMBLE_OPTIONS`): the policy, the values given
-    for policy options (each policy reads its own, :meth:`policy_options`) and the load options. Checked once by
-    :meth:`validate`. ``EnsembleConfig(gate=None, n_ctx=2048)``; ``dataclasses.replace(cfg, gate=0.3)`` works.
-
-    ``gate=None`` is faithful SAFE (every chunk verified); ``union_k`` is the number of candidates each member
-    adds to the union (sampling's ``top_k`` is a per-call option)."""
-
-    given: Mapping[str, Any]  # the options given, by name (those not given take their policy's default)
-
-    def __init__(self, given: Mapping[str, Any] | None = None, **options: Any) -> None:
-        values = {**(given or {}), **options}
-        check_names(values, ENSEMBLE_OPTIONS)
-        object.__setattr__(self, "given", values)
-
-    def __getattr__(self, name: str) -> Any:
-        # A policy option's value: as given, else the default of the policy that reads it. (Fields and the
-        # properties below never come here.)
-        given = self.__dict__.get("given", {})
-        if name in given:
-            return given[name]
-        decl = registry.declaration(name, given.get("policy", POLICY.default))
-        if decl is None:
-            raise AttributeError(f"EnsembleConfig has no option {name!r}")
-        return decl.default
-
-    def _load(self, name: str) -> Any:
-        return self.given.get(name, LOAD[name].default)
-
-    @property
-    def policy(self) -> str:
-        return self.given.get("policy", POLICY.default)
-
-    @property
-    def n_ctx(self) -> int:
-        return self._load("n_ctx")
-
-    @property
-    def n_threads(self) -> int | None:
-        return self._load("n_threads")
-
-    @property
-    def n_gpu_layers(self) -> int:
-        return self._load("n_gpu_layers")
-
-    @property
-    def flash_attn(self) -> bool:
-        return self._load("flash_attn")
-
-    @property
-    def control_tokens_in_messages(self) -> bool:
-        return self._load("control_tokens_in_messages")
-
-    @property
-    def parallel(self) -> int:
-        return self._load("parallel")
-
-    @property
-    def check_memory(self) -> bool:
-        return self._load("check_memory")
-
-    def validate(self, n_members: int, where: Callable[[str], str] = str) -> "EnsembleConfig":
-        """This config with every value checked and normalised; a :class:`UsageError` names the allowed values
-        and the value given (``where(name)``: how the user wrote the option, e.g. its flag). A policy option is
-        checked as the chosen policy declares it (another policy's, for a name the chosen one does not read)."""
-        if n_members < 1:
-            raise UsageError("an ensemble needs at least one member")
-        policy = POLICY.check(self.policy, where("policy"))
-        checked = {}
-        for name, value in self.given.items():
-            decl = POLICY if name == "policy" else LOAD.get(name) or registry.declaration(name, policy)
-            assert decl is not None  # (the constructor refused names that are no option)
-            checked[name] = decl.check(value, where(name))
-        cfg = EnsembleConfig(checked)
-        weights = checked.get("weights")
-        if weights is not None and len(weights) != n_members:
-            raise UsageError(f"{where('weights')}: give one per member ({n_members}); got {len(weights)}")
-        registry.get(policy).check(cfg.policy_options(), n_members, where)
-        return cfg
-
-    def policy_options(self, policy: str | None = None) -> Any:
-        """The ``Options`` of ``policy`` (default: the chosen one) from the values given."""
-        return registry.make_options(policy or self.policy, dict(self.given))
+# (re-exported: the API's names for what an ensemble and a call may be given, and the memory estimate)
+__all__ = ["CALL_OPTIONS", "ENSEMBLE_OPTIONS", "Ensemble", "EnsembleConfig", "MemberInfo", "estimate_memory_bytes"]
 
 
 @dataclass

@@ -43,6 +43,7 @@ class Option:
     alias: str = ""  # the config key and flag when they differ from the name (n_threads -> threads)
     shown_default: str = ""  # how --help shows a default that is not a plain value ("all cores")
     cli: bool = True  # False: an API-only option, without flag or config key
+    per_call: bool = True  # False: fixed when the models load (a call or a server request may not change it)
     metavar: str = ""  # how --help names the value when not by its type (FILE)
 
     @property

@@ -43,14 +43,15 @@ from .base import ContextFull, EvalConfig, LoadNeeds, MemberFile, Piece, Policy,
 from .registry import register
 
 HEAD = Option("head", str, None, "The selection head (.npz) `edge-ensemble route train` wrote for these models.",
-              shown_default="none", metavar="FILE")
+              shown_default="none", metavar="FILE", per_call=False)
 BETA = Option("beta", float, None, "Weight of the router's own log-probabilities added to the chosen expert's; "
               "0 = pure routing.", range=(0.0, 20.0), shown_default="the head's fitted value")
 ROUTE_GATE = Option("route_gate", float, None, "Consult the router only where the expert writing now is unsure (its "
                     "top-1 probability below this); elsewhere that expert goes on alone. Off: the router decides "
                     "every token.", range=(0.0, 1.0), off=True, shown_default="off")
 OVERLAP = Option("overlap", bool, False, "Decode each token with the router and the expert chosen last at the same "
-                 "time, in two threads (for two or more cores: give each model half of them, e.g. --threads 1 on 2).")
+                 "time, in two threads (for two or more cores: give each model half of them, e.g. --threads 1 on 2).",
+                 per_call=False)
 
 NEEDS_HEAD = "policy route needs a head: --head FILE (head= in the API); train one with `edge-ensemble route train`"
 
