@@ -37,17 +37,17 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterator
 
-from .errors import ContextOverflowError, EdgeEnsembleError, UsageError, warn
-from .options import GENERATION, Option, with_options
-from .policies import POLICY_OPTIONS
+from ..errors import ContextOverflowError, EdgeEnsembleError, UsageError, warn
+from ..options import GENERATION, Option, with_options
+from ..policies import POLICY_OPTIONS
 
 if TYPE_CHECKING:  # starlette is imported in create_app: the module itself loads without the extra
     from starlette.requests import Request
     from starlette.responses import Response
 
-    from .api import Ensemble
-    from .engine import Event, GenerationResult
-    from .rounds import DecodeRounds
+    from ..api import Ensemble
+    from ..engine import Event, GenerationResult
+    from ..rounds import DecodeRounds
 
 log = logging.getLogger("edge_ensemble.server")
 
