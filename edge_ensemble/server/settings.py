@@ -1,0 +1,42 @@
+"""The server's own settings: its limits (:data:`SERVER_LIMITS`, from which the ``serve`` command's flags
+derive) and :class:`ServerOptions`, how one server answers (limits, generation defaults, model id, key, system
+prompt)."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from ..options import GENERATION, Option, with_options
+
+
+# The server's own limits, declared once: the serve command's flags and the checks derive from these.
+MAX_QUEUE = Option("max_queue", int, 8, "Requests that may wait beyond the --parallel answers being made; one more gets 429 with "
+                   "Retry-After.", range=(0, 100_000))
+TIME_LIMIT = Option("time_limit", float, 300.0, "Seconds per answer (prompt included); then it ends with "
+                    "finish_reason 'length'.", range=(0.0, 1e6), above=True)
+MAX_BODY_BYTES = Option("max_body_bytes", int, 1 << 20, "Largest request body.", range=(1024, 1 << 30))
+MAX_PROMPT_CHARS = Option("max_prompt_chars", int, 100_000, "Longest prompt (all messages together), in characters.",
+                          range=(1, 1 << 30))
+BATCH = Option("batch", bool, True, "Decode the --parallel answers together: one llama_decode per model for all "
+               "of them each round (off: one after another, a policy step each).")
+# The serve command's own settings (its flags derive from these).
+SERVER_LIMITS = (MAX_QUEUE, TIME_LIMIT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, BATCH)
+
+
+@with_options(*SERVER_LIMITS, *(GENERATION[n] for n in ("max_tokens", "temperature", "top_p", "top_k", "seed")))
+class ServerOptions:
+    """How the server answers: its limits (:data:`SERVER_LIMITS`), the defaults of generation fields a request
+    leaves out, its model id, key and system prompt."""
+
+    model_id: str = "edge-ensemble"
+    api_key: str | None = None
+    system: str | None = None  # system prompt for chat requests that bring none
+
+    def validate(self) -> "ServerOptions":
+        """Raise :class:`UsageError` naming the option, the allowed range and the value given."""
+        for o in (*SERVER_LIMITS, *(GENERATION[n] for n in ("max_tokens", "temperature", "top_p", "top_k", "seed"))):
+            o.check(getattr(self, o.name))
+        if self.api_key is not None and not self.api_key.strip():
+            raise UsageError("the API key is empty; give a non-blank --api-key, or none")
+        if not self.model_id:
+            raise UsageError("the served model name is empty")
+        return self
