@@ -213,19 +213,25 @@ class Ensemble:
     def _prepare_call(self, cfg: EnsembleConfig) -> tuple[Any, Any]:
         """The policy's options for a call and what the policy prepared for them (once per policy and options);
         refused in one line when these models were not loaded for what they need."""
-        policy, options = registry.get(cfg.policy), cfg.policy_options()
-        key = (cfg.policy, options)
-        if key not in self._prepared:
-            prepared = policy.prepare(options, self._files)
-            needs = policy.load_needs(options, len(self._files), prepared)
-            have = self._needs
-            if needs.sequences > have.sequences or not needs.hidden_states <= have.hidden_states:
-                what = (f"{needs.sequences} sequences per member context (these models were loaded with "
-                        f"{have.sequences})" if needs.sequences > have.sequences else "a member loaded with hidden states")
-                raise UsageError(f"policy {policy.name} with these options needs {what}: create the Ensemble with "
-                                 f"policy={policy.name!r} and these options")
-            self._prepared[key] = prepared
-        return options, self._prepared[key]
+        reason = self.unmet_needs(cfg)
+        if reason:
+            raise UsageError(f"policy {cfg.policy} with these options needs {reason}: create the Ensemble with "
+                             f"policy={cfg.policy!r} and these options")
+        return cfg.policy_options(), self._prepared[(cfg.policy, cfg.policy_options())]
+
+    def unmet_needs(self, config: EnsembleConfig) -> str:
+        """What a call with ``config`` (the policy and its options) needs that these models were not loaded with,
+        in words ("" when they serve it); the policy prepares for those options (once) on the way."""
+        policy, options = registry.get(config.policy), config.policy_options()
+        key = (config.policy, options)
+        prepared = self._prepared[key] if key in self._prepared else policy.prepare(options, self._files)
+        needs, have = policy.load_needs(options, len(self._files), prepared), self._needs
+        if needs.sequences > have.sequences:
+            return f"{needs.sequences} sequences per member context (these models were loaded with {have.sequences})"
+        if not needs.hidden_states <= have.hidden_states:
+            return "a member loaded with hidden states"
+        self._prepared[key] = prepared
+        return ""
 
     def complete(self, text: str, **kwargs: object) -> GenerationResult:
         """Complete raw ``text`` (no chat template) and return the whole result; ``stream(raw=text)`` streams it.

@@ -49,7 +49,7 @@ def _bad(o: Option) -> Any:
 def test_each_option_reaches_flag_config_key_api_and_server(policy: str, option: Option) -> None:
     from edge_ensemble.cli import cli
     from edge_ensemble.config import OPTIONS as CONFIG_KEYS
-    from edge_ensemble.server import EXTENSION_FIELDS, SERVER_ONLY
+    from edge_ensemble.server import extension_fields, server_only
 
     value, text = _value_text(option)
     # the API keyword, checked by the declaration the policy reads
@@ -63,7 +63,7 @@ def test_each_option_reaches_flag_config_key_api_and_server(policy: str, option:
         o for p in cli.commands["run"].params for o in (*p.opts, *p.secondary_opts)}
     assert option.flag in flags
     # a request to the server may set it, unless it is fixed when the models load
-    assert (option.name in EXTENSION_FIELDS) != (option.name in SERVER_ONLY)
+    assert (option.name in extension_fields()) != (option.name in server_only())
 
 
 @pytest.mark.parametrize("policy,option", [(p, o) for p, o in OPTIONS if _bad(o) is not None],

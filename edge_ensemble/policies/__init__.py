@@ -12,7 +12,7 @@ from ..options import Option
 from . import registry
 from .base import (ContextFull, EvalConfig, LoadNeeds, MemberFile, NoOptions, Piece, Policy, PolicyStats,
                    declarations, option)
-from .registry import DEFAULT_POLICY, register
+from .registry import BASELINE_POLICY, DEFAULT_POLICY, register
 
 
 def _policy_help() -> str:
@@ -33,7 +33,7 @@ def make_policy(name: str, lanes: Any, options: Any, sampling: Any, rng: Any, pr
     return registry.get(name)(lanes, options, sampling, rng, prepared)
 
 
-__all__ = ["DEFAULT_POLICY", "POLICY", "ContextFull", "EvalConfig", "LoadNeeds", "MemberFile", "NoOptions", "Piece",
+__all__ = ["BASELINE_POLICY", "DEFAULT_POLICY", "POLICY", "ContextFull", "EvalConfig", "LoadNeeds", "MemberFile", "NoOptions", "Piece",
            "Policy", "PolicyStats", "declarations", "make_policy", "option", "policy_help", "register", "registry"]
 
 

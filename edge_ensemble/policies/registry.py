@@ -20,8 +20,10 @@ from .base import Policy, declarations
 ENTRY_POINT_GROUP = "edge_ensemble.policies"
 BUILTIN_MODULES = ("edge_ensemble.policies.single", "edge_ensemble.policies.every_token",
                    "edge_ensemble.policies.safe", "edge_ensemble.policies.eager", "edge_ensemble.policies.route")
-# The policy an ensemble uses when nobody chose one (a preset's calibration may choose another).
+# The policy an ensemble uses when nobody chose one (a preset's calibration may choose another), and the one-model
+# reference every other policy is measured against (calibrate's "drafter alone").
 DEFAULT_POLICY = "safe"
+BASELINE_POLICY = "single"
 
 _policies: dict[str, type[Policy]] = {}
 _loaded = False

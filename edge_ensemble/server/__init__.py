@@ -35,14 +35,21 @@ edge_ensemble.server import ...`` works as before; the logger keeps that module'
 from __future__ import annotations
 
 from .app import create_app
-from .requests import EXTENSION_FIELDS, LOADED_FOR, MAX_STOPS, SERVER_ONLY, ApiError, Call, parse_request
+from .requests import MAX_STOPS, ApiError, Call, extension_fields, parse_request, server_only
 from .runner import check_bind, listen, serve
 from .settings import (BATCH, MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_QUEUE, SERVER_LIMITS, TIME_LIMIT,
                        ServerOptions)
 from .workers import Job, QueueFull, Worker
 
 __all__ = [
-    "BATCH", "EXTENSION_FIELDS", "LOADED_FOR", "MAX_BODY_BYTES", "MAX_PROMPT_CHARS", "MAX_QUEUE", "MAX_STOPS",
-    "SERVER_LIMITS", "SERVER_ONLY", "TIME_LIMIT", "ApiError", "Call", "Job", "QueueFull", "ServerOptions", "Worker",
-    "check_bind", "create_app", "listen", "parse_request", "serve",
+    "BATCH", "MAX_BODY_BYTES", "MAX_PROMPT_CHARS", "MAX_QUEUE", "MAX_STOPS", "SERVER_LIMITS", "TIME_LIMIT", "ApiError",
+    "Call", "Job", "QueueFull", "ServerOptions", "Worker", "check_bind", "create_app", "extension_fields", "listen",
+    "parse_request", "serve", "server_only",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # EXTENSION_FIELDS, SERVER_ONLY: the request tables by their old names, read from the registry when asked for
+    from . import requests
+
+    return getattr(requests, name)

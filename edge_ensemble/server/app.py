@@ -103,7 +103,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
 
     async def answer(request: "Request", kind: str) -> "Response":
         call = parse_request(kind, await read_json(request), opts)
-        _check_loaded_for(call, ensemble.config)
+        _check_loaded_for(call, ensemble)
         try:
             events = ensemble.stream(**call.arguments)  # validates the values; the work starts in the worker
         except EdgeEnsembleError as exc:

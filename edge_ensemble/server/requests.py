@@ -7,18 +7,37 @@ Everything here is plain Python: no Starlette, no threads.
 from __future__ import annotations
 
 import json
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ContextOverflowError, EdgeEnsembleError, UsageError
-from ..policies import POLICY_OPTIONS
+from ..policies import registry
 from .settings import ServerOptions
 
-SERVER_ONLY = frozenset({"head", "overlap"})  # policy options a request may not set
-# Keys of the request's "edge_ensemble" object: the policy and any policy option (as Ensemble.stream takes them
-# per answer); top_k is sampling top-k (OpenAI has no such field); time_limit may shorten the server's own limit.
-# A route head is the server's own (--head): a request must not make the server open a file it names.
-EXTENSION_FIELDS = ("policy", *(o for o in POLICY_OPTIONS if o not in SERVER_ONLY), "top_k", "time_limit")
+
+def server_only() -> frozenset[str]:
+    """Policy options a request may not set: those fixed when the models load (a route head is the server's own,
+    --head: a request must not make the server open a file it names)."""
+    return frozenset(name for name, o in registry.policy_options().items() if not o.per_call)
+
+
+def extension_fields() -> tuple[str, ...]:
+    """Keys of the request's "edge_ensemble" object: the policy and any policy option a call may set (as
+    Ensemble.stream takes them per answer); top_k is sampling top-k (OpenAI has no such field); time_limit may
+    shorten the server's own limit. Read from the registry: a plugin's policy options are fields too."""
+    own = server_only()
+    return ("policy", *(o for o in registry.policy_options() if o not in own), "top_k", "time_limit")
+
+
+def __getattr__(name: str) -> Any:
+    # the tables by their old constant names (computed now: plugins may have registered policies since import)
+    if name == "SERVER_ONLY":
+        return server_only()
+    if name == "EXTENSION_FIELDS":
+        return extension_fields()
+    raise AttributeError(name)
+
 # OpenAI fields accepted and ignored (they do not change the answer), and those refused with a 400.
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 _UNSUPPORTED = {  # field -> what it asks for
@@ -67,14 +86,17 @@ def _library_error(exc: EdgeEnsembleError) -> ApiError:
         return ApiError(400, message, code="context_length_exceeded")
     if isinstance(exc, UsageError):  # its message starts with the option's name ("top_p must be ...")
         name = message.split(" ", 1)[0]
-        return ApiError(400, message, param=_PARAMS.get(name), code="invalid_value")
+        return ApiError(400, message, param=_param(name), code="invalid_value")
     return ApiError(500, message, type="server_error")
 
 
 # Library option names -> the request field they come from.
-_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
-           **{name: f"edge_ensemble.{name}" for name in EXTENSION_FIELDS}}
-LOADED_FOR = ("eager", "route")  # policies whose contexts are set up at load: a request cannot switch to them
+_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
+
+
+def _param(name: str) -> str | None:
+    """The request field a library option name comes from."""
+    return _PARAMS.get(name) or (f"edge_ensemble.{name}" if name in extension_fields() else None)
 _INTERNAL = ApiError(500, "internal server error (logged on the server)", type="server_error")
 
 
@@ -209,13 +231,14 @@ def _extension(body: dict[str, Any]) -> dict[str, Any]:
         return {}
     if not isinstance(ext, dict):
         raise ApiError(400, "edge_ensemble must be an object", param="edge_ensemble", code="invalid_type")
-    own = sorted(set(ext) & SERVER_ONLY)
+    own = sorted(set(ext) & server_only())
     if own:
         raise ApiError(400, f"edge_ensemble.{own[0]} is set by the server (serve --{own[0]}), not per request",
                        param=f"edge_ensemble.{own[0]}", code="unknown_parameter")
-    unknown = sorted(set(ext) - set(EXTENSION_FIELDS))
+    known = extension_fields()
+    unknown = sorted(set(ext) - set(known))
     if unknown:
-        raise ApiError(400, f"unknown edge_ensemble field(s) {', '.join(unknown)}; known: {', '.join(EXTENSION_FIELDS)}",
+        raise ApiError(400, f"unknown edge_ensemble field(s) {', '.join(unknown)}; known: {', '.join(known)}",
                        param="edge_ensemble", code="unknown_parameter")
     return ext
 
@@ -259,7 +282,7 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
     }
     if "policy" in ext:
         arguments["policy"] = _get(ext, "policy", (str,), "a policy name", None)
-    for key, option in POLICY_OPTIONS.items():
+    for key, option in registry.policy_options().items():
         if key in ext:  # "off" switches an option off, as in the config file; Ensemble.stream checks the value
             off = option.off and isinstance(ext[key], str) and ext[key].strip().lower() == "off"
             arguments[key] = None if off else (tuple(ext[key]) if isinstance(ext[key], list) else ext[key])
@@ -270,17 +293,30 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
     return Call(kind, stream, include_usage, arguments, time_limit, max_tokens)
 
 
-def _check_loaded_for(call: Call, config: Any) -> None:
-    """Refuse, with advice a client can act on, a request for a policy (or more branches) that needs models
-    loaded another way than this server's (the library's own message addresses a Python caller)."""
+def _check_loaded_for(call: Call, ensemble: Any) -> None:
+    """Refuse, with advice a client can act on, a request for a policy (or option values, e.g. more branches) that
+    needs models loaded another way than this server's (the library's own message addresses a Python caller)."""
+    config = ensemble.config
     running = config.policy
     asked = call.arguments.get("policy", running)
-    if asked in LOADED_FOR and asked != running:
+    n = len(ensemble.members)
+    given = {k: v for k, v in call.arguments.items() if k in registry.policy_options()}
+    try:
+        switched = dataclasses.replace(config, policy=asked).validate(n)
+        unmet = ensemble.unmet_needs(switched)
+    except UsageError:  # a policy this server cannot set up per request (e.g. route without the server's head)
+        unmet = "its own load" if asked != running else ""
+    if unmet and asked != running:
         raise ApiError(400, f"edge_ensemble.policy {asked!r} needs a server started with --policy {asked} (its models"
                        f" are loaded for it); this server runs {running!r}", param="edge_ensemble.policy",
                        code="invalid_value")
-    branches = call.arguments.get("max_branches")
-    if asked == "eager" and isinstance(branches, int) and not isinstance(branches, bool) and branches > config.max_branches:
-        raise ApiError(400, f"edge_ensemble.max_branches {branches} is more than this server's --max-branches "
-                       f"{config.max_branches}; ask for at most that many", param="edge_ensemble.max_branches",
-                       code="invalid_value")
+    for key, value in given.items():  # the first option whose value asks for more than the models were loaded with
+        try:
+            unmet = ensemble.unmet_needs(dataclasses.replace(switched, **{key: value}).validate(n))
+        except UsageError:
+            continue  # a bad value: Ensemble.stream refuses it, naming it
+        if unmet:
+            option = registry.policy_options()[key]
+            raise ApiError(400, f"edge_ensemble.{key} {value!r} asks for more than this server was started with "
+                           f"({option.flag} {getattr(config, key)!r}: {unmet}); ask for at most that",
+                           param=f"edge_ensemble.{key}", code="invalid_value")
