@@ -1,0 +1,115 @@
+"""Command-line flags made from the declared options (:mod:`edge_ensemble.options`, the policies' options).
+
+Each declared option becomes one click option whose help states the allowed values and the default once
+(:func:`_flag`). The options ``chat``, ``run`` and ``serve`` share are merged with the user config file into one
+validated :class:`~edge_ensemble.config.Settings` before any model loads (:func:`settings_options`); ``eval`` and
+``calibrate`` share their own (:data:`_eval_options`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import click
+
+from ..config import KEYS, load_config, resolve_settings
+from ..options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
+from ..policies import POLICY, POLICY_OPTIONS, policies_reading
+
+
+def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Callable[[Callable[..., Any]], Any]:
+    """The click option of a declared option: its flag, and help that states the allowed values and the default
+    once. The value stays text: the declaration parses and checks it (:func:`resolve_settings`)."""
+    bounds = option.bounds() + (" or off" if option.off else "")
+    shown = f"{bounds}; " if bounds else ""
+    text = option.help[0].lower() + option.help[1:] if prefix else option.help
+    help = f"{prefix}{text} [{shown}default: {shown_default or option.default_text}]"
+    if option.type is bool:
+        return click.option(f"{option.flag}/--no-{option.flag[2:]}", option.key, default=None, help=help)
+    if option.item is str:
+        return click.option(option.flag, option.key, multiple=True, metavar="TEXT", help=help)
+    if option.metavar:
+        metavar = option.metavar
+    elif option.choices:
+        metavar = "[" + "|".join(option.choices) + "]"
+    elif option.type is tuple:
+        metavar = "X1,X2,..."
+    else:
+        metavar = ("INT" if option.type is int else "FLOAT") + ("|off" if option.off else "")
+    return click.option(option.flag, option.key, metavar=metavar, help=help)
+
+
+def _policy_flag(option: Option) -> Callable[[Callable[..., Any]], Any]:
+    """A policy option's flag; its help starts with the policies that read it ("safe: tokens drafted ...")."""
+    return _flag(option, prefix=", ".join(policies_reading(option)) + ": ")
+
+
+def _declared_flags(options: Sequence[Option], into: str, *, defaults: bool = True,
+                    shown: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Any]:
+    """Add the flags of ``options`` to a command; it receives the values given, checked, as one dict ``into``
+    (by option name), with each option's default where not given when ``defaults``. ``shown``: how --help
+    shows a default that differs from the declaration's."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(**params: Any) -> Any:
+            given = {o: params.pop(o.key) for o in options}
+            values = {o.name: o.from_text(v) for o, v in given.items() if v is not None}
+            if defaults:
+                values = {o.name: values.get(o.name, o.default) for o in options}
+            return command(**{into: values}, **params)
+
+        for option in reversed(options):
+            wrapper = _flag(option, shown_default=(shown or {}).get(option.name, ""))(wrapper)
+        return wrapper
+
+    return decorate
+
+
+# -- options shared by chat, run and serve -------------------------------------------------------------------
+
+
+_SETTINGS_OPTIONS = [
+    click.option("-p", "--preset", metavar="NAME",
+                 help="A named ensemble from the catalog (`edge-ensemble presets`) [default: the catalog's default]."),
+    click.option("-m", "--model", "members", multiple=True, metavar="MODEL",
+                 help="A member: a .gguf path, a catalog name or hf:org/repo/file. Repeat it; the first one "
+                      "drafts. Replaces --preset."),
+    click.option("-s", "--system", metavar="TEXT", help="System prompt."),
+    _flag(POLICY),
+    *(_policy_flag(o) for o in POLICY_OPTIONS.values()),
+    *(_flag(o) for o in GENERATION_OPTIONS),
+    *(_flag(o) for o in LOAD_OPTIONS if o.cli),
+]
+
+_SHOW_HELP = ("Mark the tokens the ensemble chose and the member that won each: coloured on a terminal, "
+              "[text|member] when stdout is not a terminal or NO_COLOR is set. Unmarked text was drafted and "
+              "accepted.")
+
+
+def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the shared ensemble and generation options to ``command``; it receives one validated
+    ``settings`` (flags > config file > defaults) instead of the individual values."""
+
+    @functools.wraps(command)
+    def wrapper(**params: Any) -> Any:
+        flags = {key: params.pop(key) for key in KEYS}
+        return command(settings=resolve_settings(flags, load_config()), **params)
+
+    for option in reversed(_SETTINGS_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+# -- options shared by eval and calibrate --------------------------------------------------------------------
+
+
+# Evaluations keep the context their recorded runs used; their token budget is each task's own.
+_EVAL_DEFAULTS = {"n_ctx": 2048}
+# The branching configurations' entropy threshold depends on the model (benchmarks/entropy_probe.py).
+_EVAL_OPTIONS = (GENERATION["max_tokens"], POLICY_OPTIONS["threshold"], *(o for o in LOAD_OPTIONS if o.cli))
+
+
+_eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown={
+    "max_tokens": "per task", **{k: str(v) for k, v in _EVAL_DEFAULTS.items()}})

@@ -1,0 +1,105 @@
+"""Showing an answer: the streamed text (with ``--show``, each ensembled token marked with the member that won
+it), the line of figures after it, and a branching answer's summary and tree."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Sequence
+
+import click
+
+from ..api import MemberInfo
+from ..config import Calibration
+from ..engine import Event, GenerationResult
+from .common import _color_ok
+
+
+class Renderer:
+    """Writes a streamed answer to stdout; with ``show``, marks each ensembled token with its winner."""
+
+    PALETTE = ("cyan", "magenta", "yellow", "green", "blue", "red")
+
+    def __init__(self, members: Sequence[str], show: bool) -> None:
+        self.show = show
+        self.color = show and _color_ok(sys.stdout)
+        self.colors = {name: self.PALETTE[i % len(self.PALETTE)] for i, name in enumerate(members)}
+        self.at_line_start = True
+
+    def legend(self) -> str:
+        if self.color:
+            names = ", ".join(click.style(n, fg=c, underline=True) for n, c in self.colors.items())
+            return f"ensembled tokens in the colour of the member that won them: {names}"
+        return "[text|member]: a token the ensemble chose, and the member that won it (route: wrote it)"
+
+    def write(self, event: Event) -> None:
+        text = event.text
+        if not text:
+            return
+        if self.show and event.kind in ("ensemble", "route"):  # route: every token, in its expert's colour
+            text = (click.style(text, fg=self.colors.get(event.winner or ""), underline=True) if self.color
+                    else f"[{text}|{event.winner}]")
+        click.echo(text, nl=False, color=self.color)
+        self.at_line_start = event.text.endswith("\n")
+
+    def end_line(self) -> None:
+        if not self.at_line_start:
+            click.echo()
+            self.at_line_start = True
+
+
+def footer(result: GenerationResult, calibration: Calibration | None = None) -> str:
+    """One line of figures after an answer (and the date of the calibration its settings came from)."""
+    s = result.stats
+    parts = [f"{s.tokens} tokens", f"{s.tokens_per_second:.1f} tok/s", f"E/T {s.ensembled_fraction:.2f}"]
+    if s.draft_acceptance_rate is not None:
+        parts.append(f"drafts accepted {s.draft_acceptance_rate:.0%}")
+    if s.routed_tokens and sum(s.routed_tokens.values()):
+        total = sum(s.routed_tokens.values())
+        parts.append("written by " + ", ".join(f"{n} {c / total:.0%}" for n, c in s.routed_tokens.items()))
+        if s.route_decisions < total:
+            parts.append(f"router consulted at {s.route_decisions / total:.0%} of tokens")
+    parts.append(s.policy)
+    if result.finish_reason == "length":
+        parts.append("cut at max tokens or context")
+    if calibration is not None and calibration.applied:
+        parts.append(f"calibrated {calibration.date[:10] or 'settings'}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def branch_summary(result: GenerationResult) -> str:
+    """One line about a branching answer: how many branches, of which kind, tokens spent, which one won."""
+    b = result.branches
+    kinds = {k: sum(1 for x in b if x.origin == k) for k in ("entropy", "ensemble", "parallel")}
+    made = ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "no forks"
+    chosen = next(x for x in b if x.chosen)
+    why = f"answer {chosen.answer!r}, {chosen.votes} of {len(b)} votes" if chosen.answer is not None else (
+        f"best mean log-probability {chosen.mean_logprob:.3f}")
+    return (f"{len(b)} branches ({made}), {result.stats.generated_tokens} tokens generated; chosen: #{chosen.index}"
+            f" ({why})")
+
+
+def branch_tree(result: GenerationResult) -> list[str]:
+    """The branches as a tree: each under the one it forked from, with where it forked and how it ended."""
+    children: dict[int | None, list[int]] = {}
+    for x in result.branches:
+        children.setdefault(x.parent, []).append(x.index)
+    lines: list[str] = []
+
+    def walk(i: int, depth: int) -> None:
+        x = result.branches[i]
+        where = "" if x.parent is None else f" from #{x.parent} at token {x.forked_at} ({x.origin})"
+        answer = f", answer {x.answer!r}" if x.answer is not None else ""
+        mark = "  <- chosen" if x.chosen else ""
+        lines.append(f"{'  ' * depth}#{x.index}{where}: {x.tokens} tokens, {x.finish_reason}{answer}{mark}")
+        for c in children.get(i, []):
+            walk(c, depth + 1)
+
+    for root in children.get(None, []):
+        walk(root, 0)
+    return lines
+
+
+def _member_dict(m: MemberInfo) -> dict[str, Any]:
+    """A member as ``run --json`` and the chat's ``/save`` write it."""
+    return {"name": m.name, "role": m.role, "path": str(m.path), "architecture": m.architecture,
+            "n_vocab": m.n_vocab, "chat_template": m.chat_template, "size_bytes": m.size_bytes}
