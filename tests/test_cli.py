@@ -129,8 +129,9 @@ def test_chat_multi_turn_with_commands(model_args: list[str], api: Ensemble, tmp
     assert_in_order(squeeze(result.stdout), [squeeze(x) for x in [
         "> Hi\n" + shown(a1),
         "> Tell me more\n" + shown(a2),
-        f"{s.tokens} (drafted {s.drafted_tokens}, ensembled {s.ensembled_tokens})",  # /stats: the last answer
+        f"{s.tokens} (ensembled {s.ensembled_tokens})",  # /stats: the last answer
         f"E/T {s.ensembled_fraction:.2f}",
+        f"drafted tokens {s.drafted_tokens}",  # SAFE's own figures follow
         f"Saved 4 messages to {saves[0]}.",
         "System prompt set.",
         "> Again\n" + shown(a3),

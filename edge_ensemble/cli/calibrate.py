@@ -15,7 +15,7 @@ from ..api import ENSEMBLE_OPTIONS, EnsembleConfig
 from ..config import OPTIONS as KEY_OPTIONS, load_config
 from ..errors import UsageError
 from ..eval.calibrate import SWEEP_OPTIONS as CALIBRATE_SWEEP
-from ..policies import POLICY_OPTIONS
+from ..policies import registry
 from .common import EnsembleChoice, _catalog, _note, _table
 from .flags import _EVAL_DEFAULTS, _declared_flags, _eval_options
 
@@ -73,7 +73,7 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     # The policy options of the user's config file (sharpen, draft_len, ...) are what `run` applies beside the
     # calibration, so they are what is measured; the sweep sets the policy, weights and gate itself.
     from_file = {o.name: v for o, v in ((KEY_OPTIONS[k], v) for k, v in load_config().values.items() if k in KEY_OPTIONS)
-                 if o.name in POLICY_OPTIONS and o.name not in ("policy", "weights", "gate")}
+                 if o.name in registry.policy_options() and o.name not in ("weights", "gate")}
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **from_file, **options}).validate(
         len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     if write:  # found now, not after the sweep (a rerun would resume, but a user should not have to)

@@ -155,11 +155,9 @@ class ChatSession:
         rows = [
             ("policy", s.policy),
             ("finish", self.last.finish_reason),
-            ("tokens", f"{s.tokens} (drafted {s.drafted_tokens}, ensembled {s.ensembled_tokens})"),
+            ("tokens", f"{s.tokens} (ensembled {s.ensembled_tokens})"),
             ("E/T", f"{s.ensembled_fraction:.2f}"),
-            ("drafts accepted", "-" if s.draft_acceptance_rate is None else f"{s.draft_acceptance_rate:.0%}"),
-            ("verification calls", str(s.verification_calls)),
-            ("left to the drafter", f"{s.unreliable_positions} position(s) no verifier could judge reliably"),
+            *((name.replace("_", " "), _figure(name, value)) for name, value in s.policy_stats.items()),
             ("tokenizers", _tokenizer_summary(s.shared_tokenizer)),
             ("speed", f"{s.tokens_per_second:.1f} tok/s ({s.generation_seconds:.2f} s)"),
             ("prompt", ", ".join(f"{k} {v} tokens" for k, v in s.prompt_tokens.items())
@@ -191,6 +189,17 @@ class ChatSession:
 
     def exit(self, _arg: str) -> bool:
         return True
+
+
+def _figure(name: str, value: Any) -> str:
+    """A policy's figure as /stats shows it: rates in percent, counts per member listed, none as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+    if isinstance(value, float) and name.endswith("_rate"):
+        return f"{value:.0%}"
+    return str(value)
 
 
 def _read_line() -> str | None:

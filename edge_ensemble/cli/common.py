@@ -25,6 +25,7 @@ from ..api import Ensemble
 from ..config import Settings
 from ..engine import Event
 from ..errors import EdgeEnsembleError, EdgeEnsembleWarning, UsageError
+from ..policies import registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..sources import Preset
@@ -168,11 +169,11 @@ class EnsembleChoice:
 def open_ensemble(settings: Settings, *, per_request_policy: bool = False) -> Ensemble:
     """Load the members (fetching catalog models on first use, with progress on stderr).
 
-    Under the ``single`` policy (a flag, the config file, or a calibration that kept the drafter alone) only the
-    drafter is loaded: the verifiers would never be read, yet cost their download, load time and memory. Not
+    Under a policy that answers with the drafter alone (``single``: a flag, the config file, or a calibration that
+    kept the drafter alone) only the drafter is loaded: the verifiers would never be read, yet cost their download, load time and memory. Not
     with ``per_request_policy`` (the server, whose requests may ask for another policy)."""
     members, config = list(settings.members), settings.ensemble
-    if config.policy == "single" and not per_request_policy:
+    if registry.get(config.policy).drafter_only and not per_request_policy:
         members, config = members[:1], replace(config, weights=None)
     return Ensemble(members, config=config, progress=True)
 

@@ -47,7 +47,7 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     OUT/summary.png (with branching configurations also OUT/summary-branching.png: cons@M and pass@M
     against generated tokens).
     """
-    from ..eval.configs import BRANCH_CONFIGS, NEEDS_HEAD, ROUTE_CONFIGS, build_configs, check_config_names
+    from ..eval.configs import build_configs, check_config_names, offered
     from ..eval.report import load_records, write_report
     from ..eval.runner import results_path, run_eval
     from ..eval.tasks import get_task
@@ -66,20 +66,14 @@ def eval_command(task: str, preset: str | None, members: tuple[str, ...], config
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **options}).validate(len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)
     names = [c.strip() for c in configs.split(",")] if configs else None
     check_config_names(names)
-    branching = [n for n in names or () if n in BRANCH_CONFIGS]
+    branching = [n for n in names or () if n in offered() and offered()[n][0].branches]
     if branching and task == "humaneval":
         raise UsageError(f"{', '.join(branching)} vote over extracted answers, and humaneval has no answer to "
                          "extract; use gsm8k, arc-challenge or math-500")
-    if head is None and set(names or ()) & set(ROUTE_CONFIGS):
-        raise UsageError(NEEDS_HEAD)  # before any model loads
-    if head is not None:
-        from ..routing import load_head
-
-        load_head(head)  # a corrupt or foreign file fails now, not after the other configurations' models load
-    engine_configs, ensembles = build_configs(specs, names, base, head)
+    # (build_configs refuses, before any model loads, a configuration that lacks what it needs or a bad head file)
+    engine_configs, ensembles = build_configs(specs, names, base, **({"head": head} if head is not None else {}))
     if not engine_configs:
-        raise UsageError(f"--configs {configs!r} matches no configuration; use single, every-token, safe, safe-gated,"
-                         f" {', '.join(BRANCH_CONFIGS)}, {', '.join(ROUTE_CONFIGS)}")
+        raise UsageError(f"--configs {configs!r} matches no configuration; use {', '.join(offered())}")
     try:
         run_eval(task_obj, engine_configs, out, start=start, limit=limit, max_tokens=max_tokens, shard=split)
     finally:

@@ -8,6 +8,7 @@ validated :class:`~edge_ensemble.config.Settings` before any model loads (:func:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Sequence
 
@@ -15,7 +16,7 @@ import click
 
 from ..config import KEYS, load_config, resolve_settings
 from ..options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
-from ..policies import POLICY, POLICY_OPTIONS, policies_reading
+from ..policies import POLICY, policy_help, registry
 
 
 def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Callable[[Callable[..., Any]], Any]:
@@ -31,8 +32,8 @@ def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Calla
         return click.option(option.flag, option.key, multiple=True, metavar="TEXT", help=help)
     if option.metavar:
         metavar = option.metavar
-    elif option.choices:
-        metavar = "[" + "|".join(option.choices) + "]"
+    elif option.allowed_choices:
+        metavar = "[" + "|".join(option.allowed_choices) + "]"
     elif option.type is tuple:
         metavar = "X1,X2,..."
     else:
@@ -42,7 +43,7 @@ def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Calla
 
 def _policy_flag(option: Option) -> Callable[[Callable[..., Any]], Any]:
     """A policy option's flag; its help starts with the policies that read it ("safe: tokens drafted ...")."""
-    return _flag(option, prefix=", ".join(policies_reading(option)) + ": ")
+    return _flag(option, prefix=", ".join(registry.policies_reading(option.name)) + ": ")
 
 
 def _declared_flags(options: Sequence[Option], into: str, *, defaults: bool = True,
@@ -77,8 +78,8 @@ _SETTINGS_OPTIONS = [
                  help="A member: a .gguf path, a catalog name or hf:org/repo/file. Repeat it; the first one "
                       "drafts. Replaces --preset."),
     click.option("-s", "--system", metavar="TEXT", help="System prompt."),
-    _flag(POLICY),
-    *(_policy_flag(o) for o in POLICY_OPTIONS.values()),
+    _flag(dataclasses.replace(POLICY, help=f"The decoding policy ({policy_help()}).")),
+    *(_policy_flag(o) for o in registry.policy_options().values()),
     *(_flag(o) for o in GENERATION_OPTIONS),
     *(_flag(o) for o in LOAD_OPTIONS if o.cli),
 ]
@@ -108,7 +109,7 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
 # Evaluations keep the context their recorded runs used; their token budget is each task's own.
 _EVAL_DEFAULTS = {"n_ctx": 2048}
 # The branching configurations' entropy threshold depends on the model (benchmarks/entropy_probe.py).
-_EVAL_OPTIONS = (GENERATION["max_tokens"], POLICY_OPTIONS["threshold"], *(o for o in LOAD_OPTIONS if o.cli))
+_EVAL_OPTIONS = (GENERATION["max_tokens"], registry.policy_options()["threshold"], *(o for o in LOAD_OPTIONS if o.cli))
 
 
 _eval_options = _declared_flags(_EVAL_OPTIONS, "options", defaults=False, shown={

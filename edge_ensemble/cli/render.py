@@ -35,7 +35,7 @@ class Renderer:
         text = event.text
         if not text:
             return
-        if self.show and event.kind in ("ensemble", "route"):  # route: every token, in its expert's colour
+        if self.show and event.winner is not None:  # a token the members chose (routed: every one, by its writer)
             text = (click.style(text, fg=self.colors.get(event.winner or ""), underline=True) if self.color
                     else f"[{text}|{event.winner}]")
         click.echo(text, nl=False, color=self.color)
@@ -51,13 +51,7 @@ def footer(result: GenerationResult, calibration: Calibration | None = None) -> 
     """One line of figures after an answer (and the date of the calibration its settings came from)."""
     s = result.stats
     parts = [f"{s.tokens} tokens", f"{s.tokens_per_second:.1f} tok/s", f"E/T {s.ensembled_fraction:.2f}"]
-    if s.draft_acceptance_rate is not None:
-        parts.append(f"drafts accepted {s.draft_acceptance_rate:.0%}")
-    if s.routed_tokens and sum(s.routed_tokens.values()):
-        total = sum(s.routed_tokens.values())
-        parts.append("written by " + ", ".join(f"{n} {c / total:.0%}" for n, c in s.routed_tokens.items()))
-        if s.route_decisions < total:
-            parts.append(f"router consulted at {s.route_decisions / total:.0%} of tokens")
+    parts += s.summary()  # the policy's own figures (SAFE: drafts accepted; route: who wrote what)
     parts.append(s.policy)
     if result.finish_reason == "length":
         parts.append("cut at max tokens or context")

@@ -262,6 +262,8 @@ def _chosen(wanted: list[str] | None, base: EnsembleConfig, n_members: int) -> l
         if n_members < offer.needs_members:
             count = {2: "two", 3: "three"}.get(offer.needs_members, str(offer.needs_members))
             raise UsageError(f"{name} needs {count} or more models: give them with -m ... -m ...")
+        # what the policy checks of its options (route: that its head file reads), before any model loads
+        cls.check(dataclasses.replace(base, policy=cls.name, **offer.options).policy_options(), n_members)
         second = offer.second_pass
         if second is not None and second.builds_on not in (wanted or ()):
             raise UsageError(f"{name} re-spends the sequences {second.builds_on} saved on the same items: add "
