@@ -52,8 +52,8 @@ def test_each_option_reaches_flag_config_key_api_and_server(policy: str, option:
     from edge_ensemble.server import extension_fields, server_only
 
     value, text = _value_text(option)
-    # the API keyword, checked by the declaration the policy reads
-    api = EnsembleConfig(policy=policy, **{option.name: value}).validate(2)
+    # the API keyword, checked by the declaration the policy reads, into the policy's own options
+    api = EnsembleConfig(policy=policy, **{option.name: value})
     assert getattr(api.policy_options(), option.name) == value
     # the config key and the flag give the same value
     assert CONFIG_KEYS[option.key].from_config(value if value is not None else OFF, "config") == value
