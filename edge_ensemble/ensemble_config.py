@@ -119,6 +119,10 @@ class EnsembleConfig:
         registry.get(policy).check(cfg.policy_options(), n_members, where)
         return cfg
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every option's value by name: as given, else its default (a policy option: the chosen policy's)."""
+        return {name: getattr(self, name) for name in ENSEMBLE_OPTIONS}
+
     def policy_options(self, policy: str | None = None) -> Any:
         """The ``Options`` of ``policy`` (default: the chosen one) from the values given."""
         return registry.make_options(policy or self.policy, dict(self.given))

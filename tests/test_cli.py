@@ -339,7 +339,7 @@ def test_prompt_longer_than_context(model_args: list[str]) -> None:
 
 def test_not_enough_memory(model_args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # A mock of the machine's RAM: 1000 bytes available, so the API's estimate refuses to load.
-    monkeypatch.setattr("edge_ensemble.api.available_memory_bytes", lambda: 1000)
+    monkeypatch.setattr("edge_ensemble.memory.available_memory_bytes", lambda: 1000)
     assert_error(invoke(["run", *model_args, "Hi"]), 1, "not enough memory")
 
 

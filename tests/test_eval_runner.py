@@ -444,7 +444,8 @@ def test_branching_configs_record_every_branch_and_report_pass_at_m(tiny_bpe: Pa
     """parallel / eager / eager-adapt on a real (tiny) model: each record keeps every branch's answer, size and
     score; the report gains the cons@M / pass@M / generated-tokens table."""
     from edge_ensemble.api import EnsembleConfig
-    from edge_ensemble.eval.configs import BRANCHES, build_configs
+    from edge_ensemble.eval.configs import build_configs
+    from edge_ensemble.policies.eager import BRANCHES
     from edge_ensemble.eval.report import report_markdown
 
     configs, ensembles = build_configs([str(tiny_bpe)], ["single", "parallel", "eager", "eager-adapt"],
@@ -486,7 +487,8 @@ def test_eager_adapt_re_spends_what_eager_saved_on_the_whole_run(tiny_bpe: Path,
     keep eager's answer."""
     from edge_ensemble.api import EnsembleConfig
     from edge_ensemble.branching import reallocate
-    from edge_ensemble.eval.configs import BRANCHES, build_configs
+    from edge_ensemble.eval.configs import build_configs
+    from edge_ensemble.policies.eager import BRANCHES
 
     used = [2, BRANCHES, 3, BRANCHES]  # items 0 and 2 saved 6 + 5 sequences; 1 and 3 hit the cap
     path = tmp_path / "gsm8k.jsonl"
@@ -518,7 +520,8 @@ def test_eager_adapt_records_count_as_done_only_under_the_same_plan(tiny_bpe: Pa
     """A rerun of the same slice resumes the second pass; a longer slice re-plans (the saving is split over
     more items) and supersedes the records planned over the shorter one, as do records made without a plan."""
     from edge_ensemble.api import EnsembleConfig
-    from edge_ensemble.eval.configs import BRANCHES, build_configs
+    from edge_ensemble.eval.configs import build_configs
+    from edge_ensemble.policies.eager import BRANCHES
     from edge_ensemble.eval.report import load_records
 
     used = [2, BRANCHES, BRANCHES, BRANCHES]  # 6 saved on item 0: all to item 1 over 2 items, 2 each over 4

@@ -48,7 +48,7 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
             calibrated = settings.calibration.describe() if settings.calibration else None
             payload = {**result.to_dict(), "members": [_member_dict(m) for m in ensemble.members],
                        "policy": result.stats.policy, "preset": settings.preset,
-                       "config": {**asdict(settings.ensemble), "calibrated": calibrated},
+                       "config": {**settings.ensemble.to_dict(), "calibrated": calibrated},
                        "generation": asdict(settings.generation)}
             click.echo(json.dumps(payload, ensure_ascii=False))
             return

@@ -43,7 +43,7 @@ import os
 import re
 import sys
 import unicodedata
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
@@ -293,7 +293,7 @@ def select(scores: Sequence[Score], min_gain: int, eligible: Sequence[bool] | No
 def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Sweep) -> dict[str, Any]:
     """What the records of a calibration depend on besides the sweep: a resumed run must match it (the
     sharpening too, unless the sweep tries several)."""
-    cfg = asdict(base)
+    cfg = base.to_dict()
     swept = {"weights", "gate", *(("sharpen",) if sweep.sharpen_modes else ())}  # type: ignore[attr-defined]
     # Only what the settings' policies read: another policy's option (eager's threshold) changes no record.
     read = [o.name for name in _SETTING_POLICIES for o in declarations(registry.get(name).Options)]

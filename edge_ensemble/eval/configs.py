@@ -234,11 +234,12 @@ def build_configs(members: Sequence[str], names: Sequence[str] | None, base: Ens
             own = bool(offer.load) or cls.hidden_states
             key = (len(specs), cls.name if own else None, tuple(sorted(offer.load.items())), n_ctx)
             if key not in loaded:
-                load_cfg = dataclasses.replace(base, **({"policy": cls.name, **offer.options, **offer.load} if own else {}),
-                                               n_ctx=n_ctx)
+                load_cfg = dataclasses.replace(base, **{**({"policy": cls.name, **offer.options, **offer.load} if own
+                                                            else {}), "n_ctx": n_ctx})
                 loaded[key] = Ensemble(specs, config=load_cfg.validate(len(specs)), progress=True)
                 ensembles.append(loaded[key])
-            cfg = dataclasses.replace(base, policy=cls.name, **offer.load, n_ctx=n_ctx, **offer.options).validate(len(specs))
+            cfg = dataclasses.replace(base, **{"policy": cls.name, **offer.load, "n_ctx": n_ctx, **offer.options}
+                                      ).validate(len(specs))
             configs.append(EngineConfig(offer.name, loaded[key], cfg, sampling=dict(offer.sampling), offer=offer))
     except BaseException:
         for e in ensembles:
