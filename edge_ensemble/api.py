@@ -215,7 +215,7 @@ class Ensemble:
         """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None), with the settings
         the preset ships calibrated (``[presets.<name>.calibrated]`` in models/presets.toml) under any option
         given here; an explicit ``config=`` is taken as it is."""
-        from .config import OPTIONS as CONFIG_KEYS, parse_calibration  # (config imports this module)
+        from .calibration import OPTIONS as CONFIG_KEYS, parse_calibration
 
         catalog = Catalog.load()
         preset = catalog.preset(name) if name else catalog.default_preset
