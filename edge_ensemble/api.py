@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 import weakref
@@ -24,6 +23,7 @@ from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, ModelLoadError, UsageError, warn
 from .backends import LocalBackend
 from .gguf import check_gguf
+from .hashing import sha256_file as _sha256
 from .member import Member
 from .options import GENERATION, LOAD, Option, check_names, replace_checked, values_of, with_options
 from .policies import POLICY, POLICY_OPTIONS, PolicyConfig
@@ -439,14 +439,6 @@ def _same_file(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return _sha256(a) == _sha256(b)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unique(name: str, taken: list[str]) -> str:

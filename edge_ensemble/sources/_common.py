@@ -4,7 +4,6 @@ that remember a verified file. Public names: the other modules of :mod:`edge_ens
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import secrets
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from .. import paths
 from ..errors import ModelSourceError, warn
+from ..hashing import sha256_file
 
 CHUNK = 1 << 20  # 1 MiB: large enough for throughput, small enough to keep memory flat
 
@@ -85,14 +85,11 @@ class Progress:
 
 
 def sha256_with_progress(path: Path, label: str, progress: bool) -> str:
-    h = hashlib.sha256()
+    """The sha256 of ``path`` (:func:`edge_ensemble.hashing.sha256_file`), with a byte counter labelled ``label``."""
     bar = Progress(label, path.stat().st_size, progress)
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-            bar.update(len(chunk))
+    sha = sha256_file(path, bar.update, CHUNK)
     bar.close()
-    return h.hexdigest()
+    return sha
 
 
 # A marker records "<sha256> <size> <mtime_ns>" of a file whose hash was verified, so later runs trust it
