@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import threading
 import weakref
@@ -23,6 +22,7 @@ from .engine import Event, GenerationOptions, GenerationResult, generate_events
 from .chat import clean_text
 from .errors import BusyError, IncompatibleMembersError, UsageError, warn
 from .backends import LocalBackend
+from .hashing import sha256_file as _sha256
 from .member import Member
 from .ensemble_config import CALL_OPTIONS, ENSEMBLE_OPTIONS, EnsembleConfig
 from .memory import check_memory, estimate_memory_bytes
@@ -144,7 +144,7 @@ class Ensemble:
         """An ensemble from a named preset in the catalog (``tiny`` when ``name`` is None), with the settings
         the preset ships calibrated (``[presets.<name>.calibrated]`` in models/presets.toml) under any option
         given here; an explicit ``config=`` is taken as it is."""
-        from .config import OPTIONS as CONFIG_KEYS, parse_calibration  # (config imports this module)
+        from .calibration import OPTIONS as CONFIG_KEYS, parse_calibration
 
         catalog = Catalog.load()
         preset = catalog.preset(name) if name else catalog.default_preset
@@ -372,14 +372,6 @@ def same_file(a: Path, b: Path) -> bool:
     except OSError:
         return False
     return _sha256(a) == _sha256(b)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _unique(name: str, taken: list[str]) -> str:

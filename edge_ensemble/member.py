@@ -19,6 +19,8 @@ from .dist import Dist
 from .errors import IncompatibleMembersError
 from .runtime import Model
 
+DEFAULT_UNION_K = 10  # a lane's union size until its policy sets the call's union_k (that option's default)
+
 
 def _exact_piece_ids(token_bytes: Sequence[bytes]) -> dict[bytes, int]:
     """bytes -> the token whose piece is exactly those bytes (the first such id), for text tokens."""
@@ -33,12 +35,9 @@ class Member:
     """One model of an ensemble behind a :class:`~edge_ensemble.backends.Backend` (a :class:`Model` is
     wrapped in a local backend)."""
 
-    def __init__(self, backend: Backend | Model, *, name: str | None = None, weight: float = 1.0, union_k: int = 10) -> None:
+    def __init__(self, backend: Backend | Model, *, name: str | None = None) -> None:
         self.backend: Backend = LocalBackend(backend) if isinstance(backend, Model) else backend
         self.name = name or self.backend.name
-        self.weight = weight
-        self.union_k = union_k  # candidates this member brings to the union
-        self.last_lane: Lane | None = None  # the lane of its latest generation (kept for inspection)
         self._bytes = self.backend.token_bytes
         self._exact = _exact_piece_ids(self._bytes)
         self._first_token_cache: dict[bytes, int] = {}
@@ -110,10 +109,8 @@ class Member:
         ``twin_of``: a lane of another member with this very backend (the same weights listed twice): the new
         lane shares its sequence and never decodes on its own."""
         seq = twin_of.seq if twin_of is not None else self.backend.open_seq()
-        lane = Lane(self, seq, prompt, follows_drafter=follows_drafter, by_id=by_id, weight=self.weight,
+        return Lane(self, seq, prompt, follows_drafter=follows_drafter, by_id=by_id, weight=1.0,
                     owns_seq=twin_of is None)
-        self.last_lane = lane
-        return lane
 
 
 class Lane:
@@ -127,8 +124,8 @@ class Lane:
         self.seq = seq
         self.prompt = prompt
         self.by_id = by_id  # candidates keyed by token id (every member shares one tokenizer), else by bytes
-        self.weight = weight
-        self.k = member.union_k
+        self.weight = weight  # its policy sets the configured weights, when given (PolicyBase)
+        self.k = DEFAULT_UNION_K  # candidates this lane brings to the union; its policy sets the call's union_k
         self.track: TokenTrack | SharedTrack = (SharedTrack(member._bytes) if follows_drafter
                                                else TokenTrack(member.tokens_for, member._bytes))
         self.decode_seconds = 0.0

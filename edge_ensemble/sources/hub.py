@@ -15,7 +15,7 @@ from typing import Any
 from .. import paths
 from ..errors import ModelSourceError
 from ..gguf import check_gguf
-from ._common import _first_line, _marker_ok, _remember_verified, _sha256_file
+from ._common import first_line, marker_ok, remember_verified, sha256_with_progress
 
 HUB_PREFIX = "hf:"
 
@@ -122,7 +122,7 @@ def _hub_error(exc: BaseException, ref: HubRef, download: bool, endpoint: str | 
         cause = exc.__cause__
         if isinstance(cause, hf_utils.OfflineModeIsEnabled):
             return ModelSourceError(f"{ref} is not in the hub cache ({hub_cache_dir()}) and HF_HUB_OFFLINE is set")
-        reason = f" ({_first_line(cause)})" if cause is not None else ""
+        reason = f" ({first_line(cause)})" if cause is not None else ""
         return ModelSourceError(
             f"cannot reach the hub at {where} to fetch {ref}, and it is not cached{reason}; check the network"
             " and HF_ENDPOINT, or use a catalog model with an offline bundle or a local .gguf file"
@@ -143,13 +143,13 @@ def _hub_error(exc: BaseException, ref: HubRef, download: bool, endpoint: str | 
         )
     if isinstance(exc, hf_utils.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", "?")
-        return ModelSourceError(f"{ref}: the hub at {where} answered HTTP {status}: {_first_line(exc)}")
+        return ModelSourceError(f"{ref}: the hub at {where} answered HTTP {status}: {first_line(exc)}")
     if isinstance(exc, ValueError):
-        return ModelSourceError(f"bad hub reference {ref}: {_first_line(exc)}")
+        return ModelSourceError(f"bad hub reference {ref}: {first_line(exc)}")
     # Transfer errors (connection reset, body cut short, size mismatch, disk full): huggingface-hub has
     # already retried and deleted its temporary file, so nothing partial is left in the cache.
     return ModelSourceError(
-        f"download of {ref} from {where} failed ({type(exc).__name__}: {_first_line(exc)});"
+        f"download of {ref} from {where} failed ({type(exc).__name__}: {first_line(exc)});"
         " nothing was kept, run again to retry"
     )
 
@@ -162,7 +162,7 @@ def _remove_hub_file(pointer: Path) -> None:
             p.unlink()
 
 
-def _hub_marker(sha256: str) -> Path:
+def hub_marker(sha256: str) -> Path:
     return paths.cache_dir() / "hub-verified" / f"{sha256}.sha256"
 
 
@@ -206,22 +206,22 @@ def fetch_hub(
         except catchable as e:
             raise _hub_error(e, ref, download, endpoint) from None
     if sha256:
-        marker = _hub_marker(sha256)
-        if not _marker_ok(marker, path, sha256):
-            actual = _sha256_file(path, f"verifying {ref.filename}", progress)
+        marker = hub_marker(sha256)
+        if not marker_ok(marker, path, sha256):
+            actual = sha256_with_progress(path, f"verifying {ref.filename}", progress)
             if actual != sha256:
                 _remove_hub_file(path)
                 raise ModelSourceError(
                     f"{ref} failed verification: sha256 {actual[:12]}… != expected {sha256[:12]}…;"
                     " the file was removed from the hub cache (a wrong mirror, or the file changed on the hub)"
                 )
-            _remember_verified(marker, path, sha256)
+            remember_verified(marker, path, sha256)
     else:
         check_gguf(path)
     return path
 
 
-def _cached_hub_path(ref: HubRef) -> Path | None:
+def cached_hub_path(ref: HubRef) -> Path | None:
     """The hub cache copy of ``ref`` if there is one, without any network access."""
     try:
         from huggingface_hub import try_to_load_from_cache

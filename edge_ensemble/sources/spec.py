@@ -20,14 +20,14 @@ from typing import Literal, Union
 from .. import paths
 from ..errors import ModelSourceError
 from ..gguf import check_local_file
-from ._common import _marker_ok
-from .bundles import _assembled_marker, _assembled_ok, assemble_bundle
+from ._common import marker_ok
+from .bundles import assembled_marker, assembled_ok, assemble_bundle
 from .catalog import Catalog, ModelEntry
-from .hub import HUB_PREFIX, HubRef, _cached_hub_path, _hub_marker, fetch_hub, parse_hub_spec
+from .hub import HUB_PREFIX, HubRef, cached_hub_path, hub_marker, fetch_hub, parse_hub_spec
+from .server import SERVER_PREFIX
 
 # "server": a member behind a llama-server URL (server:URL[=MODEL]); edge_ensemble.remote parses the rest.
 SpecKind = Literal["path", "catalog", "hub", "server"]
-SERVER_PREFIX = "server:"
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,12 @@ def resolve_model(
 
 def _resolve_entry(entry: ModelEntry, *, download: bool, progress: bool) -> Path:
     dest = paths.models_dir() / entry.file
-    if _assembled_ok(entry, dest, progress):
+    if assembled_ok(entry, dest, progress):
         return dest
     hub = parse_hub_spec(entry.hub) if entry.hub else None
     if entry.has_bundle and download:
         return assemble_bundle(entry, progress=progress)
-    if hub is not None and (download or _cached_hub_path(hub) is not None):
+    if hub is not None and (download or cached_hub_path(hub) is not None):
         # Catalog content is pinned by the catalog, so a cached copy is used without asking the hub.
         return fetch_hub(hub, sha256=entry.hub_sha256 or None, download=download, progress=progress,
                          prefer_cache=True)
@@ -154,11 +154,11 @@ def model_status(entry: ModelEntry) -> ModelStatus:
     if dest.is_file():
         size = dest.stat().st_size
         if not entry.size or size == entry.size:
-            verified = bool(entry.sha256) and _marker_ok(_assembled_marker(dest), dest, entry.sha256)
+            verified = bool(entry.sha256) and marker_ok(assembled_marker(dest), dest, entry.sha256)
             return ModelStatus(entry.key, True, dest, size, "bundle", verified, available)
     if entry.hub:
-        cached = _cached_hub_path(parse_hub_spec(entry.hub))
+        cached = cached_hub_path(parse_hub_spec(entry.hub))
         if cached is not None:
-            verified = bool(entry.hub_sha256) and _marker_ok(_hub_marker(entry.hub_sha256), cached, entry.hub_sha256)
+            verified = bool(entry.hub_sha256) and marker_ok(hub_marker(entry.hub_sha256), cached, entry.hub_sha256)
             return ModelStatus(entry.key, True, cached, cached.stat().st_size, "hub", verified, available)
     return ModelStatus(entry.key, False, dest, None, None, False, available)
