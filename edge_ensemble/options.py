@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
 
 from .errors import UsageError
@@ -202,6 +202,26 @@ def with_options(*options: Option) -> Callable[[type[T]], type[T]]:
         return dataclass(frozen=True)(cls)
 
     return make
+
+
+# The key of an Option declaration in a policy's option field's metadata.
+_OPTION = "edge_ensemble.option"
+
+
+def option(declaration: Option) -> Any:
+    """A field of a policy's ``Options`` dataclass declared by ``declaration`` (its default is the default)."""
+    return field(default=declaration.default, metadata={_OPTION: declaration})
+
+
+def declarations(options_class: type) -> tuple[Option, ...]:
+    """The :class:`Option` declarations of a policy's ``Options`` dataclass, in field order."""
+    out = []
+    for f in dataclasses.fields(options_class):
+        decl = f.metadata.get(_OPTION)
+        if not isinstance(decl, Option) or decl.name != f.name:
+            raise TypeError(f"{options_class.__qualname__}.{f.name}: declare it with option(Option({f.name!r}, ...))")
+        out.append(decl)
+    return tuple(out)
 
 
 def _annotation(option: Option) -> str:

@@ -22,7 +22,6 @@ names one.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,27 +33,7 @@ from ..alignment import is_whole_text
 from ..decisions import EOG, Key, MemberView, Sampling, choose, filter_probs, sharpen_prefix_mass, union_distribution
 from ..dist import Dist
 from ..member import Lane
-from ..options import Option
-
-# The key of an Option declaration in a policy's option field's metadata.
-_OPTION = "edge_ensemble.option"
-
-
-def option(declaration: Option) -> Any:
-    """A field of a policy's ``Options`` dataclass declared by ``declaration`` (its default is the default)."""
-    return field(default=declaration.default, metadata={_OPTION: declaration})
-
-
-def declarations(options_class: type) -> tuple[Option, ...]:
-    """The :class:`Option` declarations of a policy's ``Options`` dataclass, in field order."""
-    out = []
-    for f in dataclasses.fields(options_class):
-        decl = f.metadata.get(_OPTION)
-        if not isinstance(decl, Option) or decl.name != f.name:
-            raise TypeError(f"{options_class.__qualname__}.{f.name}: declare it with option(Option({f.name!r}, ...))")
-        out.append(decl)
-    return tuple(out)
-
+from ..options import Option, declarations, option  # noqa: F401  (re-exported: a policy's Options use them)
 
 @dataclass(frozen=True)
 class NoOptions:
