@@ -2,8 +2,9 @@
 
 A :class:`Backend` is one loaded model seen through sequences ("seqs"): each generation (a lane) opens one,
 feeds it the tokens it should hold, and reads distributions at chosen rows. The local backend is a
-llama.cpp context (:class:`~edge_ensemble.runtime.Model`); a scripted fake backend (tests/fake_backend.py)
-replays given distributions; a remote one would wrap a server. Policies never see which.
+llama.cpp model and context (:class:`~edge_ensemble.runtime.Model`); a scripted fake backend
+(tests/fake_backend.py) replays given distributions; a remote one (:mod:`edge_ensemble.remote`) wraps a
+server. Policies never see which.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
+from .context import Context
 from .dist import Dist, FullDist
 from .errors import BusyError, ContextOverflowError
 from .runtime import Model, SeqRequest, common_prefix_len
@@ -107,12 +109,17 @@ class ModelVocabulary:
 
 
 class LocalBackend(ModelVocabulary):
-    """A llama.cpp model in this process (:class:`Model`): full logits rows, sequences of one context."""
+    """A llama.cpp model in this process (:class:`Model`): full logits rows, sequences of one context.
+
+    Decodes and the reads made at every step go straight to ``model.context`` (no delegation in the hot loop);
+    changes to a sequence's cache (trim, fork, drop, reconcile) go through the :class:`Model`, the handle
+    callers hold and may wrap."""
 
     def __init__(self, model: Model, *, seq_ctx: int | None = None) -> None:
         """``seq_ctx``: the most positions one sequence may hold (default: the whole context), for a context
         sized to hold several answers side by side."""
         self.model = model
+        self.context: Context = model.context  # type: ignore[assignment]  # a loaded model's: never _NoContext
         self._seq_ctx = min(seq_ctx or model.n_ctx, model.n_ctx)
         self.name = model.name
         self.n_vocab = model.n_vocab
@@ -155,25 +162,24 @@ class LocalBackend(ModelVocabulary):
         """Free the cells idle sequences keep for prefix reuse, until ``need`` cells are free (or none is left):
         with several sequences, one answer's kept cache must not shorten another's room."""
         for seq in sorted(self._free, reverse=True):
-            if self.model.free_cells() >= need:
+            if self.context.free_cells() >= need:
                 return
-            if self.model.n_past(seq):
+            if self.context.n_past(seq):
                 self.model.drop(seq)
 
     def cached(self, seq: int) -> list[int]:
-        return self.model.tokens(seq)
+        return self.context.tokens(seq)
 
     # -- decoding ------------------------------------------------------------------------------------------
 
     def _plan(self, seq: int, target: Sequence[int], rows: Sequence[int]) -> tuple[int, list[int]]:
         """Roll ``seq`` back to where ``target`` must be fed from: the longest common prefix with what is
         cached, or the earliest row whose logits are wanted. Returns (start, rows relative to start)."""
-        m = self.model
-        common = common_prefix_len(m.tokens(seq), target)
+        common = common_prefix_len(self.context.tokens(seq), target)
         start = min([common, *rows]) if rows else common
         if start == len(target) and rows:  # logits wanted for the last cached token: re-feed it
             start -= 1
-        m.trim(start, seq)
+        self.model.trim(start, seq)
         return start, [r - start for r in sorted(rows)]
 
     def feed(self, seq: int, target: Sequence[int], rows: Sequence[int], temperature: float) -> tuple[dict[int, Dist], int]:
@@ -181,7 +187,7 @@ class LocalBackend(ModelVocabulary):
         if start == len(target):
             return {}, 0
         self._evict_idle(len(target) - start)
-        out = self.model.decode(target[start:], want=want or None, seq=seq)
+        out = self.context.decode(target[start:], want=want or None, seq=seq)
         return {r: FullDist(out[i], temperature) for i, r in enumerate(sorted(rows))}, len(target) - start
 
     def feed_many(self, requests: Sequence[tuple[int, Sequence[int], Sequence[int]]],
@@ -191,7 +197,7 @@ class LocalBackend(ModelVocabulary):
         self._evict_idle(sum(len(target) - start for (_, target, _), (start, _) in zip(requests, plans)))
         batch = [SeqRequest(seq, target[start:], want or None)
                  for (seq, target, _), (start, want) in zip(requests, plans) if start < len(target)]
-        result = self.model.decode_many(batch)
+        result = self.context.decode_many(batch)
         out: list[tuple[dict[int, Dist], int] | None] = []
         for (seq, target, rows), (start, _), temperature in zip(requests, plans, temps):
             if seq in result.full:
@@ -215,21 +221,21 @@ class LocalBackend(ModelVocabulary):
         row = len(target) - 1
         start, want = self._plan(seq, target, [row])
         self._evict_idle(len(target) - start)
-        result = self.model.decode_many([SeqRequest(seq, target[start:], want)])
+        result = self.context.decode_many([SeqRequest(seq, target[start:], want)])
         if seq in result.full:
             raise ContextOverflowError(f"{self.name}: context full ({len(target)} tokens); raise --n-ctx or shorten")
         return FullDist(result.logits[seq][-1], temperature), result.hidden[seq][-1].copy(), len(target) - start
 
     def step(self, seq: int, token: int, temperature: float) -> Dist:
         self._evict_idle(1)
-        return FullDist(self.model.decode([token], want="last", seq=seq)[0], temperature)
+        return FullDist(self.context.decode([token], want="last", seq=seq)[0], temperature)
 
     def room(self, seq: int) -> int:
         """Positions ``seq`` may still grow by."""
-        left = self._seq_ctx - self.model.n_past(seq)
-        free = self.model.free_cells()
+        left = self._seq_ctx - self.context.n_past(seq)
+        free = self.context.free_cells()
         if free < left and self._free:  # idle sequences' kept cells are freed when a decode needs them
-            free += self.model.cells_only_in(self._free)
+            free += self.context.cells_only_in(self._free)
         return min(left, free)
 
     def reset(self) -> None:

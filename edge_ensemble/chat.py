@@ -2,6 +2,8 @@
 
 Each member must see the same conversation in the format it was trained on (ChatML for SmolLM2/Qwen,
 ``<start_of_turn>`` for Gemma instruct, ...). Base models without a template get a plain rendering.
+:func:`render_messages` renders, marking which spans are message contents; :func:`prompt_tokens` tokenizes
+the result, control tokens parsed in the template's markup only.
 """
 
 from __future__ import annotations
@@ -89,8 +91,8 @@ class RenderedPrompt(str):
 
 
 class TemplateModel(Protocol):
-    """What rendering reads from a model (``runtime.Model`` is one): chat.py never imports the runtime, so the
-    dependency goes one way, runtime -> chat."""
+    """What rendering reads from a model (a :class:`~edge_ensemble.model_file.ModelFile` is one): chat.py never
+    imports the runtime, so the dependency goes one way, runtime -> chat."""
 
     name: str
     chat_template: str | None
@@ -98,6 +100,16 @@ class TemplateModel(Protocol):
     eos_id: int
 
     def piece(self, token: int, *, special: bool = False) -> bytes: ...
+
+
+class PromptModel(TemplateModel, Protocol):
+    """What :func:`prompt_tokens` reads from a model's vocabulary besides :class:`TemplateModel`."""
+
+    add_bos: bool
+
+    def tokenize(self, text: bytes | str, *, add_bos: bool | None = None, special: bool = False) -> list[int]: ...
+
+    def split_at_control_tokens(self, markup: bytes) -> list[tuple[bytes, int | None]]: ...
 
 
 def render_messages(model: TemplateModel, messages: Sequence[dict[str, str]], *,
@@ -120,6 +132,35 @@ def render_messages(model: TemplateModel, messages: Sequence[dict[str, str]], *,
             # Templates such as Gemma's refuse a system turn: fold it into the first user message.
             return render_messages(model, _fold_system(messages), add_generation_prompt=add_generation_prompt)
         raise UsageError(f"{model.name}'s chat template rejected the conversation: {exc}") from None
+
+
+def prompt_tokens(model: PromptModel, rendered: str, *, control_tokens_in_messages: bool = False) -> list[int]:
+    """Tokens of a rendered prompt, BOS added once as the GGUF asks.
+
+    The template's markup is parsed for control tokens; the message contents that a :class:`RenderedPrompt`
+    marks are plain text, so a user who types "<|im_start|>" gets those characters, not the control token
+    (unless ``control_tokens_in_messages``). Text on both sides of a content boundary is tokenized in one piece,
+    so tokens break only where they did before. A plain ``str`` is all markup.
+    """
+    parts = getattr(rendered, "parts", None)
+    if parts is None or control_tokens_in_messages:
+        parts = ((str(rendered), False),)
+    bos_text = model.piece(model.bos_id, special=True) if model.bos_id >= 0 else b""
+    add_bos = model.add_bos and not (bos_text and str(rendered).encode("utf-8").startswith(bos_text))
+    out = [model.bos_id] if add_bos else []
+    text = b""  # plain text not yet tokenized: content and the markup text around it
+    for piece, is_content in parts:
+        data = piece.encode("utf-8")
+        if is_content:
+            text += data
+            continue
+        for before, token in model.split_at_control_tokens(data):
+            text += before
+            if token is not None:
+                out += model.tokenize(text, add_bos=False, special=False) if text else []
+                out.append(token)
+                text = b""
+    return out + (model.tokenize(text, add_bos=False, special=False) if text else [])
 
 
 def split_rendering(render: Callable[[list[dict[str, str]]], str], messages: list[dict[str, str]]) -> RenderedPrompt:

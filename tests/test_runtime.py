@@ -190,7 +190,7 @@ def test_reconcile_after_an_interrupted_decode(tiny_bpe):
     model = Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1))
     tokens = list(range(60, 80))
     model.decode(tokens)
-    del model._seq_tokens[0][-3:]  # the list lost the last 3 tokens the cache still holds
+    del model.context._seq_tokens[0][-3:]  # the list lost the last 3 tokens the cache still holds
     assert model.cached_len() == 20 and model.n_past() == 17
     model.reconcile()
     assert model.cached_len() == model.n_past() == 17
@@ -198,8 +198,59 @@ def test_reconcile_after_an_interrupted_decode(tiny_bpe):
     fresh = Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1))
     np.testing.assert_allclose(again, fresh.decode(tokens), atol=1e-4)
     model.trim(10)
-    model._seq_tokens[0].extend([1, 2])  # the other way round: the list is longer than the cache
+    model.context._seq_tokens[0].extend([1, 2])  # the other way round: the list is longer than the cache
     model.reconcile()
     assert model.cached_len() == model.n_past() == 10
     model.close()
     fresh.close()
+
+
+# -- the three objects: model file, context, batch ------------------------------------------------------------
+
+
+def test_a_vocab_only_model_file_reads_the_header_without_a_context(tiny_bpe):
+    from edge_ensemble.model_file import ModelFile
+
+    with ModelFile.open_vocab(tiny_bpe) as f, Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1)) as full:
+        assert f.vocab_only and not hasattr(f, "decode")
+        assert (f.n_vocab, f.n_embd, f.architecture, f.name) == (full.n_vocab, full.n_embd, full.architecture, full.name)
+        assert f.arch_int("block_count", 0) == int(f.metadata(f"{f.architecture}.block_count")) > 0
+        assert f.arch_int("embedding_length", 0) == f.n_embd
+        assert f.arch_int("no_such_key", 7) == 7 and f.arch_int("rope.dimension_count", 0) > 0
+        assert f.tokenizer_fingerprint == full.tokenizer_fingerprint and f.token_bytes == full.token_bytes
+    f.close()  # twice: a no-op
+
+
+def test_a_context_over_a_model_file_decodes_as_the_model_does(tiny_bpe):
+    from edge_ensemble.chat import prompt_tokens, render_messages
+    from edge_ensemble.context import Context
+    from edge_ensemble.model_file import ModelFile
+
+    messages = [{"role": "user", "content": "say <|im_start|> please"}]
+    with Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1)) as model, ModelFile(tiny_bpe) as f:
+        prompt = prompt_tokens(f, render_messages(f, messages))
+        assert prompt == model.prompt_tokens(model.render_chat(messages))
+        with Context(f, n_ctx=256, n_threads=1) as ctx:
+            assert (ctx.n_ctx, ctx.n_vocab) == (model.n_ctx, model.n_vocab)
+            assert np.array_equal(ctx.decode(prompt, want="all"), model.decode(prompt, want="all"))
+            ctx.trim(3)
+            assert ctx.tokens() == prompt[:3] and ctx.cells_used == 3
+        with pytest.raises(ModelLoadError, match="closed"):
+            ctx.decode([1])
+        assert model.context.n_past() == len(prompt)  # the model's own context is untouched
+
+
+def test_a_vocab_only_model_has_no_context_and_says_so(tiny_bpe):
+    with Model(tiny_bpe, LoadOptions(vocab_only=True)) as vocab:
+        assert vocab.n_ctx == 0 and vocab.llama_decode_seconds == 0.0 and vocab.n_embd > 0
+        vocab.reset()  # nothing cached: nothing to do
+        for call in (lambda: vocab.decode([1]), lambda: vocab.trim(0), lambda: vocab.tokens(0),
+                     lambda: vocab.free_cells(), lambda: vocab.fork(0, 1)):
+            with pytest.raises(ModelLoadError, match="vocab_only"):
+                call()
+    model = Model(tiny_bpe, LoadOptions(n_ctx=256, n_threads=1))
+    model.decode([5, 6, 7])
+    model.close()
+    model.close()  # twice: a no-op
+    with pytest.raises(ModelLoadError, match=r"vocab_only \(or closed\)"):
+        model.decode([8])
