@@ -10,7 +10,8 @@ from typing import Sequence
 from .errors import ModelLoadError
 from .gguf import check_gguf
 from .policies import registry
-from .runtime import LoadOptions, Model, available_memory_bytes
+from .model_file import ModelFile
+from .runtime import LoadOptions, available_memory_bytes
 
 
 def max_logits_rows() -> int:
@@ -36,27 +37,15 @@ def estimate_memory_bytes(path: Path, n_ctx: int, n_batch: int = LoadOptions.n_b
     """
     repacked = sum(t.nbytes for t in check_gguf(path)
                    if t.ggml_type in _REPACKED_TYPES and t.name != "token_embd.weight")  # embeddings stay mapped
-    probe = Model(path, LoadOptions(vocab_only=True))
-    try:
-        arch = probe.architecture
-
-        def meta_int(key: str, default: int) -> int:
-            v = probe.metadata(f"{arch}.{key}")
-            try:
-                return int(v) if v is not None else default
-            except ValueError:
-                return default
-
-        n_layer = meta_int("block_count", 0)
-        n_embd = meta_int("embedding_length", 0)
-        n_ff = meta_int("feed_forward_length", 4 * n_embd)
-        n_head = max(1, meta_int("attention.head_count", 1))
-        n_head_kv = meta_int("attention.head_count_kv", n_head)
-        k_dim = meta_int("attention.key_length", n_embd // n_head)
-        v_dim = meta_int("attention.value_length", k_dim)
+    with ModelFile.open_vocab(path) as probe:
+        n_layer = probe.arch_int("block_count", 0)
+        n_embd = probe.arch_int("embedding_length", 0)
+        n_ff = probe.arch_int("feed_forward_length", 4 * n_embd)
+        n_head = max(1, probe.arch_int("attention.head_count", 1))
+        n_head_kv = probe.arch_int("attention.head_count_kv", n_head)
+        k_dim = probe.arch_int("attention.key_length", n_embd // n_head)
+        v_dim = probe.arch_int("attention.value_length", k_dim)
         n_vocab = probe.n_vocab
-    finally:
-        probe.close()
     kv = n_layer * n_ctx * n_head_kv * (k_dim + v_dim) * 2  # K and V, f16
     # Logits are computed and kept only for the rows a decode asks for: at most a whole draft plus one.
     logits = (n_batch * (n_vocab + n_embd) if hidden_states else min(n_batch, max_logits_rows()) * n_vocab) * 4

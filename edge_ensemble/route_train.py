@@ -35,6 +35,7 @@ import numpy as np
 from .errors import IncompatibleMembersError, UsageError
 from .route_fit import L2_GRID, Split, TrainResult, fit_from_features, report_markdown, split_items  # (re-exported)
 from .routing import BETA_GRID, file_sha256, text_array, write_npz
+from .model_file import ModelFile
 from .runtime import LoadOptions, Model, SeqRequest, common_prefix_len
 
 DATA_VERSION = 1  # bump when prompts, references or the cached fields change: old caches are then not reused
@@ -254,11 +255,8 @@ def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: S
         raise UsageError("route train: an expert is listed twice; give each expert once")
     prints = set()
     for path in {*expert_paths, router_path}:  # vocabularies only: a mismatch is refused before any full load
-        probe = Model(path, LoadOptions(vocab_only=True))
-        try:
+        with ModelFile.open_vocab(path) as probe:
             prints.add(probe.tokenizer_fingerprint)
-        finally:
-            probe.close()
     if len(prints) > 1:
         raise IncompatibleMembersError("route train needs the router and every expert to share one tokenizer "
                                        "(as the `coder` preset's models do): routing across tokenizers is not "

@@ -124,7 +124,7 @@ def _fingerprint(path: Path) -> str | None:
     """A GGUF's tokenizer fingerprint, remembered in the cache by path, size and mtime (computing it reads
     the whole vocabulary: about a second for 262k tokens)."""
     from ..paths import cache_dir, write_text_atomic
-    from ..runtime import LoadOptions, Model
+    from ..model_file import ModelFile
 
     memo = cache_dir() / "tokenizers.json"
     try:
@@ -139,7 +139,7 @@ def _fingerprint(path: Path) -> str | None:
     if stamp in known:
         return known[stamp]
     try:
-        with Model(path, LoadOptions(vocab_only=True)) as model:
+        with ModelFile.open_vocab(path) as model:
             fp = model.tokenizer_fingerprint
     except ModelLoadError:
         return None
@@ -152,11 +152,11 @@ def _fingerprint(path: Path) -> str | None:
 def _file_facts(path: Path) -> list[tuple[str, str]]:
     """Facts read from the GGUF itself (tokenizer only: loads in milliseconds), and which catalog models on
     disk share its tokenizer (members that share one follow the drafter's token ids)."""
-    from ..runtime import LoadOptions, Model
+    from ..model_file import ModelFile
     from ..sources import model_status
 
     try:
-        with Model(path, LoadOptions(vocab_only=True)) as model:
+        with ModelFile.open_vocab(path) as model:
             mine = _fingerprint(path) or model.tokenizer_fingerprint
             catalog = _catalog()
             same = [e.key for e in catalog.models.values()

@@ -39,7 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Collection, Sequence
@@ -57,37 +57,46 @@ from edge_ensemble.eval.devsets import USER_FILE_MAX_TOKENS, describe_dev_set, d
 from edge_ensemble.eval.report import paired_comparisons, summarize
 from edge_ensemble.eval.runner import Progress, read_records, results_path, run_eval
 from edge_ensemble.eval.tasks import Item, Task
-from edge_ensemble.options import Option, replace_checked, with_options
-from edge_ensemble.policies import declarations, registry
+from edge_ensemble.options import Option, option, replace_checked
+from edge_ensemble.policies import BASELINE_POLICY, DEFAULT_POLICY, declarations, registry
 from edge_ensemble.sources import ModelSpec, SpecLike, parse_spec
+
+CALIBRATED = DEFAULT_POLICY  # the policy whose member weights and gate a calibration sweeps (SAFE)
 
 # The results, the rule and pooling are in calibrate_results, the config table in calibrate_file, the development
 # sets in devsets; every name is importable from here as before.
 
 # -- the sweep, declared once: flags, defaults, ranges and checks ---------------------------------------------
 
-SWEEP_OPTIONS: tuple[Option, ...] = (
-    Option("drafter_weights", tuple, (1.0, 1.5, 2.0, 3.0), "Drafter weights to try (the others weigh 1).",
-           item=float, range=(0.0, math.inf), above=True, shown_default="1,1.5,2,3"),
-    Option("gates", tuple, (0.3, 0.5, 0.7), "Gates to try (verify where the drafter's top-1 probability is "
-           "below it).", item=float, range=(0.0, 1.0), shown_default="0.3,0.5,0.7"),
-    Option("sharpen_modes", tuple, (), "Sharpening modes to try, repeat for several: prefix, geometric, none.",
-           item=str, choices=("prefix", "geometric", "none"), shown_default="the default sharpening only"),
-    Option("min_gain", int, 1, "Items an ensemble setting must answer right beyond the drafter alone to be chosen "
-           "(0: a tie may go to a faster ensemble setting).", range=(0, 1 << 20)),
-    Option("drop_level", float, 0.01, "Stop running an ensemble setting once a one-sided sign test against the "
-           "drafter alone on the items so far is below this (checked every 20 items); off: every setting runs on "
-           "every item.", range=(0.0, 0.5), above=True, off=True),
-    Option("screen", int, None, "After this many items only the best ensemble setting so far goes on, beside the "
-           "drafter alone: a cheaper sweep whose choice is still measured on every item; off: every setting runs "
-           "on every item.", range=(1, 1 << 20), off=True, shown_default="off"),
-)
+DRAFTER_WEIGHTS = Option("drafter_weights", tuple, (1.0, 1.5, 2.0, 3.0), "Drafter weights to try (the others weigh 1).",
+                         item=float, range=(0.0, math.inf), above=True, shown_default="1,1.5,2,3")
+GATES = Option("gates", tuple, (0.3, 0.5, 0.7), "Gates to try (verify where the drafter's top-1 probability is "
+               "below it).", item=float, range=(0.0, 1.0), shown_default="0.3,0.5,0.7")
+SHARPEN_MODES = Option("sharpen_modes", tuple, (), "Sharpening modes to try, repeat for several: prefix, geometric, "
+                       "none.", item=str, choices=("prefix", "geometric", "none"),
+                       shown_default="the default sharpening only")
+MIN_GAIN = Option("min_gain", int, 1, "Items an ensemble setting must answer right beyond the drafter alone to be "
+                  "chosen (0: a tie may go to a faster ensemble setting).", range=(0, 1 << 20))
+DROP_LEVEL = Option("drop_level", float, 0.01, "Stop running an ensemble setting once a one-sided sign test against "
+                    "the drafter alone on the items so far is below this (checked every 20 items); off: every "
+                    "setting runs on every item.", range=(0.0, 0.5), above=True, off=True)
+SCREEN = Option("screen", int, None, "After this many items only the best ensemble setting so far goes on, beside "
+                "the drafter alone: a cheaper sweep whose choice is still measured on every item; off: every setting "
+                "runs on every item.", range=(1, 1 << 20), off=True, shown_default="off")
+SWEEP_OPTIONS: tuple[Option, ...] = (DRAFTER_WEIGHTS, GATES, SHARPEN_MODES, MIN_GAIN, DROP_LEVEL, SCREEN)
 DROP_CHECK_EVERY = 20  # items between two checks of drop_level (a check is cheap; fewer looks, fewer false drops)
 
 
-@with_options(*SWEEP_OPTIONS)
+@dataclass(frozen=True)
 class Sweep:
     """What :func:`calibrate` tries (fields: :data:`SWEEP_OPTIONS`); :meth:`validate` checks every value."""
+
+    drafter_weights: tuple[float, ...] = option(DRAFTER_WEIGHTS)
+    gates: tuple[float, ...] = option(GATES)
+    sharpen_modes: tuple[str, ...] = option(SHARPEN_MODES)
+    min_gain: int = option(MIN_GAIN)
+    drop_level: float | None = option(DROP_LEVEL)
+    screen: int | None = option(SCREEN)
 
     def validate(self, where: Callable[[str], str] = str) -> "Sweep":
         """This sweep with every value checked (``where(name)`` names a bad one, e.g. its flag); a value given
@@ -106,13 +115,13 @@ class Sweep:
 
 def settings(sweep: Sweep, n_members: int, default_sharpen: str) -> list[Setting]:
     """The ensemble settings of ``sweep`` (the drafter alone is added by :func:`calibrate`)."""
-    modes = sweep.sharpen_modes or (default_sharpen,)  # type: ignore[attr-defined]
+    modes = sweep.sharpen_modes or (default_sharpen,)
     out = []
-    for w in sweep.drafter_weights:  # type: ignore[attr-defined]
-        for g in sweep.gates:  # type: ignore[attr-defined]
+    for w in sweep.drafter_weights:
+        for g in sweep.gates:
             for mode in modes:
-                name = f"safe w={w:g} gate={g:g}" + (f" sharpen={mode}" if sweep.sharpen_modes else "")  # type: ignore[attr-defined]
-                values: dict[str, Any] = {"policy": "safe", "weights": [float(w)] + [1.0] * (n_members - 1),
+                name = f"{CALIBRATED} w={w:g} gate={g:g}" + (f" sharpen={mode}" if sweep.sharpen_modes else "")
+                values: dict[str, Any] = {"policy": CALIBRATED, "weights": [float(w)] + [1.0] * (n_members - 1),
                                           "gate": float(g)}
                 values["sharpen"] = mode  # measured with it, so the calibration applies it (not another one)
                 out.append(Setting(name, values))
@@ -123,7 +132,7 @@ def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Swee
     """What the records of a calibration depend on besides the sweep: a resumed run must match it (the
     sharpening too, unless the sweep tries several)."""
     cfg = base.to_dict()
-    swept = {"weights", "gate", *(("sharpen",) if sweep.sharpen_modes else ())}  # type: ignore[attr-defined]
+    swept = {"weights", "gate", *(("sharpen",) if sweep.sharpen_modes else ())}
     # Only what the settings' policies read: another policy's option (eager's threshold) changes no record.
     read = [o.name for name in _SETTING_POLICIES for o in declarations(registry.get(name).Options)]
     return plain({"members": calibration_key(None, members)[1],
@@ -131,7 +140,9 @@ def _fingerprint(members: Sequence[ModelSpec], base: EnsembleConfig, sweep: Swee
                    "options": {k: cfg[k] for k in dict.fromkeys((*read, "n_ctx", "parallel")) if k not in swept}})
 
 
-_SETTING_POLICIES = ("single", "safe")  # the policies a calibration's settings use (drafter alone; SAFE)
+# The policies a calibration's settings use: the drafter alone, and the default policy (SAFE) whose member weights
+# and gate it sweeps.
+_SETTING_POLICIES = (BASELINE_POLICY, CALIBRATED)
 
 
 def _first_difference(earlier: Any, now: dict[str, Any]) -> str | None:
@@ -209,27 +220,27 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
     items = dev_set.items(start, limit)
     if not items:
         raise UsageError(f"{dev_set.name} has no items from {start}")
-    if sweep.screen is not None and sweep.screen >= len(items):  # type: ignore[attr-defined]
-        warn(f"--screen {sweep.screen} is not below the {len(items)} items: every setting runs on every item")  # type: ignore[attr-defined]
+    if sweep.screen is not None and sweep.screen >= len(items):
+        warn(f"--screen {sweep.screen} is not below the {len(items)} items: every setting runs on every item")
     out = Path(out_dir)
     fingerprint = _fingerprint(specs, base, sweep)
     rewrite = _check_resume(out, fingerprint)
     ensembles: list[Ensemble] = []
     try:
-        single = Ensemble([specs[0]], config=replace(base, policy="single"), progress=progress)
+        single = Ensemble([specs[0]], config=replace(base, policy=BASELINE_POLICY), progress=progress)
         ensembles.append(single)
         full = Ensemble(specs, config=base, progress=progress)
         ensembles.append(full)
         if rewrite:  # (once the models have loaded: see _check_resume)
             _write_manifest(out, fingerprint)
-        drafter = Setting(f"single:{single.members[0].name}", {"policy": "single"})
-        every = [drafter, *(s for s in settings(sweep, len(specs), base.sharpen) if s.name not in skip)]  # type: ignore[attr-defined]
+        drafter = Setting(f"{BASELINE_POLICY}:{single.members[0].name}", {"policy": BASELINE_POLICY})
+        every = [drafter, *(s for s in settings(sweep, len(specs), base.sharpen) if s.name not in skip)]
         configs = [EngineConfig(drafter.name, single, single.config)] + [
             EngineConfig(s.name, full, replace(base, **{k: tuple(v) if k == "weights" else v
                                                         for k, v in s.values.items()}).validate(len(specs)))
             for s in every[1:]]
         path, dropped, screened = _run_dropping(dev_set, configs, out, items, start, max_tokens, progress,
-                                                sweep.drop_level, sweep.screen)  # type: ignore[attr-defined]
+                                                sweep.drop_level, sweep.screen)
     finally:
         for e in ensembles:
             e.close()
@@ -237,7 +248,7 @@ def calibrate(members: Sequence[SpecLike], dev_set: Task, out_dir: str | os.Path
     return CalibrationResult(
         key=calibration_key(preset, specs), dev_set=describe_dev_set(dev_set, dev_file, items, start), items=len(items),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"), scores=tuple(scores),
-        chosen=select(scores, sweep.min_gain), records=path.resolve())  # type: ignore[attr-defined]
+        chosen=select(scores, sweep.min_gain), records=path.resolve())
 
 
 def _run_dropping(task: Task, configs: Sequence[EngineConfig], out: Path, items: Sequence[Item], start: int,

@@ -14,6 +14,7 @@ from edge_ensemble.calibration import toml_key
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval import scoring
 from edge_ensemble.eval.report import Summary
+from edge_ensemble.policies import BASELINE_POLICY
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Score:
 
     @property
     def is_drafter(self) -> bool:
-        return self.setting.values.get("policy") == "single"
+        return self.setting.values.get("policy") == BASELINE_POLICY
 
     def evidence(self) -> dict[str, Any]:
         """One row of the evidence written into the config."""

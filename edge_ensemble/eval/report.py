@@ -12,6 +12,10 @@ from edge_ensemble.errors import EdgeEnsembleError
 from edge_ensemble.paths import write_text_atomic
 from edge_ensemble.eval.runner import read_records
 from edge_ensemble.eval.scoring import mcnemar_exact, wilson_interval
+from edge_ensemble.policies import BASELINE_POLICY
+
+# Each member alone, as eval names it: "<baseline policy>:<member>" (the reference every configuration is compared with).
+ALONE = f"{BASELINE_POLICY}:"
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[Summary]:
         groups.setdefault((record["task"], record["config"]), []).append(record)
     task_rank = {task: i for i, task in enumerate(dict.fromkeys(task for task, _ in groups))}
     order = {key: i for i, key in enumerate(groups)}
-    keys = sorted(groups, key=lambda k: (task_rank[k[0]], not k[1].startswith("single:"), order[k]))
+    keys = sorted(groups, key=lambda k: (task_rank[k[0]], not k[1].startswith(ALONE), order[k]))
     summaries = []
     for task, config in keys:
         rows = groups[(task, config)]
@@ -100,7 +104,7 @@ def _p(value: float) -> str:
     return "<0.001" if value < 0.001 else f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
 
 
-PARALLEL = "parallel"  # the branching baseline: M independent samples, voted
+PARALLEL = "parallel"  # the branching baseline: M independent samples, voted (an eval configuration of eager's)
 
 
 def paired_comparisons(records: Iterable[dict[str, Any]]) -> list[Paired]:
@@ -118,11 +122,11 @@ def paired_comparisons(records: Iterable[dict[str, Any]]) -> list[Paired]:
             branching.add((record["task"], record["config"]))
     rows = []
     for (task, config), results in outcome.items():
-        if config.startswith("single:"):
+        if config.startswith(ALONE):
             continue
         for (other_task, baseline), base in outcome.items():
             against_parallel = baseline == PARALLEL and config != PARALLEL and (task, config) in branching
-            if other_task != task or not (baseline.startswith("single:") or against_parallel):
+            if other_task != task or not (baseline.startswith(ALONE) or against_parallel):
                 continue
             shared = results.keys() & base.keys()
             only_config = sum(results[i] and not base[i] for i in shared)
@@ -139,7 +143,7 @@ def paired_markdown(rows: Sequence[Paired]) -> str:
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r.task} | {r.config} | {r.baseline.removeprefix('single:')} | {r.n} | "
+        lines.append(f"| {r.task} | {r.config} | {r.baseline.removeprefix(ALONE)} | {r.n} | "
                      f"{r.only_config} | {r.only_baseline} | {_p(r.p_value)} |")
     return "\n".join(lines) + "\n"
 
@@ -186,7 +190,7 @@ def glance_markdown(summaries: Sequence[Summary]) -> str:
                 cells += ["–"] * 4
                 continue
             cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", _speed(s), _seconds(s), _share(s)]
-        lines.append(f"| {config.removeprefix('single:')}{' alone' if config.startswith('single:') else ''} | "
+        lines.append(f"| {config.removeprefix(ALONE)}{' alone' if config.startswith('single:') else ''} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -221,7 +225,7 @@ def plot_branching(records: Iterable[dict[str, Any]], png_path: str | os.PathLik
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["task"], r["config"]), []).append(r)
-    shown = {k: rs for k, rs in groups.items() if k[1].startswith("single:") or any(r.get("branches") for r in rs)}
+    shown = {k: rs for k, rs in groups.items() if k[1].startswith(ALONE) or any(r.get("branches") for r in rs)}
     tasks = list(dict.fromkeys(t for (t, c), rs in shown.items() if any(r.get("branches") for r in rs)))
     if not tasks:
         return None
@@ -242,7 +246,7 @@ def plot_branching(records: Iterable[dict[str, Any]], png_path: str | os.PathLik
                 below, above = max(0.0, k / n - lo), max(0.0, hi - k / n)  # (rounding at 0 % and 100 %)
                 ax.errorbar([x], [100 * k / n], yerr=[[100 * below], [100 * above]], fmt=marker,
                             capsize=3, color=colour, markerfacecolor=face)
-            ax.annotate(config.removeprefix("single:"), (x, 100 * points[0][1] / n), textcoords="offset points",
+            ax.annotate(config.removeprefix(ALONE), (x, 100 * points[0][1] / n), textcoords="offset points",
                         xytext=(5, 5), fontsize=8)
         ax.set_title(f"{task}: cons@M (filled), pass@M (hollow)")
         ax.set_xscale("log")
@@ -344,7 +348,7 @@ def branching_markdown(records: Iterable[dict[str, Any]]) -> str:
         return ""
     singles = [f"| {task} | {config} | {len(rs)} | {sum(bool(r['correct']) for r in rs) / len(rs):.1%} | – | 1.0 | "
                f"{sum(r['tokens'] for r in rs) / len(rs):.0f} |"
-               for (task, config), rs in groups.items() if config.startswith("single:")]
+               for (task, config), rs in groups.items() if config.startswith(ALONE)]
     return ("| task | config | items | cons@M | pass@M (95% CI) | branches / item | generated tokens / item |\n"
             "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(singles + rows) + "\n")
 

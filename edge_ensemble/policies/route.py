@@ -118,13 +118,10 @@ def _read_head(path: str) -> RouterHead:
 
 def _hidden_size(path: Any) -> int:
     """A model's hidden size (n_embd) from its file's metadata, without loading its weights."""
-    from ..runtime import LoadOptions, Model
+    from ..model_file import ModelFile
 
-    probe = Model(path, LoadOptions(vocab_only=True))
-    try:
-        return int(probe.metadata(f"{probe.architecture}.embedding_length") or 0)
-    finally:
-        probe.close()
+    with ModelFile.open_vocab(path) as probe:
+        return probe.n_embd
 
 
 @dataclass(frozen=True)
