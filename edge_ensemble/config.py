@@ -48,7 +48,7 @@ from .calibration import (OPTIONS, Calibration, calibration_key, parse_calibrati
                           parse_calibrations, toml_key)
 from .errors import EdgeEnsembleError, UsageError
 from .sources import Catalog, ModelSpec, parse_spec
-from .options import GENERATION, GENERATION_OPTIONS, with_options
+from .options import GENERATION, option
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,9 +75,16 @@ _SELECTION: Mapping[str, Callable[[Any], Any]] = MappingProxyType({"preset": _st
 KEYS: tuple[str, ...] = (*_SELECTION, *OPTIONS)
 
 
-@with_options(*GENERATION_OPTIONS)
+@dataclass(frozen=True)
 class Generation:
-    """Per-answer settings (passed to :meth:`Ensemble.stream`)."""
+    """Per-answer settings (passed to :meth:`Ensemble.stream`; fields: the generation options)."""
+
+    max_tokens: int = option(GENERATION["max_tokens"])
+    stop: tuple[str, ...] = option(GENERATION["stop"])
+    temperature: float = option(GENERATION["temperature"])
+    top_p: float = option(GENERATION["top_p"])
+    top_k: int = option(GENERATION["top_k"])
+    seed: int | None = option(GENERATION["seed"])
 
 
 @dataclass(frozen=True)

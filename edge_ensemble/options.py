@@ -1,10 +1,11 @@
 """Options declared once: name, type, default, allowed values and help text in one :class:`Option`.
 
-Everything else derives from the declarations: the command-line flags (``cli.py`` builds them in a loop), the
-config-file keys and their checks (``config.py``), the API's keyword arguments and their checks
-(:class:`~edge_ensemble.api.EnsembleConfig`, :meth:`~edge_ensemble.api.Ensemble.stream`) and the frozen
-dataclasses that hold the values (:func:`with_options`). Policies declare their own options
-(``SafePolicy.options``); the generation and load options every ensemble has are declared here.
+Everything else derives from the declarations: the command-line flags (``cli/flags.py`` builds them in a loop), the
+config-file keys and their checks (``calibration.py``, ``config.py``), the API's keyword arguments and their checks
+(:class:`~edge_ensemble.ensemble_config.EnsembleConfig`, :meth:`~edge_ensemble.api.Ensemble.stream`), the server's
+request fields and the frozen dataclasses that hold the values (fields made with :func:`option`). Each policy
+declares its own options (its ``Options`` dataclass, e.g. ``SafeOptions``); the generation and load options every
+ensemble has are declared here.
 
 Every error is one line naming the option as the user wrote it (``--gate``, ``config file …: gate`` or
 ``gate``), what it must be and the value given::
@@ -190,48 +191,29 @@ def check_names(given: Iterable[str], valid: Mapping[str, Option], *, elsewhere:
 T = TypeVar("T")
 
 
-def with_options(*options: Option) -> Callable[[type[T]], type[T]]:
-    """Make a class a frozen dataclass whose fields are ``options`` (name and default from each declaration),
-    followed by the fields the class declares itself."""
-
-    def make(cls: type[T]) -> type[T]:
-        own = dict(cls.__dict__.get("__annotations__", {}))
-        cls.__annotations__ = {**{o.name: _annotation(o) for o in options}, **own}
-        for o in options:
-            setattr(cls, o.name, o.default)
-        return dataclass(frozen=True)(cls)
-
-    return make
-
-
-# The key of an Option declaration in a policy's option field's metadata.
+# The key of an Option declaration in a dataclass field's metadata.
 _OPTION = "edge_ensemble.option"
 
 
 def option(declaration: Option) -> Any:
-    """A field of a policy's ``Options`` dataclass declared by ``declaration`` (its default is the default)."""
+    """A dataclass field that holds the option ``declaration`` declares (its default is the declaration's): a
+    policy's ``Options``, the load options, the generation settings and the server's limits are made of these,
+    so their fields are real, typed fields and their checks, flags and keys still come from one declaration."""
     return field(default=declaration.default, metadata={_OPTION: declaration})
 
 
-def declarations(options_class: type) -> tuple[Option, ...]:
-    """The :class:`Option` declarations of a policy's ``Options`` dataclass, in field order."""
+def declarations(options_class: type, *, every_field: bool = True) -> tuple[Option, ...]:
+    """The :class:`Option` declarations of a dataclass made with :func:`option` fields, in field order; with
+    ``every_field`` (a policy's ``Options``) a field without one is a declaration error."""
     out = []
     for f in dataclasses.fields(options_class):
         decl = f.metadata.get(_OPTION)
+        if decl is None and not every_field:
+            continue
         if not isinstance(decl, Option) or decl.name != f.name:
             raise TypeError(f"{options_class.__qualname__}.{f.name}: declare it with option(Option({f.name!r}, ...))")
         out.append(decl)
     return tuple(out)
-
-
-def _annotation(option: Option) -> str:
-    kind = f"tuple[{option.item.__name__}, ...]" if option.item else option.type.__name__  # type: ignore[union-attr]
-    return f"{kind} | None" if option.nullable else kind
-
-
-def values_of(instance: Any, options: Sequence[Option]) -> dict[str, Any]:
-    """The values of ``options`` held by a dataclass built with :func:`with_options`."""
-    return {o.name: getattr(instance, o.name) for o in options}
 
 
 def replace_checked(instance: T, options: Mapping[str, Option], where: Callable[[str], str] = str) -> T:

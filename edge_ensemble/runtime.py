@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -27,16 +28,13 @@ from .chat import RenderedPrompt, prompt_tokens, render_messages
 from .context import CANNOT_DECODE, Context, usable_cores
 from .errors import ModelLoadError
 from .model_file import ModelFile, check_gguf_file
-from .options import LOAD, with_options
+from .options import LOAD, option
 
 __all__ = ["LoadOptions", "Model", "ModelFile", "Context", "SeqRequest", "BatchResult", "check_gguf_file",
            "common_prefix_len", "usable_cores", "available_memory_bytes"]
 
 
-# The load options the user sets are declared once, in options.LOAD_OPTIONS (name, type, default, help); the
-# fields below them are the runtime's own.
-@with_options(*(LOAD[name] for name in ("n_ctx", "n_threads", "n_gpu_layers", "flash_attn",
-                                        "control_tokens_in_messages")))
+@dataclass(frozen=True)
 class LoadOptions:
     """How to load one model. Validated once, at the edge (CLI / API).
 
@@ -47,6 +45,13 @@ class LoadOptions:
     llama-cpp-python does: a prompt-injection hole; off: only the template's own markup yields them).
     """
 
+    # The load options the user sets, declared once in options.LOAD_OPTIONS (name, type, default, help) ...
+    n_ctx: int = option(LOAD["n_ctx"])
+    n_threads: int | None = option(LOAD["n_threads"])
+    n_gpu_layers: int = option(LOAD["n_gpu_layers"])
+    flash_attn: bool | None = option(LOAD["flash_attn"])
+    control_tokens_in_messages: bool = option(LOAD["control_tokens_in_messages"])
+    # ... and the runtime's own.
     n_threads_batch: int | None = None  # multi-token batches; None = n_threads
     n_batch: int = 512
     n_seq_max: int = 1  # > 1 for several sequences (branches, requests) in one context; the KV cache is then unified

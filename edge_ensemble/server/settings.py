@@ -4,8 +4,10 @@ prompt)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..errors import UsageError
-from ..options import GENERATION, Option, with_options
+from ..options import GENERATION, Option, declarations, option
 
 
 # The server's own limits, declared once: the serve command's flags and the checks derive from these.
@@ -22,10 +24,21 @@ BATCH = Option("batch", bool, True, "Decode the --parallel answers together: one
 SERVER_LIMITS = (MAX_QUEUE, TIME_LIMIT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, BATCH)
 
 
-@with_options(*SERVER_LIMITS, *(GENERATION[n] for n in ("max_tokens", "temperature", "top_p", "top_k", "seed")))
+@dataclass(frozen=True)
 class ServerOptions:
     """How the server answers: its limits (:data:`SERVER_LIMITS`), the defaults of generation fields a request
     leaves out, its model id, key and system prompt."""
+
+    max_queue: int = option(MAX_QUEUE)
+    time_limit: float = option(TIME_LIMIT)
+    max_body_bytes: int = option(MAX_BODY_BYTES)
+    max_prompt_chars: int = option(MAX_PROMPT_CHARS)
+    batch: bool = option(BATCH)
+    max_tokens: int = option(GENERATION["max_tokens"])
+    temperature: float = option(GENERATION["temperature"])
+    top_p: float = option(GENERATION["top_p"])
+    top_k: int = option(GENERATION["top_k"])
+    seed: int | None = option(GENERATION["seed"])
 
     model_id: str = "edge-ensemble"
     api_key: str | None = None
@@ -33,7 +46,7 @@ class ServerOptions:
 
     def validate(self) -> "ServerOptions":
         """Raise :class:`UsageError` naming the option, the allowed range and the value given."""
-        for o in (*SERVER_LIMITS, *(GENERATION[n] for n in ("max_tokens", "temperature", "top_p", "top_k", "seed"))):
+        for o in declarations(ServerOptions, every_field=False):
             o.check(getattr(self, o.name))
         if self.api_key is not None and not self.api_key.strip():
             raise UsageError("the API key is empty; give a non-blank --api-key, or none")
