@@ -8,6 +8,7 @@ policy's answers are voted here.
 from __future__ import annotations
 
 import codecs
+import copy
 import resource
 import sys
 import time
@@ -17,7 +18,7 @@ from typing import Any, Callable, Generator, Iterator, Mapping, Sequence
 import numpy as np
 
 from .decisions import Sampling
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, UsageError
 from .member import Lane, Member
 from .options import GENERATION
 from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, registry
@@ -30,6 +31,15 @@ class Span:
     kind: str  # "draft" | "ensemble" | "single" | "route" (winner: the expert that wrote it)
     text: str
     winner: str | None = None
+
+
+# Figures every answer reported before each policy counted its own (stats JSON, scripts reading them): an answer
+# of a policy that does not count one reports it at this value, so `run --json`, the server and eval records keep
+# their keys. A new policy's figures are its own (PolicyStats.figures), not added here.
+COMPAT_FIGURES: dict[str, Any] = {
+    "drafted_tokens": 0, "draft_acceptance_rate": None, "overridden_tokens": 0, "verification_calls": 0,
+    "unreliable_positions": 0, "routed_tokens": {}, "route_decisions": 0, "catch_up_tokens": 0, "catch_up_seconds": 0.0,
+}
 
 
 @dataclass
@@ -55,10 +65,13 @@ class GenerationStats:
     policy_stats: dict[str, Any] = field(default_factory=dict)  # the policy's own figures (PolicyStats.figures)
 
     def __getattr__(self, name: str) -> Any:
-        # (only called for names that are not fields: the policy's own figures)
+        # (only called for names that are not fields: the policy's own figures, then the figures every answer
+        # reported before policies had their own, at their "nothing happened" value)
         figures = self.__dict__.get("policy_stats") or {}
         if name in figures:
             return figures[name]
+        if name in COMPAT_FIGURES:
+            return copy.copy(COMPAT_FIGURES[name])
         raise AttributeError(f"{type(self).__name__} of policy {self.__dict__.get('policy')!r} has no {name!r}")
 
     def figure(self, name: str, default: Any = None) -> Any:
@@ -71,7 +84,8 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out.update(out.pop("policy_stats"))  # the policy's figures at the top level, as every key is
+        # the policy's figures at the top level, as every key is, after the figures every answer used to report
+        out.update({**copy.deepcopy(COMPAT_FIGURES), **out.pop("policy_stats")})
         return out
 
 
@@ -245,6 +259,9 @@ def generate_events(
     t0 = time.perf_counter()
     lanes = open_lanes(active, messages, raw=raw)
     try:
+        if cls.shared_tokenizer and not all(lane.by_id for lane in lanes):
+            raise UsageError(f"policy {policy} needs every member to share one tokenizer (as the `coder` preset's "
+                             f"models do): {policy} across tokenizers is not supported")
         runner = cls(lanes, policy_options, options.sampling, rng, prepared)
         run = _run_branches if cls.branches else _run
         done = yield from run(lanes, runner, options, stats, t0)

@@ -253,4 +253,7 @@ LOAD_OPTIONS: tuple[Option, ...] = (
     Option("check_memory", bool, True, "Refuse models that would not fit in memory, before loading them.", cli=False),
 )
 GENERATION = by_name(GENERATION_OPTIONS)
+# The context of evaluations (eval, calibrate, route train): the one their recorded runs used, kept so that a
+# resumed or repeated run measures the same thing.
+EVAL_N_CTX = 2048
 LOAD = by_name(LOAD_OPTIONS)

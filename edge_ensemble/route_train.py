@@ -36,6 +36,7 @@ from .errors import IncompatibleMembersError, UsageError
 from .route_fit import L2_GRID, Split, TrainResult, fit_from_features, report_markdown, split_items  # (re-exported)
 from .routing import BETA_GRID, file_sha256, text_array, write_npz
 from .model_file import ModelFile
+from .options import EVAL_N_CTX
 from .runtime import LoadOptions, Model, SeqRequest, common_prefix_len
 
 DATA_VERSION = 1  # bump when prompts, references or the cached fields change: old caches are then not reused
@@ -245,7 +246,7 @@ TWO_EXPERTS = "route train: give two or more experts (-m ... -m ..., or a preset
 
 
 def load_models(expert_paths: Sequence[Path], router_path: Path, expert_names: Sequence[str], router_name: str, *,
-                n_ctx: int = 2048, n_threads: int | None = None) -> Models:
+                n_ctx: int = EVAL_N_CTX, n_threads: int | None = None) -> Models:
     """Load the experts and the router (hidden states on; the same model when the router is an expert)."""
     shas = [file_sha256(p) for p in expert_paths]
     router_sha = file_sha256(router_path)
@@ -289,7 +290,7 @@ def _training_date() -> str:
 
 
 def train_router(experts: Sequence[object], router: object, out: Path | str, *, gsm8k: int = GSM8K_MAX,
-                 mbpp: int = MBPP_MAX, seed: int = 0, l2: float | None = None, n_ctx: int = 2048,
+                 mbpp: int = MBPP_MAX, seed: int = 0, l2: float | None = None, n_ctx: int = EVAL_N_CTX,
                  n_threads: int | None = None, cache_dir: Path | None = None, date: str | None = None,
                  items: Sequence[TrainItem] | None = None, progress: Progress | None = None,
                  download: bool = True, shard: tuple[int, int] | None = None) -> TrainResult | None:

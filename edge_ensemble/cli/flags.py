@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import click
 
 from ..config import KEYS, load_config, resolve_settings
-from ..options import GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
+from ..options import EVAL_N_CTX, GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
 from ..policies import POLICY, policy_help, registry
 
 
@@ -107,7 +107,7 @@ def settings_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # Evaluations keep the context their recorded runs used; their token budget is each task's own.
-_EVAL_DEFAULTS = {"n_ctx": 2048}
+_EVAL_DEFAULTS = {"n_ctx": EVAL_N_CTX}
 # The branching configurations' entropy threshold depends on the model (benchmarks/entropy_probe.py).
 _EVAL_OPTIONS = (GENERATION["max_tokens"], registry.policy_options()["threshold"], *(o for o in LOAD_OPTIONS if o.cli))
 

@@ -11,7 +11,7 @@ import click
 
 from .. import paths
 from ..errors import UsageError
-from ..options import LOAD
+from ..options import EVAL_N_CTX, LOAD
 from .common import EnsembleChoice, _catalog, _note, _parse_shard
 from .flags import _declared_flags
 
@@ -45,7 +45,7 @@ _ROUTE_LOAD = (LOAD["n_ctx"], LOAD["n_threads"])
 @click.option("--shard", metavar="K/N", default=None,
               help="Only build the features of every N-th item from the K-th into the cache (one of N processes "
               "sharing it); then run without --shard to fit.")
-@_declared_flags(_ROUTE_LOAD, "options", defaults=False, shown={"n_ctx": "2048"})
+@_declared_flags(_ROUTE_LOAD, "options", defaults=False, shown={"n_ctx": str(EVAL_N_CTX)})
 def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm8k: int, n_mbpp: int,
                 out: str | None, cache: str | None, seed: int, l2: float | None, shard: str | None,
                 options: dict[str, Any]) -> None:
@@ -68,7 +68,7 @@ def route_train(preset: str | None, members: tuple[str, ...], router: str, n_gsm
     if split is None:  # (a shard only fills the cache; a fit writes the head: checked now, not after hours)
         paths.check_out_dir(target.parent, "--out")
     result = train_router(experts, router, target, gsm8k=n_gsm8k, mbpp=n_mbpp, seed=seed, l2=l2,
-                          n_ctx=options.get("n_ctx", 2048), n_threads=options.get("n_threads"),
+                          n_ctx=options.get("n_ctx", EVAL_N_CTX), n_threads=options.get("n_threads"),
                           cache_dir=Path(cache) if cache else None, progress=_route_progress(), shard=split)
     if result is None:
         _note(f"shard {shard}: its features are cached; once every shard is done, run the same command without "
