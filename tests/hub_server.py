@@ -4,7 +4,9 @@ It serves ``HEAD``/``GET /{org}/{repo}/resolve/{revision}/{path}`` the way huggi
 expects: ``X-Repo-Commit`` (required: without it the client refuses the server), ``ETag`` (the blob name in
 the cache; a sha256 here, as for LFS files), ``Content-Length``, ``Accept-Ranges`` and 206 answers to
 ``Range: bytes=N-`` (used to resume). Errors carry ``X-Error-Code`` (RepoNotFound / RevisionNotFound /
-EntryNotFound), which huggingface-hub maps to its exception classes.
+EntryNotFound), which huggingface-hub maps to its exception classes. ``GET /api/models/{org}/{repo}`` and
+``.../revision/{revision}`` answer as the hub's model-info API (``HfApi.model_info``) does, with what this
+imitation needs of it: ``id``, ``sha`` (the commit) and ``siblings`` (``rfilename`` of every file at that commit).
 
 Faults for tests: ``cut_gets`` cuts the next N GET bodies off half-way (Content-Length promises the whole
 body, the connection closes after half of it); ``not_a_hub`` answers everything with a plain 200 page and
@@ -15,6 +17,7 @@ Point huggingface-hub at it with ``HF_ENDPOINT=hub.url``. Every request is recor
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from dataclasses import dataclass, field
@@ -22,6 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
 
 _RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+_MODEL_INFO = re.compile(r"^/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
 
 
 def fake_commit(name: str) -> str:
@@ -47,6 +51,7 @@ class FakeHub:
     files: dict[tuple[str, str, str], bytes] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     cut_gets: int = 0
+    cut_files: set[str] = field(default_factory=set)  # filenames whose every GET is cut short
     not_a_hub: bool = False
 
     def add_file(self, repo_id: str, filename: str, content: bytes, revision: str = "main") -> str:
@@ -113,6 +118,25 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def _model_info(self, repo_id: str, revision: str, send_body: bool) -> None:
+        hub = self.state
+        if repo_id not in hub.revisions:
+            self._error(404, "RepoNotFound", "Repository not found")
+            return
+        commit = hub.revisions[repo_id].get(revision)
+        if commit is None:
+            self._error(404, "RevisionNotFound", "Invalid rev id: " + revision)
+            return
+        files = sorted(name for (repo, c, name) in hub.files if repo == repo_id and c == commit)
+        body = json.dumps({"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
+                           "siblings": [{"rfilename": name} for name in files]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(body)
+
     def _serve(self, send_body: bool) -> None:
         hub = self.state
         raw_path = urlsplit(self.path).path
@@ -127,6 +151,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if send_body:
                 self.wfile.write(page)
+            return
+        if not m and (api := _MODEL_INFO.match(raw_path)):
+            self._model_info(api.group(1), unquote(api.group(2) or "main"), send_body)
             return
         if not m:
             self._error(404, "NotFound", "not a resolve URL")
@@ -160,9 +187,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not send_body:
             return
-        if hub.cut_gets > 0:
+        if hub.cut_gets > 0 or filename in hub.cut_files:
             # Promise the whole body, deliver half, then hang up: an interrupted transfer.
-            hub.cut_gets -= 1
+            if filename not in hub.cut_files:
+                hub.cut_gets -= 1
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
             self.close_connection = True

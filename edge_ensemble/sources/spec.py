@@ -3,6 +3,8 @@
 A spec is what the user typed after ``-m``, in ``members = [...]`` or in ``Ensemble([...])``:
 
 - ``hf:<org>/<repo>/<path-in-repo>[@<revision>]``: a hub file;
+- ``hf:<org>/<repo>[:<quant>][@<revision>]`` (or ollama's ``hf.co/<org>/<repo>[:<quant>]``): the repository's
+  GGUF model with that quantization tag (:mod:`.hub_repo`);
 - a catalog name (key or display name, any case): a catalog model; a name wins over a same-named file in the
   working directory unless it looks like a path;
 - anything else: a path to a .gguf file.
@@ -21,9 +23,10 @@ from .. import paths
 from ..errors import ModelSourceError
 from ..gguf import check_local_file
 from ._common import marker_ok
-from .bundles import assembled_marker, assembled_ok, assemble_bundle
+from .bundles import assemble_bundle, assembled_marker, assembled_ok
 from .catalog import Catalog, ModelEntry
-from .hub import HUB_PREFIX, HubRef, cached_hub_path, hub_marker, fetch_hub, parse_hub_spec
+from .hub import HUB_PREFIX, HubRef, cached_hub_path, fetch_hub, hub_marker, parse_hub_spec
+from .hub_repo import HubRepoRef, fetch_hub_repo, is_hub_spec, parse_hub_ref
 from .server import SERVER_PREFIX
 
 # "server": a member behind a llama-server URL (server:URL[=MODEL]); edge_ensemble.remote parses the rest.
@@ -34,7 +37,7 @@ SpecKind = Literal["path", "catalog", "hub", "server"]
 class ModelSpec:
     """A model spec parsed once: which kind of source it names and what is known before anything is fetched.
 
-    ``path`` is set for kind "path", ``ref`` for kind "hub", ``entry`` for kind "catalog". ``display_name``
+    ``path`` is set for kind "path", ``ref`` for kind "hub" (a file, or a repository's model by tag), ``entry`` for kind "catalog". ``display_name``
     is the member's name in stats and output: the catalog's name, else the file's stem.
     """
 
@@ -42,7 +45,7 @@ class ModelSpec:
     kind: SpecKind
     display_name: str
     path: Path | None = None
-    ref: HubRef | None = None
+    ref: HubRef | HubRepoRef | None = None
     entry: ModelEntry | None = None
 
     def __str__(self) -> str:
@@ -70,13 +73,16 @@ def parse_spec(spec: SpecLike, catalog: Catalog | None = None) -> ModelSpec:
         return spec
     text = os.fspath(spec)
     if not text.strip():
-        raise ModelSourceError("an empty model name; give a GGUF path, hf:org/repo/file.gguf or a catalog name "
+        raise ModelSourceError("an empty model name; give a GGUF path, hf:org/repo[:QUANT], hf:org/repo/file.gguf"
+                               " or a catalog name "
                                "(see `edge-ensemble models list`)")
     if text.startswith(SERVER_PREFIX):  # a member served by llama-server: edge_ensemble.remote reads the rest
         return ModelSpec(text, "server", text[len(SERVER_PREFIX):])
-    if text.startswith(HUB_PREFIX):
-        ref = parse_hub_spec(text)
-        return ModelSpec(text, "hub", Path(ref.filename).stem, ref=ref)
+    # hf.co/... is ollama's spelling; a local file of that name stays a file
+    if is_hub_spec(text) and (text.startswith(HUB_PREFIX) or not Path(text).exists()):
+        ref = parse_hub_ref(text)
+        name = Path(ref.filename).stem if isinstance(ref, HubRef) else ref.display_name
+        return ModelSpec(text, "hub", name, ref=ref)
     if not _looks_like_path(text):
         catalog = catalog or Catalog.load()
         entry = catalog.find(text)
@@ -100,6 +106,8 @@ def resolve(spec: ModelSpec, *, download: bool = True, progress: bool = True) ->
                                "it declares (server:URL=MODEL)")
     if spec.kind == "hub":
         assert spec.ref is not None
+        if isinstance(spec.ref, HubRepoRef):
+            return fetch_hub_repo(spec.ref, download=download, progress=progress)
         return fetch_hub(spec.ref, download=download, progress=progress)
     if spec.kind == "catalog":
         assert spec.entry is not None
