@@ -59,13 +59,14 @@ def pull(names: tuple[str, ...]) -> None:
 
 
 def _expand(names: Sequence[str], catalog: Any) -> list[str]:
-    """Catalog keys (and hf: specs) to pull; a preset name stands for its members."""
+    """Catalog keys (and hub specs: hf:..., hf.co/...) to pull; a preset name stands for its members."""
     from ..remote import declared_model
+    from ..sources.hub_repo import is_hub_spec
 
     specs: list[str] = []
     for name in names:
         entry = catalog.find(name)
-        if name.startswith("hf:"):
+        if is_hub_spec(name):
             specs.append(name)
         elif entry is not None:
             specs.append(entry.key)
