@@ -67,10 +67,12 @@ class Ensemble:
 
     ``options`` (:data:`ENSEMBLE_OPTIONS`, by their Python names): the policy, the policies' options (a call
     may override those) and the load options, e.g. ``Ensemble(specs, gate=None, union_k=8, n_ctx=2048)``.
+    ``loading(name, path)``: a context manager each local model loads inside (the CLI's loading line).
     """
 
     def __init__(self, members: Sequence[SpecLike] | SpecLike, *,
                  config: EnsembleConfig | None = None, download: bool = True, progress: bool = False,
+                 loading: Callable[[str, Path], contextlib.AbstractContextManager[object]] | None = None,
                  **options: object) -> None:
         self._members: list[Member] = []
         self._turn_cond = threading.Condition()
@@ -118,11 +120,12 @@ class Ensemble:
                     remote[url] = backend
                 elif backend is None:
                     # parallel answers: each its own sequences and n_ctx cells, positions capped at n_ctx
-                    backend = LocalBackend(Model(path, LoadOptions(
-                        n_ctx=cfg.n_ctx * cfg.parallel, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
-                        flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
-                        n_seq_max=cfg.parallel * needs.sequences,
-                        hidden_states=any(same_file(path, h) for h in hidden_paths))), seq_ctx=cfg.n_ctx)
+                    with loading(name, path) if loading else contextlib.nullcontext():
+                        backend = LocalBackend(Model(path, LoadOptions(
+                            n_ctx=cfg.n_ctx * cfg.parallel, n_threads=cfg.n_threads, n_gpu_layers=cfg.n_gpu_layers,
+                            flash_attn=cfg.flash_attn, control_tokens_in_messages=cfg.control_tokens_in_messages,
+                            n_seq_max=cfg.parallel * needs.sequences,
+                            hidden_states=any(same_file(path, h) for h in hidden_paths))), seq_ctx=cfg.n_ctx)
                     loaded.append((path, backend))
                 model = backend.model
                 self._members.append(Member(backend, name=_unique(name, [m.name for m in self._members])))

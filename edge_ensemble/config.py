@@ -36,6 +36,7 @@ flag, or the key and the file), the allowed values and the value given.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +49,8 @@ from .calibration import (OPTIONS, Calibration, calibration_key, parse_calibrati
                           parse_calibrations, toml_key)
 from .errors import EdgeEnsembleError, UsageError
 from .sources import Catalog, ModelSpec, parse_spec
-from .options import GENERATION, option
+from .options import GENERATION, OFF, Option, option
+from .policies import POLICY, registry
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,13 +111,18 @@ class UserConfig:
     calibrations: Mapping[tuple[str, str], Calibration] = field(default_factory=dict)
 
 
-def load_config(path: Path | None = None) -> UserConfig:
-    """Read and type-check the user config file; a missing file is an empty config. Raises UsageError
-    naming the file and the offending key (unknown key, wrong type, invalid TOML)."""
+def load_config(path: Path | None = None, *, missing_ok: bool = False) -> UserConfig:
+    """Read and type-check the user config file; a missing file is an empty config, except one the user named
+    with ``$EDGE_ENSEMBLE_CONFIG`` (unless ``missing_ok``: a command that is about to write it). Raises
+    UsageError naming the file and the offending key (unknown key, wrong type, invalid TOML)."""
+    named = path is None and bool(os.environ.get(paths.CONFIG_ENV))
     path = path or paths.config_path()
     try:
         text = path.read_text("utf-8")
     except FileNotFoundError:
+        if named and not missing_ok:
+            raise UsageError(f"config file {path} (named by ${paths.CONFIG_ENV}) does not exist; create it, or unset "
+                             f"{paths.CONFIG_ENV} to read the default one") from None
         return UserConfig(path)
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
@@ -143,10 +150,24 @@ def load_config(path: Path | None = None) -> UserConfig:
     return UserConfig(path, MappingProxyType(values), MappingProxyType(calibrations))
 
 
-def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any = None) -> Settings:
+@dataclass(frozen=True)
+class Resolved:
+    """The settings of a command line merged over the config file and the calibrations, before they are checked
+    together: what :func:`resolve_settings` makes a :class:`Settings` of, and what help texts and ``presets`` read
+    the resolved defaults from (:func:`default_text`, :func:`describe_policy`), so the two cannot disagree."""
+
+    members: tuple[ModelSpec, ...]
+    preset: str | None
+    values: Mapping[str, Any]  # config key -> value, for every key set anywhere but the built-in defaults
+    origins: Mapping[str, str]  # config key -> "flag", "calibration" or "config" (where its value came from)
+    calibration: Calibration | None
+    config: UserConfig
+
+
+def resolve_values(flags: Mapping[str, Any], config: UserConfig, catalog: Any = None) -> Resolved:
     """Merge command-line ``flags`` (by config key, as click gives them: text, a bool for an on/off flag, a
-    tuple for a repeated one; None or () = not given) over ``config`` over the defaults, and check each value
-    once. ``catalog`` (a :class:`~edge_ensemble.sources.Catalog`) resolves presets."""
+    tuple for a repeated one; None or () = not given) over ``config`` over the calibrations, each value checked by
+    its declaration but not yet against the others (:func:`resolve_settings` does that)."""
     given = {k: v for k, v in flags.items() if v is not None and v != ()}
     unknown = set(given) - set(KEYS)
     if unknown:  # a programming error in the CLI, not a user error
@@ -174,15 +195,25 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
                                         f"catalog presets.toml [presets.{toml_key(preset)}.calibrated]")
         shipped = dict(calibration.values)
     calibrated = {} if shipped else dict(calibration.values) if calibration else {}
-    values = {**shipped, **file_values, **calibrated, **given}
+    layers = (("calibration", shipped), ("config", file_values), ("calibration", calibrated), ("flag", given))
+    values = {k: v for _, layer in layers for k, v in layer.items()}
+    origins = {k: origin for origin, layer in layers for k in layer}
     if calibration is not None:
         calibration = replace(calibration, applied=tuple(
             k for k in calibration.values if k not in given and (not shipped or k not in file_values)))
+    return Resolved(members, preset, MappingProxyType(values), MappingProxyType(origins), calibration, config)
+
+
+def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any = None) -> Settings:
+    """Merge command-line ``flags`` (see :func:`resolve_values`) over ``config`` over the defaults, and check each
+    value once. ``catalog`` (a :class:`~edge_ensemble.sources.Catalog`) resolves presets."""
+    r = resolve_values(flags, config, catalog)
+    values, calibration = r.values, r.calibration
 
     def origin(name: str) -> str:
         """How the user wrote the option called ``name``: its flag, its calibration or its config key."""
         o = ENSEMBLE_OPTIONS[name]
-        if o.key in given:
+        if r.origins.get(o.key) == "flag":
             return o.flag
         if calibration is not None and o.key in calibration.applied:
             return f"{calibration.source}: {o.key}"
@@ -190,8 +221,66 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
     chosen = {o.name: values[key] for key, o in OPTIONS.items() if key in values}
     ensemble = EnsembleConfig(**{n: v for n, v in chosen.items() if n in ENSEMBLE_OPTIONS})
     generation = Generation(**{n: v for n, v in chosen.items() if n in GENERATION})
-    return Settings(members, preset, values.get("system"), ensemble.validate(len(members), origin), generation,
+    return Settings(r.members, r.preset, values.get("system"), ensemble.validate(len(r.members), origin), generation,
                     calibration)
+
+
+# -- the resolved defaults, as help texts and startup lines state them -----------------------------------------
+
+
+def value_text(option: Option, value: Any) -> str:
+    """A value of ``option`` as the command line spells it (on/off, off for None, 2,1 for a list)."""
+    if value == option.default:
+        return option.default_text
+    if option.type is bool:
+        return "on" if value else "off"
+    if value is None:
+        return OFF
+    return ",".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
+
+
+def _calibration_label(r: Resolved | Settings) -> str:
+    c = r.calibration
+    assert c is not None
+    return f"calibrated {c.date[:10]}" if c.date else "calibrated"
+
+
+def default_text(key: str, r: Resolved) -> str:
+    """What option ``key`` is when its flag is not given, as ``--help`` states it: the value and, unless it is the
+    built-in default, where it comes from (``single, calibrated 2026-12-02 for preset tiny (else safe)``)."""
+    option = OPTIONS[key]
+    origin = r.origins.get(key)
+    if origin is None:
+        return option.default_text
+    text = value_text(option, r.values[key])
+    if origin == "calibration":
+        whose = f"preset {r.preset}" if r.preset else "these members"
+        return f"{text}, {_calibration_label(r)} for {whose} (else {option.default_text})"
+    return f"{text}, from {r.config.path} (else {option.default_text})"
+
+
+def describe_policy(settings: Settings | Resolved) -> str:
+    """The policy an ensemble answers with, named as calibrated when a calibration chose it, and what it does:
+    ``single, calibrated 2026-12-02 (the first member alone)`` (startup lines, ``presets``, ``--help``)."""
+    if isinstance(settings, Resolved):
+        policy = settings.values.get("policy", POLICY.default)
+        calibrated = settings.origins.get("policy") == "calibration"
+    else:
+        policy = settings.ensemble.policy
+        calibrated = settings.calibration is not None and "policy" in settings.calibration.applied
+    return f"{policy}{', ' + _calibration_label(settings) if calibrated else ''} ({registry.get(policy).summary})"
+
+
+def find_preset(catalog: Any, name: str) -> Any:
+    """The catalog's preset called ``name`` (any case); an unknown name is bad usage (exit 2): one line with the
+    closest name and where the presets are listed."""
+    known = list(catalog.presets)
+    if name.strip().lower() not in {p.lower() for p in known}:
+        close = difflib.get_close_matches(name.strip().lower(), [p.lower() for p in known], n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"unknown preset '{name}'{hint}; known: {', '.join(known) or 'none'}; "
+                         "see `edge-ensemble presets`")
+    return catalog.preset(name)
 
 
 def _members(values: Mapping[str, Any], catalog: Any) -> tuple[tuple[ModelSpec, ...], str | None]:
@@ -199,5 +288,5 @@ def _members(values: Mapping[str, Any], catalog: Any) -> tuple[tuple[ModelSpec, 
     catalog = catalog or Catalog.load()
     if "members" in values:
         return tuple(parse_spec(m, catalog) for m in values["members"]), None
-    preset = catalog.preset(values["preset"]) if "preset" in values else catalog.default_preset
+    preset = find_preset(catalog, values["preset"]) if "preset" in values else catalog.default_preset
     return tuple(parse_spec(m, catalog) for m in preset.members), preset.name

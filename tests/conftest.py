@@ -36,14 +36,16 @@ _KEEP_ALIVE: list[object] = []
 
 @pytest.fixture(scope="session")
 def _no_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("no-config") / "does-not-exist" / "config.toml"
+    return tmp_path_factory.mktemp("no-config") / "config.toml"
 
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch, _no_config_path: Path) -> None:
-    """No colours, and never the user's own config file.  EDGE_ENSEMBLE_CACHE is left alone on purpose:
-    the real models are assembled there once and reused between runs."""
+    """No colours, and never the user's own config file: an empty one, emptied again for each test (a config
+    file named by EDGE_ENSEMBLE_CONFIG must exist).  EDGE_ENSEMBLE_CACHE is left alone on purpose: the real
+    models are assembled there once and reused between runs."""
     monkeypatch.setenv("NO_COLOR", "1")
+    _no_config_path.write_text("")
     monkeypatch.setenv("EDGE_ENSEMBLE_CONFIG", str(_no_config_path))
 
 

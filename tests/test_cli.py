@@ -296,8 +296,8 @@ def test_config_file_and_flag_precedence(models: list[str], tmp_path: Path, monk
 def test_bad_models(tiny_bpe: Path, tmp_path: Path) -> None:
     not_gguf = tiny_gguf.write_not_gguf(tmp_path / "notes.gguf")
     truncated = tiny_gguf.write_truncated_gguf(tiny_bpe, tmp_path / "cut.gguf")
+    assert_error(invoke(["run", "-p", "nope", "Hi"]), 2, "unknown preset 'nope'")  # bad usage (tests/test_newcomer.py)
     cases = [
-        (["-p", "nope"], "unknown preset 'nope'"),
         (["-m", "no-such-model"], "unknown model 'no-such-model'"),
         (["-m", str(tmp_path / "missing.gguf")], "model file not found"),
         (["-m", str(not_gguf)], "is not a GGUF file"),

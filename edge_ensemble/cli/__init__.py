@@ -26,7 +26,10 @@ from .. import __version__
 from . import calibrate, chat, doctor, eval as eval_, models, route, run, serve  # (eval_: not the builtin)
 from .chat import ChatSession
 from .common import EXIT_INTERRUPTED, _Cli, open_ensemble, stream_answer
-from .flags import settings_options
+from .flags import preset_default, resolved_defaults, settings_options
+from ..config import describe_policy
+from ..options import Option
+from ..policies import DEFAULT_POLICY, registry
 from .models import _expand  # noqa: F401  (tests/test_remote.py imports it from here)
 from .render import Renderer, branch_summary, branch_tree, footer
 
@@ -45,20 +48,42 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
     ctx.exit()
 
 
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+class _TopLevel(_Cli):
+    """The top-level group; its help states what a plain run answers with, as resolved when the help is shown."""
+
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        template = self.help or ""
+        resolved = resolved_defaults(ctx)
+        plain = (f"A plain `run` (no options) answers with preset {preset_default(resolved)}, policy "
+                 f"{describe_policy(resolved)}; --policy {DEFAULT_POLICY} ensembles." if resolved is not None else "")
+        self.help = template.replace(_PLAIN_RUN, plain)
+        try:
+            super().format_help_text(ctx, formatter)
+        finally:
+            self.help = template
+
+
+_PLAIN_RUN = "(what a plain run answers with)"
+
+
+@click.group(cls=_TopLevel, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the version and exit.")
 def cli() -> None:
     """Several local GGUF models write one answer together, token by token.
 
-    The first member drafts a few tokens; where it is unsure (the entropy gate)
-    the other members verify and the ensemble picks the next token from the
-    union of their candidates.
+    Under policy {default_policy} the first member drafts a few tokens ({draft_flag});
+    where its top-1 probability is below {gate_flag} (default {gate_default};
+    {entropy_flag} adds an entropy test, {entropy_default} by default) the other
+    members verify, and the ensemble picks the next token from the union of
+    their candidates. A preset may ship a calibration that chose other
+    settings (`edge-ensemble presets` shows each one's policy).
+    (what a plain run answers with)
 
     \b
-    Settings: a flag > the config file > the built-in default.
-    The config file is TOML at $EDGE_ENSEMBLE_CONFIG, else at
-    $XDG_CONFIG_HOME/edge-ensemble/config.toml (~/.config/edge-ensemble/...).
+    Settings: a flag > the config file > a preset's calibration > the built-in default.
+    The config file is TOML at $EDGE_ENSEMBLE_CONFIG (which must exist when set),
+    else at $XDG_CONFIG_HOME/edge-ensemble/config.toml (~/.config/edge-ensemble/...).
     Its keys are the long options of `chat` and `run` with underscores:
         preset = "tiny"        # or: members = ["a.gguf", "b.gguf"]
         policy = "safe"
@@ -70,9 +95,22 @@ def cli() -> None:
     \b
     Exit codes: 0 ok; 1 the command failed (model missing or unreadable,
     not enough memory, prompt longer than the context, download failed);
-    2 bad usage (options, values, config file); 3 llama.cpp crashed (doctor);
-    130 interrupted (Ctrl-C).
+    2 bad usage (options, values, config file, unknown preset); 3 llama.cpp
+    crashed (doctor); 130 interrupted (Ctrl-C).
     """
+
+
+def _declared(name: str) -> Option:
+    """The declaration of the default policy's option ``name`` (the top-level help states its flag and default)."""
+    option = registry.declaration(name, DEFAULT_POLICY)
+    assert option is not None
+    return option
+
+
+cli.help = (cli.help or "").format(
+    default_policy=DEFAULT_POLICY, draft_flag=_declared("draft_len").flag, gate_flag=_declared("gate").flag,
+    gate_default=_declared("gate").default_text, entropy_flag=_declared("gate_entropy").flag,
+    entropy_default=_declared("gate_entropy").default_text)
 
 
 def main() -> None:

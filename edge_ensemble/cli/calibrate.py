@@ -72,7 +72,9 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     max_tokens = options.pop("max_tokens", None)
     # The policy options of the user's config file (sharpen, draft_len, ...) are what `run` applies beside the
     # calibration, so they are what is measured; the sweep sets the policy, weights and gate itself.
-    from_file = {o.name: v for o, v in ((KEY_OPTIONS[k], v) for k, v in load_config().values.items() if k in KEY_OPTIONS)
+    # (A config file named by $EDGE_ENSEMBLE_CONFIG may be missing when this run is to write it.)
+    file_values = load_config(missing_ok=write).values
+    from_file = {o.name: v for o, v in ((KEY_OPTIONS[k], v) for k, v in file_values.items() if k in KEY_OPTIONS)
                  if o.name in registry.policy_options() and o.name not in ("weights", "gate")}
     base = EnsembleConfig(**{**_EVAL_DEFAULTS, **from_file, **options}).validate(
         len(specs), lambda n: ENSEMBLE_OPTIONS[n].flag)

@@ -11,9 +11,12 @@ import them, nothing outside it should.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
+import threading
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -22,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import click
 
 from ..api import Ensemble
-from ..config import Settings
+from ..config import Settings, find_preset
 from ..engine import Event
 from ..errors import EdgeEnsembleError, EdgeEnsembleWarning, UsageError
 from ..policies import registry
@@ -146,10 +149,10 @@ class EnsembleChoice:
 
     def chosen_preset(self, catalog: Any, default: str | None = None) -> Preset | None:
         """The catalog's preset, or None with ``--model``; without either flag ``default``, else the catalog's
-        default preset. An unknown name raises :class:`~edge_ensemble.errors.ModelSourceError`."""
+        default preset. An unknown name is a :class:`~edge_ensemble.errors.UsageError`."""
         if self.members:
             return None
-        return catalog.preset(self.preset or default or catalog.default_preset.name)
+        return find_preset(catalog, self.preset or default or catalog.default_preset.name)
 
     def specs(self, catalog: Any, default: str | None = None) -> list[str]:
         """The members as written: those given with ``--model``, else the chosen preset's (first drafts)."""
@@ -166,8 +169,44 @@ class EnsembleChoice:
 # -- the ensemble -------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _loading_line(name: str, path: Path, stream: Any = None) -> Iterator[None]:
+    """While a member loads, one line on stderr when it is a terminal: which member, its size and the seconds so
+    far, redrawn in place and cleared once the member has loaded; nothing when stderr is not a terminal."""
+    stream = stream or sys.stderr
+    if not (hasattr(stream, "isatty") and stream.isatty()):
+        yield
+        return
+    try:
+        size = _mb(path.stat().st_size)
+    except OSError:
+        size = "?"
+    start, done = time.monotonic(), threading.Event()
+
+    def draw() -> None:
+        line = f"loading {name} ({size}) {time.monotonic() - start:.1f}s"
+        stream.write("\r\x1b[2K" + click.style(line, dim=True) if _color_ok(stream) else "\r\x1b[2K" + line)
+        stream.flush()
+
+    def tick() -> None:
+        while not done.wait(0.2):
+            draw()
+
+    draw()
+    ticker = threading.Thread(target=tick, name="loading-line", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        stream.write("\r\x1b[2K")  # the line goes: what follows (the answer, a prompt) starts clean
+        stream.flush()
+
+
 def open_ensemble(settings: Settings, *, per_request_policy: bool = False) -> Ensemble:
-    """Load the members (fetching catalog models on first use, with progress on stderr).
+    """Load the members (fetching catalog models on first use, with progress on stderr; on a terminal, a line
+    while each loads).
 
     Under a policy that answers with the drafter alone (``single``: a flag, the config file, or a calibration that
     kept the drafter alone) only the drafter is loaded: the verifiers would never be read, yet cost their download, load time and memory. Not
@@ -175,7 +214,7 @@ def open_ensemble(settings: Settings, *, per_request_policy: bool = False) -> En
     members, config = list(settings.members), settings.ensemble
     if registry.get(config.policy).drafter_only and not per_request_policy:
         members, config = members[:1], replace(config, weights=None)
-    return Ensemble(members, config=config, progress=True)
+    return Ensemble(members, config=config, progress=True, loading=_loading_line)
 
 
 def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]] | None, *,

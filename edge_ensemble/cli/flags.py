@@ -14,22 +14,72 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from ..config import KEYS, load_config, resolve_settings
+from ..config import KEYS, OPTIONS, Resolved, default_text, load_config, resolve_settings, resolve_values
+from ..errors import EdgeEnsembleError
 from ..options import EVAL_N_CTX, GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
 from ..policies import POLICY, policy_help, registry
 
 
-def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Callable[[Callable[..., Any]], Any]:
+_DEFAULT = "\0default\0"  # where a resolved default goes into a help text, once it is shown
+
+
+def resolved_defaults(ctx: click.Context | None = None) -> Resolved | None:
+    """The settings a plain ``run`` (no flag) resolves to: the config file over the default preset's calibration
+    over the built-in defaults (:func:`~edge_ensemble.config.resolve_values`, what the commands resolve their flags
+    with); read once per command line (kept in ``ctx.meta``). None when they cannot be resolved (a bad config file:
+    the command itself will say so)."""
+    meta = ctx.find_root().meta if ctx is not None else {}
+    if "edge_ensemble.resolved" not in meta:
+        try:
+            meta["edge_ensemble.resolved"] = resolve_values({}, load_config())
+        except EdgeEnsembleError:
+            meta["edge_ensemble.resolved"] = None
+    return meta["edge_ensemble.resolved"]
+
+
+def preset_default(resolved: Resolved | None) -> str:
+    """The ensemble a plain run uses, as ``--preset``'s help states it."""
+    if resolved is None:
+        return "the catalog's default"
+    if resolved.preset is None:
+        return f"none: the members in {resolved.config.path}"
+    return resolved.preset + (f", from {resolved.config.path}" if "preset" in resolved.origins else "")
+
+
+class _ResolvedOption(click.Option):
+    """A flag whose help states its default as a plain run resolves it (a calibration, the config file; see
+    :func:`resolved_defaults`), worked out when the help is shown, not when the program starts."""
+
+    def __init__(self, *args: Any, config_key: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config_key = config_key
+        self.help_template = self.help or ""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        resolved = resolved_defaults(ctx)
+        if self.config_key == "preset":
+            shown = preset_default(resolved)
+        else:
+            shown = OPTIONS[self.config_key].default_text if resolved is None else default_text(self.config_key, resolved)
+        self.help = self.help_template.replace(_DEFAULT, shown)
+        return super().get_help_record(ctx)
+
+
+def _flag(option: Option, *, shown_default: str = "", prefix: str = "",
+          resolved: bool = False) -> Callable[[Callable[..., Any]], Any]:
     """The click option of a declared option: its flag, and help that states the allowed values and the default
-    once. The value stays text: the declaration parses and checks it (:func:`resolve_settings`)."""
+    once (``resolved``: the default as a plain run resolves it, see :class:`_ResolvedOption`). The value stays
+    text: the declaration parses and checks it (:func:`resolve_settings`)."""
     bounds = option.bounds() + (" or off" if option.off else "")
     shown = f"{bounds}; " if bounds else ""
     text = option.help[0].lower() + option.help[1:] if prefix else option.help
-    help = f"{prefix}{text} [{shown}default: {shown_default or option.default_text}]"
+    default = _DEFAULT if resolved else shown_default or option.default_text
+    help = f"{prefix}{text} [{shown}default: {default}]"
+    extra: dict[str, Any] = {"cls": _ResolvedOption, "config_key": option.key} if resolved else {}
     if option.type is bool:
-        return click.option(f"{option.flag}/--no-{option.flag[2:]}", option.key, default=None, help=help)
+        return click.option(f"{option.flag}/--no-{option.flag[2:]}", option.key, default=None, help=help, **extra)
     if option.item is str:
-        return click.option(option.flag, option.key, multiple=True, metavar="TEXT", help=help)
+        return click.option(option.flag, option.key, multiple=True, metavar="TEXT", help=help, **extra)
     if option.metavar:
         metavar = option.metavar
     elif option.allowed_choices:
@@ -38,12 +88,12 @@ def _flag(option: Option, *, shown_default: str = "", prefix: str = "") -> Calla
         metavar = "X1,X2,..."
     else:
         metavar = ("INT" if option.type is int else "FLOAT") + ("|off" if option.off else "")
-    return click.option(option.flag, option.key, metavar=metavar, help=help)
+    return click.option(option.flag, option.key, metavar=metavar, help=help, **extra)
 
 
 def _policy_flag(option: Option) -> Callable[[Callable[..., Any]], Any]:
     """A policy option's flag; its help starts with the policies that read it ("safe: tokens drafted ...")."""
-    return _flag(option, prefix=", ".join(registry.policies_reading(option.name)) + ": ")
+    return _flag(option, prefix=", ".join(registry.policies_reading(option.name)) + ": ", resolved=True)
 
 
 def _declared_flags(options: Sequence[Option], into: str, *, defaults: bool = True,
@@ -72,16 +122,16 @@ def _declared_flags(options: Sequence[Option], into: str, *, defaults: bool = Tr
 
 
 _SETTINGS_OPTIONS = [
-    click.option("-p", "--preset", metavar="NAME",
-                 help="A named ensemble from the catalog (`edge-ensemble presets`) [default: the catalog's default]."),
+    click.option("-p", "--preset", metavar="NAME", cls=_ResolvedOption, config_key="preset",
+                 help=f"A named ensemble from the catalog (`edge-ensemble presets`) [default: {_DEFAULT}]."),
     click.option("-m", "--model", "members", multiple=True, metavar="MODEL",
                  help="A member: a .gguf path, a catalog name or hf:org/repo/file. Repeat it; the first one "
                       "drafts. Replaces --preset."),
     click.option("-s", "--system", metavar="TEXT", help="System prompt."),
-    _flag(dataclasses.replace(POLICY, help=f"The decoding policy ({policy_help()}).")),
+    _flag(dataclasses.replace(POLICY, help=f"The decoding policy ({policy_help()})."), resolved=True),
     *(_policy_flag(o) for o in registry.policy_options().values()),
-    *(_flag(o) for o in GENERATION_OPTIONS),
-    *(_flag(o) for o in LOAD_OPTIONS if o.cli),
+    *(_flag(o, resolved=True) for o in GENERATION_OPTIONS),
+    *(_flag(o, resolved=True) for o in LOAD_OPTIONS if o.cli),
 ]
 
 _SHOW_HELP = ("Mark the tokens the ensemble chose and the member that won each: coloured on a terminal, "

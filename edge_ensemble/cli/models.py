@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import click
 
 from .. import paths
-from ..errors import ModelLoadError, ModelSourceError, UsageError
+from ..errors import EdgeEnsembleError, ModelLoadError, ModelSourceError, UsageError
 from .common import _catalog, _mb, _one_line, _table
 
 
@@ -205,9 +205,15 @@ models.add_command(presets)  # `edge-ensemble models presets` too (the package a
 
 
 def _print_presets(catalog: Any) -> None:
+    from ..config import UserConfig, describe_policy, load_config, resolve_values
     from ..remote import declared_model
     from ..sources import model_status
 
+    try:
+        config = load_config()
+        unread = ""
+    except EdgeEnsembleError as e:  # `run` will refuse the file; the table still shows the presets' own policies
+        config, unread = UserConfig(paths.config_path()), f"; POLICY leaves out the config file ({_one_line(str(e))})"
     rows = []
     prints: dict[str, str | None] = {}
     for p in catalog.presets.values():
@@ -218,10 +224,13 @@ def _print_presets(catalog: Any) -> None:
             if st.present and m not in prints:
                 prints[m] = _fingerprint(st.path)
         name = p.name + (" *" if p.name == catalog.default else "")
+        # The policy a plain `run -p NAME` answers with, resolved as `run` resolves it (calibration, config file).
+        policy = describe_policy(resolve_values({"preset": p.name}, config, catalog))
         rows.append((name, ", ".join(p.members), f"{on_disk}/{len(p.members)}", _preset_tokenizers(keys, prints),
-                     p.description))
-    click.echo(_table(rows, ("PRESET", "MEMBERS (first drafts)", "ON DISK", "TOKENIZERS", "DESCRIPTION")))
-    click.echo("* default; TOKENIZERS counts distinct tokenizers (shared ones use the drafter's token ids)")
+                     policy, p.description))
+    click.echo(_table(rows, ("PRESET", "MEMBERS (first drafts)", "ON DISK", "TOKENIZERS", "POLICY", "DESCRIPTION")))
+    click.echo("* default; TOKENIZERS counts distinct tokenizers (shared ones use the drafter's token ids); POLICY is "
+               "what `run -p NAME` answers with (--policy changes it)" + unread)
 
 
 def _preset_tokenizers(members: Sequence[str], prints: dict[str, str | None]) -> str:

@@ -11,6 +11,7 @@ import click
 from ..api import MemberInfo
 from ..config import Calibration
 from ..engine import Event, GenerationResult
+from ..policies import registry
 from .common import _color_ok
 
 
@@ -50,13 +51,15 @@ class Renderer:
 def footer(result: GenerationResult, calibration: Calibration | None = None) -> str:
     """One line of figures after an answer (and the date of the calibration its settings came from)."""
     s = result.stats
-    parts = [f"{s.tokens} tokens", f"{s.tokens_per_second:.1f} tok/s", f"E/T {s.ensembled_fraction:.2f}"]
+    parts = [f"{s.tokens} token{'' if s.tokens == 1 else 's'}", f"{s.tokens_per_second:.1f} tok/s",
+             f"E/T {s.ensembled_fraction:.2f}"]
     parts += s.summary()  # the policy's own figures (SAFE: drafts accepted; route: who wrote what)
-    parts.append(s.policy)
+    alone = len(s.members) == 1 and s.policy in registry.names() and not registry.get(s.policy).drafter_only
+    parts.append(f"{s.policy} with one member" if alone else s.policy)
+    if calibration is not None and calibration.applied:  # next to the policy, as startup lines name it
+        parts.append(f"calibrated {calibration.date[:10] or 'settings'}")
     if result.finish_reason == "length":
         parts.append("cut at max tokens or context")
-    if calibration is not None and calibration.applied:
-        parts.append(f"calibrated {calibration.date[:10] or 'settings'}")
     return "[" + ", ".join(parts) + "]"
 
 

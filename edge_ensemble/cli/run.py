@@ -23,7 +23,7 @@ from .render import Renderer, _member_dict, branch_summary, branch_tree, footer
 @click.argument("prompt", required=False)
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object (text, finish_reason, stats, provenance, members, policy, preset, "
-                   "config, generation) instead of streaming text.")
+                   "config, generation) instead of streaming text; not with --show.")
 @click.option("--show", is_flag=True, help=_SHOW_HELP)
 @click.option("--raw", is_flag=True,
               help="Continue PROMPT as raw text: no chat template and no system prompt; each member tokenizes "
@@ -34,6 +34,9 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
 
     The answer streams to stdout; a line of figures follows on stderr.
     """
+    if as_json and show:
+        raise UsageError("--show marks the streamed text and --json streams none (its \"provenance\" says which "
+                         "member won each ensembled token); give one of them")
     text = clean_text(_read_prompt(prompt), "the prompt")
     if raw and settings.system:
         raise UsageError("--raw takes no system prompt (-s, or system in the config file; -s '' clears it): "

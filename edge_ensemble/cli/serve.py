@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..chat import clean_text
-from ..config import Settings
+from ..config import Settings, describe_policy
 from ..errors import UsageError
 from ..server import SERVER_LIMITS
 from .common import open_ensemble
@@ -48,4 +48,5 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
     options = ServerOptions(model_id=name, api_key=api_key, **limits, max_tokens=g.max_tokens,
                             temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
                             system=clean_text(settings.system, "the system prompt") if settings.system else None)
-    run_server(functools.partial(open_ensemble, settings, per_request_policy=True), options, host=host, port=port)
+    run_server(functools.partial(open_ensemble, settings, per_request_policy=True), options, host=host, port=port,
+               policy=describe_policy(settings))

@@ -141,7 +141,8 @@ class SafePolicy(Policy):
         drafts, dists = self._draft(n)
         data = [d.member.token_bytes(t) for t in drafts]  # EOG and other control tokens carry no bytes
         offsets = np.cumsum([0] + [len(b) for b in data])  # offsets[j] = bytes before draft token j
-        self.stats.drafted += len(drafts)
+        if self.verifiers:  # alone, the drafter's tokens are its answer: nothing is drafted for anyone to accept
+            self.stats.drafted += len(drafts)
 
         check = self._positions_to_check(dists)
         verdict = Verdict(len(drafts))
@@ -280,7 +281,8 @@ class SafePolicy(Policy):
             end = d.member.is_eog(drafts[j])
             winner = verdict.confirmed.get(j)
             pieces.append(Piece(data[j], "draft" if winner is None else "ensemble", winner, end=end))
-        self.stats.accepted_drafts += accepted
+        if self.verifiers:
+            self.stats.accepted_drafts += accepted
         self.d_tokens.extend(drafts[:accepted])
         new_text = b"".join(data[:accepted])
         new_tokens = list(drafts[:accepted])

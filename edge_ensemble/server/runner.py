@@ -4,11 +4,12 @@ serve``)."""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import logging
 import socket
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import UsageError, warn
 from .app import create_app
@@ -50,12 +51,23 @@ def _one_malloc_arena() -> None:
         pass
 
 
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging with every line on stderr, the access log too (uvicorn writes that to stdout): the
+    server's output is its log, and one stream keeps it in order."""
+    import uvicorn.config
+
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["handlers"]["access"]["stream"] = "ext://sys.stderr"
+    return config
+
+
 def serve(ensemble: "Ensemble | Callable[[], Ensemble]", options: ServerOptions, *, host: str = "127.0.0.1",
-          port: int = 8080, log_level: str = "info") -> None:
+          port: int = 8080, log_level: str = "info", policy: str = "") -> None:
     """Serve ``ensemble`` over HTTP until interrupted (Ctrl-C); the ensemble is closed at the end.
 
     ``ensemble`` may be a function that loads one: it is called once the options are checked and the port
-    is bound, so that a wrong option or a busy port fails before any model loads."""
+    is bound, so that a wrong option or a busy port fails before any model loads. ``policy``: how the startup line
+    names the policy of requests that ask for none (``single, calibrated 2026-12-02 (the first member alone)``)."""
     try:
         import uvicorn
     except ImportError:
@@ -70,10 +82,12 @@ def serve(ensemble: "Ensemble | Callable[[], Ensemble]", options: ServerOptions,
         sock.close()
         raise
     app = create_app(loaded, options, close_ensemble=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)  # sets up uvicorn's logging
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,  # sets up uvicorn's logging
+                            log_config=log_config())
     shown = f"[{host}]" if ":" in host else host
+    answers = f"; policy {policy}, unless a request names another" if policy else ""
     logging.getLogger("uvicorn.error").info(
-        "serving %r on http://%s:%d/v1 (Ctrl-C quits)", options.model_id, shown, sock.getsockname()[1])
+        "serving %r on http://%s:%d/v1 (Ctrl-C quits%s)", options.model_id, shown, sock.getsockname()[1], answers)
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
     # The server stops only on a signal (Ctrl-C, SIGTERM). uvicorn re-raises it after a clean shutdown, but
