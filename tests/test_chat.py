@@ -108,7 +108,8 @@ def reader(*lines: str | None) -> Reader:
 def test_reader_lines_blocks_and_pastes() -> None:
     r = reader("  Hi  ", "/stats", '"""', "  def f():", "      return 1", '"""', '"""one line"""',
                "GNU readline's paste\nof three\nlines\n", PASTE_START + "marked", "paste", "end" + PASTE_END + "!",
-               '"""  first', "second   \"\"\"  ", None)
+               '"""  first', "second   \"\"\"  ", '"""\n  def g():\n      pass\n"""\n', '"""pasted\nopen', 'closed"""',
+               None)
     entries = []
     while (e := r.read()) is not None:
         entries.append(e)
@@ -119,8 +120,10 @@ def test_reader_lines_blocks_and_pastes() -> None:
         Entry("GNU readline's paste\nof three\nlines", True),
         Entry("marked\npaste\nend!", True),
         Entry("first\nsecond", True),
+        Entry("  def g():\n      pass", True),  # a whole block pasted: the quotes are not the message's
+        Entry("pasted\nopen\nclosed", True),  # a pasted block's opening, closed by a typed line
     ]
-    assert r.prompts.count("...") == 4  # type: ignore[attr-defined]  (a """ block's further lines)
+    assert r.prompts.count("...") == 5  # type: ignore[attr-defined]  (a """ block's further lines)
 
 
 def test_reader_end_of_input_inside_a_block_is_a_usage_error() -> None:
@@ -363,7 +366,8 @@ def tmux_chat(request: pytest.FixtureRequest, tmp_path: Path, models: list[str])
         pytest.fail("tmux is not installed; the chat's terminal tests need it (apt-get install -y tmux)")
     repo = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": str(repo), "NO_COLOR": "1", "EDGE_ENSEMBLE_CONFIG": os.environ["EDGE_ENSEMBLE_CONFIG"],
-           "TERM": "xterm-256color", "HOME": os.environ.get("HOME", str(tmp_path))}
+           "TERM": "xterm-256color", "HOME": os.environ.get("HOME", str(tmp_path)),
+           **{k: os.environ[k] for k in ("EDGE_ENSEMBLE_CACHE", "XDG_CACHE_HOME") if k in os.environ}}
     start = ["-m", "edge_ensemble.cli"] if request.param == "gnu-readline" else ["-c", NO_READLINE]
     chat = [sys.executable, *start, "chat", "-m", models[0], "-m", models[1], *COMMON,
             "--policy", DRAFTER_ALONE]

@@ -98,10 +98,10 @@ class Reader:
         if PASTE_START in line:
             line = self._rest_of_paste(line)
         text = line.strip()
+        if text.startswith(BLOCK):  # a """ block, typed or pasted (its lines may all be in this one)
+            return self._block(text[len(BLOCK):])
         if "\n" in text:  # a paste (GNU readline's, or between the markers)
             return Entry(_trim(line), True)
-        if text.startswith(BLOCK):
-            return self._block(text[len(BLOCK):])
         return Entry(text)
 
     def _rest_of_paste(self, line: str) -> str:
@@ -116,9 +116,10 @@ class Reader:
     def _block(self, first: str) -> Entry:
         """A ``\"\"\"`` block: ``first`` is what follows the opening quotes; lines follow to one that ends with
         ``\"\"\"``. Ctrl-C discards the block; the end of input inside it is a usage error."""
-        if first.rstrip().endswith(BLOCK):  # """one line"""
-            return Entry(first.rstrip()[:-len(BLOCK)].strip(), True)
-        lines = [first.lstrip()]  # (text after the opening quotes: its indentation is not meant)
+        first = first.lstrip(" \t")  # (spaces after the opening quotes are not meant as indentation)
+        if first.rstrip().endswith(BLOCK):  # """one line""", or a whole block pasted
+            return Entry(_trim(first.rstrip()[:-len(BLOCK)]), True)
+        lines = [first]
         while True:
             try:
                 line = self.read_line(CONTINUE)
