@@ -16,7 +16,7 @@ import click
 from .. import paths
 from ..api import Ensemble, EnsembleConfig
 from ..chat import VALID_ROLES, clean_text
-from ..config import Settings
+from ..config import Settings, describe_policy
 from ..engine import GenerationResult
 from ..errors import EdgeEnsembleError, UsageError
 from ..options import GENERATION, LOAD_OPTIONS, OFF, Option, declarations
@@ -100,7 +100,7 @@ class ChatSession:
 
     def loop(self) -> None:
         names = [m.name for m in self.ensemble.members]
-        click.echo(f"Chatting with {' + '.join(names)} (policy {self.ensemble.config.policy}). "
+        click.echo(f"Chatting with {' + '.join(names)} (policy {describe_policy(self.settings)}). "
                    "/help lists the commands, Ctrl-D quits.")
         if self.renderer.show:
             _note(self.renderer.legend())
