@@ -231,7 +231,7 @@ def test_client_errors_are_openai_errors(server):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+        client.chat.completions.create(model=MODEL, messages=HELLO, n=ServerOptions().max_n + 1)
     assert e.value.param == "n"
     with pytest.raises(openai.BadRequestError, match="tool calls"):
         client.chat.completions.create(model=MODEL, messages=HELLO, tools=[

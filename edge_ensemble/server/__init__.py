@@ -37,12 +37,12 @@ from __future__ import annotations
 from .app import create_app
 from .requests import MAX_STOPS, ApiError, Call, extension_fields, parse_request, server_only
 from .runner import check_bind, listen, serve
-from .settings import (BATCH, MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_QUEUE, SERVER_LIMITS, TIME_LIMIT,
+from .settings import (BATCH, MAX_BODY_BYTES, MAX_N, MAX_PROMPT_CHARS, MAX_QUEUE, SERVER_LIMITS, TIME_LIMIT,
                        ServerOptions)
 from .workers import Job, QueueFull, Worker
 
 __all__ = [
-    "BATCH", "MAX_BODY_BYTES", "MAX_PROMPT_CHARS", "MAX_QUEUE", "MAX_STOPS", "SERVER_LIMITS", "TIME_LIMIT", "ApiError",
+    "BATCH", "MAX_BODY_BYTES", "MAX_N", "MAX_PROMPT_CHARS", "MAX_QUEUE", "MAX_STOPS", "SERVER_LIMITS", "TIME_LIMIT", "ApiError",
     "Call", "Job", "QueueFull", "ServerOptions", "Worker", "check_bind", "create_app", "extension_fields", "listen",
     "parse_request", "serve", "server_only",
 ]
