@@ -237,7 +237,8 @@ def test_client_errors_are_openai_errors(server):
         client.chat.completions.create(model=MODEL, messages=HELLO, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model=MODEL, prompt="x", logprobs=2)
+        client.completions.create(model=MODEL, prompt="x", logprobs=2,  # a policy without them
+                                  extra_body={"edge_ensemble": {"policy": "every-token"}})
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO, temperature=9)
     assert e.value.param == "temperature"

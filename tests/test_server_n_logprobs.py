@@ -119,27 +119,50 @@ def test_n_limits(server, tiny_bpe):
 # -- logprobs -----------------------------------------------------------------------------------------------------
 
 
+NO_LOGPROBS = "every-token"  # every token ensembled from the union: no one model wrote it
+
+
 def test_logprobs_are_refused_for_a_policy_that_cannot_give_them(server):
-    assert not registry.get(DEFAULT_POLICY).logprobs and registry.get(BASELINE_POLICY).logprobs
+    assert not registry.get(NO_LOGPROBS).logprobs
     client = server.client()
-    with pytest.raises(openai.BadRequestError, match=f"policy {DEFAULT_POLICY}") as e:
-        client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2)
+    without = {"edge_ensemble": {"policy": NO_LOGPROBS}}
+    with pytest.raises(openai.BadRequestError, match=f"policy {NO_LOGPROBS} does not report") as e:
+        client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2, extra_body=without)
     assert e.value.param == "logprobs"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="x", logprobs=1)
+        client.completions.create(model=MODEL, prompt="x", logprobs=1, extra_body=without)
     assert e.value.param == "logprobs"
     for body, param in [({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                         ({"logprobs": 2}, "logprobs")]:
         status, _, data = server.request("POST", "/v1/chat/completions", json.dumps(
             {"model": MODEL, "messages": HELLO, **body}), {"Content-Type": "application/json"})
         assert status == 400 and data["error"]["param"] == param, data
-    # the baseline policy, asked for per request, gives them (logprobs: false asks for nothing)
+    # the baseline, asked for per request, gives them (logprobs: false asks for nothing)
     resp = client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True, top_logprobs=2, max_tokens=5,
                                           extra_body={"edge_ensemble": {"policy": BASELINE_POLICY}})
     content = resp.choices[0].logprobs.content
     assert "".join(t.token for t in content) == resp.choices[0].message.content
     assert all(len(t.top_logprobs) == 2 for t in content)
     assert client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=False, max_tokens=2).choices[0].logprobs is None
+
+
+def test_the_default_policy_reports_each_token_as_the_model_that_wrote_it(pair, tiny_bpe, llama_quiet):
+    """SAFE: a drafted token is the drafter's, with the drafter's log-probability; an ensembled one the winning
+    member's. Alone (no verifier) every token is drafted: SAFE's records are the baseline's."""
+    assert registry.get(DEFAULT_POLICY).logprobs
+    result = pair.generate(messages=HELLO, max_tokens=40, logprobs=3, policy=DEFAULT_POLICY, gate=None)
+    assert result.stats.ensembled_tokens > 0  # every chunk verified: some positions were ensembled
+    assert len(result.logprobs) == result.stats.tokens - (result.finish_reason == "stop")
+    assert b"".join(r.token for r in result.logprobs).decode() == result.text
+    for r in result.logprobs:
+        assert len(r.top) == 3 and r.logprob <= r.top[0][1] + 1e-9 and r.top[0][1] >= r.top[-1][1]
+    with Ensemble([tiny_bpe], config=EnsembleConfig(n_ctx=512, n_threads=1, check_memory=False)) as alone:
+        safe = alone.generate(messages=HELLO, max_tokens=20, logprobs=4, policy=DEFAULT_POLICY)
+        single = alone.generate(messages=HELLO, max_tokens=20, logprobs=4, policy=BASELINE_POLICY)
+    assert safe.text == single.text and len(safe.logprobs) == len(single.logprobs) == 20
+    for a, b in zip(safe.logprobs, single.logprobs):  # (the second answer re-feeds the cached prompt's last token)
+        assert a.token == b.token and [t for t, _ in a.top] == [t for t, _ in b.top]
+        assert abs(a.logprob - b.logprob) < 1e-4 and all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a.top, b.top))
 
 
 def test_streamed_logprobs_equal_the_whole_answer(server):
@@ -206,3 +229,14 @@ def test_logprobs_match_llama_cpp_python(real_models, llama_quiet):
         gap = max(gap, abs(lp - wlp), *(abs(top[k] - wtop[k]) for k in wtop))
     print(f"largest log-probability gap vs llama-cpp-python: {gap:.2e}")
     assert gap < 0.05
+
+
+def test_serve_has_a_max_n_flag():
+    from click.testing import CliRunner
+
+    from edge_ensemble.cli import cli
+    from edge_ensemble.server import MAX_N, SERVER_LIMITS
+
+    assert MAX_N in SERVER_LIMITS
+    out = CliRunner().invoke(cli, ["serve", "--help"], terminal_width=200).output
+    assert "--max-n" in out and f"default: {MAX_N.default}]" in out.split("--max-n", 1)[1].split("\n  -", 1)[0]

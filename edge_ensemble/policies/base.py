@@ -60,16 +60,20 @@ class TokenLogprob:
 UNKNOWN_LOGPROB = -9999.0
 
 
-def token_logprob(lane: Lane, dist: Any, token: int, alternatives: int, temperature: float = 1.0) -> TokenLogprob:
-    """``token`` as ``lane``'s model scored it in ``dist`` (a distribution taken at ``temperature``), with its
-    ``alternatives`` likeliest tokens: one log-softmax and one partial sort of the row already read."""
+def token_logprob(lane: Lane, dist: Any, token: int, alternatives: int, temperature: float = 1.0,
+                  text: bytes | None = None) -> TokenLogprob:
+    """``token`` (an id of ``lane``'s model; -1: none of its tokens) as that model scored it in ``dist`` (a
+    distribution taken at ``temperature``), with its ``alternatives`` likeliest tokens: one log-softmax and one
+    partial sort of the row already read. ``text``: the emitted text it stands for (default: the token's own)."""
     member = lane.member
+    if text is None:
+        text = member.token_bytes(token)
     logits = getattr(dist, "logits", None)
     if logits is None:  # a top-n distribution (a remote member): what it reported
         ids, probs = dist.top(alternatives) if alternatives else ((), ())
-        p = float(dist.prob(token))
+        p = float(dist.prob(token)) if token >= 0 else 0.0
         lp = math.log(p) if p > 0 else UNKNOWN_LOGPROB
-        return TokenLogprob(member.token_bytes(token), lp, tuple(
+        return TokenLogprob(text, lp, tuple(
             (member.token_bytes(int(i)), math.log(float(q)) if q > 0 else UNKNOWN_LOGPROB)
             for i, q in zip(ids, probs)))
     row = np.asarray(logits, dtype=np.float64)
@@ -83,7 +87,7 @@ def token_logprob(lane: Lane, dist: Any, token: int, alternatives: int, temperat
         ids = np.argpartition(row, -k)[-k:]
         ids = ids[np.argsort(-row[ids], kind="stable")]
         top = tuple((member.token_bytes(int(i)), float(row[i]) - lse) for i in ids)
-    return TokenLogprob(member.token_bytes(token), float(row[token]) - lse, top)
+    return TokenLogprob(text, float(row[token]) - lse if token >= 0 else UNKNOWN_LOGPROB, top)
 
 
 @dataclass
@@ -298,11 +302,12 @@ class Policy:
         winner = self.lanes[int(np.argmax(q[:, i]))].name
         return keys[i], winner
 
-    def scored(self, lane: Lane, dist: Any, token: int) -> TokenLogprob | None:
-        """``token`` as ``lane``'s model scored it in ``dist``, when the call asked for log-probabilities."""
+    def scored(self, lane: Lane, dist: Any, token: int, text: bytes | None = None) -> TokenLogprob | None:
+        """``token`` (an id of ``lane``'s model) as that model scored it in ``dist``, when the call asked for
+        log-probabilities; ``text``: the emitted text it stands for, when not the token's own."""
         if self.top_logprobs is None:
             return None
-        return token_logprob(lane, dist, token, self.top_logprobs, self.temperature)
+        return token_logprob(lane, dist, token, self.top_logprobs, self.temperature, text)
 
     @property
     def temperature(self) -> float:

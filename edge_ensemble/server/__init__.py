@@ -13,6 +13,11 @@ thread advances them round-robin, one event (one policy step, its own llama_deco
 client that goes away (a closed stream, or a dropped connection while a non-streaming answer is made) has its
 answer stopped after the current policy step, which frees its lanes for the next request.
 
+A request's ``n`` choices (up to ``max_n``) are ``n`` answers of their own, each with its own reported seed (the
+request's seed + i), queued together; ``logprobs`` / ``top_logprobs`` ask each emitted token's log-probability as the
+model that wrote it scored it, from a policy with the ``logprobs`` capability (the README says what an ensembled
+position reports).
+
 Every error a client sees is an OpenAI-style object ``{"error": {"message", "type", "param", "code"}}``
 with its status code; an unexpected exception is logged here with its traceback and answered with a
 generic 500, never the traceback.
