@@ -103,7 +103,8 @@ def test_n_limits(server, tiny_bpe):
     assert e.value.param == "n"
     # more choices than the lanes and the queue together can ever hold: refused, not queued forever
     with Ensemble([tiny_bpe], config=EnsembleConfig(n_ctx=256, n_threads=1, parallel=2, check_memory=False)) as ens:
-        running = Running(create_app(ens, ServerOptions(model_id=MODEL, max_n=8, max_queue=1)))
+        # (interleaved, not batched: the choices are advanced round-robin by one worker thread)
+        running = Running(create_app(ens, ServerOptions(model_id=MODEL, max_n=8, max_queue=1, batch=False)))
         try:
             with pytest.raises(openai.BadRequestError, match="--parallel") as e:
                 running.client().chat.completions.create(model=MODEL, messages=HELLO, n=4, max_tokens=2)
@@ -112,6 +113,11 @@ def test_n_limits(server, tiny_bpe):
             resp = running.client().chat.completions.create(model=MODEL, messages=HELLO, n=3, max_tokens=6)
             assert len(resp.choices) == 3 and len({c.message.content for c in resp.choices}) == 1
             assert resp.model_extra["edge_ensemble"]["choices"][2]["queue_seconds"] > 0
+            sampled = running.client().completions.create(model=MODEL, prompt="Once upon a time", n=3, seed=5,
+                                                          temperature=1.0, max_tokens=10)
+            for i, choice in enumerate(sampled.choices):
+                assert running.client().completions.create(model=MODEL, prompt="Once upon a time", seed=5 + i,
+                                                           temperature=1.0, max_tokens=10).choices[0].text == choice.text
         finally:
             running.stop()
 
@@ -167,8 +173,8 @@ def test_the_default_policy_reports_each_token_as_the_model_that_wrote_it(pair, 
 
 def test_streamed_logprobs_equal_the_whole_answer(server):
     client = server.client()
-    args: dict[str, Any] = dict(model=MODEL, max_tokens=16, stop=["e"],  # a stop string cuts the last token's text
-                                extra_body={"edge_ensemble": {"policy": BASELINE_POLICY}})
+    args: dict[str, Any] = {"model": MODEL, "max_tokens": 16, "stop": ["e"],  # a stop string cuts the last token
+                            "extra_body": {"edge_ensemble": {"policy": BASELINE_POLICY}}}
     whole = client.chat.completions.create(messages=HELLO, logprobs=True, top_logprobs=3, **args)
     tokens = [t.token for t in whole.choices[0].logprobs.content]
     streamed = [t.token for chunk in client.chat.completions.create(messages=HELLO, logprobs=True, top_logprobs=3,
