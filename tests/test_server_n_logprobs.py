@@ -13,6 +13,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 from edge_ensemble.api import Ensemble, EnsembleConfig  # noqa: E402
+from edge_ensemble.engine import close_lanes, open_lanes  # noqa: E402
+from edge_ensemble.policies.base import token_logprob  # noqa: E402
 from edge_ensemble.policies import BASELINE_POLICY, DEFAULT_POLICY, registry  # noqa: E402
 from edge_ensemble.server import ServerOptions, create_app  # noqa: E402
 
@@ -162,6 +164,23 @@ def test_the_default_policy_reports_each_token_as_the_model_that_wrote_it(pair, 
     assert b"".join(r.token for r in result.logprobs).decode() == result.text
     for r in result.logprobs:
         assert len(r.top) == 3 and r.logprob <= r.top[0][1] + 1e-9 and r.top[0][1] >= r.top[-1][1]
+    # Each record is its writer's own distribution there, recomputed on a fresh lane of that member: the drafter's
+    # for a drafted token, the winner's at an ensembled position (both members win some here).
+    events = list(pair.stream(messages=HELLO, max_tokens=30, logprobs=3, policy=DEFAULT_POLICY, gate=None))
+    written = [(e.winner or pair.members[0].name, r) for e in events for r in e.logprobs or []]
+    assert {w for w, _ in written} == {m.name for m in pair.members}
+    lanes = open_lanes(pair._members, HELLO)
+    try:
+        ids: list[int] = []  # the drafter's tokens so far (both members share its tokenizer)
+        for writer, record in written:
+            lane = next(lane for lane in lanes if lane.name == writer)
+            target = lane.prompt + ids
+            dist = lane.feed(target, rows=[len(target) - 1])[len(target) - 1]
+            want = token_logprob(lane, dist, lane.member._exact[record.token], 3)
+            assert [t for t, _ in want.top] == [t for t, _ in record.top] and abs(want.logprob - record.logprob) < 1e-4
+            ids.append(pair._members[0]._exact[record.token])
+    finally:
+        close_lanes(lanes)
     with Ensemble([tiny_bpe], config=EnsembleConfig(n_ctx=512, n_threads=1, check_memory=False)) as alone:
         safe = alone.generate(messages=HELLO, max_tokens=20, logprobs=4, policy=DEFAULT_POLICY)
         single = alone.generate(messages=HELLO, max_tokens=20, logprobs=4, policy=BASELINE_POLICY)
