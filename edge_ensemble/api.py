@@ -179,7 +179,7 @@ class Ensemble:
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                system: str | None = None, raw: str | None = None, time_limit: float | None = None,
                extract: Callable[[str], str | None] | None = None, keep_cache: bool = True,
-               **options: Any) -> Iterator[Event]:
+               logprobs: int | None = None, **options: Any) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
         Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
@@ -191,6 +191,9 @@ class Ensemble:
         branch's text (e.g. a number), which the branches vote on; without it the likeliest branch is chosen.
         ``keep_cache=False`` frees the answer's cells when it ends, so the next answer prefills its whole prompt
         (as after :meth:`reset_cache`, but for this answer's sequences only: others may be running beside it).
+        ``logprobs`` (0 to 20; a policy with the ``logprobs`` capability, e.g. the baseline's): each token's
+        log-probability as the model that wrote it scored it, with that many alternatives, on the events that
+        print it and in :attr:`GenerationResult.logprobs`.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
@@ -203,9 +206,11 @@ class Ensemble:
         gen = {name: o.check(options.get(name, o.default)) for name, o in GENERATION.items()}
         sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
         opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling,
-                                 time_limit=time_limit, extract=extract, keep_cache=bool(keep_cache))
+                                 time_limit=time_limit, extract=extract, keep_cache=bool(keep_cache),
+                                 logprobs=logprobs)
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
+        _check_logprobs(logprobs, cfg.policy)
         policy_options, prepared = self._prepare_call(cfg)
         stream: list[Iterator[Event]] = []
         stream.append(self._one_at_a_time(lambda: generate_events(
@@ -408,6 +413,22 @@ def _check_combinable(member: Member) -> None:
             f"{member.name}: its tokenizer does not reproduce text byte for byte (a SentencePiece dummy space "
             "prefix?), so it cannot share one text with other members"
         )
+
+
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
+
+
+def _check_logprobs(logprobs: object, policy: str) -> None:
+    """Refuse a ``logprobs`` value that is not 0..MAX_LOGPROBS, or a policy that cannot give them."""
+    if logprobs is None:
+        return
+    if isinstance(logprobs, bool) or not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS:
+        raise UsageError(f"logprobs must be a whole number between 0 and {MAX_LOGPROBS} (alternatives per token) or"
+                         f" None; got {logprobs!r}")
+    if not registry.get(policy).logprobs:
+        able = ", ".join(n for n in registry.names() if registry.get(n).logprobs) or "none"
+        raise UsageError(f"logprobs: policy {policy} does not report log-probabilities (an ensembled token has no one"
+                         f" model that wrote it); policies that do: {able}")
 
 
 def _stops(stop: tuple[str, ...]) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from .decisions import Sampling
 from .errors import ContextOverflowError, UsageError
 from .member import Lane, Member
 from .options import GENERATION
-from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, registry
+from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, TokenLogprob, registry
 
 
 @dataclass
@@ -99,6 +99,9 @@ class Event:
     winner: str | None = None
     finish_reason: str | None = None
     result: "GenerationResult | None" = None
+    # (asked for log-probabilities) the tokens whose text this event completes (a token whose text is held back,
+    # e.g. while it could still become a stop string, comes with the event that prints it)
+    logprobs: "list[TokenLogprob] | None" = None
 
 
 @dataclass
@@ -110,6 +113,8 @@ class GenerationResult:
     stats: GenerationStats
     provenance: list[Span]
     branches: list["BranchInfo"] = field(default_factory=list)  # every answer of a branching policy (eager)
+    # (asked for log-probabilities) each token of the text, as the model that wrote it scored it
+    logprobs: "list[TokenLogprob] | None" = None
 
     def to_dict(self) -> dict:
         out = {
@@ -120,6 +125,10 @@ class GenerationResult:
         }
         if self.branches:
             out["branches"] = [asdict(b) for b in self.branches]
+        if self.logprobs is not None:
+            out["logprobs"] = [{"token": t.token.decode("utf-8", errors="replace"), "logprob": t.logprob,
+                                "top": [[a.decode("utf-8", errors="replace"), lp] for a, lp in t.top]}
+                               for t in self.logprobs]
         return out
 
 
@@ -154,6 +163,9 @@ class GenerationOptions:
     # False: the answer's cells are freed at its end, so the next answer prefills its prompt from scratch (what a
     # fair benchmark of answers decoded side by side needs; reset_cache() does it for the whole ensemble).
     keep_cache: bool = True
+    # Each token's log-probability and this many alternatives (None: not asked; a policy with the ``logprobs``
+    # capability only).
+    logprobs: int | None = None
 
 
 def member_files(members: Sequence[Member]) -> list[MemberFile]:
@@ -263,6 +275,7 @@ def generate_events(
             raise UsageError(f"policy {policy} needs every member to share one tokenizer (as the `coder` preset's "
                              f"models do): {policy} across tokenizers is not supported")
         runner = cls(lanes, policy_options, options.sampling, rng, prepared)
+        runner.top_logprobs = options.logprobs if cls.logprobs else None
         run = _run_branches if cls.branches else _run
         done = yield from run(lanes, runner, options, stats, t0)
     finally:
@@ -281,6 +294,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     prefill_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
 
     stream = _TextStream(options.stop)
+    scores = _Scores() if options.logprobs is not None else None
     spans: list[Span] = []
     finish = "length"
     tokens = 0
@@ -304,10 +318,13 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
                         spans.append(Span("ensemble", "", piece.winner))
                     break
                 tokens += 1
+                if scores is not None and piece.logprob is not None:
+                    scores.add(len(stream.data), len(piece.data), piece.logprob)
                 text = stream.push(piece.data)
                 _add_span(spans, piece.kind, piece.data, piece.winner)
                 if text:
-                    yield Event(text, piece.kind, piece.winner)
+                    yield Event(text, piece.kind, piece.winner,
+                                logprobs=None if scores is None else scores.take(stream.emitted))
                 if stream.stopped:
                     ended = True
                     break
@@ -315,8 +332,9 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
                 finish = "stop"
                 break
         tail = stream.finish()
-        if tail:
-            yield Event(tail, "draft")
+        rest = None if scores is None else scores.rest(len(stream.data))
+        if tail or rest:
+            yield Event(tail, "draft", logprobs=rest)
     finally:
         steps.close()
         t2 = time.perf_counter()
@@ -330,8 +348,41 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     stats.peak_memory_mb = _peak_rss_mb()
     text = bytes(stream.data).decode("utf-8", errors="replace")
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
-    result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans))
+    result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans),
+                              logprobs=None if scores is None else scores.kept(len(stream.data)))
     return Event("", "done", finish_reason=finish, result=result)
+
+
+class _Scores:
+    """The log-probability records of the accepted tokens, by the bytes of the text each one adds: handed out
+    with the event that prints a token's text, cut where a stop string cut the text."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, int, TokenLogprob]] = []  # (start, end) in the answer's bytes, the record
+        self.sent = 0
+
+    def add(self, start: int, size: int, record: TokenLogprob) -> None:
+        self.items.append((start, start + size, record))
+
+    def take(self, upto: int) -> list[TokenLogprob]:
+        """The records not handed out yet whose whole text lies before byte ``upto`` (printed)."""
+        i = self.sent
+        while i < len(self.items) and self.items[i][1] <= upto:
+            i += 1
+        out = [r for _, _, r in self.items[self.sent:i]]
+        self.sent = i
+        return out
+
+    def kept(self, length: int) -> list[TokenLogprob]:
+        """Every record of a token with text in the final ``length`` bytes (a token a stop string cut into is
+        kept; one wholly after the cut is not)."""
+        return [r for start, end, r in self.items if start < length or end <= length]
+
+    def rest(self, length: int) -> list[TokenLogprob]:
+        """At the end: the kept records not handed out yet."""
+        kept = self.kept(length)
+        out, self.sent = kept[self.sent:], max(self.sent, len(kept))
+        return out
 
 
 def _policy_figures(stats: GenerationStats, runner: Policy, tokens: int) -> None:

@@ -231,13 +231,14 @@ def test_client_errors_are_openai_errors(server):
         client.chat.completions.create(model="gpt-4o", messages=HELLO)
     assert e.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model=MODEL, messages=HELLO, n=2)
+        client.chat.completions.create(model=MODEL, messages=HELLO, n=ServerOptions().max_n + 1)
     assert e.value.param == "n"
     with pytest.raises(openai.BadRequestError, match="tool calls"):
         client.chat.completions.create(model=MODEL, messages=HELLO, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
     with pytest.raises(openai.BadRequestError, match="logprobs"):
-        client.completions.create(model=MODEL, prompt="x", logprobs=2)
+        client.completions.create(model=MODEL, prompt="x", logprobs=2,  # a policy without them
+                                  extra_body={"edge_ensemble": {"policy": "every-token"}})
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=HELLO, temperature=9)
     assert e.value.param == "temperature"

@@ -44,6 +44,52 @@ class ContextFull(Exception):
     """Raised by a policy when a member has no room left: the engine ends with finish_reason 'length'."""
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An emitted token as the model that wrote it scored it: its text, its log-probability (natural log, under
+    that model's own distribution at that position: temperature 1, before top-k / top-p) and that model's
+    likeliest tokens there with theirs, likeliest first (as many as asked)."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+# The log-probability reported for a token a model gave no probability (a remote member's unreported tail), as
+# OpenAI reports one too small to show: JSON has no -Infinity.
+UNKNOWN_LOGPROB = -9999.0
+
+
+def token_logprob(lane: Lane, dist: Any, token: int, alternatives: int, temperature: float = 1.0,
+                  text: bytes | None = None) -> TokenLogprob:
+    """``token`` (an id of ``lane``'s model; -1: none of its tokens) as that model scored it in ``dist`` (a
+    distribution taken at ``temperature``), with its ``alternatives`` likeliest tokens: one log-softmax and one
+    partial sort of the row already read. ``text``: the emitted text it stands for (default: the token's own)."""
+    member = lane.member
+    if text is None:
+        text = member.token_bytes(token)
+    logits = getattr(dist, "logits", None)
+    if logits is None:  # a top-n distribution (a remote member): what it reported
+        ids, probs = dist.top(alternatives) if alternatives else ((), ())
+        p = float(dist.prob(token)) if token >= 0 else 0.0
+        lp = math.log(p) if p > 0 else UNKNOWN_LOGPROB
+        return TokenLogprob(text, lp, tuple(
+            (member.token_bytes(int(i)), math.log(float(q)) if q > 0 else UNKNOWN_LOGPROB)
+            for i, q in zip(ids, probs)))
+    row = np.asarray(logits, dtype=np.float64)
+    if temperature > 0 and temperature != 1.0:
+        row = row * temperature  # the model's own logits (FullDist divided them by the temperature)
+    m = float(row.max())
+    lse = m + math.log(float(np.exp(row - m).sum()))
+    top: tuple[tuple[bytes, float], ...] = ()
+    if alternatives > 0:
+        k = min(alternatives, row.size)
+        ids = np.argpartition(row, -k)[-k:]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        top = tuple((member.token_bytes(int(i)), float(row[i]) - lse) for i in ids)
+    return TokenLogprob(text, float(row[token]) - lse if token >= 0 else UNKNOWN_LOGPROB, top)
+
+
 @dataclass
 class Piece:
     """One accepted token of the shared text."""
@@ -52,6 +98,7 @@ class Piece:
     kind: str  # "draft" (drafter's token accepted), "ensemble" (chosen from the union), "single", "route"
     winner: str | None = None  # member whose candidate won an ensembled token (route: the expert that wrote it)
     end: bool = False  # end of generation
+    logprob: TokenLogprob | None = None  # how the model that wrote it scored it (only when the call asks)
 
 
 @dataclass
@@ -145,6 +192,9 @@ class Policy:
     branches: ClassVar[bool] = False  # it makes several answers and votes (run_branches, not step)
     local_only: ClassVar[str] = ""  # why it runs local models only (empty: a member may be in a llama-server)
     max_logits_rows: ClassVar[int] = 1  # the most logits rows one decode asks for, whatever the options (memory)
+    # It reports, when a call asks (``top_logprobs`` not None), each emitted token's log-probability as the model
+    # that wrote it scored it (:class:`TokenLogprob` on its pieces).
+    logprobs: ClassVar[bool] = False
     eval_configs: ClassVar[tuple[EvalConfig, ...]] = ()
 
     # -- once per loaded ensemble --------------------------------------------------------------------------
@@ -175,6 +225,9 @@ class Policy:
         self.rng = rng
         self.prepared = prepared
         self.stats = self.Stats()
+        # Alternatives per token the call asked log-probabilities for (None: none asked; the engine sets it, and
+        # only a policy with the ``logprobs`` capability is asked).
+        self.top_logprobs: int | None = None
         weights = getattr(options, "weights", None)
         if weights is not None:
             for lane, w in zip(self.lanes, weights):
@@ -248,6 +301,13 @@ class Policy:
         i = choose(keys, p, None if self.sampling.greedy else self.rng, prefer=prefer, tolerance=tolerance)
         winner = self.lanes[int(np.argmax(q[:, i]))].name
         return keys[i], winner
+
+    def scored(self, lane: Lane, dist: Any, token: int, text: bytes | None = None) -> TokenLogprob | None:
+        """``token`` (an id of ``lane``'s model) as that model scored it in ``dist``, when the call asked for
+        log-probabilities; ``text``: the emitted text it stands for, when not the token's own."""
+        if self.top_logprobs is None:
+            return None
+        return token_logprob(lane, dist, token, self.top_logprobs, self.temperature, text)
 
     @property
     def temperature(self) -> float:

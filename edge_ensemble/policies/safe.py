@@ -91,6 +91,8 @@ class Verdict:
     accepted: int
     replacement: tuple | None = None
     confirmed: dict[int, str] = field(default_factory=dict)
+    # (asked for log-probabilities) position -> the lane of the member whose candidate won there, its distribution
+    scorer: dict[int, tuple[Lane, Any]] = field(default_factory=dict)
 
 
 @register
@@ -106,6 +108,8 @@ class SafePolicy(Policy):
     eval_configs = (EvalConfig("safe", {"gate": None}), EvalConfig("safe-gated", {"gate": 0.5}))
     # A verification asks for logits at every drafted position and the next one; a call may raise draft_len.
     max_logits_rows = int(DRAFT_LEN.range[1]) + 1  # type: ignore[index]
+    # A drafted token is the drafter's; an ensembled one is scored by the member whose candidate won there.
+    logprobs = True
 
     def start(self) -> None:
         self.d_tokens: list[int] = []  # the drafter's accepted tokens (after its prompt)
@@ -148,7 +152,7 @@ class SafePolicy(Policy):
         verdict = Verdict(len(drafts))
         if check and self.verifiers:
             verdict = self._verify(drafts, dists, data, offsets, check)
-        return self._commit(drafts, data, verdict)
+        return self._commit(drafts, data, verdict, dists)
 
     def _draft(self, n: int) -> tuple[list[int], list]:
         """Up to n drafted tokens. With the gate on, drafting stops at the first unsure token *before*
@@ -239,6 +243,9 @@ class SafePolicy(Policy):
                 if chosen is None:
                     continue
             self.stats.ensembled += 1
+            if self.top_logprobs is not None:
+                w = [lane.name for lane in self.lanes].index(winner)
+                verdict.scorer[j] = (self.lanes[w], all_dists[w])
             if chosen == key:
                 verdict.confirmed[j] = winner
                 continue  # the ensemble confirms the drafted token: keep walking
@@ -273,14 +280,15 @@ class SafePolicy(Policy):
         c = int(self.rng.choice(len(keys), p=r))
         return keys[c], self.lanes[int(np.argmax(q[:, c]))].name
 
-    def _commit(self, drafts, data, verdict: "Verdict") -> list[Piece]:
+    def _commit(self, drafts, data, verdict: "Verdict", dists) -> list[Piece]:
         d = self.drafter
         accepted, replacement = verdict.accepted, verdict.replacement
         pieces: list[Piece] = []
         for j in range(accepted):
             end = d.member.is_eog(drafts[j])
             winner = verdict.confirmed.get(j)
-            pieces.append(Piece(data[j], "draft" if winner is None else "ensemble", winner, end=end))
+            scored = None if end or self.top_logprobs is None else self._scored(j, drafts[j], data[j], verdict, dists)
+            pieces.append(Piece(data[j], "draft" if winner is None else "ensemble", winner, end=end, logprob=scored))
         if self.verifiers:
             self.stats.accepted_drafts += accepted
         self.d_tokens.extend(drafts[:accepted])
@@ -297,13 +305,26 @@ class SafePolicy(Policy):
                 chosen_tokens = d.key_tokens(chosen)
                 chosen_data = d.key_bytes(chosen)
                 self.d_tokens.extend(chosen_tokens)
-                pieces.append(Piece(chosen_data, "ensemble", winner))
+                scored = None if self.top_logprobs is None else self._scored(accepted, chosen, chosen_data, verdict,
+                                                                             dists)
+                pieces.append(Piece(chosen_data, "ensemble", winner, logprob=scored))
                 new_text += chosen_data
                 new_tokens += chosen_tokens
         self.text_len += len(new_text)
         for v in self.verifiers:
             v.track.extend(new_text, new_tokens)  # ids, or a cheap tail re-tokenization; caches catch up lazily
         return pieces
+
+
+    def _scored(self, j: int, token, data: bytes, verdict: "Verdict", dists):
+        """The token emitted at draft position ``j`` (the drafted token id, or the ensemble's candidate key; text
+        ``data``) as the model that wrote it scored it: the drafter's own where its draft stood unchecked, the
+        winning member's where the ensemble decided (its first token for the text, when it tokenizes
+        differently)."""
+        lane, dist = verdict.scorer.get(j, (self.drafter, dists[j]))
+        if lane is not self.drafter or not isinstance(token, int):
+            token = lane.first_token(self.drafter.key_of(token) if isinstance(token, int) else token)
+        return self.scored(lane, dist, token, data)
 
 
 def _proposal_of(lane: Lane, proposal: np.ndarray, key) -> float:

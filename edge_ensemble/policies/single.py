@@ -13,6 +13,7 @@ class SinglePolicy(Policy):
     name = "single"
     summary = "the first member alone"
     drafter_only = True
+    logprobs = True  # every token is the one model's own
     eval_configs = (EvalConfig("single", each_member=True),)  # single:<member>: each member alone
 
     def start(self) -> None:
@@ -25,5 +26,6 @@ class SinglePolicy(Policy):
             return [Piece(b"", "single", end=True)]
         if lane.room < 1:
             raise ContextFull
+        scored = self.scored(lane, self.pending, tok)
         self.pending = lane.step(tok, self.temperature)
-        return [Piece(lane.member.token_bytes(tok), "single")]
+        return [Piece(lane.member.token_bytes(tok), "single", logprob=scored)]

@@ -13,6 +13,11 @@ thread advances them round-robin, one event (one policy step, its own llama_deco
 client that goes away (a closed stream, or a dropped connection while a non-streaming answer is made) has its
 answer stopped after the current policy step, which frees its lanes for the next request.
 
+A request's ``n`` choices (up to ``max_n``) are ``n`` answers of their own, each with its own reported seed (the
+request's seed + i), queued together; ``logprobs`` / ``top_logprobs`` ask each emitted token's log-probability as the
+model that wrote it scored it, from a policy with the ``logprobs`` capability (the README says what an ensembled
+position reports).
+
 Every error a client sees is an OpenAI-style object ``{"error": {"message", "type", "param", "code"}}``
 with its status code; an unexpected exception is logged here with its traceback and answered with a
 generic 500, never the traceback.
@@ -37,12 +42,12 @@ from __future__ import annotations
 from .app import create_app
 from .requests import MAX_STOPS, ApiError, Call, extension_fields, parse_request, server_only
 from .runner import check_bind, listen, serve
-from .settings import (BATCH, MAX_BODY_BYTES, MAX_PROMPT_CHARS, MAX_QUEUE, SERVER_LIMITS, TIME_LIMIT,
+from .settings import (BATCH, MAX_BODY_BYTES, MAX_N, MAX_PROMPT_CHARS, MAX_QUEUE, SERVER_LIMITS, TIME_LIMIT,
                        ServerOptions)
 from .workers import Job, QueueFull, Worker
 
 __all__ = [
-    "BATCH", "MAX_BODY_BYTES", "MAX_PROMPT_CHARS", "MAX_QUEUE", "MAX_STOPS", "SERVER_LIMITS", "TIME_LIMIT", "ApiError",
+    "BATCH", "MAX_BODY_BYTES", "MAX_N", "MAX_PROMPT_CHARS", "MAX_QUEUE", "MAX_STOPS", "SERVER_LIMITS", "TIME_LIMIT", "ApiError",
     "Call", "Job", "QueueFull", "ServerOptions", "Worker", "check_bind", "create_app", "extension_fields", "listen",
     "parse_request", "serve", "server_only",
 ]

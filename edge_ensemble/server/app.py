@@ -12,12 +12,13 @@ import contextlib
 import hmac
 import json
 import logging
+import secrets
 import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..errors import EdgeEnsembleError
 from .requests import _INTERNAL, ApiError, _check_loaded_for, _library_error, parse_request
-from .responses import _ClientGone, _collect, _event_stream, _first_item, _Reply
+from .responses import _ClientGone, _collect, _event_stream, _first_item, _Items, _Reply
 from .settings import ServerOptions
 from .workers import Job, QueueFull, Worker
 
@@ -49,21 +50,21 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
         return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     class EventStream(StreamingResponse):
-        """Server-sent events of ``job``: a disconnect cancels the body iterator whatever ASGI version the
+        """Server-sent events of a request's answers: a disconnect cancels the body iterator whatever ASGI version the
         server speaks (Starlette listens for it only below ASGI spec 2.4), and however the response ends,
         the answer is stopped."""
 
-        def __init__(self, job: Job, content: AsyncIterator[bytes]) -> None:
+        def __init__(self, items: _Items, content: AsyncIterator[bytes]) -> None:
             super().__init__(content, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.job = job
+            self.items = items
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}}
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                self.job.cancelled.set()
+                self.items.cancel()
 
     def guarded(handler: Callable[["Request"], Any]) -> Callable[["Request"], Any]:
         """Run ``handler``: authentication first; an :class:`ApiError` becomes its error object, anything
@@ -104,34 +105,47 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     async def answer(request: "Request", kind: str) -> "Response":
         call = parse_request(kind, await read_json(request), opts)
         _check_loaded_for(call, ensemble)
-        try:
-            events = ensemble.stream(**call.arguments)  # validates the values; the work starts in the worker
+        room = ensemble.config.parallel + opts.max_queue
+        if call.n > room:
+            raise ApiError(400, f"n={call.n} choices can never be made together here: this server makes {ensemble.config.parallel}"
+                           f" answer(s) at once (--parallel) and queues {opts.max_queue} (--max-queue); ask for at"
+                           f" most {room}", param="n", code="invalid_value")
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = []
+        try:  # one answer per choice, each with its own seed (validated here; the work starts in the worker)
+            for seed in _seeds(call.arguments["seed"], call.n):
+                jobs.append(Job(ensemble.stream(**{**call.arguments, "seed": seed}), loop, seed=seed))
         except EdgeEnsembleError as exc:
+            for job in jobs:
+                job.events.close()
             raise _library_error(exc) from None
-        job = Job(events, asyncio.get_running_loop())
         try:
-            state["worker"].submit(job)
+            state["worker"].submit_all(jobs)
         except QueueFull as full:
-            events.close()
+            for job in jobs:
+                job.events.close()
             raise ApiError(429, f"the server is busy: its queue of {state['worker'].max_queue} waiting request(s)"
                            f" is full; retry in {full.retry_after} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(full.retry_after)}) from None
         reply = _Reply(call, opts.model_id)
+        items = _Items(jobs, request)
         try:
-            first = await _first_item(job, request)
+            first = await _first_item(items)
         except _ClientGone:
-            job.cancelled.set()
+            items.cancel()
             return error_response(ApiError(400, "the client disconnected"))
-        if first[0] == "error":
-            raise first[1]
+        if first[1][0] == "error":
+            items.cancel()
+            raise first[1][1]
         if call.stream:
-            return EventStream(job, _event_stream(job, reply, first))
+            items.request = None  # the streaming response itself notices a disconnect (and cancels the answers)
+            return EventStream(items, _event_stream(items, reply, first))
         try:
-            result = await _collect(job, request, first)
+            results = await _collect(items, first)
         except _ClientGone:
-            job.cancelled.set()
+            items.cancel()
             return error_response(ApiError(400, "the client disconnected"))
-        return JSONResponse(reply.whole(result, job))
+        return JSONResponse(reply.whole(results, jobs))
 
     async def chat_completions(request: "Request") -> "Response":
         return await answer(request, "chat")
@@ -187,6 +201,17 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def _seeds(seed: int | None, n: int) -> list[int]:
+    """One sampling seed per choice: ``seed``, ``seed + 1``, ... when the request (or the server) gives one, else
+    random ones; reported in the response, so that a single request with choice i's seed answers as it did."""
+    if seed is None:
+        return [secrets.randbelow(_SEED_LIMIT) for _ in range(n)]
+    return [(seed + i) % _SEED_LIMIT for i in range(n)]
+
+
+_SEED_LIMIT = 2**63  # seeds are 0 .. 2**63 - 1 (GENERATION["seed"])
 
 
 def _no_constant(name: str) -> None:

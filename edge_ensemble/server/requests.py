@@ -42,23 +42,24 @@ def __getattr__(name: str) -> Any:
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
 _UNSUPPORTED = {  # field -> what it asks for
     "tools": "tool calls are", "tool_choice": "tool calls are", "functions": "function calls are",
-    "function_call": "function calls are", "logprobs": "logprobs are", "top_logprobs": "logprobs are",
-    "audio": "audio output is", "prediction": "predicted outputs are", "suffix": "insertion (suffix) is",
+    "function_call": "function calls are", "audio": "audio output is", "prediction": "predicted outputs are", "suffix": "insertion (suffix) is",
     "echo": "echoing the prompt is", "best_of": "best_of is", "logit_bias": "logit_bias is",
     "response_format": "response formats other than text are", "frequency_penalty": "frequency_penalty is",
-    "presence_penalty": "presence_penalty is", "n": "several choices (n > 1) are",
+    "presence_penalty": "presence_penalty is",
     "modalities": "modalities other than text are", "reasoning_effort": "reasoning_effort is",
     "web_search_options": "web search is",
 }
 # Values of those fields that ask for nothing, and are therefore accepted (besides null, false, [], {} and "").
 _NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "n": (1,), "logprobs": (0,), "top_logprobs": (0,), "best_of": (1,), "frequency_penalty": (0,),
+    "best_of": (1,), "frequency_penalty": (0,),
     "presence_penalty": (0,), "tool_choice": ("none",), "response_format": ({"type": "text"},),
     "modalities": (["text"],),
 }
-_COMMON = frozenset({"model", "stream", "max_tokens", "temperature", "top_p", "stop", "seed", "edge_ensemble"})
-_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens"}
+_COMMON = frozenset({"model", "stream", "max_tokens", "temperature", "top_p", "stop", "seed", "edge_ensemble", "n",
+                     "logprobs"})
+_CHAT_FIELDS = _COMMON | {"messages", "max_completion_tokens", "top_logprobs"}
 _COMPLETION_FIELDS = _COMMON | {"prompt"}
+MAX_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions) at most, as OpenAI's chat API
 MAX_STOPS = 16
 
 
@@ -85,13 +86,14 @@ def _library_error(exc: EdgeEnsembleError) -> ApiError:
     if isinstance(exc, ContextOverflowError):
         return ApiError(400, message, code="context_length_exceeded")
     if isinstance(exc, UsageError):  # its message starts with the option's name ("top_p must be ...")
-        name = message.split(" ", 1)[0]
+        name = message.split(" ", 1)[0].rstrip(":")
         return ApiError(400, message, param=_param(name), code="invalid_value")
     return ApiError(500, message, type="server_error")
 
 
 # Library option names -> the request field they come from.
-_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop"}
+_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed", "stop": "stop",
+           "logprobs": "logprobs"}
 
 
 def _param(name: str) -> str | None:
@@ -113,6 +115,7 @@ class Call:
     arguments: dict[str, Any]
     time_limit: float
     max_tokens: int
+    n: int = 1  # choices: n answers to the same prompt, each its own seed (seed, seed + 1, ...)
 
 
 def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str, default: Any = None) -> Any:
@@ -280,6 +283,13 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
         "stop": _stop(body),
         "time_limit": time_limit,
     }
+    n = _get(body, "n", (int,), "a whole number", 1)
+    if not 1 <= n <= options.max_n:
+        raise ApiError(400, f"n must be between 1 and {options.max_n} (this server's --max-n); got {n}", param="n",
+                       code="invalid_value")
+    logprobs = _logprobs(body, kind)
+    if logprobs is not None:
+        arguments["logprobs"] = logprobs
     if "policy" in ext:
         arguments["policy"] = _get(ext, "policy", (str,), "a policy name", None)
     for key, option in registry.policy_options().items():
@@ -290,7 +300,26 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
         arguments["messages"] = _messages(body, options)
     else:
         arguments["raw"] = _prompt(body, options)
-    return Call(kind, stream, include_usage, arguments, time_limit, max_tokens)
+    return Call(kind, stream, include_usage, arguments, time_limit, max_tokens, n)
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> int | None:
+    """The alternatives per token asked for (None: no log-probabilities): chat's ``logprobs: true`` with
+    ``top_logprobs``, or the completions API's ``logprobs`` count."""
+    if kind == "chat":
+        wanted = _get(body, "logprobs", (bool,), "true or false", False)
+        top = _get(body, "top_logprobs", (int,), "a whole number", None)
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}; got {top}", param="top_logprobs",
+                           code="invalid_value")
+        if top and not wanted:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+        return (top or 0) if wanted else None
+    count = _get(body, "logprobs", (int,), "a whole number", None)
+    if count is not None and not 0 <= count <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}; got {count}", param="logprobs",
+                       code="invalid_value")
+    return count
 
 
 def _check_loaded_for(call: Call, ensemble: Any) -> None:

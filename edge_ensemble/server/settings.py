@@ -20,8 +20,11 @@ MAX_PROMPT_CHARS = Option("max_prompt_chars", int, 100_000, "Longest prompt (all
                           range=(1, 1 << 30))
 BATCH = Option("batch", bool, True, "Decode the --parallel answers together: one llama_decode per model for all "
                "of them each round (off: one after another, a policy step each).")
+MAX_N = Option("max_n", int, 4, "Most choices (n) one request may ask for; each is an answer of its own on one of the "
+               "--parallel lanes, beyond them waiting in the queue (all of a request's choices fit, or it gets 429).",
+               range=(1, 128))
 # The serve command's own settings (its flags derive from these).
-SERVER_LIMITS = (MAX_QUEUE, TIME_LIMIT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, BATCH)
+SERVER_LIMITS = (MAX_QUEUE, TIME_LIMIT, MAX_BODY_BYTES, MAX_PROMPT_CHARS, BATCH, MAX_N)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class ServerOptions:
     max_body_bytes: int = option(MAX_BODY_BYTES)
     max_prompt_chars: int = option(MAX_PROMPT_CHARS)
     batch: bool = option(BATCH)
+    max_n: int = option(MAX_N)
     max_tokens: int = option(GENERATION["max_tokens"])
     temperature: float = option(GENERATION["temperature"])
     top_p: float = option(GENERATION["top_p"])

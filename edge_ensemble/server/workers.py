@@ -46,6 +46,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
+    seed: int | None = None  # the sampling seed of this answer (reported: the same request with it answers the same)
 
     def post(self, kind: str, value: Any = None) -> None:
         """Hand an item to the request's event loop (from the worker thread)."""
@@ -94,6 +95,21 @@ class Worker:
                 raise QueueFull(max(1, min(3600, math.ceil(self._seconds * ahead))))
             self._waiting.append(job)
             self._cond.notify()
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue the ``jobs`` of one request (its n choices) together, in order: all of them, or none and
+        :class:`QueueFull` when more than ``max_queue`` requests would then wait beyond the free lanes."""
+        if len(jobs) == 1:
+            return self.submit(jobs[0])
+        with self._cond:
+            if self._stopping:
+                raise QueueFull(5)
+            free = max(0, self.parallel - len(self._active))
+            if len(self._waiting) + len(jobs) - free > self.max_queue:
+                ahead = (len(self._waiting) + len(jobs)) / self.parallel
+                raise QueueFull(max(1, min(3600, math.ceil(self._seconds * ahead))))
+            self._waiting.extend(jobs)
+            self._cond.notify_all()
 
     def status(self) -> dict[str, Any]:
         """Figures for ``/health``."""
