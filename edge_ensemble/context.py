@@ -28,7 +28,7 @@ import llama_cpp as L
 
 from .batch import Batch, BatchResult, SeqRequest, wanted_rows
 from .errors import ContextOverflowError, ModelLoadError
-from .llama_backend import last_llama_error
+from .llama_backend import Owned, last_llama_error
 from .model_file import ModelFile
 
 CANNOT_DECODE = "{} was loaded vocab_only (or closed); it cannot decode"
@@ -43,7 +43,7 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-class Context:
+class Context(Owned):
     """KV memory of ``n_seq_max`` sequences over an open :class:`ModelFile`, and batched decoding with chosen
     logit rows. The file must stay open until this context is closed.
 
@@ -106,22 +106,6 @@ class Context:
     def _free(self) -> None:
         L.llama_free(self._ctx)
         self._ctx = None
-
-    def close(self) -> None:
-        """Free the batch and the context (not the model file). Safe to call twice."""
-        self._stack.close()
-
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # a safety net; explicit close() is the contract
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- decoding ------------------------------------------------------------------------------------------
 

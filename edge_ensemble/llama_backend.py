@@ -10,6 +10,8 @@ import ctypes
 import os
 import threading
 from collections import deque
+from contextlib import ExitStack
+from typing import TypeVar
 
 import llama_cpp as L
 
@@ -47,3 +49,30 @@ def last_llama_error() -> str:
         errors = [e for e in _recent_errors if e]
         _recent_errors.clear()
     return errors[-1] if errors else ""
+
+
+_O = TypeVar("_O", bound="Owned")
+
+
+class Owned:
+    """A llama.cpp resource whose lifetime is the ExitStack ``self._stack`` (what it allocated, freed in reverse):
+    ``close()`` unwinds it, safely twice; a context manager; ``__del__`` as a safety net (explicit close() is the
+    contract). The model file, the context and the Model that chains them."""
+
+    _stack: ExitStack
+
+    def close(self) -> None:
+        """Free what this object holds (in reverse order of allocation). Safe to call twice."""
+        self._stack.close()
+
+    def __enter__(self: _O) -> _O:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

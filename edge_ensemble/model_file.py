@@ -28,7 +28,7 @@ import llama_cpp as L
 
 from .errors import ModelLoadError
 from .gguf import check_magic
-from .llama_backend import init_backend, last_llama_error
+from .llama_backend import Owned, init_backend, last_llama_error
 
 
 def check_gguf_file(path: Path) -> None:
@@ -40,7 +40,7 @@ def check_gguf_file(path: Path) -> None:
     check_magic(path)
 
 
-class ModelFile:
+class ModelFile(Owned):
     """A GGUF model's weights (unless ``vocab_only``), vocabulary and metadata, open until :meth:`close`.
 
     Recurrent and hybrid models are refused: their memory cannot be rolled back token by token, which every
@@ -96,22 +96,6 @@ class ModelFile:
     def _free(self) -> None:
         L.llama_model_free(self.llama_model)
         self.llama_model = None
-
-    def close(self) -> None:
-        """Free the model. Safe to call twice."""
-        self._stack.close()
-
-    def __enter__(self) -> "ModelFile":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # a safety net; explicit close() is the contract
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- metadata ------------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from .batch import BatchResult, SeqRequest
 from .chat import RenderedPrompt, prompt_tokens, render_messages
 from .context import CANNOT_DECODE, Context, usable_cores
 from .errors import ModelLoadError
+from .llama_backend import Owned
 from .model_file import ModelFile, check_gguf_file
 from .options import LOAD, option
 
@@ -81,7 +82,7 @@ class _NoContext:
         raise ModelLoadError(self._why)
 
 
-class Model:
+class Model(Owned):
     """One GGUF model: its :class:`ModelFile` (``file``) and a :class:`Context` over it (``context``; none for
     ``vocab_only``), with the methods of both.
 
@@ -118,22 +119,6 @@ class Model:
         self.add_bos: bool = f.add_bos
         self.chat_template: str | None = f.chat_template
         self.n_ctx: int = self.context.n_ctx
-
-    def close(self) -> None:
-        """Free the context (and its batch), then the model file. Safe to call twice."""
-        self._stack.close()
-
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:  # a safety net; explicit close() is the contract
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -- the model file: metadata, tokens and text ---------------------------------------------------------
 

@@ -58,6 +58,16 @@ def pull(names: tuple[str, ...]) -> None:
         click.echo(f"{spec}: {resolve(spec, download=True, progress=True)}")
 
 
+def _model_spec(name: str, catalog: Any) -> Any:
+    """NAME as a model spec (``models info`` / ``models path``), a preset's name refused with its members."""
+    from ..sources import parse_spec
+
+    if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
+        raise UsageError(f"{name} is a preset, not a model; its members are {', '.join(catalog.preset(name).members)}"
+                         f" (`edge-ensemble models path {catalog.preset(name).members[0]}`)")
+    return parse_spec(name, catalog)
+
+
 def _expand(names: Sequence[str], catalog: Any) -> list[str]:
     """Catalog keys (and hub specs: hf:..., hf.co/...) to pull; a preset name stands for its members."""
     from ..remote import declared_model
@@ -85,13 +95,10 @@ def info(name: str) -> None:
 
     NAME is a catalog name, or a .gguf path (or a cached hf: file) to inspect.
     """
-    from ..sources import model_status, parse_spec, resolve
+    from ..sources import model_status, resolve
 
     catalog = _catalog()
-    if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
-        raise UsageError(f"{name} is a preset, not a model; its members are {', '.join(catalog.preset(name).members)}"
-                         f" (`edge-ensemble models path {catalog.preset(name).members[0]}`)")
-    spec = parse_spec(name, catalog)
+    spec = _model_spec(name, catalog)
     entry = spec.entry
     if entry is None:
         path = resolve(spec, download=False, progress=False)
@@ -178,13 +185,10 @@ def _file_facts(path: Path) -> list[tuple[str, str]]:
 @click.argument("name")
 def model_path(name: str) -> None:
     """Print the path of NAME's GGUF file; fails if it is not on disk (nothing is downloaded)."""
-    from ..sources import model_status, parse_spec, resolve
+    from ..sources import model_status, resolve
 
     catalog = _catalog()
-    if catalog.find(name) is None and name in catalog.presets and not Path(name).exists():
-        raise UsageError(f"{name} is a preset, not a model; its members are {', '.join(catalog.preset(name).members)}"
-                         f" (`edge-ensemble models path {catalog.preset(name).members[0]}`)")
-    spec = parse_spec(name, catalog)
+    spec = _model_spec(name, catalog)
     entry = spec.entry
     if entry is None:
         click.echo(resolve(spec, download=False, progress=False))
