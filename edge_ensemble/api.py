@@ -102,8 +102,9 @@ class Ensemble:
         self._files = [MemberFile(name, path, remote=i in servers) for i, (path, name) in enumerate(zip(paths, names))]
         # What the policy reads once (a route head, checked against the files), before any model loads.
         options_ = cfg.policy_options()
-        self._prepared: dict[tuple[str, Any], Any] = {(cfg.policy, options_): policy.prepare(options_, self._files)}
-        self._needs = needs = policy.load_needs(options_, len(paths), self._prepared[(cfg.policy, options_)])
+        prepared = policy.prepare(options_, self._files)
+        self._prepared: dict[tuple[str, Any], Any] = {(cfg.policy, options_): prepared} if prepared is not None else {}
+        self._needs = needs = policy.load_needs(options_, len(paths), prepared)
         hidden_paths = [paths[i] for i in needs.hidden_states]
         if cfg.check_memory:
             check_memory([p for i, p in enumerate(paths) if i not in servers], hidden_paths, cfg.n_ctx, cfg.parallel)
@@ -219,27 +220,34 @@ class Ensemble:
         return stream[0]
 
     def _prepare_call(self, cfg: EnsembleConfig) -> tuple[Any, Any]:
-        """The policy's options for a call and what the policy prepared for them (once per policy and options);
-        refused in one line when these models were not loaded for what they need."""
-        reason = self.unmet_needs(cfg)
+        """The policy's options for a call and what the policy prepared for them; refused in one line when these
+        models were not loaded for what they need."""
+        options = cfg.policy_options()
+        prepared, reason = self._prepared_for(cfg.policy, options)
         if reason:
             raise UsageError(f"policy {cfg.policy} with these options needs {reason}: create the Ensemble with "
                              f"policy={cfg.policy!r} and these options")
-        return cfg.policy_options(), self._prepared[(cfg.policy, cfg.policy_options())]
+        return options, prepared
 
     def unmet_needs(self, config: EnsembleConfig) -> str:
         """What a call with ``config`` (the policy and its options) needs that these models were not loaded with,
-        in words ("" when they serve it); the policy prepares for those options (once) on the way."""
-        policy, options = registry.get(config.policy), config.policy_options()
-        key = (config.policy, options)
+        in words ("" when they serve it)."""
+        return self._prepared_for(config.policy, config.policy_options())[1]
+
+    def _prepared_for(self, name: str, options: Any) -> tuple[Any, str]:
+        """What policy ``name`` prepares for ``options`` (read once: kept when there is something to keep, so a
+        server's per-request option values do not pile up) and what of its load needs is unmet ("" for nothing)."""
+        policy, key = registry.get(name), (name, options)
         prepared = self._prepared[key] if key in self._prepared else policy.prepare(options, self._files)
         needs, have = policy.load_needs(options, len(self._files), prepared), self._needs
         if needs.sequences > have.sequences:
-            return f"{needs.sequences} sequences per member context (these models were loaded with {have.sequences})"
+            return prepared, (f"{needs.sequences} sequences per member context (these models were loaded with "
+                              f"{have.sequences})")
         if not needs.hidden_states <= have.hidden_states:
-            return "a member loaded with hidden states"
-        self._prepared[key] = prepared
-        return ""
+            return prepared, "a member loaded with hidden states"
+        if prepared is not None:
+            self._prepared[key] = prepared
+        return prepared, ""
 
     def complete(self, text: str, **kwargs: object) -> GenerationResult:
         """Complete raw ``text`` (no chat template) and return the whole result; ``stream(raw=text)`` streams it.

@@ -13,33 +13,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import UsageError
-from .options import GENERATION_OPTIONS, Option
+from .options import GENERATION_OPTIONS, LiveOptions, Option
 from .ensemble_config import ENSEMBLE_OPTIONS
 from .sources import ModelSpec
 
 
-class _ConfigKeys(Mapping[str, Option]):
-    """The options a user sets by a config key (``threads`` -> n_threads): the ensemble's options (its policy, every
-    registered policy's options, the load options) and the generation options, each with a flag. Read at each
-    use: a policy plugin may register after this module is imported."""
-
-    def _table(self) -> dict[str, Option]:
-        return {o.key: o for o in (*ENSEMBLE_OPTIONS.values(), *GENERATION_OPTIONS) if o.cli}
-
-    def __getitem__(self, key: str) -> Option:
-        return self._table()[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
-
-
-OPTIONS: Mapping[str, Option] = _ConfigKeys()
+# The options a user sets by a config key (``threads`` -> n_threads): the ensemble's options (its policy, every
+# registered policy's options, the load options) and the generation options, each with a flag.
+OPTIONS: Mapping[str, Option] = LiveOptions(
+    lambda: {o.key: o for o in (*ENSEMBLE_OPTIONS.values(), *GENERATION_OPTIONS) if o.cli})
 
 
 @dataclass(frozen=True)

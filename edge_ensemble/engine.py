@@ -28,7 +28,7 @@ from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, TokenLogp
 class Span:
     """A stretch of the answer and where it came from."""
 
-    kind: str  # "draft" | "ensemble" | "single" | "route" (winner: the expert that wrote it)
+    kind: str  # the Piece kinds that made it (policies/base.py Piece.kind); winner: the member that wrote or won it
     text: str
     winner: str | None = None
 
@@ -168,6 +168,9 @@ class GenerationOptions:
     logprobs: int | None = None
 
 
+UNPREPARED: Any = object()  # generate_events was not given what the policy prepared: it prepares for this answer
+
+
 def member_files(members: Sequence[Member]) -> list[MemberFile]:
     """What :meth:`Policy.prepare` may know of loaded members."""
     return [MemberFile(m.name, getattr(getattr(m.backend, "model", None), "path", None),
@@ -251,19 +254,19 @@ def generate_events(
     raw: str | None = None,
     policy: str = DEFAULT_POLICY,
     policy_options: Any = None,
-    prepared: Any = None,
+    prepared: Any = UNPREPARED,
     options: GenerationOptions = GenerationOptions(),
 ) -> Iterator[Event]:
     """Stream one answer to a conversation (``messages``) or a continuation of ``raw`` text. ``policy_options``:
     the policy's ``Options`` (or a mapping of option values, checked here; None: its defaults); ``prepared``: what
-    :meth:`Policy.prepare` read once for the loaded ensemble (None: prepared here, for this answer). The generator may be closed early (Ctrl-C): its
+    :meth:`Policy.prepare` read once for the loaded ensemble (not given: prepared here, for this answer). The generator may be closed early (Ctrl-C): its
     lanes are given back, and caches stay consistent because every lane re-synchronises its sequence against the
     tokens it should hold."""
     cls = registry.get(policy)
     if policy_options is None or isinstance(policy_options, Mapping):
         policy_options = registry.make_options(policy, dict(policy_options or {}))
     active = list(members[:1]) if cls.drafter_only else list(members)
-    if prepared is None:
+    if prepared is UNPREPARED:
         prepared = cls.prepare(policy_options, member_files(active))
     rng = np.random.default_rng(options.sampling.seed)
     stats = GenerationStats(policy=policy, members=[m.name for m in active])

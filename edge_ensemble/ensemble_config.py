@@ -4,38 +4,18 @@ call may be given (:data:`ENSEMBLE_OPTIONS`, :data:`CALL_OPTIONS`), read from th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import UsageError
-from .options import GENERATION, LOAD, Option, check_names
+from .options import GENERATION, LOAD, LiveOptions, Option, check_names
 from .policies import POLICY, registry
-
-
-class _LiveOptions(Mapping[str, Option]):
-    """A name -> :class:`Option` table read from the policy registry at each use (a plugin may register a policy
-    after this module is imported): the policy, every policy's options, and ``fixed`` ones."""
-
-    def __init__(self, before: dict[str, Option], after: dict[str, Option]) -> None:
-        self._before, self._after = before, after
-
-    def _table(self) -> dict[str, Option]:
-        return {**self._before, **registry.policy_options(), **self._after}
-
-    def __getitem__(self, name: str) -> Option:
-        return self._table()[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._table())
-
-    def __len__(self) -> int:
-        return len(self._table())
 
 
 # What an ensemble is made with: its policy, every policy's options (a call may override those) and the load
 # options (fixed once the models are loaded).
-ENSEMBLE_OPTIONS: Mapping[str, Option] = _LiveOptions({"policy": POLICY}, LOAD)
+ENSEMBLE_OPTIONS: Mapping[str, Option] = LiveOptions(lambda: {"policy": POLICY, **registry.policy_options(), **LOAD})
 # What one call (stream / generate) may set: the generation options, and the policy with its options.
-CALL_OPTIONS: Mapping[str, Option] = _LiveOptions({**GENERATION, "policy": POLICY}, {})
+CALL_OPTIONS: Mapping[str, Option] = LiveOptions(lambda: {**GENERATION, "policy": POLICY, **registry.policy_options()})
 
 
 @dataclass(frozen=True, init=False)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from .errors import UsageError
 
@@ -164,6 +164,23 @@ class Option:
 
 
 _BAD: Any = object()  # what _normal returns for a value that is not allowed (None can be a good value)
+
+
+class LiveOptions(Mapping[str, Option]):
+    """An option table built anew by ``build`` at each use: the tables that hold every policy's options (a policy
+    plugin may register after the table was made)."""
+
+    def __init__(self, build: Callable[[], Mapping[str, Option]]) -> None:
+        self._build = build
+
+    def __getitem__(self, name: str) -> Option:
+        return self._build()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._build())
+
+    def __len__(self) -> int:
+        return len(self._build())
 
 
 def by_name(options: Iterable[Option]) -> dict[str, Option]:

@@ -4,18 +4,43 @@ informative positions, β fitted on the held-out items, and the report with the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from .errors import UsageError
-from .routing import RouterHead, fit_beta, fit_head
+from .routing import BETA_GRID, RouterHead, fit_beta, fit_head
+from .runtime import Model
 
-if TYPE_CHECKING:  # (route_train imports this module: the type only, for the annotations)
-    from .route_train import Models
+DATA_VERSION = 1  # bump when prompts, references or the cached fields change: old caches are then not reused
+
+
+@dataclass
+class Models:
+    """The loaded experts and router (the router may be one of the experts: then the same object)."""
+
+    experts: list[Model]
+    router: Model
+    expert_names: list[str]
+    router_name: str
+    expert_shas: list[str]
+    router_sha: str
+    grid: tuple[float, ...] = BETA_GRID
+
+    def cache_key(self) -> str:
+        # n_ctx: which items fit (the rest are skipped) depends on it, so each context size has its own cache
+        text = json.dumps({"v": DATA_VERSION, "router": self.router_sha, "experts": self.expert_shas,
+                           "grid": list(self.grid), "n_ctx": self.router.n_ctx}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def close(self) -> None:
+        for m in {id(m): m for m in [*self.experts, self.router]}.values():
+            m.close()
 
 
 @dataclass

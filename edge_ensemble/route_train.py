@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import hashlib
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -33,13 +31,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import IncompatibleMembersError, UsageError
-from .route_fit import L2_GRID, Split, TrainResult, fit_from_features, report_markdown, split_items  # (re-exported)
-from .routing import BETA_GRID, file_sha256, text_array, write_npz
+from .route_fit import (DATA_VERSION, L2_GRID, Models, Split, TrainResult, fit_from_features,  # (re-exported)
+                        report_markdown, split_items)
+from .routing import BETA_GRID, file_sha256, text_array, write_npz  # (BETA_GRID re-exported)
 from .model_file import ModelFile
 from .options import EVAL_N_CTX
 from .runtime import LoadOptions, Model, SeqRequest, common_prefix_len
 
-DATA_VERSION = 1  # bump when prompts, references or the cached fields change: old caches are then not reused
 GSM8K_FIRST = 200  # GSM8K test items before this one are evaluation slices
 GSM8K_MAX = 600  # items 200..799
 MBPP_MAX = 500
@@ -119,29 +117,6 @@ def describe_items(items: Sequence[TrainItem]) -> str:
 
 
 # -- features ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    """The loaded experts and router (the router may be one of the experts: then the same object)."""
-
-    experts: list[Model]
-    router: Model
-    expert_names: list[str]
-    router_name: str
-    expert_shas: list[str]
-    router_sha: str
-    grid: tuple[float, ...] = BETA_GRID
-
-    def cache_key(self) -> str:
-        # n_ctx: which items fit (the rest are skipped) depends on it, so each context size has its own cache
-        text = json.dumps({"v": DATA_VERSION, "router": self.router_sha, "experts": self.expert_shas,
-                           "grid": list(self.grid), "n_ctx": self.router.n_ctx}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-    def close(self) -> None:
-        for m in {id(m): m for m in [*self.experts, self.router]}.values():
-            m.close()
 
 
 def item_features(models: Models, item: TrainItem) -> dict[str, np.ndarray]:

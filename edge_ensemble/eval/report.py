@@ -190,7 +190,7 @@ def glance_markdown(summaries: Sequence[Summary]) -> str:
                 cells += ["–"] * 4
                 continue
             cells += [f"{100 * s.accuracy:.1f}% ({s.correct}/{s.n})", _speed(s), _seconds(s), _share(s)]
-        lines.append(f"| {config.removeprefix(ALONE)}{' alone' if config.startswith('single:') else ''} | "
+        lines.append(f"| {config.removeprefix(ALONE)}{' alone' if config.startswith(ALONE) else ''} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

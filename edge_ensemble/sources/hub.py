@@ -10,15 +10,12 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import paths
 from ..errors import ModelSourceError
 from ..gguf import check_gguf
 from ._common import first_line, marker_ok, remember_verified, sha256_with_progress
-
-if TYPE_CHECKING:
-    from .hub_repo import HubRepoRef
 
 HUB_PREFIX = "hf:"
 
@@ -115,9 +112,10 @@ def _http_error_types() -> tuple[type[BaseException], ...]:
 
 
 def _hub_error(
-    exc: BaseException, ref: HubRef | HubRepoRef, download: bool, endpoint: str | None
+    exc: BaseException, ref: object, download: bool, endpoint: str | None
 ) -> ModelSourceError:
-    """Translate a huggingface-hub / HTTP exception into one actionable line."""
+    """Translate a huggingface-hub / HTTP exception into one actionable line (``ref``: the HubRef or hub_repo's
+    HubRepoRef asked for, only its text is used)."""
     from huggingface_hub import utils as hf_utils
 
     where = endpoint or "https://huggingface.co"
