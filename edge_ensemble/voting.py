@@ -236,7 +236,7 @@ def escalate(answers: Sequence[str | None], confs: Sequence[float], gate_conf: f
              confidence: float) -> bool:
     """A cascade's step (MoT, ModelSwitch): hand the question to the next member when this member's window does
     not settle it under ``rule`` (with ``none``, it never does) or its mean trace confidence is below
-    ``gate_conf``."""
+    ``gate_conf`` (no confidences at all: escalate)."""
     if not should_stop(rule, answers, answers, confidence):
         return True
     return len(confs) == 0 or float(np.mean(confs)) < gate_conf

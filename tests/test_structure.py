@@ -99,6 +99,8 @@ def test_config_reads_the_option_keys_api_declares() -> None:
     ("edge_ensemble.remote", "SERVER_PREFIX RemoteBackend RemoteError ServerSpec declared_model is_server_spec "
      "parse_server_spec server_model_path"),
     ("edge_ensemble.sources.spec", "SERVER_PREFIX ModelSpec parse_spec resolve"),
+    ("edge_ensemble.eval.scoring", "extract_boxed extract_choice_letter extract_gsm8k_answer extract_last_number "
+     "extract_math_answer normalize_math_answer normalize_number gsm8k_gold numbers_equal math_equal"),
 ])
 def test_names_of_split_modules_are_importable_where_they_were(module: str, names: str) -> None:
     mod = importlib.import_module(module)

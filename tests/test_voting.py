@@ -249,6 +249,7 @@ def test_escalate_on_disagreement_or_low_confidence() -> None:
     assert escalate(["4", "4", "4"], [9.0, 9.5, 10.0], 10.0, "unanimous", 0.95)  # agrees, but unsure
     assert escalate([None, None], [15.0, 15.0], 10.0, "unanimous", 0.95)  # no answer settles nothing
     assert escalate(["4", "4", "4"], [12.0] * 3, 10.0, "none", 0.95)  # "never stop" never settles
+    assert escalate(["4", "4", "4"], [], 10.0, "unanimous", 0.95)  # no confidence to check
 
 
 # ---------------------------------------------------------------- weighting and filtering
