@@ -180,7 +180,7 @@ class Ensemble:
     def stream(self, prompt: str | None = None, *, messages: Sequence[dict[str, str]] | None = None,
                system: str | None = None, raw: str | None = None, time_limit: float | None = None,
                extract: Callable[[str], str | None] | None = None, keep_cache: bool = True,
-               logprobs: int | None = None, **options: Any) -> Iterator[Event]:
+               logprobs: int | None = None, preview: bool = False, **options: Any) -> Iterator[Event]:
         """Stream an answer as :class:`Event` objects; the last one carries the :class:`GenerationResult`.
 
         Give either ``prompt`` (one user turn, optional ``system``), a full ``messages`` list, or ``raw`` text
@@ -194,7 +194,9 @@ class Ensemble:
         (as after :meth:`reset_cache`, but for this answer's sequences only: others may be running beside it).
         ``logprobs`` (0 to 20; a policy with the ``logprobs`` capability, e.g. the baseline's): each token's
         log-probability as the model that wrote it scored it, with that many alternatives, on the events that
-        print it and in :attr:`GenerationResult.logprobs`.
+        print it and in :attr:`GenerationResult.logprobs`. ``preview`` (a terminal): a vote's first answer streams
+        as it is written (events with ``provisional`` set) and its progress as ``kind == "status"`` events, before
+        the voted answer; without it, only the answer returned streams.
         """
         if not self._members:
             raise UsageError("this ensemble is closed")
@@ -208,7 +210,7 @@ class Ensemble:
         sampling = Sampling(**{f.name: gen[f.name] for f in dataclasses.fields(Sampling)})
         opts = GenerationOptions(max_tokens=gen["max_tokens"], stop=_stops(gen["stop"]), sampling=sampling,
                                  time_limit=time_limit, extract=extract, keep_cache=bool(keep_cache),
-                                 logprobs=logprobs)
+                                 logprobs=logprobs, preview=bool(preview))
         overrides = {k: v for k, v in options.items() if k not in GENERATION}
         cfg = dataclasses.replace(self.config, **overrides).validate(len(self._members)) if overrides else self.config
         _check_logprobs(logprobs, cfg.policy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import inspect
 import resource
 import sys
 import time
@@ -99,6 +100,9 @@ class Event:
     winner: str | None = None
     finish_reason: str | None = None
     result: "GenerationResult | None" = None
+    # (GenerationOptions.preview) text of a first answer that a vote may still replace; kind "status" events
+    # carry a line about the run instead of answer text
+    provisional: bool = False
     # (asked for log-probabilities) the tokens whose text this event completes (a token whose text is held back,
     # e.g. while it could still become a stop string, comes with the event that prints it)
     logprobs: "list[TokenLogprob] | None" = None
@@ -142,11 +146,13 @@ class BranchInfo:
     finish_reason: str
     parent: int | None  # the branch it forked from (None for the first)
     forked_at: int  # token index in the parent's answer where it forked
-    origin: str  # "root", "entropy" (EAGER's top-2 fork) or "ensemble" (the members' alternative)
+    origin: str  # "root", "entropy" (EAGER's top-2 fork), "ensemble" (the members' alternative); a vote's "first", "sample"
     mean_logprob: float
     answer: str | None = None  # the extracted answer (None: no extractor, or nothing found)
     votes: int = 0  # branches that gave the same answer (itself included)
     chosen: bool = False
+    member: str | None = None  # the member that wrote it (a vote's samples may come from several)
+    confidence: float | None = None  # a vote's trace confidence (DeepConf's lowest window mean)
 
 
 @dataclass(frozen=True)
@@ -166,6 +172,9 @@ class GenerationOptions:
     # Each token's log-probability and this many alternatives (None: not asked; a policy with the ``logprobs``
     # capability only).
     logprobs: int | None = None
+    # Stream what a branching policy reports while it runs (a vote's first answer as it is written, status
+    # lines) as provisional / "status" events before the final answer: for a terminal, not for an API stream.
+    preview: bool = False
 
 
 UNPREPARED: Any = object()  # generate_events was not given what the policy prepared: it prepares for this answer
@@ -397,33 +406,58 @@ def _policy_figures(stats: GenerationStats, runner: Policy, tokens: int) -> None
 
 def _run_branches(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: GenerationStats,
                   t0: float) -> Generator[Event, None, Event]:
-    """A branching policy: every branch to its end (``run_branches``), then the vote; the chosen answer is
-    streamed at the end. Returns the last event, whose result lists every branch."""
-    from .branching import majority_vote
-
+    """A branching policy: every branch to its end (``run_branches``), then the policy's vote (``choose``); the
+    chosen answer is streamed at the end. With ``options.preview``, what the policy reports while it runs (a
+    first answer as it is written, status lines) streams first, as provisional events. Returns the last event,
+    whose result lists every branch."""
     t1 = time.perf_counter()
     stats.prompt_seconds = t1 - t0
     stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
+    runner.extract, runner.stop = options.extract, tuple(options.stop)
+    preview = _TextStream(options.stop)
     try:
         deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
-        branches = runner.run_branches(options.max_tokens, deadline=deadline)
+        produced = runner.run_branches(options.max_tokens, deadline=deadline)
+        if inspect.isgenerator(produced):
+            while True:
+                try:
+                    progress = next(produced)
+                except StopIteration as done:
+                    branches = done.value
+                    break
+                if not options.preview:
+                    continue
+                if progress.kind == "text" and not preview.stopped:
+                    text = preview.push(progress.data)  # type: ignore[arg-type]
+                    if text:
+                        yield Event(text, "draft", progress.member, provisional=True)
+                elif progress.kind == "status":
+                    yield Event(str(progress.data), "status")
+        else:
+            branches = produced
     finally:
         stats.generation_seconds = time.perf_counter() - t1
+    tail = preview.finish()
+    if tail:
+        yield Event(tail, "draft", provisional=True)
     infos: list[BranchInfo] = []
     for b in branches:
         finish = b.finish_reason or "length"
-        data = b"".join(lanes[0].member.token_bytes(t) for t in b.tokens)
+        data = b"".join(lanes[0].member.token_bytes(t) for t in b.tokens) if getattr(b, "lane", None) is None \
+            else b"".join(b.lane.member.token_bytes(t) for t in b.tokens)
         cut = _TextStream(options.stop)
         cut.push(data)
-        if cut.stopped:
+        if cut.stopped and finish != "killed":
             finish = "stop"
         text = bytes(cut.data).decode("utf-8", errors="replace")
-        answer = options.extract(text) if options.extract is not None else None
+        confidence = getattr(b, "confidence", None)
         infos.append(BranchInfo(b.index, text, len(b.tokens), finish, b.parent, b.forked_at, b.origin,
-                                round(b.mean_logprob, 4), answer))
-    chosen = majority_vote([i.answer for i in infos], [i.mean_logprob for i in infos])
+                                round(b.mean_logprob, 4), runner.answer_of(text) if finish != "killed" else None,
+                                member=getattr(b, "member", None),
+                                confidence=None if confidence is None else round(float(confidence), 4)))
+    chosen = runner.choose([i.answer for i in infos], [i.text for i in infos], branches)
     for i in infos:
-        i.votes = sum(1 for j in infos if i.answer is not None and j.answer == i.answer)
+        i.votes = sum(1 for j in infos if i.answer is not None and j.answer == i.answer and j.finish_reason != "killed")
     infos[chosen].chosen = True
     best = infos[chosen]
     # The compute a branching run spends: each branch's tokens after its fork (the prefix it shares with its
@@ -439,10 +473,21 @@ def _run_branches(lanes: list[Lane], runner: Policy, options: GenerationOptions,
     stats.member_decode_seconds = {lane.name: round(lane.decode_seconds, 4) for lane in lanes}
     stats.member_decoded_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
     stats.peak_memory_mb = _peak_rss_mb()
-    if best.text:
-        yield Event(best.text, "draft")
+    shown = bytes(preview.data).decode("utf-8", errors="replace")
+    if options.preview and shown and len(infos) > 1:
+        # the first answer was shown: say whether the vote kept it, and if not, stream the voted one
+        if best.text == shown:
+            yield Event(f"the first answer won ({best.votes} of {len(infos)} samples)" if best.answer is not None
+                        else f"the first answer was kept (of {len(infos)} samples)", "status")
+        else:
+            yield Event(f"voted answer ({best.votes} of {len(infos)} samples agree)" if best.answer is not None
+                        else f"consensus answer (of {len(infos)} samples)", "status")
+            yield Event(best.text, "draft", best.member)
+    elif best.text and not (options.preview and shown == best.text):
+        yield Event(best.text, "draft", best.member)
+    spans = [Span("draft", best.text, best.member)] if best.member else [Span("draft", best.text)]
     result = GenerationResult(text=best.text, finish_reason=best.finish_reason, stats=stats,
-                              provenance=[Span("draft", best.text)], branches=infos)
+                              provenance=spans, branches=infos)
     return Event("", "done", finish_reason=best.finish_reason, result=result)
 
 

@@ -46,6 +46,8 @@ class Option:
     cli: bool = True  # False: an API-only option, without flag or config key
     per_call: bool = True  # False: fixed when the models load (a call or a server request may not change it)
     metavar: str = ""  # how --help names the value when not by its type (FILE)
+    # Words that stand for values (vote's gate: "always" = 0, "never" = None), accepted wherever a value is given.
+    named: tuple[tuple[str, Any], ...] = ()
 
     @property
     def allowed_choices(self) -> tuple[str, ...]:
@@ -83,7 +85,8 @@ class Option:
                 text += " " + self.bounds()
             if self.type is tuple:
                 text += " (e.g. 2,1)"
-        return text + (f" or {off_text}" if self.off else "")
+        words = "".join(f" or {w}" for w, _ in self.named)
+        return text + words + (f" or {off_text}" if self.off else "")
 
     def bounds(self) -> str:
         """The range of a number, e.g. ``between 1 and 64`` ("" for an option without one)."""
@@ -110,6 +113,11 @@ class Option:
         a :class:`UsageError` naming ``where`` (default: the name), the allowed values and ``value`` if bad."""
         if value is None and self.nullable:
             return None
+        if isinstance(value, str) and self.named:
+            word = value.strip().lower()
+            for w, v in self.named:
+                if w == word:
+                    return v
         normal = self._normal(value)
         if normal is _BAD:
             raise UsageError(f"{where or self.name} must be {self.allowed(off_text)}; got {value!r}")
@@ -128,6 +136,8 @@ class Option:
             return self.check(text, where, off_text=_OFF_TEXT)
         if self.off and text.strip().lower() == OFF:
             return None
+        if text.strip().lower() in dict(self.named):
+            return self.check(text, where, off_text=_OFF_TEXT)
         convert = self.item if self.type is tuple else self.type
         try:
             value: Any = (tuple(convert(v) for v in text.split(",")) if self.type is tuple  # type: ignore[misc]

@@ -144,9 +144,11 @@ class ChatSession:
         written: list[str] = []
         options = {**dataclasses.asdict(self.settings.generation), **self.call}
         try:
-            with contextlib.closing(self.ensemble.stream(messages=self._api_messages(), **options)) as events:
+            with contextlib.closing(self.ensemble.stream(messages=self._api_messages(), preview=True,
+                                                         **options)) as events:
                 for event in events:
-                    written.append(event.text)  # before printing: the history holds at least what was shown
+                    if event.kind != "status":  # before printing: the history holds at least what was shown
+                        written.append(event.text)
                     self.renderer.write(event)
                     self.last = event.result or self.last
         except KeyboardInterrupt:

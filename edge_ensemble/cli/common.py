@@ -218,7 +218,7 @@ def open_ensemble(settings: Settings, *, per_request_policy: bool = False) -> En
 
 
 def stream_answer(ensemble: Ensemble, settings: Settings, messages: Sequence[dict[str, str]] | None, *,
-                  raw: str | None = None) -> Iterator[Event]:
+                  raw: str | None = None, preview: bool = False) -> Iterator[Event]:
     """The answer to ``messages`` (or the completion of ``raw`` text) as a stream of events, with the settings'
-    generation options."""
-    return ensemble.stream(messages=messages, raw=raw, **asdict(settings.generation))
+    generation options; ``preview``: a vote's first answer and progress too (a terminal)."""
+    return ensemble.stream(messages=messages, raw=raw, preview=preview, **asdict(settings.generation))

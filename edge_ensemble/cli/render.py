@@ -36,6 +36,10 @@ class Renderer:
         text = event.text
         if not text:
             return
+        if event.kind == "status":  # a vote's progress: its own line on stderr, between the answers
+            self.end_line()
+            click.echo(f"[{text}]", err=True)
+            return
         if self.show and event.winner is not None:  # a token the members chose (routed: every one, by its writer)
             text = (click.style(text, fg=self.colors.get(event.winner or ""), underline=True) if self.color
                     else f"[{text}|{event.winner}]")
@@ -66,8 +70,11 @@ def footer(result: GenerationResult, calibration: Calibration | None = None) -> 
 def branch_summary(result: GenerationResult) -> str:
     """One line about a branching answer: how many branches, of which kind, tokens spent, which one won."""
     b = result.branches
-    kinds = {k: sum(1 for x in b if x.origin == k) for k in ("entropy", "ensemble", "parallel")}
+    kinds = {k: sum(1 for x in b if x.origin == k) for k in ("entropy", "ensemble", "parallel", "sample")}
     made = ", ".join(f"{n} {k}" for k, n in kinds.items() if n) or "no forks"
+    killed = sum(1 for x in b if x.finish_reason == "killed")
+    if killed:
+        made += f"; {killed} killed"
     chosen = next(x for x in b if x.chosen)
     why = f"answer {chosen.answer!r}, {chosen.votes} of {len(b)} votes" if chosen.answer is not None else (
         f"best mean log-probability {chosen.mean_logprob:.3f}")
@@ -86,8 +93,11 @@ def branch_tree(result: GenerationResult) -> list[str]:
         x = result.branches[i]
         where = "" if x.parent is None else f" from #{x.parent} at token {x.forked_at} ({x.origin})"
         answer = f", answer {x.answer!r}" if x.answer is not None else ""
+        who = f" {x.member}" if x.member and len({y.member for y in result.branches}) > 1 else ""
+        conf = f", confidence {x.confidence:.2f}" if x.confidence is not None else ""
         mark = "  <- chosen" if x.chosen else ""
-        lines.append(f"{'  ' * depth}#{x.index}{where}: {x.tokens} tokens, {x.finish_reason}{answer}{mark}")
+        lines.append(f"{'  ' * depth}#{x.index}{who}{where}: {x.tokens} tokens, {x.finish_reason}{answer}{conf}"
+                     f"{mark}")
         for c in children.get(i, []):
             walk(c, depth + 1)
 

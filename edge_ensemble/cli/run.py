@@ -60,14 +60,15 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
             _note(renderer.legend())
         result = None
         try:
-            for event in answer(ensemble, settings, messages):
+            # a vote's first answer streams as it is written when a person watches; piped, only the answer returned
+            for event in answer(ensemble, settings, messages, preview=sys.stdout.isatty()):
                 renderer.write(event)
                 result = event.result or result
         finally:
             renderer.end_line()
         if result is not None:
             _note(footer(result, settings.calibration))
-            if result.branches:
+            if len(result.branches) > 1:
                 _note(branch_summary(result))
                 if show:
                     for line in branch_tree(result):

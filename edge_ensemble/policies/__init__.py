@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..options import Option
 from . import registry
 from .base import (ContextFull, EvalConfig, LoadNeeds, MemberFile, NoOptions, Piece, Policy, PolicyStats,
-                   SecondPass, TokenLogprob, declarations, option)
+                   Progress, SecondPass, TokenLogprob, declarations, option)
 from .registry import BASELINE_POLICY, DEFAULT_POLICY, register
 
 
@@ -23,6 +23,6 @@ def policy_help() -> str:
 
 
 __all__ = ["BASELINE_POLICY", "DEFAULT_POLICY", "POLICY", "ContextFull", "EvalConfig", "LoadNeeds", "MemberFile",
-           "NoOptions", "Piece", "Policy", "PolicyStats", "SecondPass", "TokenLogprob", "declarations", "option", "policy_help",
+           "NoOptions", "Piece", "Policy", "PolicyStats", "Progress", "SecondPass", "TokenLogprob", "declarations", "option", "policy_help",
            "register", "registry"]
 

@@ -102,6 +102,17 @@ class Piece:
 
 
 @dataclass
+class Progress:
+    """What a branching policy reports while it runs (its ``run_branches`` may be a generator of these): the
+    text of a first answer as it is written (``kind`` "text", bytes, by ``member``), or a one-line ``status``
+    (e.g. "checking: window 2, ..."). The engine passes them on only when the call asks for a preview."""
+
+    kind: str  # "text" or "status"
+    data: bytes | str
+    member: str | None = None
+
+
+@dataclass
 class PolicyStats:
     """What a policy counts as it runs. ``ensembled`` (tokens chosen by more than one member) is every policy's,
     for E/T; a policy subclasses this with its own counters and says in :meth:`figures` how they are reported."""
@@ -228,6 +239,10 @@ class Policy:
         # Alternatives per token the call asked log-probabilities for (None: none asked; the engine sets it, and
         # only a policy with the ``logprobs`` capability is asked).
         self.top_logprobs: int | None = None
+        # A branching policy's answer extractor (an eval task's; None: the policy's own, or free text) and the
+        # call's stop strings (the engine sets both).
+        self.extract: Callable[[str], str | None] | None = None
+        self.stop: tuple[str, ...] = ()
         weights = getattr(options, "weights", None)
         if weights is not None:
             for lane, w in zip(self.lanes, weights):
@@ -260,10 +275,30 @@ class Policy:
             if any(p.end for p in pieces):
                 return
 
-    def run_branches(self, max_tokens: int, deadline: float = float("inf")) -> list[Any]:
-        """A branching policy's whole answers (objects with the fields of :class:`~edge_ensemble.engine.Branch`
-        the engine reads: index, parent, forked_at, tokens, finish_reason, origin, mean_logprob)."""
+    def run_branches(self, max_tokens: int, deadline: float = float("inf")) -> Any:
+        """A branching policy's whole answers (objects with the fields of :class:`~edge_ensemble.engine.BranchInfo`
+        the engine reads: index, parent, forked_at, tokens, finish_reason, origin, mean_logprob; optionally
+        member and confidence): a list, or a generator that yields :class:`Progress` and returns the list."""
         raise NotImplementedError(f"policy {self.name} does not branch")
+
+    def answer_of(self, text: str) -> str | None:
+        """A branch's extracted answer, which votes compare (None: it votes for nothing)."""
+        return self.extract(text) if self.extract is not None else None
+
+    def choose(self, answers: Sequence[str | None], texts: Sequence[str], branches: Sequence[Any]) -> int:
+        """The index of the branch returned: EAGER's majority vote over extracted answers, ties (and no answers
+        at all) to the best mean token log-probability."""
+        from ..branching import majority_vote
+
+        return majority_vote(answers, [b.mean_logprob for b in branches])
+
+    def text_of(self, lane: Lane, tokens: Sequence[int]) -> str:
+        """A branch's text: its tokens' bytes, cut before the call's first stop string."""
+        data = b"".join(lane.member.token_bytes(t) for t in tokens)
+        cuts = [i for i in (data.find(s.encode("utf-8")) for s in self.stop if s) if i >= 0]
+        if cuts:
+            data = data[:min(cuts)]
+        return data.decode("utf-8", errors="replace")
 
     # -- helpers for ensembling policies -------------------------------------------------------------------
 

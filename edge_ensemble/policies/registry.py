@@ -19,7 +19,8 @@ from .base import Policy, declarations
 
 ENTRY_POINT_GROUP = "edge_ensemble.policies"
 BUILTIN_MODULES = ("edge_ensemble.policies.single", "edge_ensemble.policies.every_token",
-                   "edge_ensemble.policies.safe", "edge_ensemble.policies.eager", "edge_ensemble.policies.route")
+                   "edge_ensemble.policies.safe", "edge_ensemble.policies.eager", "edge_ensemble.policies.route",
+                   "edge_ensemble.policies.vote")
 # The policy an ensemble uses when nobody chose one (a preset's calibration may choose another), and the one-model
 # reference every other policy is measured against (calibrate's "drafter alone").
 DEFAULT_POLICY = "safe"
