@@ -187,8 +187,13 @@ def _record_of(result: Any) -> dict[str, Any]:
         out["member_decode_seconds"] = dict(s.member_decode_seconds)
     if result.branches:
         out["branches"] = [{"answer": b.answer, "tokens": b.tokens, "finish_reason": b.finish_reason,
-                            "origin": b.origin, "forked_at": b.forked_at, "votes": b.votes, "chosen": b.chosen}
+                            "origin": b.origin, "forked_at": b.forked_at, "votes": b.votes, "chosen": b.chosen,
+                            # a vote's: who wrote it and its trace confidence (offline replays of the gate read it)
+                            **({"member": b.member, "confidence": b.confidence, "mean_logprob": b.mean_logprob}
+                               if b.confidence is not None else {})}
                            for b in result.branches]
+        if s.policy_stats.get("samples") is not None:  # a vote's figures: samples, windows, gate, ...
+            out["vote"] = dict(s.policy_stats)
         out["generated_tokens"] = s.generated_tokens  # the drafter's branches
         if len(s.member_decoded_tokens) > 1:  # eager-ensemble: and what every member decoded (verifiers' catch-up)
             out["member_decoded_tokens"] = dict(s.member_decoded_tokens)
