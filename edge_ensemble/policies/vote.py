@@ -142,6 +142,7 @@ class Sample:
     answer: str | None = None
     parent: int | None = None
     forked_at: int = 0
+    rng: np.random.Generator | None = None  # its own draws: a sample does not change with what is batched beside it
 
     @property
     def mean_logprob(self) -> float:
@@ -181,14 +182,6 @@ class VotePolicy(Policy):
     eval_configs = ()  # set below, after the module's settings
 
     @classmethod
-    def check(cls, options: VoteOptions, n_members: int, where: Any = str) -> None:
-        if options.weights is not None and len(options.weights) != n_members:
-            from ..errors import UsageError
-
-            raise UsageError(f"{where('weights')} has {len(options.weights)} value(s) for {n_members} member(s); "
-                             "give one weight per member")
-
-    @classmethod
     def load_needs(cls, options: VoteOptions, n_members: int, prepared: Any) -> LoadNeeds:
         # a window's samples live at once beside the prompt's sequence (together: the window shared)
         per_member = options.window if options.sample_from != "together" else -(-options.window // max(n_members, 1))
@@ -203,6 +196,7 @@ class VotePolicy(Policy):
                                       top_k=sampling.top_k)
         self.samples: list[Sample] = []
         self._root_dists: dict[int, Dist] = {}
+        self._seed: int | None = None  # drawn from the call's generator once the first answer is written
 
     # -- answers ------------------------------------------------------------------------------------------
 
@@ -356,12 +350,16 @@ class VotePolicy(Policy):
                 s = Sample(len(self.samples) + len(live), lane.name, m, lane.fork())
                 s.dist = root
                 live.append(s)
+        if self._seed is None:
+            self._seed = int(self.rng.integers(2**62))
+        for s in live:
+            s.rng = np.random.default_rng((self._seed, s.index))
         out = list(live)
         temp = self.vote_sampling.temperature
         while live:
             going: list[Sample] = []
             for s in live:
-                tok = self._sample(s.dist)
+                tok = self._sample(s.dist, s.rng)
                 self._score(s, s.dist, tok, temp)
                 s.running.add(s.confs[-1])
                 if s.lane.member.is_eog(tok):
@@ -396,10 +394,10 @@ class VotePolicy(Policy):
                 s.answer = self.answer_of(self.text_of(s.lane, s.tokens))
         return out
 
-    def _sample(self, dist: Dist) -> int:
+    def _sample(self, dist: Dist, rng: np.random.Generator | None) -> int:
         s = self.vote_sampling
-        dist.proposal = filter_probs(dist.sampling_probs(), s.top_k, s.top_p)
-        return int(self.rng.choice(dist.proposal.size, p=dist.proposal))
+        proposal = filter_probs(dist.sampling_probs(), s.top_k, s.top_p)  # (the root dist is shared: not stored)
+        return int((rng or self.rng).choice(proposal.size, p=proposal))
 
     def _finish(self, s: Sample, reason: str) -> None:
         s.finish_reason = reason

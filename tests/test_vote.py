@@ -1,0 +1,152 @@
+"""The `vote` policy on real llama.cpp contexts: its identities (one sample is the member's own sampling; an
+accepting gate is greedy `single`; a one-member cascade is that member's vote), the first window that is
+unanimous stops there, a batched window equals its samples decoded one at a time, the early kill frees a
+sample's cells without changing the others, and bad values get one line (exit 2 on the command line).
+The pure rules are tested in test_voting.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_ensemble import Ensemble
+from edge_ensemble.errors import UsageError
+
+PROMPTS = ["Why is the sky blue?", "def add(a, b):", "日本の首都は", "🙂🙃 emoji"]
+
+
+def _tokens_of(result) -> list[str]:
+    return [b.text for b in result.branches]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_an_accepting_gate_is_greedy_single_token_for_token(prompt: str, tiny_bpe) -> None:
+    with Ensemble([tiny_bpe], n_ctx=512, check_memory=False, policy="vote") as ens:
+        plain = ens.generate(prompt, max_tokens=24, policy="single")
+        got = ens.generate(prompt, max_tokens=24, vote_gate="always", answer="number")
+    assert got.text == plain.text and got.stats.tokens == plain.stats.tokens
+    assert got.stats.gate_accepted is True and got.stats.samples == 1 and got.stats.windows == 0
+    assert len(got.branches) == 1 and got.branches[0].origin == "first" and got.branches[0].confidence > 0
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_one_sample_is_the_members_own_sampling_with_the_same_seed(prompt: str, tiny_bpe) -> None:
+    with Ensemble([tiny_bpe], n_ctx=512, check_memory=False, policy="vote") as ens:
+        plain = ens.generate(prompt, max_tokens=24, policy="single", temperature=0.8, seed=11)
+        got = ens.generate(prompt, max_tokens=24, max_samples=1, temperature=0.8, seed=11)
+    assert got.text == plain.text
+    assert got.stats.samples == 1
+
+
+def test_a_unanimous_first_window_stops_there_and_is_counted(tiny_bpe) -> None:
+    # samples at a temperature near zero are the greedy answer: the first window agrees
+    with Ensemble([tiny_bpe], n_ctx=2048, check_memory=False, policy="vote", window=3, max_samples=12,
+                  sample_temperature=0.001, vote_gate="never", stopping="unanimous", answer="text") as ens:
+        text_mode = ens.generate("def add(a, b):", max_tokens=16)
+    assert text_mode.stats.windows == 1  # free text: one window, then the consensus
+    with Ensemble([tiny_bpe], n_ctx=2048, check_memory=False, policy="vote", window=3, max_samples=12,
+                  sample_temperature=0.001, vote_gate="never", stopping="unanimous",
+                  answer="choice") as ens:
+        got = ens.generate("Pick A or B.", max_tokens=16)
+        answers = {b.answer for b in got.branches}
+    if answers == {None}:  # random weights may write no letter at all: then nothing is unanimous (checked below)
+        assert got.stats.windows == 11 // 3 + 1 and got.stats.samples_without_answer == 12
+        return
+    assert got.stats.windows == 1 and got.stats.samples == 4 and got.stats.stopped_early is True
+
+
+def _vote_samples(path, **options) -> list[list[int]]:
+    with Ensemble([path], n_ctx=4096, check_memory=False, policy="vote", vote_gate="never", stopping="none",
+                  answer="number", **options) as ens:
+        got = ens.generate("Count to ten.", max_tokens=20, seed=5)
+    return [b.text for b in got.branches]
+
+
+def test_a_batched_window_equals_its_samples_decoded_one_at_a_time(real_models) -> None:
+    from tests.conftest import assert_same_up_to_late_near_ties
+
+    path = real_models("smollm2-135m-instruct")
+    batched = _vote_samples(path, window=4, max_samples=5, n_threads=1)
+    alone = _vote_samples(path, window=1, max_samples=5, n_threads=1)
+    assert len(batched) == len(alone) == 5 and batched[0] == alone[0]
+    assert_same_up_to_late_near_ties(batched[1:], alone[1:])
+
+
+def test_a_one_member_cascade_is_that_members_vote(tiny_bpe) -> None:
+    common = dict(vote_gate="never", window=2, max_samples=5, answer="text", seed=3)
+    with Ensemble([tiny_bpe], n_ctx=4096, check_memory=False, policy="vote") as ens:
+        first = ens.generate("Say something.", max_tokens=16, sample_from="first", **common)
+        cascade = ens.generate("Say something.", max_tokens=16, sample_from="cascade", **common)
+        together = ens.generate("Say something.", max_tokens=16, sample_from="together", **common)
+    assert _tokens_of(first) == _tokens_of(cascade) == _tokens_of(together)
+    assert first.text == cascade.text == together.text
+
+
+def test_the_early_kill_frees_cells_and_leaves_the_other_samples_unchanged(tiny_bpe) -> None:
+    common = dict(vote_gate="never", window=3, max_samples=7, stopping="none", answer="number", seed=9,
+                  sample_temperature=1.5)
+    with Ensemble([tiny_bpe], n_ctx=4096, check_memory=False, policy="vote") as ens:
+        plain = ens.generate("Tell me a story.", max_tokens=64, **common)
+        killed = ens.generate("Tell me a story.", max_tokens=64, kill=10.0, **common)
+        model = ens.members[0].backend.model if hasattr(ens.members[0], "backend") else None
+    dead = [b for b in killed.branches if b.finish_reason == "killed"]
+    assert killed.stats.killed_samples == len(dead) and dead, "keeping the 10 % most confident kills some sample"
+    for a, b in zip(plain.branches, killed.branches):
+        if b.finish_reason != "killed":
+            assert a.text == b.text  # each sample draws from its own generator: the others do not change
+        else:
+            assert a.text.startswith(b.text) and b.tokens < a.tokens and not b.chosen
+
+
+def test_run_json_carries_every_sample_and_show_prints_the_vote_table(tiny_bpe) -> None:
+    cmd = [sys.executable, "-m", "edge_ensemble.cli", "run", "-m", str(tiny_bpe), "--policy", "vote",
+           "--vote-gate", "never", "--max-samples", "3", "--window", "2", "--answer", "number",
+           "--max-tokens", "12", "--n-ctx", "2048"]
+    out = subprocess.run(cmd + ["--json", "What is 2+2?"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    payload = json.loads(out.stdout)
+    assert payload["policy"] == "vote" and len(payload["branches"]) == 3
+    assert {"member", "confidence", "answer", "votes", "chosen"} <= set(payload["branches"][0])
+    assert payload["stats"]["samples"] == 3 and payload["stats"]["gate_accepted"] is False
+    shown = subprocess.run(cmd + ["--show", "What is 2+2?"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    assert "3 branches (2 sample)" in shown.stderr and "confidence" in shown.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--window", "0"], "--window must be a whole number between 1 and 64; got"),
+    (["--max-samples", "0"], "--max-samples must be a whole number between 1 and 256; got"),
+    (["--max-samples", "100000"], "--max-samples must be a whole number between 1 and 256; got"),
+    (["--vote-gate", "-1"], "--vote-gate must be a number between 0.0 and 1000.0 or always or never or"),
+    (["--vote-gate", "sometimes"], "--vote-gate must be a number"),
+    (["--weights", "1,2"], "--weights: give one per member (1); got 2"),
+    (["--answer", "letter"], "--answer must be one of number, choice, boxed, text"),
+])
+def test_bad_values_are_one_line_and_exit_2(flags: list[str], message: str, tiny_bpe, tmp_path) -> None:
+    out = subprocess.run([sys.executable, "-m", "edge_ensemble.cli", "run", "-m", str(tiny_bpe), "--policy", "vote",
+                          *flags, "hi"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert out.stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_choice_answers_on_text_without_a_letter_vote_for_nothing_and_say_so(tiny_bpe) -> None:
+    with Ensemble([tiny_bpe], n_ctx=4096, check_memory=False, policy="vote", vote_gate="never", max_samples=3,
+                  window=2, answer="choice") as ens:
+        got = ens.generate("🙂🙃", max_tokens=8, seed=1)
+    without = [b for b in got.branches if b.answer is None]
+    assert got.stats.samples_without_answer == len(without)
+    assert all(b.votes == 0 for b in without)
+
+
+def test_api_options_are_checked_in_one_line(tiny_bpe) -> None:
+    with Ensemble([tiny_bpe], n_ctx=512, check_memory=False, policy="vote") as ens:
+        with pytest.raises(UsageError, match=r"^window must be a whole number between 1 and 64; got 0$"):
+            ens.generate("hi", window=0)
+        with pytest.raises(UsageError, match=r"vote_gate must be"):
+            ens.generate("hi", vote_gate=-3)
+        with pytest.raises(UsageError, match=r"needs 8 sequences per member context \(these models were loaded"):
+            ens.generate("hi", window=8)  # more live samples than the contexts were made for: said, not crashed
