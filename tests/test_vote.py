@@ -150,3 +150,30 @@ def test_api_options_are_checked_in_one_line(tiny_bpe) -> None:
             ens.generate("hi", vote_gate=-3)
         with pytest.raises(UsageError, match=r"needs 8 sequences per member context \(these models were loaded"):
             ens.generate("hi", window=8)  # more live samples than the contexts were made for: said, not crashed
+
+
+def test_the_server_answers_a_vote_request_and_says_what_it_needs(tiny_bpe, llama_quiet) -> None:
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from edge_ensemble.api import EnsembleConfig
+    from edge_ensemble.server import ServerOptions, create_app
+    from tests.test_server import Running
+
+    with Ensemble([tiny_bpe], config=EnsembleConfig(n_ctx=2048, n_threads=1, check_memory=False, policy="vote",
+                                                     window=2)) as ens:
+        running = Running(create_app(ens, ServerOptions(model_id="tiny", max_tokens=16)))
+        try:
+            client = running.client()
+            resp = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "2+2?"}],
+                                                  seed=4, extra_body={"edge_ensemble": {
+                                                      "vote_gate": "never", "max_samples": 3, "answer": "number"}})
+            alone = ens.generate("2+2?", max_tokens=16, vote_gate="never", max_samples=3, answer="number", seed=4)
+            assert resp.choices[0].message.content == alone.text
+            with pytest.raises(openai.BadRequestError, match="window must be a whole number"):
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               extra_body={"edge_ensemble": {"window": 0}})
+            with pytest.raises(openai.BadRequestError, match=r"window 3 asks for more than this server was started with \(--window 2"):
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                               extra_body={"edge_ensemble": {"window": 3}})
+        finally:
+            running.stop()
