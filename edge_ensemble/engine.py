@@ -7,7 +7,6 @@ policy's answers are voted here.
 
 from __future__ import annotations
 
-import codecs
 import copy
 import inspect
 import resource
@@ -22,6 +21,7 @@ from .decisions import Sampling
 from .errors import ContextOverflowError, UsageError
 from .member import Lane, Member
 from .options import GENERATION
+from .text_stream import Scores, TextStream
 from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, TokenLogprob, registry
 
 
@@ -224,38 +224,6 @@ def close_lanes(lanes: Sequence[Lane], *, keep_cache: bool = True) -> None:
         lane.close(keep_cache=keep_cache)
 
 
-class _TextStream:
-    """Accepted bytes -> printable text: whole UTF-8 characters only, stop strings cut, tail held back
-    while it could still become a stop string."""
-
-    def __init__(self, stop: Sequence[str]) -> None:
-        self.data = bytearray()
-        self.stops = [s.encode("utf-8") for s in stop if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.emitted = 0
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stopped = False
-
-    def push(self, data: bytes) -> str:
-        self.data += data
-        if self.stops:
-            lo = max(0, self.emitted - self.hold - len(data))
-            hits = [i for i in (self.data.find(s, lo) for s in self.stops) if i >= 0]
-            if hits:
-                del self.data[min(hits):]
-                self.stopped = True
-                return self._emit(len(self.data), final=True)
-        return self._emit(max(self.emitted, len(self.data) - self.hold))
-
-    def finish(self) -> str:
-        return self._emit(len(self.data), final=True)
-
-    def _emit(self, upto: int, final: bool = False) -> str:
-        chunk = bytes(self.data[self.emitted:upto])
-        self.emitted = max(self.emitted, upto)
-        return self.decoder.decode(chunk, final=final)
-
-
 def generate_events(
     members: Sequence[Member],
     messages: Sequence[dict[str, str]] | None = None,
@@ -305,8 +273,8 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     prefill_seconds = {lane.name: lane.decode_seconds for lane in lanes}
     prefill_tokens = {lane.name: lane.decoded_tokens for lane in lanes}
 
-    stream = _TextStream(options.stop)
-    scores = _Scores() if options.logprobs is not None else None
+    stream = TextStream(options.stop)
+    scores = Scores() if options.logprobs is not None else None
     spans: list[Span] = []
     finish = "length"
     tokens = 0
@@ -365,38 +333,6 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     return Event("", "done", finish_reason=finish, result=result)
 
 
-class _Scores:
-    """The log-probability records of the accepted tokens, by the bytes of the text each one adds: handed out
-    with the event that prints a token's text, cut where a stop string cut the text."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[int, int, TokenLogprob]] = []  # (start, end) in the answer's bytes, the record
-        self.sent = 0
-
-    def add(self, start: int, size: int, record: TokenLogprob) -> None:
-        self.items.append((start, start + size, record))
-
-    def take(self, upto: int) -> list[TokenLogprob]:
-        """The records not handed out yet whose whole text lies before byte ``upto`` (printed)."""
-        i = self.sent
-        while i < len(self.items) and self.items[i][1] <= upto:
-            i += 1
-        out = [r for _, _, r in self.items[self.sent:i]]
-        self.sent = i
-        return out
-
-    def kept(self, length: int) -> list[TokenLogprob]:
-        """Every record of a token with text in the final ``length`` bytes (a token a stop string cut into is
-        kept; one wholly after the cut is not)."""
-        return [r for start, end, r in self.items if start < length or end <= length]
-
-    def rest(self, length: int) -> list[TokenLogprob]:
-        """At the end: the kept records not handed out yet."""
-        kept = self.kept(length)
-        out, self.sent = kept[self.sent:], max(self.sent, len(kept))
-        return out
-
-
 def _policy_figures(stats: GenerationStats, runner: Policy, tokens: int) -> None:
     """The policy's own figures, and E/T from its ensembled count."""
     stats.ensembled_tokens = runner.stats.ensembled
@@ -414,7 +350,7 @@ def _run_branches(lanes: list[Lane], runner: Policy, options: GenerationOptions,
     stats.prompt_seconds = t1 - t0
     stats.prompt_tokens = {lane.name: len(lane.prompt) for lane in lanes}
     runner.extract, runner.stop = options.extract, tuple(options.stop)
-    preview = _TextStream(options.stop)
+    preview = TextStream(options.stop)
     try:
         deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
         produced = runner.run_branches(options.max_tokens, deadline=deadline)
@@ -445,7 +381,7 @@ def _run_branches(lanes: list[Lane], runner: Policy, options: GenerationOptions,
         finish = b.finish_reason or "length"
         data = b"".join(lanes[0].member.token_bytes(t) for t in b.tokens) if getattr(b, "lane", None) is None \
             else b"".join(b.lane.member.token_bytes(t) for t in b.tokens)
-        cut = _TextStream(options.stop)
+        cut = TextStream(options.stop)
         cut.push(data)
         if cut.stopped and finish != "killed":
             finish = "stop"

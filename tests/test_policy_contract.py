@@ -109,3 +109,12 @@ def test_every_policy_is_registered_with_a_summary_and_well_formed_options() -> 
             assert set(offer.options) <= {o.name for o in declarations(cls.Options)}
     with pytest.raises(UsageError, match=r"^policy must be one of .*; got 'nope'$"):
         EnsembleConfig(policy="nope").validate(1)
+
+
+def test_no_policy_option_takes_a_name_the_command_line_or_config_file_uses_for_something_else() -> None:
+    from edge_ensemble.config import _SELECTION
+    from edge_ensemble.options import GENERATION, LOAD
+
+    taken = set(_SELECTION) | {o.key for o in GENERATION.values()} | {o.key for o in LOAD.values()} | {"policy"}
+    clashes = sorted({o.key for _, o in OPTIONS} & taken)
+    assert not clashes, f"policy options named like selection, generation or load keys: {clashes}"

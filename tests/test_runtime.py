@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import llama_cpp
-from edge_ensemble.engine import _TextStream
+from edge_ensemble.text_stream import TextStream
 from edge_ensemble.errors import ContextOverflowError, ModelLoadError
 from edge_ensemble.runtime import LoadOptions, Model, usable_cores
 
@@ -134,7 +134,7 @@ def test_streamed_text_never_breaks_a_utf8_character(request, fixture):
     text = "Emoji 🚀👩‍💻 and CJK 日本語のテキスト, accents: crème brûlée."
     tokens = model.tokenize(text, add_bos=False)
     assert len(tokens) > len(text.split())  # multi-byte characters are split across tokens
-    stream, out = _TextStream(()), []
+    stream, out = TextStream(()), []
     for t in tokens:
         chunk = stream.push(model.token_bytes[t])
         assert "\ufffd" not in chunk

@@ -91,7 +91,11 @@ def test_the_early_kill_frees_cells_and_leaves_the_other_samples_unchanged(tiny_
     with Ensemble([tiny_bpe], n_ctx=4096, check_memory=False, policy="vote") as ens:
         plain = ens.generate("Tell me a story.", max_tokens=64, **common)
         killed = ens.generate("Tell me a story.", max_tokens=64, kill=10.0, **common)
-        model = ens.members[0].backend.model if hasattr(ens.members[0], "backend") else None
+        backend = ens._members[0].backend
+        first = killed.branches[0]
+        # every sample's own cells were freed (killed ones included): only the prompt's and the first answer's stay
+        assert backend.model.cells_used <= killed.stats.prompt_tokens[first.member] + first.tokens + 1
+        assert sorted(backend._free) == list(range(backend.model.options.n_seq_max))  # every sequence given back
     dead = [b for b in killed.branches if b.finish_reason == "killed"]
     assert killed.stats.killed_samples == len(dead) and dead, "keeping the 10 % most confident kills some sample"
     for a, b in zip(plain.branches, killed.branches):

@@ -192,8 +192,8 @@ def _record_of(result: Any) -> dict[str, Any]:
                             **({"member": b.member, "confidence": b.confidence, "mean_logprob": b.mean_logprob}
                                if b.confidence is not None else {})}
                            for b in result.branches]
-        if s.policy_stats.get("samples") is not None:  # a vote's figures: samples, windows, gate, ...
-            out["vote"] = dict(s.policy_stats)
+        if s.policy_stats:  # the policy's own figures (a vote's samples, windows, gate, ...)
+            out["policy_figures"] = dict(s.policy_stats)
         out["generated_tokens"] = s.generated_tokens  # the drafter's branches
         if len(s.member_decoded_tokens) > 1:  # eager-ensemble: and what every member decoded (verifiers' catch-up)
             out["member_decoded_tokens"] = dict(s.member_decoded_tokens)

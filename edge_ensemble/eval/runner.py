@@ -423,7 +423,7 @@ def _record(task: Task, item: Any, config: GenerationConfig, max_tokens: int, re
     }
     for optional in ("prompt_seconds", "finish_reason", "generated_tokens", "reallocated", "first_pass_branches",
                      "plan", "settings", "routed_tokens", "route_decisions", "catch_up_tokens", "catch_up_seconds",
-                     "member_decoded_tokens", "member_decode_seconds", "vote"):
+                     "member_decoded_tokens", "member_decode_seconds", "policy_figures"):
         if result.get(optional) is not None:
             record[optional] = result[optional]
     if result.get("branches"):  # cons@M is the voted answer's score; pass@M: any branch right
