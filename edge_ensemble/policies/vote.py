@@ -248,8 +248,8 @@ class VotePolicy(Policy):
         self.samples.append(first)
         self.stats.samples = 1
         self.stats.first_confidence = round(first.confidence, 4)
-        if o.max_samples == 1 or self._accepts(first):
-            self.stats.gate_accepted = o.max_samples > 1 or o.vote_gate is not None
+        self.stats.gate_accepted = self._accepts(first)
+        if self.stats.gate_accepted or o.max_samples == 1:
             return self.samples
         order = self._member_order()
         at = 0
@@ -278,9 +278,11 @@ class VotePolicy(Policy):
                 done = [s.confidence for s in self.samples if s.finish_reason != "killed"]
                 threshold = voting.kill_threshold(done, o.kill) if done else None
             if o.sample_from == "cascade" and at + 1 < len(order):
-                window_confs = [s.confidence for s in window]
-                unsure = self.options.vote_gate is not None and float(np.mean(window_confs)) < self.options.vote_gate
-                if not voting.unanimous([s.answer for s in window]) or unsure:
+                # the next member when this member's window does not settle it, or is unsure (MoT, ModelSwitch)
+                window_answers = [s.answer for s in window if s.finish_reason != "killed"]
+                unsure_below = o.vote_gate if o.vote_gate is not None else 0.0
+                if voting.escalate(window_answers, [s.confidence for s in window], unsure_below, o.stopping,
+                                   o.stop_confidence):
                     at += 1
                     self.stats.escalations += 1
         self.stats.without_answer = sum(1 for s in self.samples
