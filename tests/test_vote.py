@@ -178,3 +178,18 @@ def test_the_server_answers_a_vote_request_and_says_what_it_needs(tiny_bpe, llam
                                                extra_body={"edge_ensemble": {"window": 3}})
         finally:
             running.stop()
+
+
+def test_a_cascade_moves_on_when_a_window_disagrees_and_together_shares_each_window(tiny_bpe, tiny_bpe_b) -> None:
+    common = dict(max_tokens=12, vote_gate="never", max_samples=7, window=2, stopping="unanimous", seed=4,
+                  sample_temperature=2.0)
+    with Ensemble([tiny_bpe, tiny_bpe_b], n_ctx=4096, check_memory=False, policy="vote", window=2) as ens:
+        names = [m.name for m in ens.members]
+        cascade = ens.generate("Hello", extract=lambda text: text, sample_from="cascade", **common)
+        together = ens.generate("Hello", extract=lambda text: text, sample_from="together", **common)
+        agree = ens.generate("Hello", extract=lambda text: "x", sample_from="cascade", **common)
+    who = [b.member for b in cascade.branches]
+    assert who[:3] == [names[0]] * 3 and set(who[3:]) == {names[1]} and cascade.stats.escalations == 1
+    for start in (1, 3, 5):  # every window of two: one sample from each member
+        assert {b.member for b in together.branches[start:start + 2]} == set(names)
+    assert agree.stats.escalations == 0 and agree.stats.windows == 1
