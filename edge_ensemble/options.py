@@ -81,8 +81,8 @@ class Option:
             text = number if self.type is not tuple else f"a list of {number.split(' ', 1)[1]}s"
             if self.range is not None:
                 text += " " + self.bounds()
-            if self.type is tuple:
-                text += " (e.g. 2,1)"
+            if self.type is tuple:  # (an example inside the range: gates are at most 1)
+                text += " (e.g. 2,1)" if self.range is None or self.range[1] >= 2 else " (e.g. 0.3,0.5)"
         return text + (f" or {off_text}" if self.off else "")
 
     def bounds(self) -> str:
