@@ -197,6 +197,14 @@ def test_a_stale_options_reference_is_one_line_and_exit_1(tmp_path: Path, capsys
     assert module.main([]) == 0 and module.main(["--check"]) == 0
     assert module.OUT.read_text(encoding="utf-8") == current
 
+    from test_policy_plugin import MostConfident  # a policy registered later is in the reference by itself
+
+    registry.register(MostConfident)
+    try:
+        assert "\n### most-confident\n" in module.render() and module.main(["--check"]) == 1
+    finally:
+        registry.unregister(MostConfident.name)
+
 
 def test_every_documented_command_parses_and_the_cheap_ones_run(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
