@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import voting
 from ..decisions import Sampling, filter_probs
-from ..dist import Dist
+from ..dist import Dist, FullDist
 from ..member import Lane
 from ..options import Option
 from .base import WEIGHTS, EvalConfig, LoadNeeds, Policy, PolicyStats, Progress, option
@@ -334,10 +334,16 @@ class VotePolicy(Policy):
         s.logprob += math.log(p) if p > 0 else -1e9
 
     def _root(self, m: int) -> Dist:
-        """Member ``m``'s distribution after the prompt (its prompt decoded once; the samples fork from it)."""
+        """Member ``m``'s distribution after the prompt at the samples' temperature (its prompt decoded once; the
+        samples fork from it)."""
         if m not in self._root_dists:
             self._root_dists[m] = self.next_dist(self.lanes[m], [])
-        return self._root_dists[m]
+        dist = self._root_dists[m]
+        logits = getattr(dist, "logits", None)
+        if logits is None:  # a remote member's top-n: as reported
+            return dist
+        own = logits * np.float32(self.temperature) if self.temperature != 1.0 else logits
+        return FullDist(own, self.vote_sampling.temperature)
 
     def _draw(self, groups: list[tuple[int, int]], max_tokens: int, deadline: float,
               threshold: float | None) -> list[Sample]:
