@@ -190,13 +190,14 @@ class Logbook:
             assert cursor.lastrowid is not None
             return cursor.lastrowid
 
-    def record(self, entry: Exchange, report: Callable[[str], None] = warn) -> int | None:
-        """Write ``entry`` as :meth:`add` does, but never raise: a failure is one line to ``report`` (a warning)
-        and None. A lasting failure (read-only, damaged) is reported once; later entries are dropped quietly."""
+    def record(self, entry: Exchange | Callable[[], Exchange], report: Callable[[str], None] = warn) -> int | None:
+        """Write ``entry`` (or the one it makes: a failure to make it is caught too) as :meth:`add` does, but
+        never raise: a failure is one line to ``report`` (a warning) and None. A lasting failure (read-only,
+        damaged) is reported once; later entries are dropped quietly."""
         if self._failed is not None:
             return None
         try:
-            return self.add(entry)
+            return self.add(entry if isinstance(entry, Exchange) else entry())
         except LogError as exc:
             if exc.lasting:
                 self._failed = str(exc)

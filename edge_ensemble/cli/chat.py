@@ -195,8 +195,9 @@ class ChatSession:
         # The calibration's date only while its settings are the ones answering.
         _note(footer(self.last, None if self.call else self.settings.calibration))
         if self.logbook is not None:  # after the answer is shown; a failure is one warning line
-            self.logbook.record(exchange("chat", self.ensemble, self.last, messages=sent, call=options,
-                                         preset=self.settings.preset, conversation=self.conversation))
+            last, conversation = self.last, self.conversation
+            self.logbook.record(lambda: exchange("chat", self.ensemble, last, messages=sent, call=options,
+                                                 preset=self.settings.preset, conversation=conversation))
 
     def _api_messages(self) -> list[dict[str, str]]:
         return [{"role": m["role"], "content": m["content"]} for m in self.messages()]

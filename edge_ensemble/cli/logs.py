@@ -9,6 +9,8 @@ from typing import Any, Callable
 import click
 
 from ..logs import SOURCES, Exchange, Logbook
+from ..options import GENERATION, OFF
+from ..policies import registry
 from .common import _note, _table
 
 
@@ -98,14 +100,14 @@ def _short(text: str, width: int = 36) -> str:
 def _details(e: Exchange) -> list[str]:
     """An exchange as ``logs show`` prints it."""
     members = ", ".join(f"{m.get('name')} ({m.get('role')})" for m in e.members)
-    options = ", ".join(f"{k} {_value(v)}" for k, v in e.options.items())
+    options = ", ".join(f"{k} {_value(k, v)}" for k, v in e.options.items())
     s = e.stats
     figures = [f"{s['tokens']} tokens" if "tokens" in s else "",
                f"{s['tokens_per_second']:.1f} tok/s" if isinstance(s.get("tokens_per_second"), (int, float)) else "",
                f"E/T {s['ensembled_fraction']:.2f}" if isinstance(s.get("ensembled_fraction"), (int, float)) else ""]
     rows = [("exchange", f"{e.id}, {e.time}, {e.source}" + (f", conversation {e.conversation}" if e.conversation
                                                               else "")),
-            ("members", members + (f" (preset {e.preset})" if e.preset else "")),
+            ("members", (f"preset {e.preset}: " if e.preset else "") + members),
             ("policy", f"{e.policy or '-'}" + (f" ({options})" if options else "")),
             ("finish", f"{e.finish_reason or '-'}; " + ", ".join(f for f in figures if f))]
     lines = [_table(rows), ""]
@@ -130,9 +132,11 @@ def _marked(e: Exchange) -> str:
     return "".join(f"[{p['text']}|{p['winner']}]" if p.get("winner") else p.get("text", "") for p in e.provenance)
 
 
-def _value(v: Any) -> str:
-    if v is None:  # (an option switched off, or a seed left random)
-        return "none"
+def _value(name: str, v: Any) -> str:
+    """An option's value as the command line spells it (None: "off", or what it means, e.g. a random seed)."""
+    if v is None:
+        declared = GENERATION.get(name) or registry.policy_options().get(name)
+        return "none" if declared is None else OFF if declared.off else declared.default_text
     if isinstance(v, list):
         return ",".join(map(str, v)) or "none"
     return str(v)

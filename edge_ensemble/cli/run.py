@@ -84,8 +84,8 @@ def _log(settings: Settings, ensemble: Ensemble, result: GenerationResult, messa
     """Keep the exchange in the conversation log, once the answer is out (a failure is one warning line)."""
     if settings.log:
         sys.stdout.flush()  # the answer is shown first, whatever the log does
-        Logbook().record(exchange("run", ensemble, result, messages=messages, raw=raw,
-                                  call=asdict(settings.generation), preset=settings.preset))
+        Logbook().record(lambda: exchange("run", ensemble, result, messages=messages, raw=raw,
+                                          call=asdict(settings.generation), preset=settings.preset))
 
 
 def _read_prompt(prompt: str | None) -> str:
