@@ -141,7 +141,8 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
         if first[1][0] == "error":
             items.cancel()
             raise first[1][1]
-        def done() -> None:
+
+        def done() -> None:  # the request's answers to the log (the writer's thread builds and writes them)
             if "log" in state:
                 state["log"].put(lambda: _logged(ensemble, call, reply.id, jobs))
 
