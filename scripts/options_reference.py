@@ -160,7 +160,7 @@ load options above; their token budget is each task's own unless `--max-tokens` 
 Settings of the command line, not of the Python API; see [logs.md](logs.md) for the conversation log.
 
 """, _table(_row(o, "none; the server: `create_app(..., logbook=Logbook())`", "— (serve flag)")
-            for o in COMMAND_OPTIONS.values()), f"""
+            for o in COMMAND_OPTIONS.values()), """
 ## Server settings (`serve`)
 
 `edge-ensemble serve` takes every option of `run` above (the generation options are the defaults of requests that
