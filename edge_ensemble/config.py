@@ -9,6 +9,7 @@ long command-line options with underscores (``--draft-len`` -> ``draft_len``), s
     gate = 0.6                 # or "off": faithful SAFE, every chunk verified
     threads = 4
     max_tokens = 400
+    log = false                # keep no conversation log (edge_ensemble.logs)
 
 A ``[calibrated.presets.<name>]`` or ``[calibrated.members."<member set>"]`` table holds the settings
 ``edge-ensemble calibrate`` measured for that one ensemble (:func:`calibration_key` names a member set), with
@@ -28,7 +29,8 @@ keys > the calibration a preset ships with (``[presets.<name>.calibrated]`` in m
 built-in default. A flag that names the ensemble
 (``--preset`` or ``--model``) replaces both ``preset`` and ``members`` of the file. In ``members``, ``~``
 is expanded; other relative paths are relative to the working directory. Apart from ``preset``,
-``members`` and ``system`` every key is a declared option (:mod:`edge_ensemble.options`, :data:`OPTIONS`),
+``members`` and ``system`` every key is a declared option (:mod:`edge_ensemble.options`, :data:`OPTIONS`, and
+the commands' own, :data:`COMMAND_OPTIONS`: ``log``),
 checked by its declaration as the file is read and as a flag is merged; an error names the option (the
 flag, or the key and the file), the allowed values and the value given.
 """
@@ -48,6 +50,7 @@ from .api import ENSEMBLE_OPTIONS, EnsembleConfig
 from .calibration import (OPTIONS, Calibration, calibration_key, parse_calibration,  # (re-exported)
                           parse_calibrations, toml_key)
 from .errors import EdgeEnsembleError, UsageError
+from .logs import LOG
 from .sources import Catalog, ModelSpec, parse_spec
 from .options import GENERATION, OFF, Option, option
 from .policies import POLICY, registry
@@ -74,7 +77,14 @@ def _names(value: Any) -> tuple[str, ...]:
 
 # Keys that choose the models and the system prompt: settings of the CLI, not options of the API.
 _SELECTION: Mapping[str, Callable[[Any], Any]] = MappingProxyType({"preset": _str, "members": _names, "system": _str})
-KEYS: tuple[str, ...] = (*_SELECTION, *OPTIONS)
+# Options of the commands (run, chat, serve), not of the API: a flag and a config key each.
+COMMAND_OPTIONS: Mapping[str, Option] = MappingProxyType({LOG.key: LOG})
+KEYS: tuple[str, ...] = (*_SELECTION, *OPTIONS, *COMMAND_OPTIONS)
+
+
+def declared(key: str) -> Option:
+    """The declaration of the config key ``key`` (an API option or a command's)."""
+    return COMMAND_OPTIONS[key] if key in COMMAND_OPTIONS else OPTIONS[key]
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,7 @@ class Settings:
     ensemble: EnsembleConfig
     generation: Generation
     calibration: Calibration | None = None  # the calibration this ensemble's settings partly came from
+    log: bool = LOG.default  # keep each exchange in the conversation log
 
 
 @dataclass(frozen=True)
@@ -133,8 +144,8 @@ def load_config(path: Path | None = None, *, missing_ok: bool = False) -> UserCo
     values: dict[str, Any] = {}
     calibrations = parse_calibrations(data.pop("calibrated"), f"config file {path}") if "calibrated" in data else {}
     for key, value in data.items():
-        if key in OPTIONS:
-            values[key] = OPTIONS[key].from_config(value, f"config file {path}: {key}")
+        if key in OPTIONS or key in COMMAND_OPTIONS:
+            values[key] = declared(key).from_config(value, f"config file {path}: {key}")
             continue
         if key not in _SELECTION:
             close = difflib.get_close_matches(key, KEYS, n=1)
@@ -172,7 +183,7 @@ def resolve_values(flags: Mapping[str, Any], config: UserConfig, catalog: Any = 
     unknown = set(given) - set(KEYS)
     if unknown:  # a programming error in the CLI, not a user error
         raise TypeError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    given = {k: OPTIONS[k].from_text(v) if k in OPTIONS else v for k, v in given.items()}
+    given = {k: declared(k).from_text(v) if k not in _SELECTION else v for k, v in given.items()}
     if "preset" in given and "members" in given:
         raise UsageError("give either --preset or --model, not both")
     file_values = dict(config.values)
@@ -222,7 +233,7 @@ def resolve_settings(flags: Mapping[str, Any], config: UserConfig, catalog: Any 
     ensemble = EnsembleConfig(**{n: v for n, v in chosen.items() if n in ENSEMBLE_OPTIONS})
     generation = Generation(**{n: v for n, v in chosen.items() if n in GENERATION})
     return Settings(r.members, r.preset, values.get("system"), ensemble.validate(len(r.members), origin), generation,
-                    calibration)
+                    calibration, values.get(LOG.key, LOG.default))
 
 
 # -- the resolved defaults, as help texts and startup lines state them -----------------------------------------
@@ -248,7 +259,7 @@ def _calibration_label(r: Resolved | Settings) -> str:
 def default_text(key: str, r: Resolved) -> str:
     """What option ``key`` is when its flag is not given, as ``--help`` states it: the value and, unless it is the
     built-in default, where it comes from (``single, calibrated 2026-12-02 for preset tiny (else safe)``)."""
-    option = OPTIONS[key]
+    option = declared(key)
     origin = r.origins.get(key)
     if origin is None:
         return option.default_text

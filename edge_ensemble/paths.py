@@ -1,4 +1,4 @@
-"""Where edge-ensemble keeps its files: one cache directory and one user config file."""
+"""Where edge-ensemble keeps its files: one cache directory, one user config file and the conversation log."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import errno
 import os
 import secrets
 import stat
+import sys
 from pathlib import Path
 
 from .errors import UsageError
 
 CACHE_ENV = "EDGE_ENSEMBLE_CACHE"
 CONFIG_ENV = "EDGE_ENSEMBLE_CONFIG"
+LOGS_ENV = "EDGE_ENSEMBLE_LOGS"
 
 
 def cache_dir() -> Path:
@@ -33,6 +35,25 @@ def config_path() -> Path:
         return Path(os.environ[CONFIG_ENV]).expanduser()
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base).expanduser() / "edge-ensemble" / "config.toml"
+
+
+def data_dir() -> Path:
+    """User data root (what is kept, not re-made): $XDG_DATA_HOME/edge-ensemble, else the platform's place:
+    ~/.local/share/edge-ensemble, ~/Library/Application Support/edge-ensemble (macOS), %APPDATA%\\edge-ensemble."""
+    if os.environ.get("XDG_DATA_HOME"):
+        return Path(os.environ["XDG_DATA_HOME"]).expanduser() / "edge-ensemble"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "edge-ensemble"
+    if sys.platform == "win32" and os.environ.get("APPDATA"):
+        return Path(os.environ["APPDATA"]) / "edge-ensemble"
+    return Path.home() / ".local" / "share" / "edge-ensemble"
+
+
+def logs_path() -> Path:
+    """The conversation log (SQLite): $EDGE_ENSEMBLE_LOGS, else logs.db in :func:`data_dir`."""
+    if os.environ.get(LOGS_ENV):
+        return Path(os.environ[LOGS_ENV]).expanduser()
+    return data_dir() / "logs.db"
 
 
 def check_out_dir(path: str | os.PathLike[str], flag: str = "--out") -> None:

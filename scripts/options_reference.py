@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from edge_ensemble.calibration import OPTIONS as CONFIG_KEYS  # noqa: E402
 from edge_ensemble.cli import cli  # noqa: E402
 from edge_ensemble.cli.flags import _EVAL_DEFAULTS, _EVAL_OPTIONS  # noqa: E402
+from edge_ensemble.config import COMMAND_OPTIONS  # noqa: E402
 from edge_ensemble.eval.calibrate import SWEEP_OPTIONS  # noqa: E402
 from edge_ensemble.options import GENERATION_OPTIONS, LOAD_OPTIONS, Option  # noqa: E402
 from edge_ensemble.policies import POLICY, declarations, registry  # noqa: E402
@@ -76,7 +77,7 @@ def _server(o: Option, *, per_answer: bool) -> str:
 
 def _row(o: Option, python: str, server: str, default: str = "") -> str:
     """One option's row; ``python``: where the keyword goes (``Ensemble``, ``per call``, ...)."""
-    config = o.key if o.cli and o.key in CONFIG_KEYS else ""
+    config = o.key if o.cli and (o.key in CONFIG_KEYS or o.key in COMMAND_OPTIONS) else ""
     cells = [_flag(o), _code(config), f"`{o.name}` ({python})", server, _type(o), _cell(o.allowed('"off"')),
              _code(default or o.default_text), _cell(o.help)]
     return "| " + " | ".join(cells) + " |"
@@ -154,6 +155,12 @@ Each policy reads its own options; an option of another policy is ignored. Names
 recorded runs used). `eval` and `calibrate` take {', '.join(f'`{o.flag}`' for o in _EVAL_OPTIONS[:2])} and the
 load options above; their token budget is each task's own unless `--max-tokens` is given.
 
+## The commands' own (`run`, `chat`, `serve`)
+
+Settings of the command line, not of the Python API; see [logs.md](logs.md) for the conversation log.
+
+""", _table(_row(o, "none; the server: `create_app(..., logbook=Logbook())`", "— (serve flag)")
+            for o in COMMAND_OPTIONS.values()), """
 ## Server settings (`serve`)
 
 `edge-ensemble serve` takes every option of `run` above (the generation options are the defaults of requests that

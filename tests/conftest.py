@@ -40,13 +40,16 @@ def _no_config_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch, _no_config_path: Path) -> None:
-    """No colours, and never the user's own config file: an empty one, emptied again for each test (a config
-    file named by EDGE_ENSEMBLE_CONFIG must exist).  EDGE_ENSEMBLE_CACHE is left alone on purpose: the real
-    models are assembled there once and reused between runs."""
+def _clean_env(monkeypatch: pytest.MonkeyPatch, _no_config_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No colours, never the user's own config file (an empty one, emptied again for each test: a config file
+    named by EDGE_ENSEMBLE_CONFIG must exist), and never the user's conversation log: each test's ``run``,
+    ``chat`` and ``serve`` log into a database of its own (EDGE_ENSEMBLE_LOGS, a path not yet made, in a
+    directory apart from ``tmp_path``).  EDGE_ENSEMBLE_CACHE is left alone on purpose: the real models are
+    assembled there once and reused between runs."""
     monkeypatch.setenv("NO_COLOR", "1")
     _no_config_path.write_text("")
     monkeypatch.setenv("EDGE_ENSEMBLE_CONFIG", str(_no_config_path))
+    monkeypatch.setenv("EDGE_ENSEMBLE_LOGS", str(tmp_path_factory.mktemp("logs") / "logs.db"))
 
 
 @pytest.fixture(scope="session")

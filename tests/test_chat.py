@@ -367,7 +367,8 @@ def tmux_chat(request: pytest.FixtureRequest, tmp_path: Path, models: list[str])
     repo = Path(__file__).resolve().parents[1]
     env = {"PYTHONPATH": str(repo), "NO_COLOR": "1", "EDGE_ENSEMBLE_CONFIG": os.environ["EDGE_ENSEMBLE_CONFIG"],
            "TERM": "xterm-256color", "HOME": os.environ.get("HOME", str(tmp_path)),
-           **{k: os.environ[k] for k in ("EDGE_ENSEMBLE_CACHE", "XDG_CACHE_HOME") if k in os.environ}}
+           **{k: os.environ[k] for k in ("EDGE_ENSEMBLE_CACHE", "XDG_CACHE_HOME", "EDGE_ENSEMBLE_LOGS")
+              if k in os.environ}}
     start = ["-m", "edge_ensemble.cli"] if request.param == "gnu-readline" else ["-c", NO_READLINE]
     chat = [sys.executable, *start, "chat", "-m", models[0], "-m", models[1], *COMMON,
             "--policy", DRAFTER_ALONE]

@@ -122,6 +122,8 @@ def parse(args: list[str]) -> tuple[str, ...]:
     ctx = command.make_context("edge-ensemble", list(args))
     while isinstance(command, click.Group):
         rest = [*ctx._protected_args, *ctx.args]
+        if not rest and command.invoke_without_command:  # a group that acts by itself (`logs`: the listing)
+            break
         name, sub, rest = command.resolve_command(ctx, rest)
         assert name is not None and sub is not None
         path.append(name)

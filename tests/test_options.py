@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from edge_ensemble.api import CALL_OPTIONS, ENSEMBLE_OPTIONS, EnsembleConfig
 from edge_ensemble.cli import cli
-from edge_ensemble.config import KEYS, OPTIONS, Generation, default_text, load_config, resolve_values
+from edge_ensemble.config import (COMMAND_OPTIONS, KEYS, OPTIONS, Generation, default_text, load_config,
+                                  resolve_values)
 from edge_ensemble.engine import GenerationOptions
 from edge_ensemble.errors import UsageError
 from edge_ensemble.options import GENERATION, LOAD, Option, check_names
@@ -113,14 +114,14 @@ def test_run_help_shows_each_option_with_its_default_and_range_once() -> None:
         elif entries:
             entries[-1] += " " + line.strip()
     resolved = resolve_values({}, load_config())  # the default a plain run has (a preset's calibration: the policy)
-    for key, option in OPTIONS.items():
+    for key, option in {**OPTIONS, **COMMAND_OPTIONS}.items():  # (COMMAND_OPTIONS: --log/--no-log)
         (entry,) = [e for e in entries if e.split()[0] in (option.flag, f"{option.flag}/")]
         assert entry.count("default:") == 1 and f"default: {default_text(key, resolved)}]" in entry, entry
         assert option.default_text in entry.rsplit("default:", 1)[1], entry  # the built-in one (else ...) too
         if option.range is not None:
             assert entry.count(option.bounds()) == 1, entry
     assert "check-memory" not in result.output  # API-only
-    assert set(KEYS) == {"preset", "members", "system", *OPTIONS}
+    assert set(KEYS) == {"preset", "members", "system", *OPTIONS, *COMMAND_OPTIONS}
 
 
 def test_config_keys_are_the_flags_with_underscores() -> None:

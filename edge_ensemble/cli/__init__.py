@@ -1,4 +1,5 @@
-"""The command line: ``edge-ensemble chat | run | serve | models | presets | eval | calibrate | route | doctor``.
+"""The command line: ``edge-ensemble chat | run | serve | logs | models | presets | eval | calibrate | route |
+doctor``.
 
 A thin click layer over :class:`edge_ensemble.api.Ensemble`. The options shared by ``chat`` and ``run`` are
 defined once (:func:`~edge_ensemble.cli.flags.settings_options`) and merged with the user config file into one
@@ -11,7 +12,7 @@ option, option value or config file); 3 llama.cpp crashed in ``doctor``'s test d
 
 This module is only the dispatcher: the top-level group, :func:`main` (the console script) and the commands added
 to the group. Each command is a module of its own (:mod:`.run`, :mod:`.chat`, :mod:`.serve`, :mod:`.models` with
-``presets``, :mod:`.doctor`, :mod:`.eval`, :mod:`.calibrate`, :mod:`.route`); they import the shared machinery
+``presets``, :mod:`.logs`, :mod:`.doctor`, :mod:`.eval`, :mod:`.calibrate`, :mod:`.route`); they import the shared machinery
 (:mod:`.common`: errors and exit codes, output, the catalog; :mod:`.flags`: flags made from the declared
 options; :mod:`.render`: showing an answer), never each other.
 """
@@ -23,7 +24,7 @@ import importlib.metadata
 import click
 
 from .. import __version__
-from . import calibrate, chat, doctor, eval as eval_, models, route, run, serve  # (eval_: not the builtin)
+from . import calibrate, chat, doctor, eval as eval_, logs, models, route, run, serve  # (eval_: not the builtin)
 from .chat import ChatSession
 from .common import EXIT_INTERRUPTED, _Cli, open_ensemble, stream_answer
 from .flags import preset_default, resolved_defaults, settings_options
@@ -91,6 +92,7 @@ def cli() -> None:
         draft_len = 5
         threads = 4
         max_tokens = 400
+        log = false            # keep no conversation log (`edge-ensemble logs`)
 
     \b
     Exit codes: 0 ok; 1 the command failed (model missing or unreadable,
@@ -119,6 +121,6 @@ def main() -> None:
 
 
 # Every command; --help lists them in name order, whatever the order here.
-for _command in (run.run, chat.chat, serve.serve, models.models, models.presets, doctor.doctor,
+for _command in (run.run, chat.chat, serve.serve, logs.logs, models.models, models.presets, doctor.doctor,
                  eval_.eval_command, calibrate.calibrate_command, route.route):
     cli.add_command(_command)

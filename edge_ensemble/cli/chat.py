@@ -8,6 +8,7 @@ import difflib
 import io
 import json
 import sys
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from ..chat import VALID_ROLES, clean_text
 from ..config import Settings, describe_policy
 from ..engine import GenerationResult
 from ..errors import EdgeEnsembleError, UsageError
+from ..logs import Logbook, exchange
 from ..options import GENERATION, LOAD_OPTIONS, OFF, Option, declarations
 from ..policies import POLICY, registry
 from .chat_input import Reader, bracketed_paste
@@ -47,15 +49,33 @@ Ctrl-C stops an answer; what was written so far stays in the conversation."""
 @click.command(help="Chat in the terminal; each answer streams as it is written.\n\n\b\nCommands:\n" + _CHAT_HELP
              + "\n\nIn /save files an interrupted answer has \"interrupted\": true.")
 @click.option("--show", is_flag=True, help=_SHOW_HELP)
+@click.option("-c", "--continue", "resume", is_flag=True,
+              help="Go on with the last chat conversation in the conversation log (`edge-ensemble logs`).")
 @settings_options
-def chat(settings: Settings, show: bool) -> None:
+def chat(settings: Settings, show: bool, resume: bool) -> None:
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401  (line editing and history for the prompt, where available)
     _tolerant_stdio()
+    last = _last_conversation() if resume else None  # (before any model loads: a damaged log fails first)
     with open_ensemble(settings) as ensemble:
         session = ChatSession(ensemble, settings, Renderer([m.name for m in ensemble.members], show))
+        if last is not None:
+            session.resume(*last)
         with contextlib.closing(session), bracketed_paste():  # (/policy may have loaded another ensemble)
             session.loop()
+
+
+def _last_conversation() -> tuple[str, str | None, list[dict[str, Any]]]:
+    """The last chat conversation of the log: its id, system prompt and turns (its last answer included)."""
+    book = Logbook()
+    last = book.recent(1, source="chat")
+    if not last or last[0].messages is None:
+        raise UsageError(f"no chat conversation in the conversation log {book.path} to continue; start one with "
+                         "`edge-ensemble chat`")
+    entry = last[0]
+    messages = [*entry.messages, {"role": "assistant", "content": entry.answer}]
+    system, turns = saved_conversation({"messages": messages}, f"the conversation log {book.path} (exchange {entry.id})")
+    return entry.conversation or uuid.uuid4().hex, system, turns
 
 
 def _tolerant_stdio() -> None:
@@ -79,6 +99,8 @@ class ChatSession:
         self.turns: list[dict[str, Any]] = []  # user and assistant messages; the system prompt is kept apart
         self.last: GenerationResult | None = None
         self.call: dict[str, Any] = {}  # /policy and the policy options of /set, checked
+        self.logbook = Logbook() if settings.log else None
+        self.conversation = uuid.uuid4().hex  # the id its turns share in the conversation log
         self.commands: dict[str, Callable[[str], bool | None]] = {
             "/help": self.help, "/reset": self.reset, "/system": self.set_system, "/stats": self.stats,
             "/models": self.models, "/policy": self.set_policy, "/set": self.set_option, "/save": self.save,
@@ -92,6 +114,12 @@ class ChatSession:
 
     def close(self) -> None:
         self.ensemble.close()
+
+    def resume(self, conversation: str, system: str | None, turns: list[dict[str, Any]]) -> None:
+        """Go on with a logged conversation (``chat --continue``): its turns, its system prompt, its id."""
+        self.conversation, self.turns = conversation, turns
+        self.system = system if system is not None else self.system
+        _note(f"(continuing the last conversation: {len(turns)} messages)")
 
     def messages(self) -> list[dict[str, Any]]:
         """The conversation as the API takes it (interrupted answers carry ``"interrupted": true``)."""
@@ -143,9 +171,9 @@ class ChatSession:
         self.turns.append({"role": "user", "content": text})
         written: list[str] = []
         options = {**dataclasses.asdict(self.settings.generation), **self.call}
+        sent = self._api_messages()
         try:
-            with contextlib.closing(self.ensemble.stream(messages=self._api_messages(), preview=True,
-                                                         **options)) as events:
+            with contextlib.closing(self.ensemble.stream(messages=sent, preview=True, **options)) as events:
                 for event in events:
                     if event.kind != "status":  # before printing: the history holds at least what was shown
                         written.append(event.text)
@@ -167,6 +195,10 @@ class ChatSession:
         self.turns.append({"role": "assistant", "content": self.last.text})
         # The calibration's date only while its settings are the ones answering.
         _note(footer(self.last, None if self.call else self.settings.calibration))
+        if self.logbook is not None:  # after the answer is shown; a failure is one warning line
+            last, conversation = self.last, self.conversation
+            self.logbook.record(lambda: exchange("chat", self.ensemble, last, messages=sent, call=options,
+                                                 preset=self.settings.preset, conversation=conversation))
 
     def _api_messages(self) -> list[dict[str, str]]:
         return [{"role": m["role"], "content": m["content"]} for m in self.messages()]
@@ -178,6 +210,7 @@ class ChatSession:
 
     def reset(self, _arg: str) -> None:
         self.turns, self.last = [], None
+        self.conversation = uuid.uuid4().hex
         click.echo("Conversation cleared" + (" (system prompt kept)." if self.system else "."))
 
     def set_system(self, arg: str) -> None:
@@ -240,7 +273,7 @@ class ChatSession:
         except ValueError as e:  # not UTF-8, not JSON
             raise UsageError(f"cannot load {path}: not a conversation that /save wrote (not JSON: {e})") from None
         self.system, self.turns = saved_conversation(data, str(path))
-        self.last = None
+        self.last, self.conversation = None, uuid.uuid4().hex
         click.echo(f"Loaded {len(self.turns)} messages from {path}"
                    + (" (with a system prompt)." if self.system else "."))
         saved_policy = data.get("policy")

@@ -14,8 +14,9 @@ from typing import Any, Callable, Sequence
 
 import click
 
-from ..config import KEYS, OPTIONS, Resolved, default_text, load_config, resolve_settings, resolve_values
+from ..config import KEYS, Resolved, declared, default_text, load_config, resolve_settings, resolve_values
 from ..errors import EdgeEnsembleError
+from ..logs import LOG
 from ..options import EVAL_N_CTX, GENERATION, GENERATION_OPTIONS, LOAD_OPTIONS, Option
 from ..policies import POLICY, policy_help, registry
 
@@ -60,7 +61,7 @@ class _ResolvedOption(click.Option):
         if self.config_key == "preset":
             shown = preset_default(resolved)
         else:
-            shown = OPTIONS[self.config_key].default_text if resolved is None else default_text(self.config_key, resolved)
+            shown = declared(self.config_key).default_text if resolved is None else default_text(self.config_key, resolved)
         self.help = self.help_template.replace(_DEFAULT, shown)
         return super().get_help_record(ctx)
 
@@ -132,6 +133,7 @@ _SETTINGS_OPTIONS = [
     *(_policy_flag(o) for o in registry.policy_options().values()),
     *(_flag(o, resolved=True) for o in GENERATION_OPTIONS),
     *(_flag(o, resolved=True) for o in LOAD_OPTIONS if o.cli),
+    _flag(LOG, resolved=True),
 ]
 
 _SHOW_HELP = ("Mark the tokens the ensemble chose and the member that won each: coloured on a terminal, "

@@ -10,10 +10,12 @@ from typing import Iterator
 
 import click
 
+from ..api import Ensemble
 from ..chat import clean_text
 from ..config import Settings
 from ..engine import Event, GenerationResult
 from ..errors import UsageError
+from ..logs import Logbook, exchange
 from .common import _note, open_ensemble, stream_answer
 from .flags import _SHOW_HELP, settings_options
 from .render import Renderer, _member_dict, branch_summary, branch_tree, footer
@@ -32,7 +34,8 @@ from .render import Renderer, _member_dict, branch_summary, branch_tree, footer
 def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: bool) -> None:
     """Answer one PROMPT and exit; without PROMPT (or with -) the prompt is read from stdin.
 
-    The answer streams to stdout; a line of figures follows on stderr.
+    The answer streams to stdout; a line of figures follows on stderr. The exchange is then kept in the
+    conversation log (`edge-ensemble logs`), unless --no-log.
     """
     if as_json and show:
         raise UsageError("--show marks the streamed text and --json streams none (its \"provenance\" says which "
@@ -54,6 +57,7 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
                        "config": {**settings.ensemble.to_dict(), "calibrated": calibrated},
                        "generation": asdict(settings.generation)}
             click.echo(json.dumps(payload, ensure_ascii=False))
+            _log(settings, ensemble, result, messages, text if raw else None)
             return
         renderer = Renderer([m.name for m in ensemble.members], show)
         if show:
@@ -73,6 +77,16 @@ def run(settings: Settings, prompt: str | None, as_json: bool, show: bool, raw: 
                 if show:
                     for line in branch_tree(result):
                         _note(line)
+            _log(settings, ensemble, result, messages, text if raw else None)
+
+
+def _log(settings: Settings, ensemble: Ensemble, result: GenerationResult, messages: list[dict[str, str]] | None,
+         raw: str | None) -> None:
+    """Keep the exchange in the conversation log, once the answer is out (a failure is one warning line)."""
+    if settings.log:
+        sys.stdout.flush()  # the answer is shown first, whatever the log does
+        Logbook().record(lambda: exchange("run", ensemble, result, messages=messages, raw=raw,
+                                          call=asdict(settings.generation), preset=settings.preset))
 
 
 def _read_prompt(prompt: str | None) -> str:

@@ -10,6 +10,7 @@ import click
 from ..chat import clean_text
 from ..config import Settings, describe_policy
 from ..errors import UsageError
+from ..logs import Logbook
 from ..server import SERVER_LIMITS
 from .common import open_ensemble
 from .flags import _declared_flags, settings_options
@@ -35,6 +36,7 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
     batched (--no-batch: interleaved), the others wait in arrival order. The generation
     options (--max-tokens, --temperature, ...) are the defaults of requests that
     leave them out; -s is the system prompt of chat requests that bring none.
+    Each answer is kept in the conversation log (`edge-ensemble logs`) unless --no-log.
     """
     from ..server import ServerOptions, serve as run_server  # (starlette is imported when it starts)
     from ..sources import parse_spec
@@ -49,4 +51,4 @@ def serve(settings: Settings, host: str, port: int, api_key: str | None, served_
                             temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, seed=g.seed,
                             system=clean_text(settings.system, "the system prompt") if settings.system else None)
     run_server(functools.partial(open_ensemble, settings, per_request_policy=True), options, host=host, port=port,
-               policy=describe_policy(settings))
+               policy=describe_policy(settings), logbook=Logbook() if settings.log else None)

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..errors import EdgeEnsembleError
+from ..logs import Exchange, Writer, exchange
 from .requests import _INTERNAL, ApiError, _check_loaded_for, _library_error, parse_request
 from .responses import _ClientGone, _collect, _event_stream, _first_item, _Items, _Reply
 from .settings import ServerOptions
@@ -27,15 +28,17 @@ if TYPE_CHECKING:
     from starlette.responses import Response
 
     from ..api import Ensemble
+    from ..logs import Logbook
 
 # The name the single module had: the server's log lines stay the same.
 log = logging.getLogger("edge_ensemble.server")
 
 
 def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
-               close_ensemble: bool = False) -> Any:
+               close_ensemble: bool = False, logbook: "Logbook | None" = None) -> Any:
     """A Starlette application serving ``ensemble``; the worker thread starts and stops with the app's lifespan
-    (``close_ensemble`` also closes the ensemble at shutdown)."""
+    (``close_ensemble`` also closes the ensemble at shutdown). With ``logbook`` each finished answer (each choice)
+    is kept in that conversation log, written on a thread of its own once the response has been made."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
@@ -43,7 +46,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     from starlette.routing import Route
 
     opts = (options or ServerOptions()).validate()
-    state: dict[str, Worker] = {}
+    state: dict[str, Any] = {}
     started = int(time.time())
 
     def error_response(err: ApiError) -> "Response":
@@ -54,10 +57,10 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
         server speaks (Starlette listens for it only below ASGI spec 2.4), and however the response ends,
         the answer is stopped."""
 
-        def __init__(self, items: _Items, content: AsyncIterator[bytes]) -> None:
+        def __init__(self, items: _Items, content: AsyncIterator[bytes], done: Callable[[], None]) -> None:
             super().__init__(content, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.items = items
+            self.items, self.done = items, done
 
         async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
             scope = {**scope, "asgi": {**scope.get("asgi", {}), "spec_version": "2.3"}}
@@ -65,6 +68,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
                 await super().__call__(scope, receive, send)
             finally:
                 self.items.cancel()
+                self.done()
 
     def guarded(handler: Callable[["Request"], Any]) -> Callable[["Request"], Any]:
         """Run ``handler``: authentication first; an :class:`ApiError` becomes its error object, anything
@@ -137,15 +141,22 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
         if first[1][0] == "error":
             items.cancel()
             raise first[1][1]
+
+        def done() -> None:  # the request's answers to the log (the writer's thread builds and writes them)
+            if "log" in state:
+                state["log"].put(lambda: _logged(ensemble, call, reply.id, jobs))
+
         if call.stream:
             items.request = None  # the streaming response itself notices a disconnect (and cancels the answers)
-            return EventStream(items, _event_stream(items, reply, first))
+            return EventStream(items, _event_stream(items, reply, first), done)
         try:
             results = await _collect(items, first)
         except _ClientGone:
             items.cancel()
             return error_response(ApiError(400, "the client disconnected"))
-        return JSONResponse(reply.whole(results, jobs))
+        response = JSONResponse(reply.whole(results, jobs))
+        done()
+        return response
 
     async def chat_completions(request: "Request") -> "Response":
         return await answer(request, "chat")
@@ -183,12 +194,16 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         together = opts.batch and ensemble.config.parallel > 1
+        if logbook is not None:
+            state["log"] = Writer(logbook, log.warning)
         with ensemble.decode_together() if together else contextlib.nullcontext() as rounds:
             state["worker"] = Worker(opts.max_queue, ensemble.config.parallel, rounds)
             try:
                 yield
             finally:
                 state["worker"].stop()
+                if "log" in state:  # what the answers that finished left to write
+                    state.pop("log").close()
         if close_ensemble:
             ensemble.close()
 
@@ -201,6 +216,15 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def _logged(ensemble: "Ensemble", call: Any, reply_id: str, jobs: list[Job]) -> list[Exchange]:
+    """The exchanges of a finished request, one per choice that finished (a choice stopped by a disconnect is
+    not kept); its choices share the response's id as their conversation."""
+    arguments = call.arguments
+    return [exchange("serve", ensemble, job.result, messages=arguments.get("messages"), raw=arguments.get("raw"),
+                     call={**arguments, "seed": job.seed}, conversation=reply_id)
+            for job in jobs if job.result is not None]
 
 
 def _seeds(seed: int | None, n: int) -> list[int]:

@@ -17,6 +17,7 @@ from .settings import ServerOptions
 
 if TYPE_CHECKING:
     from ..api import Ensemble
+    from ..logs import Logbook
 
 
 def check_bind(host: str, api_key: str | None) -> None:
@@ -62,12 +63,13 @@ def log_config() -> dict[str, Any]:
 
 
 def serve(ensemble: "Ensemble | Callable[[], Ensemble]", options: ServerOptions, *, host: str = "127.0.0.1",
-          port: int = 8080, log_level: str = "info", policy: str = "") -> None:
+          port: int = 8080, log_level: str = "info", policy: str = "", logbook: "Logbook | None" = None) -> None:
     """Serve ``ensemble`` over HTTP until interrupted (Ctrl-C); the ensemble is closed at the end.
 
     ``ensemble`` may be a function that loads one: it is called once the options are checked and the port
     is bound, so that a wrong option or a busy port fails before any model loads. ``policy``: how the startup line
-    names the policy of requests that ask for none (``single, calibrated 2026-12-02 (the first member alone)``)."""
+    names the policy of requests that ask for none (``single, calibrated 2026-12-02 (the first member alone)``).
+    ``logbook``: the conversation log each answer is kept in (None: none)."""
     try:
         import uvicorn
     except ImportError:
@@ -81,7 +83,7 @@ def serve(ensemble: "Ensemble | Callable[[], Ensemble]", options: ServerOptions,
     except BaseException:
         sock.close()
         raise
-    app = create_app(loaded, options, close_ensemble=True)
+    app = create_app(loaded, options, close_ensemble=True, logbook=logbook)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5,  # sets up uvicorn's logging
                             log_config=log_config())
     shown = f"[{host}]" if ":" in host else host

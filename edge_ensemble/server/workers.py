@@ -21,7 +21,7 @@ from ..errors import EdgeEnsembleError
 from .requests import _INTERNAL, ApiError, _library_error
 
 if TYPE_CHECKING:
-    from ..engine import Event
+    from ..engine import Event, GenerationResult
     from ..rounds import DecodeRounds
 
 # One logger for the whole server package, under the name the single module had: its log lines stay the same.
@@ -47,6 +47,7 @@ class Job:
     submitted: float = field(default_factory=time.monotonic)
     started: float | None = None
     seed: int | None = None  # the sampling seed of this answer (reported: the same request with it answers the same)
+    result: "GenerationResult | None" = None  # the finished answer (set before its event is posted)
 
     def post(self, kind: str, value: Any = None) -> None:
         """Hand an item to the request's event loop (from the worker thread)."""
@@ -194,6 +195,7 @@ class Worker:
             job.post("error", _INTERNAL)
             self._finish(job, finished=True)
             return False
+        job.result = event.result or job.result
         job.post("event", event)
         if event.result is not None:
             self._finish(job, finished=True)
