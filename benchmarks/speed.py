@@ -63,9 +63,10 @@ def run(args: argparse.Namespace) -> None:
     members = args.member or list(catalog.preset(args.preset).members)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, check_memory=True)
+    base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, n_gpu_layers=args.gpu_layers, check_memory=True)
     ens = Ensemble(members, config=base, progress=True)
-    runs = [(label, ens, replace(base, **o).validate(len(members))) for label, o in CONFIGS]
+    configs = CONFIGS + [(name, {"policy": name}) for name in args.also]
+    runs = [(label, ens, replace(base, **o).validate(len(members))) for label, o in configs]
     routed = None
     if args.head:
         routed = Ensemble(members, config=replace(base, policy="route", head=args.head), progress=True)
@@ -150,7 +151,7 @@ def summary(records: list[dict], names: list[str], args: argparse.Namespace, lab
         f"# Speed: {' + '.join(names)}",
         "",
         f"Date: {dt.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.system()}; threads per model: {args.threads}. Greedy, max {args.max_tokens} new tokens, "
+        f"{platform.system()}; threads per model: {args.threads}; GPU layers: {args.gpu_layers}. Greedy, max {args.max_tokens} new tokens, "
         f"{len(by[CONFIGS[0][0]])} prompts, every policy on every prompt in the same run.",
         "",
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
@@ -182,6 +183,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all) on a GPU build")
+    p.add_argument("--also", action="append", default=[], metavar="POLICY",
+                   help="also run this registered policy with its defaults (repeatable)")
     p.add_argument("--profile", action="store_true", help="cProfile the gated SAFE runs")
     p.add_argument("--head", help="a route head for these members: adds the route configurations")
     p.add_argument("--overlap", action="store_true", help="with --head, also route with --overlap (give --threads 1 "

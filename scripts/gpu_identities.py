@@ -1,0 +1,149 @@
+"""The identities the GPU check asserts, on whatever device the models are offloaded to (scripts/gpu-check).
+
+    python scripts/gpu_identities.py MODEL.gguf --gpu-layers -1 --max-tokens 48 --json out.json
+
+1. a one-member ensemble writes exactly what llama-cpp-python's own greedy chat completion writes (same
+   device, same offload);
+2. the model ensembled with itself under SAFE (gated and faithful) and every-token writes the same, with
+   nothing overridden;
+3. EAGER branches decoded together in one context each equal their prefix decoded alone: at every position the
+   branch's token is the fresh decode's top-1 (top-2 where it forked), up to near-ties.
+
+The checks are those of tests/test_lossless.py and tests/test_eager.py, run through the same API. Prints one line
+per check and writes them as JSON; exits 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp
+from edge_ensemble.api import Ensemble, EnsembleConfig
+from edge_ensemble.decisions import Sampling
+from edge_ensemble.member import Member
+from edge_ensemble.policies.eager import EagerOptions, EagerPolicy
+from edge_ensemble.policies.registry import BASELINE_POLICY, DEFAULT_POLICY
+
+PROMPTS = {
+    "english": "Explain in two sentences why the sky is blue.",
+    "python": "Write a Python function that returns the n-th Fibonacci number, with a docstring and a loop.",
+    "japanese": "東京は日本の首都で、",
+}
+N_CTX = 1024
+NEAR_TIE = 1e-2  # logit gap under which a batch-split kernel difference may flip an argmax (tests/test_eager.py)
+
+
+def _visible(text: str) -> str:
+    """llama-cpp-python drops bytes that are not (yet) valid UTF-8; we show them as U+FFFD."""
+    return text.replace("\ufffd", "")
+
+
+def _same_answer(result, ref_text: str, ref_tokens: int, max_tokens: int) -> bool:
+    """As tests/test_lossless.py: equal, or (max_tokens ending inside a character) ours is the reference's
+    prefix and the reference went on by at most 3 tokens to finish the character."""
+    ours = _visible(result.text)
+    if result.finish_reason == "stop":
+        return ours == ref_text and ref_tokens in (result.stats.tokens, result.stats.tokens - 1)
+    if ref_tokens == result.stats.tokens:
+        return ours == ref_text
+    return result.stats.tokens == max_tokens and 0 < ref_tokens - max_tokens <= 3 and ref_text.startswith(ours)
+
+
+def reference(path: Path, gpu_layers: int, max_tokens: int) -> dict[str, tuple[str, int]]:
+    """llama-cpp-python's own greedy chat completions, each prompt prefilled from scratch."""
+    llm = llama_cpp.Llama(str(path), n_ctx=N_CTX, n_gpu_layers=gpu_layers, verbose=False)
+    out = {}
+    for name, prompt in PROMPTS.items():
+        llm.reset()
+        r = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                                       max_tokens=max_tokens)
+        out[name] = (r["choices"][0]["message"]["content"], r["usage"]["completion_tokens"])
+    llm.close()
+    return out
+
+
+def ensemble_checks(path: Path, gpu_layers: int, max_tokens: int) -> list[dict]:
+    """Identities 1 and 2: one member, and the model with itself, against llama-cpp-python."""
+    want = reference(path, gpu_layers, max_tokens)
+    runs = [("alone", 1, BASELINE_POLICY, 0.5), ("itself, gated SAFE", 2, DEFAULT_POLICY, 0.5),
+            ("itself, faithful SAFE", 2, DEFAULT_POLICY, None), ("itself, every-token", 2, "every-token", 0.5)]
+    checks = []
+    for label, n, policy, gate in runs:
+        failures = []
+        cfg = EnsembleConfig(n_ctx=N_CTX, n_gpu_layers=gpu_layers, check_memory=False, policy=policy, gate=gate)
+        with Ensemble([path] * n, config=cfg, progress=False) as ens:
+            for name, prompt in PROMPTS.items():
+                ens.reset_cache()  # prefill from scratch, as the reference does
+                result = ens.generate(prompt, max_tokens=max_tokens)
+                if not _same_answer(result, *want[name], max_tokens):
+                    failures.append(f"{name}: {result.text!r} != {want[name][0]!r}")
+                if result.stats.overridden_tokens:
+                    failures.append(f"{name}: {result.stats.overridden_tokens} tokens overridden")
+        checks.append({"check": f"{label} == llama-cpp-python greedy ({policy})", "ok": not failures,
+                       "detail": "; ".join(failures) or f"{len(PROMPTS)} prompts identical"})
+    return checks
+
+
+def branch_check(path: Path, gpu_layers: int, max_tokens: int) -> dict:
+    """Identity 3: every EAGER branch equals its prefix decoded alone (tests/test_eager.py)."""
+    from edge_ensemble.runtime import LoadOptions, Model
+
+    model = Model(path, LoadOptions(n_ctx=2048, n_gpu_layers=gpu_layers, n_seq_max=4))
+    member = Member(model, name="m")
+    lane = member.open_lane(member.backend.chat_prompt([{"role": "user", "content": PROMPTS["english"]}]))
+    run = EagerPolicy(lane, EagerOptions(max_branches=4, threshold=0.0, percentile=0.0), Sampling(),
+                      np.random.default_rng(0))
+    branches = run.run_branches(max_tokens)
+    prompt = list(lane.prompt)
+    lane.close()
+    model.close()
+    fresh = Model(path, LoadOptions(n_ctx=2048, n_gpu_layers=gpu_layers))
+    problems, near_ties = [], 0
+    for b in branches:
+        forks, a = set(), b  # positions where this branch or an ancestor took the top-2
+        while a.parent is not None:
+            forks.add(a.forked_at)
+            a = branches[a.parent]
+        fresh.reset()
+        logits = fresh.decode(prompt + b.tokens, want="all")[len(prompt) - 1:]
+        for i, tok in enumerate(b.tokens):
+            order = np.argsort(-logits[i])
+            rank = int(np.flatnonzero(order == tok)[0])
+            if rank != (1 if i in forks else 0):
+                if logits[i][order[0]] - logits[i][tok] < NEAR_TIE:
+                    near_ties += 1
+                else:
+                    problems.append(f"branch {b.index} position {i}: rank {rank}")
+    fresh.close()
+    detail = f"{len(branches)} branches, {sum(len(b.tokens) for b in branches)} tokens, {near_ties} near-ties"
+    return {"check": "each EAGER branch == its prefix decoded alone", "ok": len(branches) > 1 and not problems,
+            "detail": "; ".join(problems[:5]) + (f" ({detail})" if problems else detail)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--gpu-layers", type=int, default=0)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--json", type=Path, help="write the checks here")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    checks = ensemble_checks(args.model, args.gpu_layers, args.max_tokens)
+    checks.append(branch_check(args.model, args.gpu_layers, args.max_tokens // 2))
+    for c in checks:
+        c["model"] = args.model.name
+        print(f"{'ok  ' if c['ok'] else 'FAIL'} {args.model.name}: {c['check']}: {c['detail']}", flush=True)
+    print(f"identities: {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(checks, indent=1))
+    return 0 if all(c["ok"] for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
