@@ -168,6 +168,6 @@ def test_gpu_check_prepare_then_run_dry_passes_on_the_cpu(tmp_path: Path) -> Non
     checks = json.loads((results / "identities.json").read_text())
     assert len(checks) == 10 and all(c["ok"] for c in checks), checks
     md = (results / "gpu-check.md").read_text()
-    assert "## Identities" in md and "gated SAFE / drafter alone" in md and "| B | together" in md
+    assert "## Identities" in md and "Gated SAFE / drafter alone" in md and "| B | together" in md
     records = [json.loads(line) for line in (results / "speed.jsonl").read_text().splitlines()]
     assert {r["policy"] for r in records} >= {"single", "every-token", "safe"}
