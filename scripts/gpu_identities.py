@@ -36,10 +36,11 @@ PROMPTS = {
     "japanese": "東京は日本の首都で、",
 }
 N_CTX = 1024
-NEAR_TIE = 1e-2  # logit gap under which a batch-split kernel difference may flip an argmax (tests/test_eager.py)
-# The same for whole answers: a divergence is checked at one retokenized point, with logits of std ~8
-# (gpu_models.LOGIT_STD) where the GPU's F16 rounding of activations moves them by a few hundredths.
-NEAR_TIE_ANSWER = 0.05
+# Logit gap under which a kernel difference between batch sizes may flip an argmax: tests/test_eager.py uses 0.01
+# on the CPU; on a GPU, cuBLAS rounds activations to F16 for batched products, and the random models' logits have
+# a std of ~8 (gpu_models.LOGIT_STD; measured on the full-size Qwen2.5-0.5B one on the CPU: top-2 gaps of median
+# 1.5, smallest 0.045 in 16 greedy steps). Every near-tie is counted and reported.
+NEAR_TIE = 0.05
 
 
 def _visible(text: str) -> str:
@@ -109,7 +110,7 @@ def ensemble_checks(path: Path, gpu_layers: int, max_tokens: int) -> list[dict]:
                 where = (f"{name}: parts at character {common} ({ours[common:common + 12]!r} vs "
                          f"{ref[common:common + 12]!r}), top-2 gap {gap:.4f}, "
                          f"{result.stats.overridden_tokens} overridden")
-                (ties if gap < NEAR_TIE_ANSWER else failures).append(where)
+                (ties if gap < NEAR_TIE else failures).append(where)
         detail = f"{same}/{len(PROMPTS)} prompts identical" + (f"; near-ties: {'; '.join(ties)}" if ties else "")
         checks.append({"check": f"{label} == llama-cpp-python greedy ({policy})", "ok": not failures,
                        "detail": "; ".join(failures) + (f" ({detail})" if failures else detail)})

@@ -171,3 +171,13 @@ def test_gpu_check_prepare_then_run_dry_passes_on_the_cpu(tmp_path: Path) -> Non
     assert "## Identities" in md and "Gated SAFE / drafter alone" in md and "| B | together" in md
     records = [json.loads(line) for line in (results / "speed.jsonl").read_text().splitlines()]
     assert {r["policy"] for r in records} >= {"single", "every-token", "safe"}
+
+
+def test_gpu_check_run_without_prepare_says_so_and_exits_2(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, str(SCRIPT), "run", "--dry-run", "--out", str(tmp_path / "none"),
+                          "--scratch", str(tmp_path / "scratch")], env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert "nothing prepared under" in run.stdout and "scripts/gpu-check prepare" in run.stdout
+    assert "Traceback" not in run.stdout + run.stderr
