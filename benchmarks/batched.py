@@ -2,7 +2,7 @@
 another, B = 1..16, and what the hidden-state output costs per token.
 
     python benchmarks/batched.py [--models qwen2.5-coder-0.5b-instruct smollm2-135m-instruct] [--tokens 32]
-                                 [--repeats 3] [--out benchmarks/results/batched.md]
+                                 [--repeats 3] [--b 1 2 4 8 16] [--gpu-layers -1] [--out benchmarks/results/batched.md]
 
 Each sequence has its own prompt (8-40 tokens, prefilled before timing) and decodes greedily; "together" runs one
 multi-sequence batch per step, "one after another" runs each sequence's steps alone. Timings are wall clock on
@@ -80,7 +80,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     lines = [f"# Batched decoding: B sequences together vs one after another ({date.today()}, "
-             f"{platform.machine()}, {usable_cores()} cores, GPU layers {args.gpu_layers}, {args.tokens} tokens per sequence, best of {args.repeats} "
+             f"{platform.machine()}, {usable_cores()} cores, GPU layers {args.gpu_layers}, {args.tokens} tokens per "
+             f"sequence, best of {args.repeats} "
              "alternating runs)", ""]
     for key in args.models:
         path = resolve_model(key, progress=False)

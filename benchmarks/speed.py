@@ -3,6 +3,7 @@
     python benchmarks/speed.py --preset tiny --max-tokens 256 --out benchmarks/results/speed-tiny
     python benchmarks/speed.py --preset coder --head results/route/head-gsm8k100.npz --threads 1 --overlap \
         --out benchmarks/results/speed-coder-route     # + route, route gated, route with overlap (one thread each)
+    python benchmarks/speed.py -m a.gguf -m b.gguf --gpu-layers -1 --also vote   # on a GPU build (scripts/gpu-check)
 
 Measures, per policy: tokens/s (generated tokens / generation wall time, prompt excluded), E/T, draft
 acceptance, verification calls, the share of wall time spent outside llama_decode (Python work), and peak

@@ -104,7 +104,8 @@ def test_slimmed_sdist_is_under_40_mib_and_keeps_every_build_source(full_sdist: 
 
 @pytest.fixture(scope="module")
 def specs(real_models) -> dict[str, dict]:
-    return {key: gpu_models.read_spec(real_models(key)) for key in ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")}
+    keys = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")
+    return {key: gpu_models.read_spec(real_models(key)) for key in keys}
 
 
 @pytest.mark.real
