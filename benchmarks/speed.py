@@ -66,8 +66,12 @@ def run(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, n_gpu_layers=args.gpu_layers, check_memory=True)
     ens = Ensemble(members, config=base, progress=True)
-    configs = CONFIGS + [(name, {"policy": name}) for name in args.also]
-    runs = [(label, ens, replace(base, **o).validate(len(members))) for label, o in configs]
+    runs = [(label, ens, replace(base, **o).validate(len(members))) for label, o in CONFIGS]
+    # --also: each policy on an ensemble of its own, created for it (a policy may need more per-member sequences
+    # than the ensemble above was loaded with); the same members, loaded again.
+    extra = [Ensemble(members, config=replace(base, policy=name), progress=True) for name in args.also]
+    for name, target in zip(args.also, extra):
+        runs.append((name, target, replace(base, policy=name).validate(len(members))))
     routed = None
     if args.head:
         routed = Ensemble(members, config=replace(base, policy="route", head=args.head), progress=True)
@@ -79,8 +83,8 @@ def run(args: argparse.Namespace) -> None:
     profiler = cProfile.Profile() if args.profile else None
     # Warm-up: first decode pays page-ins of the mmapped weights.
     ens.generate(prompts[0], max_tokens=8, policy="every-token")
-    if routed is not None:
-        routed.generate(prompts[0], max_tokens=8)
+    for target in [*extra, *([routed] if routed is not None else [])]:
+        target.generate(prompts[0], max_tokens=8)
     for i, prompt in enumerate(prompts):
         for label, target, config in runs:
             target.config = config
@@ -111,9 +115,8 @@ def run(args: argparse.Namespace) -> None:
             records.append(rec)
             print(f"[{i}] {label:28s} {s.tokens:4d} tok {s.tokens_per_second:6.1f} tok/s  E/T {s.ensembled_fraction:.3f}"
                   f"  python {rec['python_share']:.1%}", file=sys.stderr, flush=True)
-    ens.close()
-    if routed is not None:
-        routed.close()
+    for target in [ens, *extra, *([routed] if routed is not None else [])]:
+        target.close()
     with open(out.with_suffix(".jsonl"), "w") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
