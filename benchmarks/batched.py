@@ -2,7 +2,7 @@
 another, B = 1..16, and what the hidden-state output costs per token.
 
     python benchmarks/batched.py [--models qwen2.5-coder-0.5b-instruct smollm2-135m-instruct] [--tokens 32]
-                                 [--repeats 3] [--out benchmarks/results/batched.md]
+                                 [--repeats 3] [--b 1 2 4 8 16] [--gpu-layers -1] [--out benchmarks/results/batched.md]
 
 Each sequence has its own prompt (8-40 tokens, prefilled before timing) and decodes greedily; "together" runs one
 multi-sequence batch per step, "one after another" runs each sequence's steps alone. Timings are wall clock on
@@ -54,13 +54,13 @@ def one_after_another(model: Model, ps: list[list[int]], steps: int) -> float:
     return total
 
 
-def hidden_cost(path: Path, steps: int) -> list[tuple[float, float]]:
+def hidden_cost(path: Path, steps: int, gpu_layers: int = 0) -> list[tuple[float, float]]:
     """(seconds per single-token step, seconds for a 256-token prefill) without and with hidden states.
     With embeddings on, llama.cpp outputs every row of a batch, so a prefill pays the output projection at
     every position."""
     out = []
     for hidden in (False, True):
-        model = Model(path, LoadOptions(n_ctx=2048, hidden_states=hidden))
+        model = Model(path, LoadOptions(n_ctx=2048, n_gpu_layers=gpu_layers, hidden_states=hidden))
         step = one_after_another(model, prompts(model, 1), steps) / steps
         model.reset()
         t0 = time.perf_counter()
@@ -75,16 +75,19 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["qwen2.5-coder-0.5b-instruct", "smollm2-135m-instruct"])
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded per sequence")
     ap.add_argument("--repeats", type=int, default=3, help="alternating repetitions; the best of each is kept")
+    ap.add_argument("--b", type=int, nargs="+", default=list(B_VALUES), help="numbers of sequences decoded together")
+    ap.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all) on a GPU build")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     lines = [f"# Batched decoding: B sequences together vs one after another ({date.today()}, "
-             f"{platform.machine()}, {usable_cores()} cores, {args.tokens} tokens per sequence, best of {args.repeats} "
+             f"{platform.machine()}, {usable_cores()} cores, GPU layers {args.gpu_layers}, {args.tokens} tokens per "
+             f"sequence, best of {args.repeats} "
              "alternating runs)", ""]
     for key in args.models:
         path = resolve_model(key, progress=False)
-        model = Model(path, LoadOptions(n_ctx=2048, n_seq_max=max(B_VALUES)))
+        model = Model(path, LoadOptions(n_ctx=2048, n_gpu_layers=args.gpu_layers, n_seq_max=max(args.b)))
         lines += [f"## {key}", "", "| B | together tok/s | one after another tok/s | speed-up |", "|---:|---:|---:|---:|"]
-        for b in B_VALUES:
+        for b in args.b:
             ps = prompts(model, b)
             # This VM's speed drifts by 20-50% over minutes: alternate the two ways and keep each one's best.
             t_tog = t_seq = float("inf")
@@ -95,7 +98,7 @@ def main() -> int:
             lines.append(f"| {b} | {n / t_tog:.1f} | {n / t_seq:.1f} | {t_seq / t_tog:.2f}× |")
             print(lines[-1], flush=True)
         model.close()
-        (off, pre_off), (on, pre_on) = hidden_cost(path, args.tokens)
+        (off, pre_off), (on, pre_on) = hidden_cost(path, args.tokens, args.gpu_layers)
         lines += ["", f"Hidden-state output (pooling none): a one-token step takes {off * 1000:.1f} ms without, "
                       f"{on * 1000:.1f} ms with ({(on / off - 1) * 100:+.1f}%); a 256-token prefill {pre_off:.2f} s "
                       f"without, {pre_on:.2f} s with ({(pre_on / pre_off - 1) * 100:+.1f}%: every row is output).", ""]

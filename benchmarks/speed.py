@@ -3,6 +3,7 @@
     python benchmarks/speed.py --preset tiny --max-tokens 256 --out benchmarks/results/speed-tiny
     python benchmarks/speed.py --preset coder --head results/route/head-gsm8k100.npz --threads 1 --overlap \
         --out benchmarks/results/speed-coder-route     # + route, route gated, route with overlap (one thread each)
+    python benchmarks/speed.py -m a.gguf -m b.gguf --gpu-layers -1 --also vote   # on a GPU build (scripts/gpu-check)
 
 Measures, per policy: tokens/s (generated tokens / generation wall time, prompt excluded), E/T, draft
 acceptance, verification calls, the share of wall time spent outside llama_decode (Python work), and peak
@@ -63,9 +64,14 @@ def run(args: argparse.Namespace) -> None:
     members = args.member or list(catalog.preset(args.preset).members)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, check_memory=True)
+    base = EnsembleConfig(n_ctx=2048, n_threads=args.threads, n_gpu_layers=args.gpu_layers, check_memory=True)
     ens = Ensemble(members, config=base, progress=True)
     runs = [(label, ens, replace(base, **o).validate(len(members))) for label, o in CONFIGS]
+    # --also: each policy on an ensemble of its own, created for it (a policy may need more per-member sequences
+    # than the ensemble above was loaded with); the same members, loaded again.
+    extra = [Ensemble(members, config=replace(base, policy=name), progress=True) for name in args.also]
+    for name, target in zip(args.also, extra):
+        runs.append((name, target, replace(base, policy=name).validate(len(members))))
     routed = None
     if args.head:
         routed = Ensemble(members, config=replace(base, policy="route", head=args.head), progress=True)
@@ -77,8 +83,8 @@ def run(args: argparse.Namespace) -> None:
     profiler = cProfile.Profile() if args.profile else None
     # Warm-up: first decode pays page-ins of the mmapped weights.
     ens.generate(prompts[0], max_tokens=8, policy="every-token")
-    if routed is not None:
-        routed.generate(prompts[0], max_tokens=8)
+    for target in [*extra, *([routed] if routed is not None else [])]:
+        target.generate(prompts[0], max_tokens=8)
     for i, prompt in enumerate(prompts):
         for label, target, config in runs:
             target.config = config
@@ -109,9 +115,8 @@ def run(args: argparse.Namespace) -> None:
             records.append(rec)
             print(f"[{i}] {label:28s} {s.tokens:4d} tok {s.tokens_per_second:6.1f} tok/s  E/T {s.ensembled_fraction:.3f}"
                   f"  python {rec['python_share']:.1%}", file=sys.stderr, flush=True)
-    ens.close()
-    if routed is not None:
-        routed.close()
+    for target in [ens, *extra, *([routed] if routed is not None else [])]:
+        target.close()
     with open(out.with_suffix(".jsonl"), "w") as fh:
         for r in records:
             fh.write(json.dumps(r) + "\n")
@@ -150,7 +155,7 @@ def summary(records: list[dict], names: list[str], args: argparse.Namespace, lab
         f"# Speed: {' + '.join(names)}",
         "",
         f"Date: {dt.date.today().isoformat()}. Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{platform.system()}; threads per model: {args.threads}. Greedy, max {args.max_tokens} new tokens, "
+        f"{platform.system()}; threads per model: {args.threads}; GPU layers: {args.gpu_layers}. Greedy, max {args.max_tokens} new tokens, "
         f"{len(by[CONFIGS[0][0]])} prompts, every policy on every prompt in the same run.",
         "",
         f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`",
@@ -182,6 +187,9 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--prompts", type=int, default=len(PROMPTS))
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to the GPU (-1: all) on a GPU build")
+    p.add_argument("--also", action="append", default=[], metavar="POLICY",
+                   help="also run this registered policy with its defaults (repeatable)")
     p.add_argument("--profile", action="store_true", help="cProfile the gated SAFE runs")
     p.add_argument("--head", help="a route head for these members: adds the route configurations")
     p.add_argument("--overlap", action="store_true", help="with --head, also route with --overlap (give --threads 1 "
