@@ -36,7 +36,7 @@ EXCHANGES: list[tuple[str, str, dict[str, Any]]] = [
                                              "seed": 1, "stream": True, "stream_options": {"include_usage": True}}),
     ("chat-stream-logprobs", "/v1/chat/completions", {"model": MODEL, "messages": ASK, "max_tokens": 4, "seed": 1,
                                                       "temperature": 0, "stream": True, "logprobs": True,
-                                                      "top_logprobs": 2}),
+                                                      "top_logprobs": 1}),
     ("completion", "/v1/completions", {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
                                        "temperature": 0, "seed": 1}),
     ("completion-stream", "/v1/completions", {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6,
