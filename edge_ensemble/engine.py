@@ -21,7 +21,7 @@ from .decisions import Sampling
 from .errors import ContextOverflowError, UsageError
 from .member import Lane, Member
 from .options import GENERATION
-from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, TokenLogprob, registry
+from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Piece, Policy, TokenLogprob, registry
 
 
 @dataclass
@@ -102,6 +102,9 @@ class Event:
     # (asked for log-probabilities) the tokens whose text this event completes (a token whose text is held back,
     # e.g. while it could still become a stop string, comes with the event that prints it)
     logprobs: "list[TokenLogprob] | None" = None
+    # the accepted pieces since the previous event, in order (their text is this event's, less what is held back
+    # or cut by a stop string): who wrote each token, for a client that shows it (the server's provenance)
+    pieces: "list[Piece]" = field(default_factory=list)
 
 
 @dataclass
@@ -299,6 +302,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     stream = _TextStream(options.stop)
     scores = _Scores() if options.logprobs is not None else None
     spans: list[Span] = []
+    printing: list[Piece] = []  # the pieces of the next event
     finish = "length"
     tokens = 0
     deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
@@ -321,13 +325,15 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
                         spans.append(Span("ensemble", "", piece.winner))
                     break
                 tokens += 1
+                printing.append(piece)
                 if scores is not None and piece.logprob is not None:
                     scores.add(len(stream.data), len(piece.data), piece.logprob)
                 text = stream.push(piece.data)
                 _add_span(spans, piece.kind, piece.data, piece.winner)
                 if text:
-                    yield Event(text, piece.kind, piece.winner,
+                    yield Event(text, piece.kind, piece.winner, pieces=printing,
                                 logprobs=None if scores is None else scores.take(stream.emitted))
+                    printing = []
                 if stream.stopped:
                     ended = True
                     break
@@ -337,7 +343,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
         tail = stream.finish()
         rest = None if scores is None else scores.rest(len(stream.data))
         if tail or rest:
-            yield Event(tail, "draft", logprobs=rest)
+            yield Event(tail, "draft", logprobs=rest, pieces=printing)
     finally:
         steps.close()
         t2 = time.perf_counter()

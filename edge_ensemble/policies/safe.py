@@ -307,7 +307,8 @@ class SafePolicy(Policy):
                 self.d_tokens.extend(chosen_tokens)
                 scored = None if self.top_logprobs is None else self._scored(accepted, chosen, chosen_data, verdict,
                                                                              dists)
-                pieces.append(Piece(chosen_data, "ensemble", winner, logprob=scored))
+                overridden = data[accepted] if accepted < len(drafts) else None
+                pieces.append(Piece(chosen_data, "ensemble", winner, logprob=scored, drafted=overridden))
                 new_text += chosen_data
                 new_tokens += chosen_tokens
         self.text_len += len(new_text)
