@@ -323,6 +323,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
                     if piece.kind == "ensemble":  # the members chose to end: that choice counts as a token
                         tokens += 1
                         spans.append(Span("ensemble", "", piece.winner))
+                        printing.append(piece)
                     break
                 tokens += 1
                 printing.append(piece)
@@ -359,7 +360,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
     result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans),
                               logprobs=None if scores is None else scores.kept(len(stream.data)))
-    return Event("", "done", finish_reason=finish, result=result)
+    return Event("", "done", finish_reason=finish, result=result, pieces=printing)
 
 
 class _Scores:

@@ -79,8 +79,8 @@ class EveryTokenPolicy(Policy):
         self.stats.ensembled += 1
         if key != own_key:
             self.stats.overrides += 1
-        if key == EOG:
-            return [Piece(b"", "ensemble", winner, end=True)]
+        if key == EOG:  # (drafted: the primary's own token, where the members chose to end instead)
+            return [Piece(b"", "ensemble", winner, end=True, drafted=None if own_key == EOG else primary.key_bytes(own_key))]
         if key == own_key:
             return [self._accept(primary.key_bytes(key), [own_tok], "ensemble", winner)]
         piece = self._accept(primary.key_bytes(key), primary.key_tokens(key), "ensemble", winner)

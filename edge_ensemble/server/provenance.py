@@ -36,10 +36,12 @@ class Provenance:
         """The ``tokens`` of the chunk that carries ``event``'s text: ``{"text", "member", "kind"}`` each, with
         ``override`` where the ensemble chose otherwise than the drafter and ``logprob`` / ``top`` when the
         policy scored it."""
-        self.queue.extend([p, len(p.data)] for p in event.pieces if p.data)
+        # (a piece without text is shown only where it was the ensemble's choice: its choice to end the answer)
+        self.queue.extend([p, len(p.data)] for p in event.pieces if p.data or p.kind == "ensemble")
         out: list[dict[str, Any]] = []
         owner: Piece | None = None
         for char in event.text:
+            out += self._empty()
             size = len(char.encode("utf-8"))
             first = self.queue[0][0] if self.queue else None
             while size > 0 and self.queue:  # the character's bytes, from the front of the queue on
@@ -53,12 +55,22 @@ class Provenance:
             else:
                 owner = first
                 out.append(self._token(first, char, event))
+        return out + self._empty()
+
+    def _empty(self) -> list[dict[str, Any]]:
+        """The pieces without text at the front of the queue, as tokens with empty text."""
+        out = []
+        while self.queue and self.queue[0][1] == 0:
+            out.append(self._token(self.queue.popleft()[0], "", None))
         return out
 
-    def _token(self, piece: "Piece | None", text: str, event: "Event") -> dict[str, Any]:
+    def _token(self, piece: "Piece | None", text: str, event: "Event | None") -> dict[str, Any]:
         if piece is None:  # text no piece accounts for (a branching policy's answer, printed whole)
-            return {"text": text, "member": event.winner or self.drafter, "kind": event.kind}
+            return {"text": text, "member": (event.winner if event else None) or self.drafter,
+                    "kind": event.kind if event else "draft"}
         token: dict[str, Any] = {"text": text, "member": piece.winner or self.drafter, "kind": piece.kind}
+        if piece.end:
+            token["end"] = True
         if id(piece) in self.described:
             return token
         self.described.add(id(piece))

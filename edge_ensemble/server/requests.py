@@ -127,12 +127,14 @@ class Call:
     hidden_logprobs: bool = False  # log-probabilities asked for the provenance only, not shown in OpenAI's fields
 
 
-def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str, default: Any = None) -> Any:
+def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str, default: Any = None, *,
+         param: str | None = None) -> Any:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise ApiError(400, f"{name} must be {what}; got {json.dumps(value)[:80]}", param=name, code="invalid_type")
+        param = param or name
+        raise ApiError(400, f"{param} must be {what}; got {json.dumps(value)[:80]}", param=param, code="invalid_type")
     return value
 
 
@@ -299,7 +301,7 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
     logprobs = _logprobs(body, kind)
     if logprobs is not None:
         arguments["logprobs"] = logprobs
-    provenance = _get(ext, PROVENANCE, (bool,), "true or false", False)
+    provenance = _get(ext, PROVENANCE, (bool,), "true or false", False, param=f"edge_ensemble.{PROVENANCE}")
     if "policy" in ext:
         arguments["policy"] = _get(ext, "policy", (str,), "a policy name", None)
     for key, option in registry.policy_options().items():

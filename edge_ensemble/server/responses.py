@@ -222,7 +222,7 @@ async def _event_stream(items: _Items, reply: _Reply, first: tuple[int, tuple[st
                 result = results[i] = value.result
                 ext = _extension_out(result, reply.call, items.jobs[i])
                 if reply.provenance is not None:
-                    ext.update(provenance.final(result))
+                    ext.update(provenance.final(result), tokens=reply.provenance[i].tokens(value))
                 yield _sse({**reply.chunk(None if chat else "", result.finish_reason, index=i,
                                           logprobs=reply.shown(value.logprobs)), "edge_ensemble": ext})
             elif kind == "event" and reply.provenance is not None:
