@@ -194,3 +194,11 @@ def test_tokens_are_matched_to_the_printed_characters():
     assert second[0] == {"text": "é", "member": "d", "kind": "draft"}  # the character is the token that starts it
     assert second[1]["text"] == "!" and second[1]["member"] == "v" and second[1]["override"]["drafted"] == "x"
     assert prov.tokens(Event("tail", "draft")) == [{"text": "tail", "member": "d", "kind": "draft"}]
+    # "€" in three one-byte tokens: the two inside it are tokens with empty text (the override is not lost)
+    pieces = [Piece(b"\xe2", "draft"), Piece(b"\x82", "ensemble", "v", drafted=b"y"), Piece(b"\xac", "draft")]
+    got = Provenance("d").tokens(Event("€", "draft", pieces=pieces))
+    assert [t["text"] for t in got] == ["€", "", ""] and got[1]["override"]["drafted"] == "y"
+    # the ensemble's choice to end: an empty token with the override
+    ended = Provenance("d").tokens(Event("", "done", pieces=[Piece(b"", "ensemble", "v", end=True, drafted=b"z")]))
+    assert ended == [{"text": "", "member": "v", "kind": "ensemble", "end": True,
+                      "override": {"drafted": "z", "ended": False}}]

@@ -29,51 +29,64 @@ class Provenance:
 
     def __init__(self, drafter: str) -> None:
         self.drafter = drafter
-        self.queue: collections.deque[list[Any]] = collections.deque()  # [piece, its bytes not printed yet]
-        self.described: set[int] = set()  # pieces whose candidates were sent (a piece printed over two chunks)
+        # [piece, its bytes not printed yet, whether its token was sent (a piece printed over two chunks)]
+        self.queue: collections.deque[list[Any]] = collections.deque()
 
     def tokens(self, event: "Event") -> list[dict[str, Any]]:
         """The ``tokens`` of the chunk that carries ``event``'s text: ``{"text", "member", "kind"}`` each, with
         ``override`` where the ensemble chose otherwise than the drafter and ``logprob`` / ``top`` when the
-        policy scored it."""
+        policy scored it. A piece whose bytes all lie inside a character an earlier one started, and the
+        ensemble's choice to end, are tokens with empty text."""
         # (a piece without text is shown only where it was the ensemble's choice: its choice to end the answer)
-        self.queue.extend([p, len(p.data)] for p in event.pieces if p.data or p.kind == "ensemble")
+        self.queue.extend([p, len(p.data), False] for p in event.pieces if p.data or p.kind == "ensemble")
         out: list[dict[str, Any]] = []
-        owner: Piece | None = None
+        last: list[Any] | None = None  # the queue entry of out[-1]
         for char in event.text:
             out += self._empty()
+            if not self.queue:  # text no piece accounts for (a branching policy's answer, printed whole)
+                if last is not None or not out:
+                    out.append(self._token(None, "", event))
+                    last = None
+                out[-1]["text"] += char
+                continue
+            entry, swallowed = self.queue[0], []
             size = len(char.encode("utf-8"))
-            first = self.queue[0][0] if self.queue else None
             while size > 0 and self.queue:  # the character's bytes, from the front of the queue on
                 used = min(size, self.queue[0][1])
                 size -= used
                 self.queue[0][1] -= used
                 if self.queue[0][1] == 0:
-                    self.queue.popleft()
-            if out and first is owner:
+                    done = self.queue.popleft()
+                    if done is not entry:
+                        swallowed.append(done)
+            if entry is last:
                 out[-1]["text"] += char
             else:
-                owner = first
-                out.append(self._token(first, char, event))
+                out.append(self._token(entry, char, event))
+                last = entry
+            for other in swallowed:
+                out.append(self._token(other, "", event))
+                last = other
         return out + self._empty()
 
     def _empty(self) -> list[dict[str, Any]]:
         """The pieces without text at the front of the queue, as tokens with empty text."""
         out = []
         while self.queue and self.queue[0][1] == 0:
-            out.append(self._token(self.queue.popleft()[0], "", None))
+            out.append(self._token(self.queue.popleft(), "", None))
         return out
 
-    def _token(self, piece: "Piece | None", text: str, event: "Event | None") -> dict[str, Any]:
-        if piece is None:  # text no piece accounts for (a branching policy's answer, printed whole)
+    def _token(self, entry: list[Any] | None, text: str, event: "Event | None") -> dict[str, Any]:
+        if entry is None:
             return {"text": text, "member": (event.winner if event else None) or self.drafter,
                     "kind": event.kind if event else "draft"}
+        piece: Piece = entry[0]
         token: dict[str, Any] = {"text": text, "member": piece.winner or self.drafter, "kind": piece.kind}
         if piece.end:
             token["end"] = True
-        if id(piece) in self.described:
+        if entry[2]:
             return token
-        self.described.add(id(piece))
+        entry[2] = True
         if piece.drafted is not None:
             token["override"] = {"drafted": _text(piece.drafted), "ended": not piece.drafted}
         if piece.logprob is not None:
