@@ -2,7 +2,7 @@
 
     python benchmarks/make_eval_report.py                      # results/*.jsonl → results/eval_report.{md,png}
     python benchmarks/make_eval_report.py --results runs/0612 --no-plot
-    python benchmarks/make_eval_report.py --results results/coder --readme README.md   # also the README's table
+    python benchmarks/make_eval_report.py --results results/coder --readme docs/results.md   # also the notebook's table
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--md", type=Path, help="Markdown output (default: RESULTS/eval_report.md)")
     parser.add_argument("--png", type=Path, help="plot output (default: RESULTS/eval_report.png)")
     parser.add_argument("--no-plot", action="store_true", help="write only the Markdown table")
-    parser.add_argument("--readme", type=Path, help="also rewrite this document's at-a-glance table, between "
-                        "<!-- results:NAME --> and <!-- /results:NAME --> (NAME: --block)")
+    parser.add_argument("--readme", type=Path, action="append", help="also rewrite this document's at-a-glance table, "
+                        "between <!-- results:NAME --> and <!-- /results:NAME --> (NAME: --block); repeat it for "
+                        "several documents (the README and docs/results.md both quote coder-512's)")
     parser.add_argument("--block", help="marker name for --readme (default: the results directory's name)")
     args = parser.parse_args(argv)
 
@@ -35,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         summaries = write_report(load_records(paths), md, png, sources=", ".join(p.name for p in paths))
         print(md.read_text(encoding="utf-8"), end="")
         print(f"wrote {md}" + (f" and {png}" if png else ""), file=sys.stderr)
-        if args.readme is not None:
-            block = args.block or args.results.resolve().name
-            changed = update_document(args.readme, block, glance_markdown(summaries))
-            print(f"{'updated' if changed else 'unchanged'}: {args.readme} ({block} table)", file=sys.stderr)
+        block = args.block or args.results.resolve().name
+        for document in args.readme or ():
+            changed = update_document(document, block, glance_markdown(summaries))
+            print(f"{'updated' if changed else 'unchanged'}: {document} ({block} table)", file=sys.stderr)
     except EdgeEnsembleError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

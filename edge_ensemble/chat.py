@@ -22,7 +22,7 @@ def clean_text(text: str, what: str) -> str:
 
     Lone surrogates are how Python carries bytes that are not UTF-8 (command-line arguments and
     ``surrogateescape`` input: U+DC80-U+DCFF stand for the bytes 0x80-0xFF) and what a broken string from
-    another API holds; UTF-8 cannot encode them. We replace rather than refuse (see the README): the rest of
+    another API holds; UTF-8 cannot encode them. We replace rather than refuse (see docs/cli.md): the rest of
     the text is what the user meant, and a chat should not make them retype a line for one stray byte.
     """
     try:

@@ -81,8 +81,8 @@ class Option:
             text = number if self.type is not tuple else f"a list of {number.split(' ', 1)[1]}s"
             if self.range is not None:
                 text += " " + self.bounds()
-            if self.type is tuple:
-                text += " (e.g. 2,1)"
+            if self.type is tuple:  # (an example inside the range: gates are at most 1)
+                text += " (e.g. 2,1)" if self.range is None or self.range[1] >= 2 else " (e.g. 0.3,0.5)"
         return text + (f" or {off_text}" if self.off else "")
 
     def bounds(self) -> str:
@@ -243,7 +243,7 @@ def replace_checked(instance: T, options: Mapping[str, Option], where: Callable[
 
 GENERATION_OPTIONS: tuple[Option, ...] = (
     # 512: long enough for the step-by-step answers small models write (GSM8K solutions often pass 256
-    # tokens, see the README), short enough to end in about 20 s at this CPU's 25 tokens/s.
+    # tokens, see docs/results.md), short enough to end in about 20 s at this CPU's 25 tokens/s.
     Option("max_tokens", int, 512, "Most tokens per answer.", range=(1, 1 << 20)),
     Option("stop", tuple, (), "Stop the answer before this text (repeat it for several).", item=str,
            shown_default="none"),

@@ -3,7 +3,7 @@
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (raw text, no chat template), both plain
 JSON or server-sent events ending with ``data: [DONE]``; ``GET /v1/models``, ``GET /v1/models/{id}`` and
 ``GET /health``. Ensemble settings per request and statistics per answer travel in one extension object,
-``edge_ensemble`` (see :data:`EXTENSION_FIELDS` and the README).
+``edge_ensemble`` (see :data:`EXTENSION_FIELDS` and docs/server.md).
 
 Up to the ensemble's ``parallel`` answers are made at once, each on its own sequences (lanes) of the members'
 contexts; the others wait in arrival order. With ``batch`` (the default) each running answer has a thread of its
@@ -15,7 +15,7 @@ answer stopped after the current policy step, which frees its lanes for the next
 
 A request's ``n`` choices (up to ``max_n``) are ``n`` answers of their own, each with its own reported seed (the
 request's seed + i), queued together; ``logprobs`` / ``top_logprobs`` ask each emitted token's log-probability as the
-model that wrote it scored it, from a policy with the ``logprobs`` capability (the README says what an ensembled
+model that wrote it scored it, from a policy with the ``logprobs`` capability (docs/server.md says what an ensembled
 position reports).
 
 Every error a client sees is an OpenAI-style object ``{"error": {"message", "type", "param", "code"}}``
