@@ -129,19 +129,23 @@ def test_the_page_colours_each_token_by_its_member_and_marks_the_overrides(brows
         tip = browser.find_element(By.ID, "tip")
         wait(browser, lambda d: tip.is_displayed(), 5)
         assert "the drafter proposed" in tip.text and outlined.get_attribute("data-member") in tip.text
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(RESULTS / "page.png"))
 
-        # SAFE (a policy that scores its tokens): the drafter's tokens carry their candidates with probabilities
-        msg = ask(browser, "Name three colours.", policy="safe")
+        # SAFE (a policy that scores its tokens): every token carries its candidates with their probabilities
+        browser.find_element(By.ID, "clear").click()  # a new chat: the same question alone, as the API is asked
+        msg = ask(browser, PROMPT, policy="safe")
         got = tokens(msg)
-        assert got and {t["member"] for t in got} <= set(names)
+        want = tiny.generate(messages=[{"role": "user", "content": PROMPT}], policy="safe", max_tokens=TOKENS)
+        assert "".join(t["text"] for t in got) == want.text and {t["member"] for t in got} <= set(names)
         assert any(t["member"] == names[0] and t["kind"] == "draft" for t in got)
-        first = msg.find_elements(By.CSS_SELECTOR, ".answer .tok.has-tip")[0]
-        ActionChains(browser).move_to_element(first).perform()
+        assert sum(t["override"] for t in got) == want.stats.overridden_tokens
+        assert "policy safe" in msg.find_element(By.CSS_SELECTOR, ".figures").text
+        marked = msg.find_elements(By.CSS_SELECTOR, ".answer .tok.override") or msg.find_elements(
+            By.CSS_SELECTOR, ".answer .tok.has-tip")
+        ActionChains(browser).move_to_element(marked[0]).perform()
         wait(browser, lambda d: tip.is_displayed() and "candidates as" in tip.text, 5)
         assert "%" in tip.text
-        assert "policy safe" in msg.find_element(By.CSS_SELECTOR, ".figures").text
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(RESULTS / "page.png"))
         assert running.health()["running"] == 0
     finally:
         running.stop()

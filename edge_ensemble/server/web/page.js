@@ -157,7 +157,8 @@ function branchTable(branches) {
       if (typeof v === "number" && !Number.isInteger(v)) v = v.toFixed(3);
       if (v === undefined || v === null) v = "";
       if (typeof v === "object") v = JSON.stringify(v);
-      row.append(el("td", k === "text" ? { class: "text", title: String(v) } : {}, String(v)));
+      row.append(k === "text" ? el("td", { class: "text", title: String(v) }, el("div", { class: "clip" }, String(v)))
+                              : el("td", {}, String(v)));
     }
     table.append(row);
   }
