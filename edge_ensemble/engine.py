@@ -21,8 +21,8 @@ from .decisions import Sampling
 from .errors import ContextOverflowError, UsageError
 from .member import Lane, Member
 from .options import GENERATION
+from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Piece, Policy, TokenLogprob, registry
 from .text_stream import Scores, TextStream
-from .policies import DEFAULT_POLICY, ContextFull, MemberFile, Policy, TokenLogprob, registry
 
 
 @dataclass
@@ -106,6 +106,9 @@ class Event:
     # (asked for log-probabilities) the tokens whose text this event completes (a token whose text is held back,
     # e.g. while it could still become a stop string, comes with the event that prints it)
     logprobs: "list[TokenLogprob] | None" = None
+    # the accepted pieces since the previous event, in order (their text is this event's, less what is held back
+    # or cut by a stop string): who wrote each token, for a client that shows it (the server's provenance)
+    pieces: "list[Piece]" = field(default_factory=list)
 
 
 @dataclass
@@ -276,6 +279,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     stream = TextStream(options.stop)
     scores = Scores() if options.logprobs is not None else None
     spans: list[Span] = []
+    printing: list[Piece] = []  # the pieces of the next event
     finish = "length"
     tokens = 0
     deadline = t0 + options.time_limit if options.time_limit is not None else float("inf")
@@ -296,15 +300,18 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
                     if piece.kind == "ensemble":  # the members chose to end: that choice counts as a token
                         tokens += 1
                         spans.append(Span("ensemble", "", piece.winner))
+                        printing.append(piece)
                     break
                 tokens += 1
+                printing.append(piece)
                 if scores is not None and piece.logprob is not None:
                     scores.add(len(stream.data), len(piece.data), piece.logprob)
                 text = stream.push(piece.data)
                 _add_span(spans, piece.kind, piece.data, piece.winner)
                 if text:
-                    yield Event(text, piece.kind, piece.winner,
+                    yield Event(text, piece.kind, piece.winner, pieces=printing,
                                 logprobs=None if scores is None else scores.take(stream.emitted))
+                    printing = []
                 if stream.stopped:
                     ended = True
                     break
@@ -314,7 +321,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
         tail = stream.finish()
         rest = None if scores is None else scores.rest(len(stream.data))
         if tail or rest:
-            yield Event(tail, "draft", logprobs=rest)
+            yield Event(tail, "draft", logprobs=rest, pieces=printing)
     finally:
         steps.close()
         t2 = time.perf_counter()
@@ -330,7 +337,7 @@ def _run(lanes: list[Lane], runner: Policy, options: GenerationOptions, stats: G
     spans = _cut_spans(spans, len(stream.data))  # a stop string may have cut the last pieces
     result = GenerationResult(text=text, finish_reason=finish, stats=stats, provenance=_finish_spans(spans),
                               logprobs=None if scores is None else scores.kept(len(stream.data)))
-    return Event("", "done", finish_reason=finish, result=result)
+    return Event("", "done", finish_reason=finish, result=result, pieces=printing)
 
 
 def _policy_figures(stats: GenerationStats, runner: Policy, tokens: int) -> None:

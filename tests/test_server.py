@@ -48,13 +48,14 @@ class Running:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key or "unused", max_retries=0, timeout=60, **kw)
 
     def request(self, method: str, path: str, body: bytes | str | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
+                headers: dict[str, str] | None = None, *, raw: bool = False) -> tuple[int, dict[str, str], Any]:
+        """One request; the body parsed when it is JSON (``raw``: the bytes as they came)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
-            raw = resp.read()
-            data = json.loads(raw) if resp.getheader("content-type", "").startswith("application/json") else raw
+            body = resp.read()
+            data = json.loads(body) if not raw and resp.getheader("content-type", "").startswith("application/json") else body
             return resp.status, {k.lower(): v for k, v in resp.getheaders()}, data
         finally:
             conn.close()

@@ -99,6 +99,8 @@ class Piece:
     winner: str | None = None  # member whose candidate won an ensembled token (route: the expert that wrote it)
     end: bool = False  # end of generation
     logprob: TokenLogprob | None = None  # how the model that wrote it scored it (only when the call asks)
+    # where the ensemble chose another token than the drafter's: the drafter's own text (b"": it would have ended)
+    drafted: bytes | None = None
 
 
 @dataclass

@@ -79,10 +79,13 @@ class EveryTokenPolicy(Policy):
         self.stats.ensembled += 1
         if key != own_key:
             self.stats.overrides += 1
-        if key == EOG:
-            return [Piece(b"", "ensemble", winner, end=True)]
-        tokens = [own_tok] if key == own_key else primary.key_tokens(key)
-        return [self._accept(primary.key_bytes(key), tokens, "ensemble", winner)]
+        if key == EOG:  # (drafted: the primary's own token, where the members chose to end instead)
+            return [Piece(b"", "ensemble", winner, end=True, drafted=None if own_key == EOG else primary.key_bytes(own_key))]
+        if key == own_key:
+            return [self._accept(primary.key_bytes(key), [own_tok], "ensemble", winner)]
+        piece = self._accept(primary.key_bytes(key), primary.key_tokens(key), "ensemble", winner)
+        piece.drafted = b"" if own_key == EOG else primary.key_bytes(own_key)  # what the primary alone would have written
+        return [piece]
 
     def _accept(self, data: bytes, tokens: list[int], kind: str, winner: str | None = None) -> Piece:
         """Append an accepted piece: the primary's tokens, every other member's view of the text."""

@@ -298,8 +298,9 @@ class SafePolicy(Policy):
             self.pending = None  # the drafter re-syncs (trim + feed) at the next step
         if replacement is not None:
             chosen, winner = replacement
+            overridden = data[accepted] if accepted < len(drafts) else None
             if chosen == EOG:
-                pieces.append(Piece(b"", "ensemble", winner, end=True))
+                pieces.append(Piece(b"", "ensemble", winner, end=True, drafted=overridden))
             else:
                 # The chosen candidate is fed to the drafter as its own tokens (maybe several).
                 chosen_tokens = d.key_tokens(chosen)
@@ -307,7 +308,7 @@ class SafePolicy(Policy):
                 self.d_tokens.extend(chosen_tokens)
                 scored = None if self.top_logprobs is None else self._scored(accepted, chosen, chosen_data, verdict,
                                                                              dists)
-                pieces.append(Piece(chosen_data, "ensemble", winner, logprob=scored))
+                pieces.append(Piece(chosen_data, "ensemble", winner, logprob=scored, drafted=overridden))
                 new_text += chosen_data
                 new_tokens += chosen_tokens
         self.text_len += len(new_text)

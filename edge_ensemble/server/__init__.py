@@ -2,8 +2,10 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (raw text, no chat template), both plain
 JSON or server-sent events ending with ``data: [DONE]``; ``GET /v1/models``, ``GET /v1/models/{id}`` and
-``GET /health``. Ensemble settings per request and statistics per answer travel in one extension object,
-``edge_ensemble`` (see :data:`EXTENSION_FIELDS` and docs/server.md).
+``GET /health``; ``GET /v1/edge_ensemble`` describes the ensemble, and ``GET /`` is a web page that shows how each
+answer was made (docs/web.md). Ensemble settings per request and statistics per answer travel in one extension
+object, ``edge_ensemble`` (see :data:`EXTENSION_FIELDS` and docs/server.md); with its ``provenance`` field on, each
+streamed chunk also says who wrote its tokens (:mod:`.provenance`; off, the responses are unchanged).
 
 Up to the ensemble's ``parallel`` answers are made at once, each on its own sequences (lanes) of the members'
 contexts; the others wait in arrival order. With ``batch`` (the default) each running answer has a thread of its
@@ -29,7 +31,9 @@ Modules (one job each; the ones above never import the ones below):
 * :mod:`.settings`  the server's limits (:data:`SERVER_LIMITS`) and :class:`ServerOptions`
 * :mod:`.requests`  request fields, their validation into a :class:`Call`, and the :class:`ApiError` answers
 * :mod:`.workers`   the :class:`Worker` that makes the answers on the ensemble (batched with decode rounds)
+* :mod:`.provenance` who wrote each token of a chunk, the branches of the last one (the provenance extension)
 * :mod:`.responses` the answers' JSON objects and server-sent events
+* :mod:`.pages`     the web page's files (``web/``) and the ensemble's description for it
 * :mod:`.app`       the Starlette application (:func:`create_app`): routes, authentication, streaming
 * :mod:`.runner`    :func:`serve`: the socket, the bind check and uvicorn
 

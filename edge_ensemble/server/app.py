@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 from ..errors import EdgeEnsembleError
 from ..logs import Exchange, Writer, exchange
-from .requests import _INTERNAL, ApiError, _check_loaded_for, _library_error, parse_request
+from .requests import _INTERNAL, ApiError, _check_loaded_for, _library_error, ask_provenance_scores, parse_request
 from .responses import _ClientGone, _collect, _event_stream, _first_item, _Items, _Reply
+from . import pages
 from .settings import ServerOptions
 from .workers import Job, QueueFull, Worker
 
@@ -42,7 +43,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.requests import ClientDisconnect
-    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 
     opts = (options or ServerOptions()).validate()
@@ -76,7 +77,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
 
         async def endpoint(request: "Request") -> "Response":
             try:
-                if opts.api_key is not None and request.url.path != "/health":
+                if opts.api_key is not None and request.url.path != "/health" and request.url.path not in pages.FILES:
                     _authenticate(request, opts.api_key)
                 return await handler(request)
             except ApiError as err:
@@ -109,6 +110,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
     async def answer(request: "Request", kind: str) -> "Response":
         call = parse_request(kind, await read_json(request), opts)
         _check_loaded_for(call, ensemble)
+        ask_provenance_scores(call, ensemble)
         room = ensemble.config.parallel + opts.max_queue
         if call.n > room:
             raise ApiError(400, f"n={call.n} choices can never be made together here: this server makes {ensemble.config.parallel}"
@@ -131,7 +133,7 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
             raise ApiError(429, f"the server is busy: its queue of {state['worker'].max_queue} waiting request(s)"
                            f" is full; retry in {full.retry_after} s", type="rate_limit_error", code="queue_full",
                            headers={"Retry-After": str(full.retry_after)}) from None
-        reply = _Reply(call, opts.model_id)
+        reply = _Reply(call, opts.model_id, ensemble.members[0].name)
         items = _Items(jobs, request)
         try:
             first = await _first_item(items)
@@ -178,6 +180,13 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
                            f" {opts.model_id!r}", param="model", code="model_not_found")
         return JSONResponse(model_object())
 
+    async def page(request: "Request") -> "Response":
+        data, media = pages.read(request.url.path)
+        return Response(data, media_type=media, headers={"Cache-Control": "no-cache"})
+
+    async def info(request: "Request") -> "Response":
+        return JSONResponse(pages.describe(ensemble, opts.model_id))
+
     async def health(request: "Request") -> "Response":
         return JSONResponse({"status": "ok", "model": opts.model_id, **state["worker"].status()})
 
@@ -213,6 +222,8 @@ def create_app(ensemble: "Ensemble", options: ServerOptions | None = None, *,
         Route("/v1/models", guarded(models), methods=["GET"]),
         Route("/v1/models/{model:path}", guarded(model), methods=["GET"]),
         Route("/health", guarded(health), methods=["GET"]),
+        Route("/v1/edge_ensemble", guarded(info), methods=["GET"]),
+        *(Route(path, guarded(page), methods=["GET"]) for path in pages.FILES),
     ]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})

@@ -27,7 +27,14 @@ def extension_fields() -> tuple[str, ...]:
     Ensemble.stream takes them per answer); top_k is sampling top-k (OpenAI has no such field); time_limit may
     shorten the server's own limit. Read from the registry: a plugin's policy options are fields too."""
     own = server_only()
-    return ("policy", *(o for o in registry.policy_options() if o not in own), "top_k", "time_limit")
+    return ("policy", *(o for o in registry.policy_options() if o not in own), "top_k", "time_limit", PROVENANCE)
+
+
+# The field that asks, per request, who wrote each token (the web page's view; docs/web.md has its wire format).
+PROVENANCE = "provenance"
+# Alternatives per token the provenance shows, asked of a policy with the logprobs capability when the request
+# asked none itself (they then stay out of OpenAI's logprobs fields).
+PROVENANCE_TOP = 5
 
 
 def __getattr__(name: str) -> Any:
@@ -116,14 +123,18 @@ class Call:
     time_limit: float
     max_tokens: int
     n: int = 1  # choices: n answers to the same prompt, each its own seed (seed, seed + 1, ...)
+    provenance: bool = False  # each chunk says who wrote its tokens (edge_ensemble.provenance)
+    hidden_logprobs: bool = False  # log-probabilities asked for the provenance only, not shown in OpenAI's fields
 
 
-def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str, default: Any = None) -> Any:
+def _get(body: dict[str, Any], name: str, types: tuple[type, ...], what: str, default: Any = None, *,
+         param: str | None = None) -> Any:
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise ApiError(400, f"{name} must be {what}; got {json.dumps(value)[:80]}", param=name, code="invalid_type")
+        param = param or name
+        raise ApiError(400, f"{param} must be {what}; got {json.dumps(value)[:80]}", param=param, code="invalid_type")
     return value
 
 
@@ -290,6 +301,7 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
     logprobs = _logprobs(body, kind)
     if logprobs is not None:
         arguments["logprobs"] = logprobs
+    provenance = _get(ext, PROVENANCE, (bool,), "true or false", False, param=f"edge_ensemble.{PROVENANCE}")
     if "policy" in ext:
         arguments["policy"] = _get(ext, "policy", (str,), "a policy name", None)
     for key, option in registry.policy_options().items():
@@ -300,7 +312,7 @@ def parse_request(kind: str, body: Any, options: ServerOptions) -> Call:
         arguments["messages"] = _messages(body, options)
     else:
         arguments["raw"] = _prompt(body, options)
-    return Call(kind, stream, include_usage, arguments, time_limit, max_tokens, n)
+    return Call(kind, stream, include_usage, arguments, time_limit, max_tokens, n, provenance)
 
 
 def _logprobs(body: dict[str, Any], kind: str) -> int | None:
@@ -320,6 +332,28 @@ def _logprobs(body: dict[str, Any], kind: str) -> int | None:
         raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}; got {count}", param="logprobs",
                        code="invalid_value")
     return count
+
+
+def served_policies(ensemble: Any) -> list[str]:
+    """The policies a request may name on this server (its own, and those its loaded models can run too)."""
+    return [name for name in registry.names() if name == ensemble.config.policy or not _unmet(ensemble, name)]
+
+
+def _unmet(ensemble: Any, policy: str) -> str:
+    """What ``policy`` would need that the loaded models lack (empty: nothing)."""
+    try:
+        return ensemble.unmet_needs(dataclasses.replace(ensemble.config, policy=policy).validate(len(ensemble.members)))
+    except UsageError:  # a policy this server cannot set up per request (e.g. route without the server's head)
+        return "its own load"
+
+
+def ask_provenance_scores(call: Call, ensemble: Any) -> None:
+    """With the provenance on, ask the candidates of every token of a policy that can score them (the logprobs
+    capability), when the request did not ask log-probabilities itself: they go to the provenance only."""
+    policy = call.arguments.get("policy", ensemble.config.policy)
+    if call.provenance and "logprobs" not in call.arguments and policy in registry.names() and registry.get(policy).logprobs:
+        call.arguments["logprobs"] = PROVENANCE_TOP
+        call.hidden_logprobs = True
 
 
 def _check_loaded_for(call: Call, ensemble: Any) -> None:

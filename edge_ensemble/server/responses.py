@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, AsyncIterator
 
+from . import provenance
 from .requests import _INTERNAL, Call
 from .workers import Job
 
@@ -71,7 +72,7 @@ class _Logprobs:
 class _Reply:
     """The ids and shapes of one answer's response objects (its ``n`` choices)."""
 
-    def __init__(self, call: Call, model_id: str) -> None:
+    def __init__(self, call: Call, model_id: str, drafter: str = "") -> None:
         self.call, self.model = call, model_id
         chat = call.kind == "chat"
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -79,6 +80,12 @@ class _Reply:
         self.object = ("chat.completion" if chat else "text_completion")
         offset = 0 if chat else len(call.arguments.get("raw", ""))
         self.logprobs = [_Logprobs(chat, offset) for _ in range(call.n)]
+        # (the provenance extension) each choice's tokens, matched to its chunks' text
+        self.provenance = [provenance.Provenance(drafter) for _ in range(call.n)] if call.provenance else None
+
+    def shown(self, records: "list[TokenLogprob] | None") -> "list[TokenLogprob] | None":
+        """The log-probabilities that OpenAI's fields show: none when only the provenance asked for them."""
+        return None if self.call.hidden_logprobs else records
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
@@ -87,7 +94,7 @@ class _Reply:
     def whole(self, results: "list[GenerationResult]", jobs: list[Job]) -> dict[str, Any]:
         choices = []
         for i, result in enumerate(results):
-            logprobs = self.logprobs[i].shape(result.logprobs)
+            logprobs = self.logprobs[i].shape(self.shown(result.logprobs))
             if self.call.kind == "chat":
                 choices.append({"index": i, "message": {"role": "assistant", "content": result.text},
                                 "logprobs": logprobs, "finish_reason": result.finish_reason})
@@ -95,6 +102,8 @@ class _Reply:
                 choices.append({"index": i, "text": result.text, "logprobs": logprobs,
                                 "finish_reason": result.finish_reason})
         each = [_extension_out(r, self.call, j) for r, j in zip(results, jobs)]
+        if self.call.provenance:
+            each = [{**e, **provenance.final(r)} for e, r in zip(each, results)]
         ext = {**each[0], "seeds": [j.seed for j in jobs]}
         if len(each) > 1:
             ext["choices"] = each
@@ -211,9 +220,15 @@ async def _event_stream(items: _Items, reply: _Reply, first: tuple[int, tuple[st
                 break
             if kind == "event" and value.result is not None:
                 result = results[i] = value.result
+                ext = _extension_out(result, reply.call, items.jobs[i])
+                if reply.provenance is not None:
+                    ext.update(provenance.final(result), tokens=reply.provenance[i].tokens(value))
                 yield _sse({**reply.chunk(None if chat else "", result.finish_reason, index=i,
-                                          logprobs=value.logprobs),
-                            "edge_ensemble": _extension_out(result, reply.call, items.jobs[i])})
+                                          logprobs=reply.shown(value.logprobs)), "edge_ensemble": ext})
+            elif kind == "event" and reply.provenance is not None:
+                if value.text or reply.shown(value.logprobs):
+                    yield _sse({**reply.chunk(value.text, index=i, logprobs=reply.shown(value.logprobs)),
+                                "edge_ensemble": {"tokens": reply.provenance[i].tokens(value)}})
             elif kind == "event" and (value.text or value.logprobs):
                 yield _sse(reply.chunk(value.text, index=i, logprobs=value.logprobs))
             if items.over:
