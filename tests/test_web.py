@@ -198,3 +198,30 @@ def test_the_page_asks_for_the_api_key_once_and_keeps_it_in_the_tab(browser, tin
     finally:
         browser.execute_script("sessionStorage.clear()")
         running.stop()
+
+
+def test_a_voting_answer_shows_its_samples_with_member_answer_confidence_and_votes(browser, real_models, llama_quiet):
+    from selenium.webdriver.common.by import By
+
+    config = EnsembleConfig(n_ctx=2048, n_threads=2, check_memory=False, policy="vote", window=2)
+    with Ensemble([real_models("smollm2-135m-instruct")], config=config) as ens:
+        running = Running(create_app(ens, ServerOptions(model_id=MODEL, seed=3)))
+        try:
+            open_page(browser, running.url)
+            options = {"vote_gate": "never", "max_samples": 5, "answer": "number", "stopping": "none"}
+            msg = ask(browser, "What is 12 + 30? Answer with the number.", policy="vote",
+                      options=json.dumps(options), max_tokens=24)
+            rows = msg.find_elements(By.CSS_SELECTOR, "table.branches tr.branch")
+            assert len(rows) == 5  # the first answer and two windows of two samples
+            assert [r.get_attribute("data-chosen") for r in rows].count("1") == 1
+            heads = [th.text for th in msg.find_elements(By.CSS_SELECTOR, "table.branches th")]
+            assert {"member", "answer", "confidence", "votes", "chosen", "origin"} <= set(heads)
+            chosen = msg.find_element(By.CSS_SELECTOR, "table.branches tr.chosen td.text").get_attribute("title")
+            assert chosen == msg.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
+            want = ens.generate(messages=[{"role": "user", "content": "What is 12 + 30? Answer with the number."}],
+                                max_tokens=24, seed=3, **options)
+            assert chosen == want.text  # the page shows the answer the API makes with the same seed
+            browser.execute_script("arguments[0].scrollIntoView()", msg)
+            browser.save_screenshot(str(RESULTS / "vote.png"))
+        finally:
+            running.stop()
