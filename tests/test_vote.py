@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -198,3 +199,22 @@ def test_a_cascade_moves_on_when_a_window_disagrees_and_together_shares_each_win
     for start in (1, 3, 5):  # every window of two: one sample from each member
         assert {b.member for b in together.branches[start:start + 2]} == set(names)
     assert agree.stats.escalations == 0 and agree.stats.windows == 1
+
+
+@pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux's script(1) for a terminal")
+def test_on_a_terminal_the_first_answer_streams_then_the_check_and_the_voted_answer(tiny_bpe) -> None:
+    cmd = (f"{sys.executable} -m edge_ensemble.cli run -m {tiny_bpe} --policy vote --vote-gate never "
+           f"--max-samples 3 --window 2 --max-tokens 12 --n-ctx 2048 --seed 1 'Say something.'")
+    out = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout
+    shown = out.stdout.replace("\r", "")
+    assert "[checking: window 1 (" in shown
+    piped = subprocess.run([*cmd.split()[:-2], "--json", "Say something."], capture_output=True, text=True,
+                           timeout=120)
+    payload = json.loads(piped.stdout)
+    first = payload["branches"][0]["text"]
+    assert shown.index(first) < shown.index("[checking: window 1")  # the first answer streamed before the check
+    if payload["branches"][0]["chosen"]:
+        assert "[the first answer was kept" in shown
+    else:
+        assert "[consensus answer" in shown and shown.rindex(payload["text"]) > shown.index("[consensus answer")
