@@ -343,3 +343,17 @@ def test_a_full_server_context_ends_the_answer_with_length(tiny_server: Server, 
     with Ensemble(members, policy=policy, **OPTS) as ens:
         r = ens.generate("Hello", max_tokens=1000)
     assert r.finish_reason == "length" and 400 < r.stats.tokens < 512
+
+
+def test_a_vote_with_a_remote_member_samples_through_llama_server(binary: Path, tiny_bpe: Path) -> None:
+    """A `server:` member samples one request per sample and step, each live sample in its own slot (llama-server's
+    n_cmpl is not used): the vote runs and its first answer is the remote model's greedy one."""
+    from edge_ensemble import Ensemble
+
+    with Server(binary, tiny_bpe, n_ctx=512, slots=3) as server, \
+            Ensemble([server.spec(tiny_bpe)], n_ctx=512, n_threads=1, policy="vote", window=2) as ens:
+        got = ens.generate("Hello", max_tokens=8, vote_gate="never", max_samples=3, stopping="none", seed=1)
+        greedy = ens.generate("Hello", max_tokens=8, policy="single")
+    assert got.stats.samples == 3 and len(got.branches) == 3
+    assert got.branches[0].text == greedy.text and got.branches[0].origin == "first"
+    assert all(b.finish_reason in ("stop", "length") for b in got.branches)
