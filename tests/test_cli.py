@@ -319,7 +319,7 @@ def test_bad_models(tiny_bpe: Path, tmp_path: Path) -> None:
     (["--weights", "1,2,3"], "--weights: give one per member (2); got 3"),
     (["--weights", "1,x"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got '1,x'"),
     (["--weights", "1,0"], "--weights must be a list of numbers above 0.0 (e.g. 2,1); got (1.0, 0.0)"),
-    (["--policy", "fast"], "--policy must be one of single, every-token, safe, eager, route; got 'fast'"),
+    (["--policy", "fast"], "--policy must be one of single, every-token, safe, eager, route, vote; got 'fast'"),
     (["--policy", "eager", "--max-branches", "0"], "--max-branches must be a whole number between 1 and 64; got 0"),
     (["--policy", "eager", "--max-branches", "100"], "--max-branches must be a whole number between 1 and 64; got 100"),
     (["--policy", "eager", "--threshold", "-1"], '--threshold must be a number between 0.0 and 50.0 or "off"; got -1.0'),
@@ -353,7 +353,7 @@ def test_empty_stdin(model_args: list[str]) -> None:
     ('draft_len = "five"\n', ["draft_len must be a whole number between 1 and 64; got 'five'"]),
     ("top_k_union = 5\n", ["unknown key 'top_k_union'"]),
     ("weights = [2, 1, 1]\n", ["weights: give one per member (2); got 3"]),
-    ('policy = "fast"\n', ["policy must be one of single, every-token, safe, eager, route; got 'fast'"]),
+    ('policy = "fast"\n', ["policy must be one of single, every-token, safe, eager, route, vote; got 'fast'"]),
     ("members = []\n", ["members must be a non-empty list"]),
     ("gate = [\n", ["is not valid TOML"]),
 ])
