@@ -386,8 +386,8 @@ def _run_branches(lanes: list[Lane], runner: Policy, options: GenerationOptions,
     infos: list[BranchInfo] = []
     for b in branches:
         finish = b.finish_reason or "length"
-        data = b"".join(lanes[0].member.token_bytes(t) for t in b.tokens) if getattr(b, "lane", None) is None \
-            else b"".join(b.lane.member.token_bytes(t) for t in b.tokens)
+        member = (b.lane or lanes[0]).member  # a vote's samples may come from any member
+        data = b"".join(member.token_bytes(t) for t in b.tokens)
         cut = TextStream(options.stop)
         cut.push(data)
         if cut.stopped and finish != "killed":

@@ -151,6 +151,21 @@ def test_the_page_colours_each_token_by_its_member_and_marks_the_overrides(brows
         running.stop()
 
 
+def branch_table(msg: Any, rows: int, columns: set[str]) -> str:
+    """Check a branching answer's table (``rows`` samples, exactly one chosen, at least ``columns``; the chosen
+    row's text is the answer shown) and return the chosen text."""
+    from selenium.webdriver.common.by import By
+
+    found = msg.find_elements(By.CSS_SELECTOR, "table.branches tr.branch")
+    assert len(found) == rows
+    assert [r.get_attribute("data-chosen") for r in found].count("1") == 1
+    heads = [th.text for th in msg.find_elements(By.CSS_SELECTOR, "table.branches th")]
+    assert columns <= set(heads)
+    chosen = msg.find_element(By.CSS_SELECTOR, "table.branches tr.chosen td.text").get_attribute("title")
+    assert chosen == msg.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
+    return chosen
+
+
 def test_a_branching_answer_shows_its_samples(browser, real_models, llama_quiet):
     from selenium.webdriver.common.by import By
 
@@ -161,13 +176,7 @@ def test_a_branching_answer_shows_its_samples(browser, real_models, llama_quiet)
             open_page(browser, running.url)
             msg = ask(browser, "Pick a number from 1 to 10 and say it.", policy="eager", temperature=0.9,
                       options=json.dumps({"initial_branches": 3, "threshold": "off"}), max_tokens=12)
-            rows = msg.find_elements(By.CSS_SELECTOR, "table.branches tr.branch")
-            assert len(rows) == 3
-            assert [r.get_attribute("data-chosen") for r in rows].count("1") == 1
-            heads = [th.text for th in msg.find_elements(By.CSS_SELECTOR, "table.branches th")]
-            assert {"index", "chosen", "answer", "votes", "mean_logprob", "text"} <= set(heads)
-            chosen = msg.find_element(By.CSS_SELECTOR, "table.branches tr.chosen td.text").get_attribute("title")
-            assert chosen == msg.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
+            branch_table(msg, 3, {"index", "chosen", "answer", "votes", "mean_logprob", "text"})
             assert "3 branches" in msg.find_element(By.CSS_SELECTOR, ".figures").text
             browser.execute_script("arguments[0].scrollIntoView()", msg)
             browser.save_screenshot(str(RESULTS / "branches.png"))
@@ -201,7 +210,6 @@ def test_the_page_asks_for_the_api_key_once_and_keeps_it_in_the_tab(browser, tin
 
 
 def test_a_voting_answer_shows_its_samples_with_member_answer_confidence_and_votes(browser, real_models, llama_quiet):
-    from selenium.webdriver.common.by import By
 
     config = EnsembleConfig(n_ctx=2048, n_threads=2, check_memory=False, policy="vote", window=2)
     with Ensemble([real_models("smollm2-135m-instruct")], config=config) as ens:
@@ -211,13 +219,8 @@ def test_a_voting_answer_shows_its_samples_with_member_answer_confidence_and_vot
             options = {"vote_gate": "never", "max_samples": 5, "answer": "number", "stopping": "none"}
             msg = ask(browser, "What is 12 + 30? Answer with the number.", policy="vote",
                       options=json.dumps(options), max_tokens=24)
-            rows = msg.find_elements(By.CSS_SELECTOR, "table.branches tr.branch")
-            assert len(rows) == 5  # the first answer and two windows of two samples
-            assert [r.get_attribute("data-chosen") for r in rows].count("1") == 1
-            heads = [th.text for th in msg.find_elements(By.CSS_SELECTOR, "table.branches th")]
-            assert {"member", "answer", "confidence", "votes", "chosen", "origin"} <= set(heads)
-            chosen = msg.find_element(By.CSS_SELECTOR, "table.branches tr.chosen td.text").get_attribute("title")
-            assert chosen == msg.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
+            # the first answer and two windows of two samples
+            chosen = branch_table(msg, 5, {"member", "answer", "confidence", "votes", "chosen", "origin"})
             want = ens.generate(messages=[{"role": "user", "content": "What is 12 + 30? Answer with the number."}],
                                 max_tokens=24, seed=3, **options)
             assert chosen == want.text  # the page shows the answer the API makes with the same seed

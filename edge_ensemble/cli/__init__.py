@@ -87,7 +87,7 @@ def cli() -> None:
     else at $XDG_CONFIG_HOME/edge-ensemble/config.toml (~/.config/edge-ensemble/...).
     Its keys are the long options of `chat` and `run` with underscores:
         preset = "tiny"        # or: members = ["a.gguf", "b.gguf"]
-        policy = "safe"
+        policy = "{default_policy}"
         gate = 0.6             # or "off"
         draft_len = 5
         threads = 4

@@ -335,7 +335,8 @@ class VotePolicy(Policy):
 
     def _score(self, s: Sample, dist: Dist, tok: int, temperature: float) -> None:
         s.confs.append(_token_confidence(dist, temperature))
-        p = float(dist.prob(tok))
+        # a greedy token's probability without the full float64 softmax (the first answer's every token)
+        p = float(dist.top1) if tok == dist.argmax else float(dist.prob(tok))
         s.logprob += math.log(p) if p > 0 else -1e9
 
     def _root(self, m: int) -> Dist:
