@@ -5,7 +5,7 @@
 
 Read from: the policy option and every registered policy's ``Options`` (``edge_ensemble.policies``, so a new or
 plugin policy appears by itself), the generation and load options (``edge_ensemble.options``), the server's limits
-(``edge_ensemble.server.settings``), calibrate's sweep (``edge_ensemble.eval.calibrate``) and, for the settings that
+(``edge_ensemble.server.settings``), calibrate's sweeps (``edge_ensemble.eval.calibrate``, ``edge_ensemble.eval.calibrate_vote``) and, for the settings that
 are plain click options (``--preset``, ``--host``, ...), the commands themselves. Nothing loads a model.
 """
 
@@ -26,6 +26,7 @@ from edge_ensemble.cli import cli  # noqa: E402
 from edge_ensemble.cli.flags import _EVAL_DEFAULTS, _EVAL_OPTIONS  # noqa: E402
 from edge_ensemble.config import COMMAND_OPTIONS  # noqa: E402
 from edge_ensemble.eval.calibrate import SWEEP_OPTIONS  # noqa: E402
+from edge_ensemble.eval.calibrate_vote import VOTE_SWEEP_OPTIONS  # noqa: E402
 from edge_ensemble.options import GENERATION_OPTIONS, LOAD_OPTIONS, Option  # noqa: E402
 from edge_ensemble.policies import POLICY, declarations, registry  # noqa: E402
 from edge_ensemble.server import requests as server_requests  # noqa: E402
@@ -173,7 +174,14 @@ leave them out) and these; Python: `ServerOptions(...)` in `edge_ensemble.server
 
 Python: `Sweep(...)` in `edge_ensemble.eval.calibrate`; see [eval-and-calibrate.md](eval-and-calibrate.md).
 
-""", _table(_row(o, "Sweep", "—") for o in SWEEP_OPTIONS)]
+""", _table(_row(o, "Sweep", "—") for o in SWEEP_OPTIONS), """
+
+## The vote's calibration sweep (`calibrate --policy vote`)
+
+Python: `VoteSweep(...)` in `edge_ensemble.eval.calibrate_vote` (`min_gain` is shared with the sweep above); see
+[vote.md](vote.md#calibrate-the-vote).
+
+""", _table(_row(o, "VoteSweep", "—") for o in VOTE_SWEEP_OPTIONS)]
     return "".join(out)
 
 

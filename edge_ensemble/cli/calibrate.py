@@ -14,13 +14,15 @@ from .. import paths
 from ..api import ENSEMBLE_OPTIONS, EnsembleConfig
 from ..config import OPTIONS as KEY_OPTIONS, load_config
 from ..errors import UsageError
-from ..eval.calibrate import SWEEP_OPTIONS as CALIBRATE_SWEEP
+from ..eval.calibrate import CALIBRATED, SWEEP_OPTIONS as CALIBRATE_SWEEP
+from ..eval.calibrate_vote import VOTE_POLICY, VOTE_SWEEP_OPTIONS
 from ..policies import registry
 from .common import EnsembleChoice, _catalog, _note, _table
 from .flags import _EVAL_DEFAULTS, _declared_flags, _eval_options
 
 
-_SWEEP_FLAGS = {o.name: o.flag for o in CALIBRATE_SWEEP}  # to name a bad sweep value by its flag
+_SWEEP_FLAGS = {o.name: o.flag for o in (*CALIBRATE_SWEEP, *VOTE_SWEEP_OPTIONS)}  # to name a bad sweep value
+_CALIBRATED_POLICIES = (CALIBRATED, VOTE_POLICY)  # what calibrate sweeps: SAFE's weights and gate, or the vote's
 
 
 @click.command("calibrate")
@@ -39,11 +41,18 @@ _SWEEP_FLAGS = {o.name: o.flag for o in CALIBRATE_SWEEP}  # to name a bad sweep 
               "[default: write].")
 @click.option("--no-plot", is_flag=True, help="Skip the PNG plot of accuracy against speed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@_declared_flags(CALIBRATE_SWEEP, "sweep")
+@click.option("--policy", "calibrated", type=click.Choice(_CALIBRATED_POLICIES), default=CALIBRATED,
+              show_default=True,
+              help=f"What to calibrate: {CALIBRATED} (the drafter's weight and the gate, each setting run) or "
+                   f"{VOTE_POLICY} (its gate, window, cap, stopping rule and weighting, replayed over one draw of 8 "
+                   "answers per item; docs/vote.md).")
+@_declared_flags(CALIBRATE_SWEEP, "sweep", defaults=False)
+@_declared_flags(VOTE_SWEEP_OPTIONS, "vote_sweep", defaults=False)
 @_eval_options
 def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | None, dev_file: str | None,
                       start: int, limit: int | None, out_dir: str | None, write: bool, no_plot: bool,
-                      as_json: bool, sweep: dict[str, Any], options: dict[str, Any]) -> None:
+                      as_json: bool, calibrated: str, sweep: dict[str, Any], vote_sweep: dict[str, Any],
+                      options: dict[str, Any]) -> None:
     """Choose this ensemble's drafter weight and gate by measurement; resumable.
 
     Runs the drafter alone and each setting of the sweep (drafter weight x gate
@@ -55,17 +64,27 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     (--drop-level), and with --screen N only the best setting after N items goes on
     beside the drafter. Records: OUT/<task>.jsonl (a rerun skips what is done);
     OUT/summary.md and OUT/calibrate.png.
+
+    --policy vote calibrates the answer-level vote instead: the first member
+    alone and one draw of 8 answers per item, then every vote setting replayed
+    over the draw, chosen on the first --fit-items items (McNemar p below
+    --significance, the cheapest) and checked on the rest.
     """
     from ..eval.calibrate import Sweep, calibrate, dev_task, write_calibration
+    from ..eval.calibrate_vote import VoteSweep, calibrate_vote
     from ..sources import parse_spec
 
+    # (a repeatable flag not given arrives as (): not given)
+    sweep = {k: v for k, v in sweep.items() if v != ()}
+    vote_sweep = {k: v for k, v in vote_sweep.items() if v != ()}
+    _check_sweep_flags(calibrated, sweep, vote_sweep)
     choice = EnsembleChoice(preset, members)
     dev = dev_task(task, dev_file)
     dev.items(start, limit)  # fail on missing data before any model loads
     catalog = _catalog()
     chosen_preset = choice.chosen_preset(catalog)
     specs = [parse_spec(m, catalog) for m in (members or chosen_preset.members)]
-    if len(specs) < 2:
+    if len(specs) < 2 and calibrated == CALIBRATED:
         raise UsageError("calibrate needs an ensemble of at least two members (the first drafts)")
     label = chosen_preset.name if chosen_preset else "-".join(s.display_name for s in specs)
     out = Path(out_dir or Path("results") / "calibrate" / label)
@@ -84,6 +103,13 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
         if (real.exists() and paths.read_only(real)) or _unwritable(real.parent):
             raise UsageError(f"cannot write the config file {target}; make it writable, set $EDGE_ENSEMBLE_CONFIG "
                              "to another file, or pass --no-write")
+    if calibrated == VOTE_POLICY:
+        vote = VoteSweep(**vote_sweep, **{k: v for k, v in sweep.items() if k == "min_gain"}).validate(
+            lambda n: _SWEEP_FLAGS[n])
+        _vote_calibration(calibrate_vote(specs, dev, out, preset=chosen_preset.name if chosen_preset else None,
+                                         start=start, limit=limit, sweep=vote, base=base, max_tokens=max_tokens,
+                                         dev_file=dev_file), out, write, as_json)
+        return
     result = calibrate(specs, dev, out, preset=chosen_preset.name if chosen_preset else None, start=start,
                        limit=limit, sweep=Sweep(**sweep).validate(lambda n: _SWEEP_FLAGS[n]), base=base,
                        max_tokens=max_tokens, dev_file=dev_file)
@@ -98,6 +124,41 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     what = "the drafter alone" if result.chosen is result.drafter else result.chosen.setting.name
     where = f"; written to {written} [{result.to_dict()['table']}]" if written else " (not written: --no-write)"
     _note(f"chosen: {what}, {result.chosen.summary.correct}/{result.items} right on {result.dev_set}{where}")
+
+
+def _check_sweep_flags(calibrated: str, sweep: dict[str, Any], vote_sweep: dict[str, Any]) -> None:
+    """Refuse a sweep flag of the other policy (``--gates`` with ``--policy vote``): it would change nothing."""
+    voting = calibrated == VOTE_POLICY
+    other = [n for n in sweep if n != "min_gain"] if voting else list(vote_sweep)
+    if other:
+        theirs = CALIBRATED if voting else VOTE_POLICY
+        raise UsageError(f"{_SWEEP_FLAGS[other[0]]} sweeps the {theirs} policy; drop it, or pass --policy {theirs}")
+
+
+def _vote_calibration(result: Any, out: Path, write: bool, as_json: bool) -> None:
+    """Report a vote calibration (OUT/summary.md, the chosen and the best rows) and write its table."""
+    from ..eval.calibrate import write_calibration
+
+    paths.write_text_atomic(out / "summary.md", result.markdown())
+    written = write_calibration(result) if write else None
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "config_file": str(written) if written else None},
+                              ensure_ascii=False))
+    else:
+        rows = [(f"single:{result.drafter_name}", f"{result.drafter_fit.right}/{result.drafter_fit.n}", "-",
+                 f"{result.drafter_fit.seconds:.2f}",
+                 f"{result.drafter_check.right}/{result.drafter_check.n}" if result.drafter_check else "-", "")]
+        best = sorted(result.scores, key=lambda s: (-s.fit.right, s.fit.seconds))[:5]
+        shown = ([result.chosen] if result.chosen is not None else []) + [s for s in best if s is not result.chosen]
+        for s in shown:
+            rows.append((s.setting.name, f"{s.fit.right}/{s.fit.n}", f"+{s.fit.won} -{s.fit.lost} p={s.fit.p:.3f}",
+                         f"{s.fit.seconds:.2f}", f"{s.check.right}/{s.check.n}" if s.check else "-",
+                         "<- chosen" if s is result.chosen else ""))
+        click.echo(_table(rows, ("SETTING", "FIT RIGHT", "VS DRAFTER", "EST S/ANSWER", "CHECK RIGHT", "")))
+        _note(f"every setting: {out / 'summary.md'} (seconds are estimates from the draw's step times)")
+    what = result.chosen.setting.name if result.chosen is not None else f"the drafter alone ({result.why})"
+    where = f"; written to {written} [{result.to_dict()['table']}]" if written else " (not written: --no-write)"
+    _note(f"chosen: {what}, fit on {result.fitted_on}, checked on {result.checked_on or 'nothing'}{where}")
 
 
 def _calibration_rows(result: Any) -> list[tuple[str, ...]]:

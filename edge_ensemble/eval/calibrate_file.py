@@ -7,12 +7,20 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from edge_ensemble import paths
 from edge_ensemble.calibration import parse_calibrations, toml_key
 from edge_ensemble.errors import EdgeEnsembleError, UsageError
-from edge_ensemble.eval.calibrate_results import CalibrationResult
+
+
+class CalibrationTable(Protocol):
+    """What a calibration writes (SAFE's :class:`~edge_ensemble.eval.calibrate_results.CalibrationResult`, the
+    vote's :class:`~edge_ensemble.eval.calibrate_vote.VoteCalibration`): where, and the table."""
+
+    key: tuple[str, str]
+
+    def table(self) -> dict[str, Any]: ...
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -96,7 +104,7 @@ def _without_table(text: str, path: tuple[str, ...]) -> str:
     return "\n".join(keep) + ("\n" if keep else "")
 
 
-def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | None = None, *,
+def write_calibration(result: CalibrationTable, path: str | os.PathLike[str] | None = None, *,
                       table: Sequence[str] | None = None) -> Path:
     """Write ``result``'s table into the user config file (default :func:`paths.config_path`), replacing an
     earlier calibration of the same ensemble and keeping everything else; atomic, and checked by reading it
@@ -135,4 +143,4 @@ def write_calibration(result: CalibrationResult, path: str | os.PathLike[str] | 
     return path
 
 
-__all__ = ["plain", "write_calibration"]
+__all__ = ["CalibrationTable", "plain", "write_calibration"]
