@@ -128,7 +128,8 @@ def test_top_level_help_states_the_gate_and_a_plain_runs_policy() -> None:
     assert f"top-1 probability is below --gate (default {gate.default_text};" in text, text
     assert f"--gate-entropy adds an entropy test, {entropy.default_text} by default" in text, text
     plain = describe_policy(resolve_settings({}, load_config()))
-    assert plain.startswith(f"single, calibrated {shipped_date('tiny')} (")  # (a docstring may name it)
+    shipped = Catalog.load().preset("tiny").calibrated["policy"]
+    assert plain.startswith(f"{shipped}, calibrated {shipped_date('tiny')} (")  # (a docstring may name it)
     assert f"A plain `run` (no options) answers with preset tiny, policy {plain};" in text, text
 
 

@@ -76,8 +76,11 @@ def branch_summary(result: GenerationResult) -> str:
     if killed:
         made += f"; {killed} killed"
     chosen = next(x for x in b if x.chosen)
-    why = f"answer {chosen.answer!r}, {chosen.votes} of {len(b)} votes" if chosen.answer is not None else (
-        f"best mean log-probability {chosen.mean_logprob:.3f}")
+    policy = registry.get(result.stats.policy) if result.stats.policy in registry.names() else None
+    text_choice = policy.text_choice if policy is not None else "best mean log-probability"
+    why = (f"answer {chosen.answer!r}, {chosen.votes} of {len(b)} votes" if chosen.answer is not None
+           else f"best mean log-probability {chosen.mean_logprob:.3f}" if text_choice.startswith("best mean")
+           else text_choice)
     return (f"{len(b)} branches ({made}), {result.stats.generated_tokens} tokens generated; chosen: #{chosen.index}"
             f" ({why})")
 

@@ -208,6 +208,8 @@ class Policy:
     # It reports, when a call asks (``top_logprobs`` not None), each emitted token's log-probability as the model
     # that wrote it scored it (:class:`TokenLogprob` on its pieces).
     logprobs: ClassVar[bool] = False
+    # How a branching policy picks among answers that carry no extracted answer (said by ``--show``'s summary).
+    text_choice: ClassVar[str] = "best mean log-probability"
     eval_configs: ClassVar[tuple[EvalConfig, ...]] = ()
 
     # -- once per loaded ensemble --------------------------------------------------------------------------

@@ -184,6 +184,7 @@ class VotePolicy(Policy):
     stats: VoteStats
     branches = True
     batchable = False  # its samples are batched already, one context's sequences
+    text_choice = "the sample most similar to the others"  # Universal Self-Consistency (chrF)
     eval_configs = ()  # set below, after the module's settings
 
     @classmethod
