@@ -249,6 +249,18 @@ def replace_checked(instance: T, options: Mapping[str, Option], where: Callable[
         name: o.check(getattr(instance, name), where(name)) for name, o in options.items()})
 
 
+def checked_sweep(instance: T, options: Sequence[Option], where: Callable[[str], str] = str) -> T:
+    """A calibration sweep (``instance``'s fields: ``options``) checked by :func:`replace_checked`; a list that
+    gives a value twice (``0.5,0.5``, ``1,1.0``) would be two settings of one name, so it is refused."""
+    checked = replace_checked(instance, {o.name: o for o in options}, where)
+    for o in options:
+        values = getattr(checked, o.name)
+        if isinstance(values, tuple) and len(set(values)) != len(values):
+            raise UsageError(f"{where(o.name)}: {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
+                             " repeats a value; give each once")
+    return checked
+
+
 # -- the options every ensemble has: each answer's, and each model's at load ------------------------------------
 
 GENERATION_OPTIONS: tuple[Option, ...] = (

@@ -57,7 +57,7 @@ from edge_ensemble.eval.devsets import USER_FILE_MAX_TOKENS, describe_dev_set, d
 from edge_ensemble.eval.report import paired_comparisons, summarize
 from edge_ensemble.eval.runner import Progress, read_records, results_path, run_eval
 from edge_ensemble.eval.tasks import Item, Task
-from edge_ensemble.options import Option, option, replace_checked
+from edge_ensemble.options import Option, checked_sweep, option
 from edge_ensemble.policies import BASELINE_POLICY, DEFAULT_POLICY, declarations, registry
 from edge_ensemble.sources import ModelSpec, SpecLike, parse_spec
 
@@ -101,13 +101,7 @@ class Sweep:
     def validate(self, where: Callable[[str], str] = str) -> "Sweep":
         """This sweep with every value checked (``where(name)`` names a bad one, e.g. its flag); a value given
         twice (``0.5,0.5``, ``1,1.0``) would be two settings of one name, so it is refused."""
-        checked = replace_checked(self, {o.name: o for o in SWEEP_OPTIONS}, where)
-        for o in SWEEP_OPTIONS:
-            values = getattr(checked, o.name)
-            if isinstance(values, tuple) and len(set(values)) != len(values):
-                raise UsageError(f"{where(o.name)}: {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
-                                 " repeats a value; give each once")
-        return checked
+        return checked_sweep(self, SWEEP_OPTIONS, where)
 
 
 # -- the sweep and the choice ---------------------------------------------------------------------------------

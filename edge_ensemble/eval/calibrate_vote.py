@@ -35,7 +35,7 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -44,10 +44,11 @@ from edge_ensemble.api import EnsembleConfig
 from edge_ensemble.calibration import calibration_key, toml_key
 from edge_ensemble.errors import UsageError
 from edge_ensemble.eval import scoring
+from edge_ensemble.eval.calibrate import MIN_GAIN
 from edge_ensemble.eval.devsets import describe_dev_set
 from edge_ensemble.eval.runner import read_records, results_path, run_eval
 from edge_ensemble.eval.tasks import Task
-from edge_ensemble.options import Option, option, replace_checked
+from edge_ensemble.options import Option, checked_sweep, option
 from edge_ensemble.policies import BASELINE_POLICY
 from edge_ensemble.sources import SpecLike, parse_spec
 
@@ -111,19 +112,11 @@ class VoteSweep:
     weight_temperatures: tuple[float, ...] = option(WEIGHT_TEMPERATURES)
     fit_items: int | None = option(FIT_ITEMS)
     significance: float | None = option(SIGNIFICANCE)
-    min_gain: int = 1
+    min_gain: int = option(MIN_GAIN)  # (SAFE's sweep's: one flag for both)
 
-    def validate(self, where: Any = str) -> "VoteSweep":
+    def validate(self, where: Callable[[str], str] = str) -> "VoteSweep":
         """This sweep with every value checked (``where(name)`` names a bad one, e.g. its flag)."""
-        checked = replace_checked(self, {o.name: o for o in VOTE_SWEEP_OPTIONS}, where)
-        for o in VOTE_SWEEP_OPTIONS:
-            values = getattr(checked, o.name)
-            if isinstance(values, tuple) and len(set(values)) != len(values):
-                raise UsageError(f"{where(o.name)}: {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}"
-                                 " repeats a value; give each once")
-        if checked.min_gain < 0:
-            raise UsageError(f"{where('min_gain')} must be at least 0; got {checked.min_gain}")
-        return checked
+        return checked_sweep(self, (*VOTE_SWEEP_OPTIONS, MIN_GAIN), where)
 
 
 @dataclass(frozen=True)
