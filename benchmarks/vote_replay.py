@@ -21,6 +21,34 @@ from edge_ensemble.eval.calibrate_vote import VoteSweep, replay_calibration  # n
 from edge_ensemble.eval.runner import read_records  # noqa: E402
 
 
+def plot(result, path: Path) -> None:
+    """Every setting as a point: items right over all replayed items against estimated seconds per answer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def total(fit, check):
+        n = fit.n + (check.n if check else 0)
+        right = fit.right + (check.right if check else 0)
+        seconds = (fit.seconds * fit.n + (check.seconds * check.n if check else 0)) / n
+        return seconds, right
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    points = [total(s.fit, s.check) for s in result.scores]
+    ax.scatter([p[0] for p in points], [p[1] for p in points], s=10, alpha=0.4, label="vote settings (replayed)")
+    x, y = total(result.drafter_fit, result.drafter_check)
+    ax.scatter([x], [y], color="black", marker="s", label="greedy alone (measured)")
+    if result.chosen is not None:
+        cx, cy = total(result.chosen.fit, result.chosen.check)
+        ax.scatter([cx], [cy], color="red", marker="*", s=120, label="chosen by the rule")
+    ax.set_xlabel("seconds per answer (estimated from the draw's step times)")
+    ax.set_ylabel(f"items right of {result.items}")
+    ax.set_title(f"vote settings replayed: {result.dev_set}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("records", type=Path)
@@ -29,6 +57,8 @@ def main() -> None:
     ap.add_argument("--fit-items", type=int, default=None, help="items that choose (the rest check) [default: half]")
     ap.add_argument("--significance", default="0.05", help="McNemar level on the fit items, or off")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--plot", type=Path, help="also a PNG: items right (fit + check) against estimated seconds per "
+                    "answer, one point per setting, the drafter alone measured")
     args = ap.parse_args()
     lo, hi = (int(x) for x in args.items.split("-"))
     records = read_records(args.records)
@@ -47,6 +77,8 @@ def main() -> None:
     except UsageError as e:
         sys.exit(str(e))
     text = result.markdown()
+    if args.plot:
+        plot(result, args.plot)
     if args.out:
         args.out.write_text(text)
     print(text)

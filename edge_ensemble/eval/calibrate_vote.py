@@ -407,7 +407,9 @@ def replay_calibration(records: Sequence[dict[str, Any]], task: str, item_ids: S
         raise UsageError(f"--fit-items {fit_n} is more than the {len(ids)} items recorded")
     fit = [draws[i] for i in ids[:fit_n]]
     check = [draws[i] for i in ids[fit_n:]]
-    times = step_times(list(draws.values()), list(drafter.values()))
+    # (the step time of a batch of 7 from eval's own draws: another vote configuration's windows are smaller)
+    own = [r for r in draws.values() if r.get("config") == DRAW]
+    times = step_times(own or list(draws.values()), list(drafter.values()))
     scores = tuple(VoteScore(s, score_slice(fit, drafter, s, times),
                              score_slice(check, drafter, s, times) if check else None)
                    for s in settings(sweep, [r["branches"][0]["confidence"] for r in fit]))
