@@ -74,9 +74,6 @@ def calibrate_command(preset: str | None, members: tuple[str, ...], task: str | 
     from ..eval.calibrate_vote import VoteSweep, calibrate_vote
     from ..sources import parse_spec
 
-    # (a repeatable flag not given arrives as (): not given)
-    sweep = {k: v for k, v in sweep.items() if v != ()}
-    vote_sweep = {k: v for k, v in vote_sweep.items() if v != ()}
     _check_sweep_flags(calibrated, sweep, vote_sweep)
     choice = EnsembleChoice(preset, members)
     dev = dev_task(task, dev_file)

@@ -107,7 +107,8 @@ def _declared_flags(options: Sequence[Option], into: str, *, defaults: bool = Tr
         @functools.wraps(command)
         def wrapper(**params: Any) -> Any:
             given = {o: params.pop(o.key) for o in options}
-            values = {o.name: o.from_text(v) for o, v in given.items() if v is not None}
+            # (a repeatable flag that was not given arrives as (): not given either)
+            values = {o.name: o.from_text(v) for o, v in given.items() if v is not None and v != ()}
             if defaults:
                 values = {o.name: values.get(o.name, o.default) for o in options}
             return command(**{into: values}, **params)

@@ -76,11 +76,9 @@ def branch_summary(result: GenerationResult) -> str:
     if killed:
         made += f"; {killed} killed"
     chosen = next(x for x in b if x.chosen)
-    policy = registry.get(result.stats.policy) if result.stats.policy in registry.names() else None
-    text_choice = policy.text_choice if policy is not None else "best mean log-probability"
+    text_choice = registry.get(result.stats.policy).text_choice if result.stats.policy in registry.names() else None
     why = (f"answer {chosen.answer!r}, {chosen.votes} of {len(b)} votes" if chosen.answer is not None
-           else f"best mean log-probability {chosen.mean_logprob:.3f}" if text_choice.startswith("best mean")
-           else text_choice)
+           else text_choice or f"best mean log-probability {chosen.mean_logprob:.3f}")
     return (f"{len(b)} branches ({made}), {result.stats.generated_tokens} tokens generated; chosen: #{chosen.index}"
             f" ({why})")
 

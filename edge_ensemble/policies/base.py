@@ -208,8 +208,9 @@ class Policy:
     # It reports, when a call asks (``top_logprobs`` not None), each emitted token's log-probability as the model
     # that wrote it scored it (:class:`TokenLogprob` on its pieces).
     logprobs: ClassVar[bool] = False
-    # How a branching policy picks among answers that carry no extracted answer (said by ``--show``'s summary).
-    text_choice: ClassVar[str] = "best mean log-probability"
+    # How a branching policy picks among answers that carry no extracted answer, as ``--show``'s summary says it
+    # (None: the branch with the best mean log-probability, EAGER's choice).
+    text_choice: ClassVar[str | None] = None
     eval_configs: ClassVar[tuple[EvalConfig, ...]] = ()
 
     # -- once per loaded ensemble --------------------------------------------------------------------------
